@@ -1,0 +1,41 @@
+"""Tiny random models and a tiny tokenizer, built offline, for fast tests."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Compression of language models after training keeps most of their quality.",
+    "A model that fits on a cheaper machine is a model people can use.",
+    "Quantization rounds weights to a grid; pruning sets some of them to zero.",
+    "= Valkyria Chronicles III = \n Senjou no Valkyria 3 : Unrecorded Chronicles is a tactical role playing game .",
+]
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a few sentences (vocab 300), with bos/eos."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_llama(seed: int = 0, **overrides) -> torch.nn.Module:
+    """A 2-block Llama with random weights and the tiny tokenizer's vocabulary."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    cfg.update(overrides)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg))
+    return model.eval()
