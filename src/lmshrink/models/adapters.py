@@ -1,0 +1,321 @@
+"""Per-family architecture adapters: where a causal LM keeps its decoder blocks, linears, embeddings and head.
+
+One small table (``FamilySpec`` per family) instead of a class per family. Every lookup is checked against the
+modules actually present, so a model whose layout differs from its family's table fails with a message naming
+what is missing, never silently skips a layer.
+
+Linear layers: ``torch.nn.Linear`` and GPT-2's ``transformers.pytorch_utils.Conv1D`` (same maths, weight stored
+transposed as [in, out]). ``is_linear``/``linear_weight``/``set_linear_weight``/``linear_dims`` hide the difference:
+callers always see weights shaped [out_features, in_features].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import UnsupportedArchitectureError
+
+# ---------------------------------------------------------------------------------------------------------------
+# Linear helpers (nn.Linear and GPT-2 Conv1D)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for ``nn.Linear`` (and subclasses) and for GPT-2's ``Conv1D``."""
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _check_linear(module: nn.Module) -> None:
+    if not is_linear(module):
+        raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a Linear or Conv1D."""
+    _check_linear(module)
+    if isinstance(module, Conv1D):
+        return int(module.weight.shape[1]), int(module.weight.shape[0])
+    return int(module.weight.shape[0]), int(module.weight.shape[1])
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as [out_features, in_features]: a detached VIEW sharing storage with the parameter (no copy).
+
+    For Conv1D the view is the transpose (non-contiguous). In-place writes to the view change the module;
+    call ``.clone()`` first to work on a copy, and use ``set_linear_weight`` to write a result back.
+    """
+    _check_linear(module)
+    weight = module.weight.detach()
+    return weight.t() if isinstance(module, Conv1D) else weight
+
+
+@torch.no_grad()
+def set_linear_weight(module: nn.Module, weight_out_in: torch.Tensor) -> None:
+    """Write a [out_features, in_features] weight into the module in its own layout (Conv1D: transposed).
+
+    Copies in place into the existing parameter (keeps its identity, dtype and device, so ties and hooks survive).
+    """
+    _check_linear(module)
+    expected = linear_dims(module)
+    if tuple(weight_out_in.shape) != expected:
+        raise ValueError(f"weight shape {tuple(weight_out_in.shape)} does not match the layer's "
+                         f"[out_features, in_features] = {list(expected)}")
+    target = module.weight.data
+    source = weight_out_in.t() if isinstance(module, Conv1D) else weight_out_in
+    target.copy_(source.to(device=target.device, dtype=target.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Family table
+# ---------------------------------------------------------------------------------------------------------------
+
+Layout = tuple[tuple[str, ...], ...]
+
+# Groups run in this order inside a block; layers in one group read the same input tensor.
+_SPLIT_ATTN_GATED_MLP: Layout = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+_FUSED_ATTN_GATED_MLP: Layout = (
+    ("self_attn.qkv_proj",),
+    ("self_attn.o_proj",),
+    ("mlp.gate_up_proj",),
+    ("mlp.down_proj",),
+)
+_OPT: Layout = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.out_proj",),
+    ("fc1",),
+    ("fc2",),
+)
+_GPT2: Layout = (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",))
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Where one family keeps its parts. Paths under the decoder are relative to it; ``head`` is from the root."""
+
+    family: str
+    model_types: tuple[str, ...]
+    decoder_paths: tuple[str, ...]  # candidates, first one holding ``blocks`` wins
+    blocks: str
+    layouts: tuple[Layout, ...]  # candidates, first one matching the block's linears wins
+    embeddings: tuple[str, ...]  # required, under the decoder
+    optional_embeddings: tuple[str, ...] = ()  # taken when present (e.g. OPT project_in/out)
+    final_norm: str = "norm"
+    rotary: str | None = "rotary_emb"
+    head: str = "lm_head"
+
+
+def _llama_like(family: str, *model_types: str, decoder_paths: tuple[str, ...] = ("model",),
+                layouts: tuple[Layout, ...] = (_SPLIT_ATTN_GATED_MLP,)) -> FamilySpec:
+    return FamilySpec(family=family, model_types=model_types or (family,), decoder_paths=decoder_paths,
+                      blocks="layers", layouts=layouts, embeddings=("embed_tokens",))
+
+
+_SPECS: tuple[FamilySpec, ...] = (
+    _llama_like("llama"),
+    _llama_like("mistral"),
+    _llama_like("qwen2"),
+    _llama_like("qwen3"),
+    _llama_like("gemma"),
+    _llama_like("gemma2"),
+    # gemma3 (multimodal) keeps the text decoder inside; Gemma3ForCausalLM ("gemma3_text") has it at "model".
+    _llama_like("gemma3", "gemma3_text", "gemma3",
+                decoder_paths=("model", "model.language_model", "language_model.model", "language_model")),
+    _llama_like("phi3", layouts=(_FUSED_ATTN_GATED_MLP, _SPLIT_ATTN_GATED_MLP)),
+    FamilySpec(family="opt", model_types=("opt",), decoder_paths=("model.decoder",), blocks="layers",
+               layouts=(_OPT,), embeddings=("embed_tokens", "embed_positions"),
+               optional_embeddings=("project_in", "project_out"), final_norm="final_layer_norm", rotary=None),
+    FamilySpec(family="gpt2", model_types=("gpt2",), decoder_paths=("transformer",), blocks="h",
+               layouts=(_GPT2,), embeddings=("wte", "wpe"), final_norm="ln_f", rotary=None),
+)
+_BY_MODEL_TYPE: dict[str, FamilySpec] = {t: spec for spec in _SPECS for t in spec.model_types}
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_BY_MODEL_TYPE)
+
+
+def _find(root: nn.Module, path: str) -> nn.Module | None:
+    """The submodule at a dotted path, or None when absent (or set to None, as OPT does for optional parts)."""
+    module: Any = root
+    for part in path.split(".") if path else ():
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module if isinstance(module, nn.Module) else None
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Adapter
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """Finds a family's parts in a loaded HF causal LM. Stateless: every method takes the model (or a block)."""
+
+    spec: FamilySpec
+    model_type: str
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    def _missing(self, what: str, model: nn.Module, tried: list[str]) -> UnsupportedArchitectureError:
+        return UnsupportedArchitectureError(
+            f"{type(model).__name__} (model_type {self.model_type!r}) has no {what}; looked for "
+            + ", ".join(repr(t) for t in tried),
+            fix="load the model with AutoModelForCausalLM, or add its layout to lmshrink/models/adapters.py",
+        )
+
+    # -- paths ----------------------------------------------------------------------------------------------
+    def decoder_path(self, model: nn.Module) -> str:
+        """Dotted path of the module holding embeddings, blocks and final norm (e.g. "model", "transformer")."""
+        for path in self.spec.decoder_paths:
+            if isinstance(_find(model, _join(path, self.spec.blocks)), nn.ModuleList):
+                return path
+        raise self._missing("decoder block list", model,
+                            [_join(p, self.spec.blocks) for p in self.spec.decoder_paths])
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        """The inner decoder module (e.g. ``LlamaModel``, ``OPTDecoder``, ``GPT2Model``)."""
+        return model.get_submodule(self.decoder_path(model))
+
+    def block_path(self, model: nn.Module) -> str:
+        """Dotted path of the block list from the root, e.g. "model.layers", "transformer.h", "model.decoder.layers"."""
+        return _join(self.decoder_path(model), self.spec.blocks)
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder blocks, in execution order."""
+        return model.get_submodule(self.block_path(model))
+
+    # -- inside a block ---------------------------------------------------------------------------------------
+    def linear_groups(self, block: nn.Module) -> list[list[str]]:
+        """Names (relative to the block) of its linears in execution order, grouped by shared input.
+
+        Picks the first layout of the family whose names all exist as linears and cover every linear in the block
+        exactly once; otherwise raises ``UnsupportedArchitectureError`` naming the missing and uncovered layers.
+        """
+        present = [name for name, module in block.named_modules() if name and is_linear(module)]
+        problems = []
+        for layout in self.spec.layouts:
+            names = [n for group in layout for n in group]
+            missing = [n for n in names if not is_linear(_find(block, n))]
+            uncovered = [n for n in present if n not in names]
+            if not missing and not uncovered:
+                return [list(group) for group in layout]
+            problems.append(f"missing {missing}, not in layout {uncovered}")
+        raise UnsupportedArchitectureError(
+            f"a {type(block).__name__} block (model_type {self.model_type!r}) does not match the "
+            f"{self.family} layout(s): " + "; ".join(problems) + f"; its linears are {present}",
+            fix="add this block layout to lmshrink/models/adapters.py",
+        )
+
+    def linears(self, block: nn.Module) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of the block's linears, flattened in execution order."""
+        return [(name, block.get_submodule(name)) for group in self.linear_groups(block) for name in group]
+
+    def iter_linears(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        """``(full dotted name from the root, module)`` of every block linear, block by block in execution order."""
+        prefix = self.block_path(model)
+        for index, block in enumerate(self.blocks(model)):
+            for name, module in self.linears(block):
+                yield f"{prefix}.{index}.{name}", module
+
+    # -- outside the blocks -----------------------------------------------------------------------------------
+    def embeddings(self, model: nn.Module) -> list[nn.Module]:
+        """Token embeddings, then learned position embeddings (OPT, GPT-2), then OPT's project_in/out if present."""
+        decoder = self.decoder(model)
+        found = []
+        for name in self.spec.embeddings:
+            module = _find(decoder, name)
+            if module is None:
+                raise self._missing("embedding", model, [_join(self.decoder_path(model), name)])
+            found.append(module)
+        found.extend(m for m in (_find(decoder, n) for n in self.spec.optional_embeddings) if m is not None)
+        return found
+
+    def final_norm(self, model: nn.Module) -> nn.Module | None:
+        """The norm after the last block, or None where the model has none (OPT-350m style post-norm)."""
+        return _find(self.decoder(model), self.spec.final_norm)
+
+    def head(self, model: nn.Module) -> nn.Module:
+        """The LM head (``lm_head``)."""
+        module = _find(model, self.spec.head)
+        if module is None:
+            raise self._missing("LM head", model, [self.spec.head])
+        return module
+
+    def head_is_tied(self, model: nn.Module) -> bool:
+        """True when the LM head shares its weight tensor with the token embedding."""
+        return self.head(model).weight is self.embeddings(model)[0].weight
+
+    def rotary(self, model: nn.Module) -> nn.Module | None:
+        """The model-level rotary embedding module (computes cos/sin for the blocks), or None."""
+        return _find(self.decoder(model), self.spec.rotary) if self.spec.rotary else None
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        """Summary for reports: model_type, family, block_path, num_blocks, linears_per_block, linear_groups,
+        hidden_size, tied_head."""
+        blocks = self.blocks(model)
+        groups = self.linear_groups(blocks[0])
+        return {
+            "model_type": self.model_type,
+            "family": self.family,
+            "block_path": self.block_path(model),
+            "num_blocks": len(blocks),
+            "linears_per_block": sum(len(g) for g in groups),
+            "linear_groups": groups,
+            "hidden_size": _hidden_size(model),
+            "tied_head": self.head_is_tied(model),
+        }
+
+
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _hidden_size(model: nn.Module) -> int | None:
+    config = _text_config(getattr(model, "config", None))
+    size = getattr(config, "hidden_size", None)
+    return int(size) if size is not None else None
+
+
+def get_adapter(model_or_config: Any) -> ModelAdapter:
+    """The adapter for a model, a transformers config, or a ``model_type`` string, dispatched on ``model_type``.
+
+    Raises ``UnsupportedArchitectureError`` naming the model type and the supported ones.
+    """
+    if isinstance(model_or_config, str):
+        model_type = model_or_config
+    else:
+        config = getattr(model_or_config, "config", model_or_config)
+        model_type = getattr(config, "model_type", None)
+        if not model_type:
+            raise UnsupportedArchitectureError(
+                f"cannot tell the architecture of {type(model_or_config).__name__}: it has no config.model_type",
+                fix="pass a transformers PreTrainedModel or its config",
+            )
+    spec = _BY_MODEL_TYPE.get(model_type)
+    if spec is None:
+        raise UnsupportedArchitectureError(
+            f"model_type {model_type!r} is not supported; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}",
+            fix="use a model of a supported family, or add a FamilySpec for it in lmshrink/models/adapters.py",
+        )
+    return ModelAdapter(spec=spec, model_type=model_type)
+
+
+def iter_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(full dotted name, module)`` of every decoder-block linear of ``model``, in execution order."""
+    return get_adapter(model).iter_linears(model)
