@@ -1,0 +1,1 @@
+"""Compression methods: each solves one linear layer from the statistics the engine collected."""

@@ -1,0 +1,28 @@
+"""Round-to-nearest weight quantization (no calibration data needed)."""
+
+from __future__ import annotations
+
+import torch
+
+from lmshrink.methods.solver import output_error
+from lmshrink.quant.grids import GridSpec, QuantResult, dequantize, fit_groups, group_index, quantize
+
+
+def rtn_quantize(weight: torch.Tensor, spec: GridSpec, hessian: torch.Tensor | None = None) -> QuantResult:
+    """Round each weight (``[out, in]``) to the nearest point of the grid fitted to its group.
+
+    With ``spec.clip_search`` the range is shrunk per group to minimise the ``clip_norm`` error (weighted by the
+    Hessian diagonal when ``hessian`` is given). ``hessian`` (``X^T X``, ``[in, in]``) also gives
+    ``rel_output_error``. Groups are contiguous, so ``g_idx`` is None.
+    """
+    weight = weight.float()
+    weights = None
+    if hessian is not None and spec.clip_search:
+        weights = hessian.diagonal().to(weight.device).float()
+    scale, zero = fit_groups(weight, spec, weights)
+    g_idx = group_index(weight.shape[1], spec.group_width(weight.shape[1]), weight.device)
+    codes = quantize(weight, scale, zero, spec.maxq, g_idx)
+    dequantized = dequantize(codes, scale, zero, g_idx)
+    rel = None if hessian is None else output_error(weight, dequantized, hessian.to(weight.device).float())
+    return QuantResult(codes=codes, scale=scale, zero=zero, g_idx=None, weight=dequantized, spec=spec,
+                       rel_output_error=rel, info={"method": "rtn"})

@@ -1,0 +1,250 @@
+"""The optimal-brain-surgeon column sweep shared by GPTQ, SparseGPT and joint prune + quantize.
+
+For a linear layer ``y = W x`` with calibration Hessian ``H = sum x x^T`` (scaled), the sweep visits the input
+columns in order; a plugged-in ``ColumnRule`` decides each column's new value (round to a grid, set to zero, both),
+and the rounding error is spread over the columns not yet visited through the upper Cholesky factor of ``H^-1``
+(the GPTQ "Cholesky-inverse" formulation), with lazy updates in blocks of columns.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lmshrink.errors import LmshrinkError
+
+
+class SolverError(LmshrinkError):
+    """The layer's Hessian could not be factorised even with raised damping."""
+
+
+class HessianAccumulator:
+    """Accumulates ``H = (2 / nsamples) * sum_t x_t x_t^T`` over calibration inputs of one linear layer, in fp32.
+
+    The scaling is the running average of the GPTQ reference (samples = sequences, not tokens); it does not change
+    the solution, only keeps the numbers of a long calibration bounded. ``hessian`` is ``[in, in]``.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None):
+        self.in_features = in_features
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.nsamples = 0
+        self.tokens = 0
+
+    def add_batch(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add the layer inputs ``x``: ``[batch, seq, in]`` (``batch`` samples) or ``[tokens, in]`` (one sample).
+
+        For ``nn.Linear`` and gpt2 ``Conv1D`` the input is what the forward pre-hook sees. ``mask`` (``[batch, seq]``
+        or ``[tokens]``, bool) drops padding tokens.
+        """
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input width {x.shape[-1]} != {self.in_features}")
+        batch = x.shape[0] if x.ndim == 3 else 1
+        rows = x.reshape(-1, self.in_features).to(device=self.hessian.device, dtype=torch.float32)
+        if mask is not None:
+            rows = rows[mask.reshape(-1).to(rows.device)]
+        self.hessian.mul_(self.nsamples / (self.nsamples + batch))
+        self.nsamples += batch
+        self.tokens += rows.shape[0]
+        rows = rows * math.sqrt(2.0 / self.nsamples)
+        self.hessian.addmm_(rows.t(), rows)
+
+
+class Sweep:
+    """What a ``ColumnRule`` may look at during the sweep (all in sweep order, i.e. after any permutation).
+
+    weight: ``[out, in]`` working weights; columns before the current block hold their final values, columns after
+    it have received the updates of all finished blocks. block: the current block's up-to-date weights
+    (``[out, block_end - block_start]``). hinv: upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``).
+    hessian_diag: the undamped Hessian diagonal (dead inputs set to 1). perm: sweep position -> original column,
+    or None. col: the column being decided.
+    """
+
+    def __init__(self, weight, hinv, hessian_diag, perm):
+        self.weight = weight
+        self.hinv = hinv
+        self.hessian_diag = hessian_diag
+        self.perm = perm
+        self.block_start = 0
+        self.block_end = 0
+        self.block = None
+        self.block_err = None
+        self.col = 0
+
+    @property
+    def columns(self) -> int:
+        return self.weight.shape[1]
+
+    def current(self, start: int, end: int) -> torch.Tensor:
+        """Up-to-date weights of sweep columns ``[start, end)`` (``start >= col``), including pending updates."""
+        if start < self.col:
+            raise ValueError("current() only sees columns not yet decided")
+        parts = []
+        if start < self.block_end:
+            parts.append(self.block[:, start - self.block_start: min(end, self.block_end) - self.block_start])
+        if end > self.block_end:
+            lo = max(start, self.block_end)
+            done = self.col - self.block_start
+            pending = self.block_err[:, :done] @ self.hinv[self.block_start: self.col, lo:end]
+            parts.append(self.weight[:, lo:end] - pending)
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0].clone()
+
+
+class ColumnRule:
+    """The per-column decision plugged into ``solve_columns``; subclass and override ``decide``."""
+
+    def start(self, sweep: Sweep) -> None:
+        """Called once before the sweep (after dead-input handling and the act-order permutation)."""
+
+    def start_block(self, sweep: Sweep) -> None:
+        """Called at the start of each block of columns (``sweep.block`` holds its weights): adaptive masks go here."""
+
+    def decide(self, sweep: Sweep, col: int, w: torch.Tensor) -> torch.Tensor:
+        """The new value of sweep column ``col`` given its up-to-date weights ``w`` (``[out]`` fp32)."""
+        raise NotImplementedError
+
+
+@dataclass
+class SolveResult:
+    """The solved layer and how the solve went.
+
+    weight: ``[out, in]`` fp32 solved weights in the original column order. perm: the sweep order (act-order) or
+    None. loss: the GPTQ reference's reported error ``sum (w - q)^2 / d^2 / 2`` over columns (d = diag of U).
+    rel_output_error: ``||(W - Q) X||^2 / ||W X||^2`` computed as ``tr((W-Q) H (W-Q)^T) / tr(W H W^T)`` with the
+    undamped Hessian. damp_percent: the damping finally used (percent of the mean diagonal, as a fraction);
+    damp: its absolute value; damp_retries: how many times damping was raised 10x after a failed factorisation.
+    """
+
+    weight: torch.Tensor
+    perm: torch.Tensor | None
+    loss: float
+    rel_output_error: float
+    damp_percent: float
+    damp: float
+    damp_retries: int
+    dead_columns: int
+    seconds: float
+
+    def info(self) -> dict:
+        """JSON-friendly summary for reports."""
+        return {
+            "loss": self.loss, "rel_output_error": self.rel_output_error, "damp_percent": self.damp_percent,
+            "damp": self.damp, "damp_retries": self.damp_retries, "dead_columns": self.dead_columns,
+            "act_order": self.perm is not None, "seconds": round(self.seconds, 4),
+        }
+
+
+def output_error(weight: torch.Tensor, solved: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Relative output error ``tr((W-Q) H (W-Q)^T) / tr(W H W^T)`` = ``||(W-Q)X||^2 / ||WX||^2`` for ``H = X^T X``."""
+    weight = weight.float()
+    diff = weight - solved.float()
+    num = ((diff @ hessian) * diff).sum(dtype=torch.float64)
+    den = ((weight @ hessian) * weight).sum(dtype=torch.float64)
+    return float(num / den) if den > 0 else float(num)
+
+
+def _factorise(hessian: torch.Tensor, damp_percent: float, max_retries: int, dtype: torch.dtype):
+    """Damp ``hessian`` in place and return ``(U, damp_percent, damp, retries)`` with ``H^-1 = U^T U``."""
+    diag = hessian.diagonal()
+    mean_diag = float(diag.mean())
+    added = 0.0
+    for retry in range(max_retries + 1):
+        damp = damp_percent * mean_diag
+        diag.add_(damp - added)
+        added = damp
+        work = hessian.to(dtype)
+        lower, info = torch.linalg.cholesky_ex(work)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper.to(torch.float32), damp_percent, damp, retry
+        damp_percent *= 10.0
+    raise SolverError(
+        f"the layer Hessian is not positive definite even with damping {damp_percent / 10:g} of its mean diagonal",
+        fix="use more calibration samples, or a larger damp_percent")
+
+
+def solve_columns(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    rule: ColumnRule,
+    *,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    max_retries: int = 5,
+    cholesky_dtype: torch.dtype = torch.float64,
+    overwrite_hessian: bool = False,
+) -> SolveResult:
+    """Sweep the columns of ``weight`` (``[out, in]``) with ``rule`` deciding each, compensating with ``hessian``.
+
+    damp_percent: added to the diagonal as a fraction of its mean (0.01 = 1%); if the Cholesky factorisation fails
+    it is raised 10x, up to ``max_retries`` times (then ``SolverError``). Dead inputs (``H_ii == 0``) get
+    ``H_ii = 1`` and zero weights. act_order: visit columns by decreasing ``H_ii``. The Hessian is copied unless
+    ``overwrite_hessian`` (then it is left damped and permuted: do not reuse it).
+    """
+    started = time.perf_counter()
+    rows, columns = weight.shape
+    if hessian.shape != (columns, columns):
+        raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match weight width {columns}")
+    device = hessian.device
+    work = weight.to(device=device, dtype=torch.float32, copy=True)
+    hessian = hessian.float()
+    if not overwrite_hessian and not act_order:  # the act-order permutation copies anyway
+        hessian = hessian.clone()
+
+    original_diag = hessian.diagonal().clone()
+    dead = original_diag == 0
+    if act_order and not overwrite_hessian and bool(dead.any()):
+        hessian = hessian.clone()
+    if bool(dead.any()):
+        # an input that is always 0 carries no information: its weight cannot matter, so drop it
+        hessian.diagonal()[dead] = 1.0
+        work[:, dead] = 0.0
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(hessian.diagonal(), descending=True, stable=True)
+        work = work[:, perm]
+        hessian = hessian[perm][:, perm]
+        original_diag = original_diag[perm]
+    hessian_diag = hessian.diagonal().clone()
+
+    hinv, damp_final, damp, retries = _factorise(hessian, damp_percent, max_retries, cholesky_dtype)
+
+    sweep = Sweep(work, hinv, hessian_diag, perm)
+    rule.start(sweep)
+    losses = torch.zeros(columns, dtype=torch.float32, device=device)
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        block = work[:, i1:i2].clone()
+        block_err = torch.zeros_like(block)
+        hinv_block = hinv[i1:i2, i1:i2]
+        sweep.block_start, sweep.block_end, sweep.block, sweep.block_err, sweep.col = i1, i2, block, block_err, i1
+        rule.start_block(sweep)
+        for i in range(i2 - i1):
+            sweep.col = i1 + i
+            w = block[:, i]
+            q = rule.decide(sweep, i1 + i, w)
+            err = (w - q) / hinv_block[i, i]
+            losses[i1 + i] = err.square().sum()
+            block[:, i + 1:].sub_(torch.outer(err, hinv_block[i, i + 1:]))
+            block[:, i] = q
+            block_err[:, i] = err
+        # the block's columns are final: store them in place, then push its error to the later columns
+        work[:, i1:i2] = block
+        if i2 < columns:
+            work[:, i2:].sub_(block_err @ hinv[i1:i2, i2:])
+
+    hessian.diagonal().copy_(original_diag)  # undamped, dead inputs back to 0: the true X^T X
+    original = weight.to(device=device, dtype=torch.float32)
+    rel = output_error(original if perm is None else original[:, perm], work, hessian)
+    if perm is not None:
+        work = work[:, torch.argsort(perm)]
+    return SolveResult(
+        weight=work, perm=perm, loss=float(losses.sum(dtype=torch.float64)) / 2.0, rel_output_error=rel,
+        damp_percent=damp_final, damp=damp, damp_retries=retries, dead_columns=int(dead.sum()),
+        seconds=time.perf_counter() - started)
