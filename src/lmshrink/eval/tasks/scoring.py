@@ -1,0 +1,137 @@
+"""Log-likelihood of continuations given contexts, tokenized and batched the way lm-eval's HFLM does it."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Sequence
+
+import torch
+
+# lm-eval treats this tokenizer model_max_length as "unset" (transformers' VERY_LARGE_INTEGER).
+_TOKENIZER_INFINITY = 1000000000000000019884624838656
+_DEFAULT_MAX_LENGTH = 2048
+
+
+def max_length_of(model, tokenizer) -> int:
+    """The context length lm-eval uses: config n_positions / max_position_embeddings / n_ctx, else the
+    tokenizer's model_max_length, else 2048."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, attr, None)
+        if value is not None:
+            return int(value)
+    value = getattr(tokenizer, "model_max_length", None)
+    if value is not None and value != _TOKENIZER_INFINITY:
+        return int(value)
+    return _DEFAULT_MAX_LENGTH
+
+
+def prefix_token_id(tokenizer) -> int:
+    """The token lm-eval conditions on when a context is empty: BOS, else EOS."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    """lm-eval's tok_encode with add_bos_token unset: the tokenizer's own special-token default, except
+    that a string already starting with the prefix token's text gets no special tokens."""
+    prefix = prefix_token_id(tokenizer)
+    if prefix is not None and text.startswith(tokenizer.decode(prefix)) and tokenizer.decode(prefix):
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text)
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation token ids, split as lm-eval splits them.
+
+    Trailing spaces of the context move onto the continuation; the whole string is encoded once and the
+    continuation is what follows the context's own encoding. An empty context becomes the prefix token.
+    """
+    if context == "":
+        cont = tokenizer.encode(continuation, add_special_tokens=False)
+        prefix = prefix_token_id(tokenizer)
+        return ([prefix], cont) if prefix != cont[0] else (cont[:1], cont[1:])
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = _encode(tokenizer, context + continuation)
+    context_ids = _encode(tokenizer, context)
+    return context_ids, whole[len(context_ids):]
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 8,
+                   max_length: int | None = None, progress: bool = True,
+                   desc: str = "scoring") -> list[tuple[float, bool]]:
+    """For each (context, continuation): the summed log-probability of the continuation tokens and whether
+    every one of them is the model's greedy (argmax) choice.
+
+    Sequences longer than ``max_length + 1`` tokens lose tokens from the left, as in lm-eval. Requests whose
+    model inputs are identical (e.g. one-token answers after the same context) share one forward pass;
+    the rest are sorted by length and right-padded into batches of ``batch_size``.
+    """
+    max_length = max_length or max_length_of(model, tokenizer)
+    prepared: list[tuple[tuple[int, ...], list[int]]] = []
+    for context, continuation in requests:
+        context_ids, cont_ids = encode_pair(tokenizer, context, continuation)
+        if not cont_ids or len(cont_ids) > max_length:
+            raise ValueError(f"continuation {continuation!r} encodes to {len(cont_ids)} tokens; "
+                             f"need 1..{max_length}")
+        prepared.append((tuple((context_ids + cont_ids)[-(max_length + 1):][:-1]), cont_ids))
+
+    # One forward per distinct input; each request reads its continuation's positions from it.
+    longest_cont: dict[tuple[int, ...], int] = {}
+    for inputs, cont_ids in prepared:
+        longest_cont[inputs] = max(longest_cont.get(inputs, 0), len(cont_ids))
+    order = sorted(longest_cont, key=lambda seq: (-len(seq), seq))
+    device = next(model.parameters()).device
+    pad_id = 0
+    use_keep = _accepts_logits_to_keep(model)
+    token_logprobs: dict[tuple[int, ...], torch.Tensor] = {}  # inputs -> [n_kept, vocab] log-probs (tail)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(order), desc=desc, unit="seq", file=sys.stderr, leave=False)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                width = len(batch[0])
+                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                for row, seq in enumerate(batch):
+                    ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+                # Only the tail positions holding continuations need logits (the vocab projection is the big part).
+                keep = max(width - (len(seq) - longest_cont[seq]) for seq in batch)
+                kwargs = {"logits_to_keep": keep} if use_keep else {}
+                logits = model(input_ids=ids.to(device), use_cache=False, **kwargs).logits
+                logits = logits[:, -keep:, :].float()
+                for row, seq in enumerate(batch):
+                    end = keep - (width - len(seq))  # exclusive end of this row's real positions in the kept tail
+                    span = logits[row, end - longest_cont[seq]:end]
+                    token_logprobs[seq] = torch.log_softmax(span, dim=-1).cpu()
+                if bar is not None:
+                    bar.update(len(batch))
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+
+    results = []
+    for inputs, cont_ids in prepared:
+        logprobs = token_logprobs[inputs][-len(cont_ids):]
+        target = torch.tensor(cont_ids, dtype=torch.long)
+        total = float(logprobs.gather(1, target[:, None]).sum())
+        greedy = bool((logprobs.argmax(dim=-1) == target).all())
+        results.append((total, greedy))
+    return results
