@@ -1,3 +1,7 @@
 """lmshrink: compress language models after training, and measure what it did."""
 
 __version__ = "0.1.0"
+
+from .api import evaluate, load_model  # noqa: E402
+
+__all__ = ["__version__", "evaluate", "load_model"]

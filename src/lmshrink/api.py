@@ -1,0 +1,82 @@
+"""The Python API: the same verbs as the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import evaluation_windows, load_text
+from .errors import LmshrinkError
+from .eval.kl import kl_divergence
+from .eval.perplexity import perplexity
+from .eval.record import environment
+from .eval.size import model_size
+from .models import LoadedModel, load_model, wrap_model
+
+__all__ = ["load_model", "evaluate"]
+
+
+def _as_loaded(model: LoadedModel | str | torch.nn.Module, tokenizer=None, **load_kwargs) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, (str, Path)):
+        return load_model(str(model), **load_kwargs)
+    if isinstance(model, torch.nn.Module):
+        if tokenizer is None:
+            raise LmshrinkError("evaluating an in-memory model needs its tokenizer", fix="pass tokenizer=...")
+        return wrap_model(model, tokenizer)
+    raise LmshrinkError(f"cannot evaluate an object of type {type(model).__name__}",
+                        fix="pass a model source string, a LoadedModel, or a torch module with tokenizer=")
+
+
+def _split_names(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value)
+
+
+def evaluate(model: LoadedModel | str | torch.nn.Module, *, ppl: str | list[str] | None = None,
+             split: str = "test", seqlen: int = 512, limit: int | None = None,
+             kl_base: LoadedModel | str | None = None, tasks: str | list[str] | None = None,
+             task_limit: int | None = None, data_dir: str | Path | None = None, batch_size: int = 1,
+             tokenizer=None, progress: bool = True, dtype: str = "float32", device: str = "cpu",
+             trust_remote_code: bool = False) -> dict[str, Any]:
+    """Evaluate a model; returns a JSON-ready record with every protocol detail.
+
+    ``ppl`` names one or more text sets (``wikitext2``, ``c4``, ``ptb``, ``enwiki-sample``, ``file:PATH``);
+    when neither ``ppl`` nor ``tasks`` is given, perplexity on the packaged ``enwiki-sample`` held-out split
+    is measured. ``kl_base`` adds the KL divergence from that model on the first perplexity set's windows.
+    """
+    load = dict(dtype=dtype, device=device, progress=progress, trust_remote_code=trust_remote_code)
+    loaded = _as_loaded(model, tokenizer, **load)
+    task_names = _split_names(tasks)
+    ppl_sets = _split_names(ppl)
+    if not ppl_sets and not task_names:
+        ppl_sets = ["enwiki-sample"]
+    if kl_base is not None and not ppl_sets:
+        raise LmshrinkError("--kl-base needs text windows to compare on", fix="add --ppl (e.g. --ppl wikitext2)")
+    base = _as_loaded(kl_base, **load) if kl_base is not None else None
+    record: dict[str, Any] = {"model": loaded.info.to_dict(), "size": model_size(loaded.model),
+                              "perplexity": [], "environment": environment()}
+    for name in ppl_sets:
+        source = load_text(name, split, data_dir)
+        windows = evaluation_windows(loaded.tokenizer, source, seqlen, limit, loaded.info.max_context)
+        if base is not None and name == ppl_sets[0]:
+            # One pass gives both: the KL pass computes the model's per-window NLL too.
+            kl = kl_divergence(loaded.model, base.model, windows, batch_size, progress)
+            result = {key: kl.pop(key) for key in ("ppl", "mean_nll", "window_nll")}
+            result.update(tokens=int(windows.input_ids.numel()), seconds=kl["seconds"], with_kl_base=True)
+            record["kl"] = {"base": base.info.to_dict(), "protocol": windows.protocol, **kl}
+        else:
+            result = perplexity(loaded.model, windows, batch_size, progress, desc=f"ppl {source.name}")
+        record["perplexity"].append({"protocol": windows.protocol, **result})
+    if task_names:
+        from .eval.tasks import evaluate_tasks
+
+        record["tasks"] = evaluate_tasks(loaded.model, loaded.tokenizer, task_names, data_dir=data_dir,
+                                         limit=task_limit, progress=progress)
+    return record

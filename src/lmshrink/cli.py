@@ -1,0 +1,185 @@
+"""Command line: argument parsing and printing only; the work is done by lmshrink.api."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import LmshrinkError
+
+_MAIN_EXAMPLES = """examples:
+  lmshrink models
+  lmshrink evaluate smollm2-135m --limit 8
+  lmshrink evaluate smollm2-135m --ppl wikitext2 --seqlen 512 --limit 40 --data-dir ../shared/data
+  lmshrink evaluate ./my-compressed-model --ppl wikitext2 --kl-base smollm2-135m --data-dir ../shared/data
+"""
+
+_EVALUATE_EXAMPLES = """examples:
+  # perplexity on the packaged Wikipedia sample (held-out split): works offline with no data
+  lmshrink evaluate smollm2-135m --limit 8
+  # WikiText-2 test, 40 windows of 512 tokens, from a data directory
+  lmshrink evaluate smollm2-135m --ppl wikitext2 --seqlen 512 --limit 40 --data-dir ../shared/data
+  # KL divergence and top-1 agreement against the base model, JSON record on stdout
+  lmshrink evaluate ./out/model --ppl wikitext2 --kl-base smollm2-135m --data-dir ../shared/data --json
+  # zero-shot tasks, scored as lm-evaluation-harness scores them
+  lmshrink evaluate smollm2-135m --tasks piqa,arc_easy --task-limit 200 --data-dir ../shared/data
+
+model sources: a packaged name (see `lmshrink models`), a local Hugging Face folder, a .gguf file, or a hub id.
+text sets: wikitext2 (test/valid), c4, ptb, enwiki-sample (packaged; eval/calib), file:PATH (.txt/.jsonl/.parquet).
+"""
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="folder with text sets and task files (default: $LMSHRINK_DATA)")
+    parser.add_argument("--json", action="store_true", help="print the full JSON record on stdout")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a hub model's own code to run (only for repositories you trust)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmshrink", description="Compress language models after training, and measure what it did.",
+        epilog=_MAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"lmshrink {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    models = sub.add_parser("models", help="list the packaged models that can be fetched offline",
+                            epilog="examples:\n  lmshrink models\n  lmshrink models --json",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    models.add_argument("--json", action="store_true", help="print JSON")
+
+    ev = sub.add_parser("evaluate", help="perplexity, KL to a base model, zero-shot tasks, size",
+                        description="Evaluate a model: perplexity (GPTQ reference protocol), KL divergence from a "
+                        "base model, zero-shot task accuracy, parameter count and weight bytes.",
+                        epilog=_EVALUATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("model", help="model source: packaged name, folder, .gguf file or hub id")
+    ev.add_argument("--ppl", help="text set(s) for perplexity, comma separated (default: enwiki-sample "
+                    "unless --tasks is given)")
+    ev.add_argument("--split", default="test", help="split of the text set (default: test)")
+    ev.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default: 512)")
+    ev.add_argument("--limit", type=int, help="evaluate only the first N windows")
+    ev.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    ev.add_argument("--kl-base", help="base model source: adds KL divergence and top-1 agreement")
+    ev.add_argument("--tasks", help="zero-shot tasks, comma separated, or 'all'")
+    ev.add_argument("--task-limit", type=int, help="evaluate only the first N items of each task")
+    _add_common(ev)
+    return parser
+
+
+def _cmd_models(args) -> int:
+    from .fetch import cache_root
+    from .models import PACKAGED_MODELS
+
+    rows = []
+    for m in PACKAGED_MODELS.values():
+        rows.append({"name": m.name, "architecture": m.architecture, "parameters": m.parameters,
+                     "wheels": [p.requirement for p in m.file.parts], "sha256": m.file.sha256,
+                     "cached": m.file.path.exists(), "license": m.license, "description": m.description})
+    if args.json:
+        print(json.dumps({"cache": str(cache_root()), "models": rows}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"packaged models (cache: {cache_root()})")
+    for col in ("name", "architecture", "parameters", "wheels", "cached", "license"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["architecture"], r["parameters"], "\n".join(r["wheels"]),
+                      "yes" if r["cached"] else "no", r["license"])
+    Console().print(table)
+    return 0
+
+
+def _print_evaluation(record: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    info, size = record["model"], record["size"]
+    console.print(f"[bold]model[/bold] {info['source']} ({info['kind']}, {info['model_type']}, {info['dtype']}): "
+                  f"{size['parameters'] / 1e6:.1f}M parameters, {size['weight_bytes'] / 2**20:.1f} MiB of weights "
+                  f"({size['body_bytes'] / 2**20:.1f} MiB outside embeddings/head)")
+    if record["perplexity"]:
+        table = Table(title="perplexity")
+        for col in ("dataset", "split", "seqlen", "windows", "tokens", "ppl", "tokens/s"):
+            table.add_column(col, justify="right" if col not in ("dataset", "split") else "left")
+        for r in record["perplexity"]:
+            p = r["protocol"]
+            table.add_row(p["dataset"], p["split"], str(p["seqlen"]), f"{p['windows']}/{p['windows_available']}",
+                          str(p["tokens"]), f"{r['ppl']:.3f}",
+                          f"{r['tokens'] / r['seconds']:.0f}" + (" (with base)" if r.get("with_kl_base") else ""))
+        console.print(table)
+        for r in record["perplexity"]:
+            p = r["protocol"]
+            console.print(f"protocol: {p['dataset']} {p['split']} from {p['origin']}, documents joined with "
+                          f"{json.dumps(p['join'])}, tokenized once, first {p['windows']} non-overlapping windows "
+                          f"of {p['seqlen']} tokens; ppl = exp(mean over windows of mean next-token NLL)")
+    if "kl" in record:
+        kl = record["kl"]
+        console.print(f"[bold]KL(base || model)[/bold] vs {kl['base']['source']}: mean {kl['kl_mean']:.5f}, "
+                      f"median {kl['kl_median']:.5f}, p99 {kl['kl_p99']:.4f}, max {kl['kl_max']:.3f} nats; "
+                      f"top-1 agreement {100 * kl['top1_agreement']:.2f}% over {kl['positions']} positions; "
+                      f"base ppl {kl['base_ppl']:.3f}")
+    if record.get("tasks"):
+        table = Table(title="zero-shot tasks")
+        for col in ("task", "metric", "value", "stderr", "n", "seconds"):
+            table.add_column(col)
+        for task in record["tasks"].values() if isinstance(record["tasks"], dict) else record["tasks"]:
+            for metric, value in task["metrics"].items():
+                if metric.endswith("_stderr"):
+                    continue
+                stderr = task["metrics"].get(f"{metric}_stderr")
+                table.add_row(task["task"], metric, f"{value:.4f}", "" if stderr is None else f"{stderr:.4f}",
+                              str(task["n"]), f"{task['seconds']:.0f}")
+        console.print(table)
+
+
+def _cmd_evaluate(args) -> int:
+    from .api import evaluate
+
+    record = evaluate(args.model, ppl=args.ppl, split=args.split, seqlen=args.seqlen, limit=args.limit,
+                      kl_base=args.kl_base, tasks=args.tasks, task_limit=args.task_limit, data_dir=args.data_dir,
+                      batch_size=args.batch_size, progress=not args.quiet, dtype=args.dtype, device=args.device,
+                      trust_remote_code=args.trust_remote_code)
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        _print_evaluation(record)
+    return 0
+
+
+_COMMANDS = {"models": _cmd_models, "evaluate": _cmd_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
+        return _COMMANDS[args.command](args)
+    except LmshrinkError as err:
+        print(f"lmshrink: error: {err.message}", file=sys.stderr)
+        if err.fix:
+            print(f"  fix: {err.fix}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("lmshrink: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

