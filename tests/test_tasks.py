@@ -239,3 +239,20 @@ def test_evaluate_tasks_on_shared_data(shared_data, tiny):
     assert all(math.isfinite(ll) for rec in results["boolq"]["items"] for ll in rec["loglikelihoods"])
     acc = results["piqa"]["metrics"]["acc"]
     assert acc == sum(r["pred"] == r["gold"] for r in results["piqa"]["items"]) / 3
+
+
+def test_bos_follows_the_tokenizer_default_like_lm_eval():
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    base = tiny_tokenizer()
+    backend = base.backend_tokenizer.__class__.from_str(base.backend_tokenizer.to_str())
+    bos = base.bos_token_id
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    ctx, cont = encode_pair(tok, "The quick brown", " fox")
+    assert ctx[0] == bos and ctx.count(bos) == 1 and bos not in cont
+    assert ctx + cont == tok.encode("The quick brown fox")
+    # A context that already starts with the BOS text gets no second BOS.
+    ctx, _ = encode_pair(tok, "<s>The quick brown", " fox")
+    assert ctx.count(bos) == 1

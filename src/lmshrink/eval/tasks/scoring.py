@@ -37,7 +37,7 @@ def _encode(tokenizer, text: str) -> list[int]:
     """lm-eval's tok_encode with add_bos_token unset: the tokenizer's own special-token default, except
     that a string already starting with the prefix token's text gets no special tokens."""
     prefix = prefix_token_id(tokenizer)
-    if prefix is not None and text.startswith(tokenizer.decode(prefix)) and tokenizer.decode(prefix):
+    if prefix is not None and text.startswith(tokenizer.decode(prefix)):
         return tokenizer.encode(text, add_special_tokens=False)
     return tokenizer.encode(text)
 
