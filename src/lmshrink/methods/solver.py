@@ -8,6 +8,7 @@ and the rounding error is spread over the columns not yet visited through the up
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -15,6 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from lmshrink.errors import LmshrinkError
+
+
+# blocks up to this many elements (e.g. 4096 rows x 128 columns) sweep faster on one thread
+_SINGLE_THREAD_MAX = 1 << 19
 
 
 class SolverError(LmshrinkError):
@@ -146,6 +151,20 @@ def output_error(weight: torch.Tensor, solved: torch.Tensor, hessian: torch.Tens
     return float(num / den) if den > 0 else float(num)
 
 
+@contextlib.contextmanager
+def _few_threads(block: torch.Tensor):
+    """Run the per-column loop single-threaded on CPU for small blocks: thread hand-offs cost more than the work."""
+    small = block.device.type == "cpu" and block.numel() <= _SINGLE_THREAD_MAX
+    previous = torch.get_num_threads()
+    if small and previous > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
 def _factorise(hessian: torch.Tensor, damp_percent: float, max_retries: int, dtype: torch.dtype):
     """Damp ``hessian`` in place and return ``(U, damp_percent, damp, retries)`` with ``H^-1 = U^T U``."""
     diag = hessian.diagonal()
@@ -176,7 +195,7 @@ def solve_columns(
     block_size: int = 128,
     act_order: bool = False,
     max_retries: int = 5,
-    cholesky_dtype: torch.dtype = torch.float64,
+    cholesky_dtype: torch.dtype = torch.float32,
     overwrite_hessian: bool = False,
 ) -> SolveResult:
     """Sweep the columns of ``weight`` (``[out, in]``) with ``rule`` deciding each, compensating with ``hessian``.
@@ -225,15 +244,16 @@ def solve_columns(
         hinv_block = hinv[i1:i2, i1:i2]
         sweep.block_start, sweep.block_end, sweep.block, sweep.block_err, sweep.col = i1, i2, block, block_err, i1
         rule.start_block(sweep)
-        for i in range(i2 - i1):
-            sweep.col = i1 + i
-            w = block[:, i]
-            q = rule.decide(sweep, i1 + i, w)
-            err = (w - q) / hinv_block[i, i]
-            losses[i1 + i] = err.square().sum()
-            block[:, i + 1:].sub_(torch.outer(err, hinv_block[i, i + 1:]))
-            block[:, i] = q
-            block_err[:, i] = err
+        with _few_threads(block):
+            for i in range(i2 - i1):
+                sweep.col = i1 + i
+                w = block[:, i]
+                q = rule.decide(sweep, i1 + i, w)
+                err = (w - q) / hinv_block[i, i]
+                losses[i1 + i] = err.square().sum()
+                block[:, i + 1:].addr_(err, hinv_block[i, i + 1:], alpha=-1.0)
+                block[:, i] = q
+                block_err[:, i] = err
         # the block's columns are final: store them in place, then push its error to the later columns
         work[:, i1:i2] = block
         if i2 < columns:

@@ -69,7 +69,7 @@ def gptq_quantize(
     act_order: bool = True,
     static_groups: bool = True,
     clip_weighted: bool = False,
-    cholesky_dtype: torch.dtype = torch.float64,
+    cholesky_dtype: torch.dtype = torch.float32,
 ) -> QuantResult:
     """Quantize ``weight`` (``[out, in]``) with GPTQ given the layer's Hessian ``X^T X`` (``[in, in]``, fp32).
 

@@ -8,16 +8,17 @@ from lmshrink.methods.solver import output_error
 from lmshrink.quant.grids import GridSpec, QuantResult, dequantize, fit_groups, group_index, quantize
 
 
-def rtn_quantize(weight: torch.Tensor, spec: GridSpec, hessian: torch.Tensor | None = None) -> QuantResult:
+def rtn_quantize(weight: torch.Tensor, spec: GridSpec, hessian: torch.Tensor | None = None,
+                 clip_weighted: bool = False) -> QuantResult:
     """Round each weight (``[out, in]``) to the nearest point of the grid fitted to its group.
 
     With ``spec.clip_search`` the range is shrunk per group to minimise the ``clip_norm`` error (weighted by the
-    Hessian diagonal when ``hessian`` is given). ``hessian`` (``X^T X``, ``[in, in]``) also gives
-    ``rel_output_error``. Groups are contiguous, so ``g_idx`` is None.
+    Hessian diagonal when ``clip_weighted`` and ``hessian`` is given). ``hessian`` (``X^T X``, ``[in, in]``), when
+    given, yields ``rel_output_error``. Groups are contiguous, so ``g_idx`` is None.
     """
     weight = weight.float()
     weights = None
-    if hessian is not None and spec.clip_search:
+    if hessian is not None and spec.clip_search and clip_weighted:
         weights = hessian.diagonal().to(weight.device).float()
     scale, zero = fit_groups(weight, spec, weights)
     g_idx = group_index(weight.shape[1], spec.group_width(weight.shape[1]), weight.device)
