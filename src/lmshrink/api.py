@@ -13,22 +13,10 @@ from .eval.kl import kl_divergence
 from .eval.perplexity import perplexity
 from .eval.record import environment
 from .eval.size import model_size
-from .models import LoadedModel, load_model, wrap_model
+from .compress import compress
+from .models import LoadedModel, as_loaded, load_model
 
-__all__ = ["load_model", "evaluate"]
-
-
-def _as_loaded(model: LoadedModel | str | torch.nn.Module, tokenizer=None, **load_kwargs) -> LoadedModel:
-    if isinstance(model, LoadedModel):
-        return model
-    if isinstance(model, (str, Path)):
-        return load_model(str(model), **load_kwargs)
-    if isinstance(model, torch.nn.Module):
-        if tokenizer is None:
-            raise LmshrinkError("evaluating an in-memory model needs its tokenizer", fix="pass tokenizer=...")
-        return wrap_model(model, tokenizer)
-    raise LmshrinkError(f"cannot evaluate an object of type {type(model).__name__}",
-                        fix="pass a model source string, a LoadedModel, or a torch module with tokenizer=")
+__all__ = ["load_model", "evaluate", "compress"]
 
 
 def _split_names(value: str | list[str] | None) -> list[str]:
@@ -51,21 +39,26 @@ def evaluate(model: LoadedModel | str | torch.nn.Module, *, ppl: str | list[str]
     when neither ``ppl`` nor ``tasks`` is given, perplexity on the packaged ``enwiki-sample`` held-out split
     is measured. ``kl_base`` adds the KL divergence from that model on the first perplexity set's windows.
     """
-    load = dict(dtype=dtype, device=device, progress=progress, trust_remote_code=trust_remote_code)
-    loaded = _as_loaded(model, tokenizer, **load)
     task_names = _split_names(tasks)
     ppl_sets = _split_names(ppl)
     if not ppl_sets and not task_names:
         ppl_sets = ["enwiki-sample"]
     if kl_base is not None and not ppl_sets:
         raise LmshrinkError("--kl-base needs text windows to compare on", fix="add --ppl (e.g. --ppl wikitext2)")
-    base = _as_loaded(kl_base, **load) if kl_base is not None else None
+    # Resolve the text first: a missing data set should fail before a model is loaded.
+    sources = [load_text(name, split, data_dir) for name in ppl_sets]
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    load = dict(dtype=dtype, device=device, progress=progress, trust_remote_code=trust_remote_code)
+    loaded = as_loaded(model, tokenizer, **load)
+    base = as_loaded(kl_base, **load) if kl_base is not None else None
     record: dict[str, Any] = {"model": loaded.info.to_dict(), "size": model_size(loaded.model),
                               "perplexity": [], "environment": environment()}
-    for name in ppl_sets:
-        source = load_text(name, split, data_dir)
+    for i, source in enumerate(sources):
         windows = evaluation_windows(loaded.tokenizer, source, seqlen, limit, loaded.info.max_context)
-        if base is not None and name == ppl_sets[0]:
+        if base is not None and i == 0:
             # One pass gives both: the KL pass computes the model's per-window NLL too.
             kl = kl_divergence(loaded.model, base.model, windows, batch_size, progress)
             result = {key: kl.pop(key) for key in ("ppl", "mean_nll", "window_nll")}

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from ..errors import LmshrinkError, ModelSourceError
+from ..errors import LmshrinkError, ModelSourceError, UnsupportedArchitectureError
+from .adapters import SUPPORTED_MODEL_TYPES
 from ..fetch import cache_root, fetch
 from .registry import PACKAGED_MODELS, get_packaged
 
@@ -159,13 +160,34 @@ def _convert_gguf(gguf_path: Path, target: Path, progress: bool) -> None:
             os.replace(tmp_dir, target)
 
 
+def _check_architecture(folder: Path, trust_remote_code: bool) -> None:
+    """Fail early, naming the model type, when transformers has no causal LM for a local folder's config."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"{folder / 'config.json'} is not readable JSON: {exc}",
+                               fix="restore the model folder's config.json") from exc
+    model_type = config.get("model_type")
+    if trust_remote_code and config.get("auto_map"):
+        return
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UnsupportedArchitectureError(
+            f"{folder} holds a model of type {model_type!r}, which has no causal language model in transformers "
+            f"{__import__('transformers').__version__}",
+            fix="use a causal LM (lmshrink's compression adapters cover: " + ", ".join(SUPPORTED_MODEL_TYPES) + ")")
+
+
 def _load_hf(path_or_id: str, dtype: torch.dtype, device: str, trust_remote_code: bool, local: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=local)
+    if local:
+        _check_architecture(Path(path_or_id), trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
     except OSError as exc:
         if local:
             raise ModelSourceError(f"could not load the model folder {path_or_id}: {exc}",
@@ -223,3 +245,17 @@ def wrap_model(model: torch.nn.Module, tokenizer, source: str = "in-memory") -> 
                      dtype=str(dtype).replace("torch.", ""), parameters=count_parameters(model),
                      max_context=max_context(model.config))
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def as_loaded(model: LoadedModel | str | torch.nn.Module, tokenizer=None, **load_kwargs) -> LoadedModel:
+    """A LoadedModel from a source string, a LoadedModel, or an in-memory module with its tokenizer."""
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, (str, Path)):
+        return load_model(str(model), **load_kwargs)
+    if isinstance(model, torch.nn.Module):
+        if tokenizer is None:
+            raise LmshrinkError("an in-memory model needs its tokenizer", fix="pass tokenizer=...")
+        return wrap_model(model, tokenizer)
+    raise LmshrinkError(f"cannot use an object of type {type(model).__name__}",
+                        fix="pass a model source string, a LoadedModel, or a torch module with tokenizer=")

@@ -1,0 +1,99 @@
+import json
+
+import pytest
+
+from helpers import tiny_llama, tiny_tokenizer
+from lmshrink.cli import main
+from lmshrink.models.registry import PACKAGED_MODELS
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_user_error(code, err, *needles):
+    assert code == 2
+    assert "Traceback" not in err
+    assert err.startswith("lmshrink: error:") and "fix:" in err
+    for needle in needles:
+        assert needle in err
+
+
+def test_help_shows_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    out = capsys.readouterr().out
+    assert "examples:" in out and "lmshrink evaluate smollm2-135m" in out
+
+
+def test_models_lists_packaged(capsys):
+    code, out, _ = _run(capsys, "models", "--json")
+    assert code == 0
+    names = [m["name"] for m in json.loads(out)["models"]]
+    assert names == list(PACKAGED_MODELS) and "smollm2-135m" in names and "gemma3-270m" in names
+
+
+def test_evaluate_json_record(capsys, tiny_dir, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 50)
+    code, out, err = _run(capsys, "evaluate", str(tiny_dir), "--ppl", f"file:{text}", "--seqlen", "32",
+                          "--limit", "3", "--kl-base", str(tiny_dir), "--json", "--quiet")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["model"]["kind"] == "hf-folder" and record["model"]["model_type"] == "llama"
+    assert record["perplexity"][0]["protocol"]["windows"] == 3
+    assert record["kl"]["kl_mean"] < 1e-6 and record["kl"]["top1_agreement"] == 1.0
+
+
+def test_missing_model_path(capsys):
+    code, _, err = _run(capsys, "evaluate", "./no/such/model", "--quiet")
+    _assert_user_error(code, err, "does not exist")
+
+
+def test_unknown_packaged_name(capsys):
+    code, _, err = _run(capsys, "evaluate", "smollm9-1b", "--quiet")
+    _assert_user_error(code, err, "smollm9-1b", "smollm2-135m")
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "notamodel", "architectures": ["X"]}))
+    code, _, err = _run(capsys, "evaluate", str(tmp_path), "--quiet")
+    _assert_user_error(code, err, "notamodel")
+
+
+def test_unavailable_dataset(capsys, tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)
+    code, _, err = _run(capsys, "evaluate", str(tiny_dir), "--ppl", "wikitext2", "--data-dir", str(tmp_path),
+                        "--quiet")
+    _assert_user_error(code, err, "wiki.test.raw", "--data-dir")
+
+
+def test_seqlen_beyond_context_and_limit_too_large(capsys, tiny_dir, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 50)
+    code, _, err = _run(capsys, "evaluate", str(tiny_dir), "--ppl", f"file:{text}", "--seqlen", "1024", "--quiet")
+    _assert_user_error(code, err, "beyond the model's context of 256")
+    code, _, err = _run(capsys, "evaluate", str(tiny_dir), "--ppl", f"file:{text}", "--seqlen", "32",
+                        "--limit", "999", "--quiet")
+    _assert_user_error(code, err, "limit 999 is larger than")
+
+
+def test_corrupt_cached_weights(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMSHRINK_CACHE", str(tmp_path))
+    packaged = PACKAGED_MODELS["smollm2-135m"].file
+    packaged.path.parent.mkdir(parents=True)
+    packaged.path.write_bytes(b"GGUF truncated")
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 50)
+    code, _, err = _run(capsys, "evaluate", "smollm2-135m", "--ppl", f"file:{text}", "--quiet")
+    _assert_user_error(code, err, "corrupt or truncated", str(packaged.path), "rm ")

@@ -1,0 +1,90 @@
+import json
+
+import pytest
+import torch
+
+from helpers import tiny_tokenizer
+from lmshrink.data import calibration_windows, evaluation_windows, load_text
+from lmshrink.data.sources import TextSource
+from lmshrink.errors import DataSourceError, LmshrinkError
+
+
+def test_wikitext_rows_rebuild_hf_layout(shared_data):
+    src = load_text("wikitext2", "test", shared_data)
+    assert len(src.documents) == 4358  # one row per line
+    assert src.documents[0] == " " and src.documents[1] == " = Robert Boulter = "
+    assert src.join == "\n\n"
+    assert src.joined().startswith(" \n\n = Robert Boulter = \n\n \n\n Robert Boulter is")
+
+
+def test_valid_alias_and_c4(shared_data):
+    assert load_text("wikitext2", "validation", shared_data).split == "valid"
+    c4 = load_text("c4", "train", shared_data)
+    assert len(c4.documents) == 500 and c4.join == " "
+
+
+def test_unknown_set_and_split(shared_data):
+    with pytest.raises(DataSourceError, match="unknown text set 'nope'"):
+        load_text("nope", "test", shared_data)
+    with pytest.raises(DataSourceError, match="has no split 'dev'"):
+        load_text("wikitext2", "dev", shared_data)
+
+
+def test_missing_set_names_expected_path(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # no hub fallback
+    with pytest.raises(DataSourceError) as err:
+        load_text("wikitext2", "test", tmp_path)
+    assert str(tmp_path / "wikitext-2-raw" / "wiki.test.raw") in err.value.message
+    assert "--data-dir" in err.value.fix
+
+
+def test_missing_data_dir():
+    with pytest.raises(DataSourceError, match="does not exist"):
+        load_text("wikitext2", "test", "/nonexistent/data")
+
+
+def test_file_sources(tmp_path):
+    (tmp_path / "a.txt").write_text("first para\nline two\n\nsecond para\n")
+    assert load_text(f"file:{tmp_path / 'a.txt'}").documents == ["first para\nline two", "second para"]
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "x y"}) + "\n\n" + json.dumps({"text": "z"}) + "\n")
+    assert load_text(f"file:{tmp_path / 'b.jsonl'}").documents == ["x y", "z"]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(DataSourceError, match="no 'text' field"):
+        load_text(f"file:{tmp_path / 'c.jsonl'}")
+    with pytest.raises(DataSourceError, match="does not exist"):
+        load_text(f"file:{tmp_path / 'missing.txt'}")
+
+
+def _source(docs, join="\n\n"):
+    return TextSource(name="t", split="s", documents=docs, join=join, origin="mem")
+
+
+def test_evaluation_windows_are_the_joined_stream_cut_in_order():
+    tok = tiny_tokenizer()
+    src = _source(["The quick brown fox jumps over the lazy dog."] * 20)
+    ids = tok(src.joined())["input_ids"]
+    w = evaluation_windows(tok, src, seqlen=16)
+    assert w.input_ids.shape == (len(ids) // 16, 16)
+    assert w.input_ids.flatten().tolist() == ids[: len(w) * 16]
+    assert w.protocol["windows_available"] == len(w)
+    assert len(evaluation_windows(tok, src, seqlen=16, limit=3)) == 3
+    with pytest.raises(LmshrinkError, match="larger than the"):
+        evaluation_windows(tok, src, seqlen=16, limit=len(w) + 1)
+    with pytest.raises(LmshrinkError, match="beyond the model's context of 8"):
+        evaluation_windows(tok, src, seqlen=16, max_context=8)
+
+
+def test_calibration_windows_follow_gptq_sampling():
+    tok = tiny_tokenizer()
+    docs = ["short", "The quick brown fox jumps over the lazy dog. " * 8, "Quantization rounds weights. " * 9]
+    src = _source(docs)
+    a = calibration_windows(tok, src, nsamples=6, seqlen=10, seed=3)
+    b = calibration_windows(tok, src, nsamples=6, seqlen=10, seed=3)
+    c = calibration_windows(tok, src, nsamples=6, seqlen=10, seed=4)
+    assert torch.equal(a.input_ids, b.input_ids) and not torch.equal(a.input_ids, c.input_ids)
+    assert a.input_ids.shape == (6, 10)
+    encoded = [tok(d)["input_ids"] for d in docs]
+    for row in a.input_ids.tolist():  # each window is a contiguous slice of one long-enough document
+        assert any(len(e) > 10 and any(e[i:i + 10] == row for i in range(len(e) - 9)) for e in encoded)
+    with pytest.raises(DataSourceError, match="longer than 500 tokens"):
+        calibration_windows(tok, src, nsamples=1, seqlen=500)
