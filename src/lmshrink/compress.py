@@ -1,0 +1,98 @@
+"""The compress verb: model + recipe + calibration text -> compressed checkpoint + lmshrink.json record."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import calibration_windows, load_text
+from .engine.checkpoint import Checkpoint, fingerprint
+from .engine.loop import Engine
+from .errors import LmshrinkError
+from .eval.record import environment
+from .models import LoadedModel, as_loaded, get_adapter, iter_linears, linear_dims
+from .recipe import DEFAULT_IGNORE, Recipe, check_recipe, load_recipe
+
+DEFAULT_CALIBRATION = "enwiki-sample"
+
+
+def _check_output(out_dir: Path, loaded: LoadedModel, overwrite: bool, resume: bool) -> None:
+    if loaded.info.path is not None:
+        source = Path(loaded.info.path).resolve()
+        target = out_dir.resolve()
+        if target == source or source in target.parents:
+            raise LmshrinkError(f"output {out_dir} would be written inside the input model {source}",
+                                fix="choose an output folder outside the input model's folder")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (overwrite or resume):
+        raise LmshrinkError(f"output folder {out_dir} exists and is not empty",
+                            fix="choose a new -o folder, or pass --overwrite to replace it")
+
+
+def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | dict, *, output: str | Path | None = None,
+             calibration: str | None = None, calibration_split: str = "train", nsamples: int = 128,
+             seqlen: int = 512, seed: int = 0, data_dir: str | Path | None = None, device: str = "cpu",
+             resume: bool = False, overwrite: bool = False, progress: bool = True, tokenizer=None,
+             dtype: str = "float32", on_block_done=None) -> dict[str, Any]:
+    """Compress ``model`` in place with ``recipe``; with ``output``, save the checkpoint there.
+
+    Returns the record written to ``lmshrink.json``: recipe, calibration protocol, per-layer errors and times,
+    peak memory, library versions, and ``results`` (name -> QuantResult, not serialized).
+    """
+    recipe = load_recipe(recipe)
+    model = as_loaded(model, tokenizer, dtype=dtype, device="cpu", progress=progress)
+    adapter = get_adapter(model.model)
+    layers = [(name, linear_dims(module)[1]) for name, module in iter_linears(model.model)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_recipe(recipe, layers)
+    notes = [str(w.message) for w in caught]
+    for note in notes:
+        print(f"lmshrink: warning: {note}", file=__import__("sys").stderr)
+    out_dir = Path(output) if output is not None else None
+    if out_dir is not None:
+        _check_output(out_dir, model, overwrite, resume)
+    calib_name = calibration or DEFAULT_CALIBRATION
+    split = "calib" if calib_name == "enwiki-sample" and calibration_split == "train" else calibration_split
+    source = load_text(calib_name, split if not calib_name.startswith("file:") else "all", data_dir)
+    windows = calibration_windows(model.tokenizer, source, nsamples, seqlen, seed, model.info.max_context)
+    checkpoint = None
+    if out_dir is not None:
+        key = fingerprint(recipe.to_dict(), windows.protocol, model.info.to_dict(), windows.input_ids, device)
+        checkpoint = Checkpoint(out_dir.with_name(out_dir.name + ".partial"), key)
+        if resume and not checkpoint.folder.exists():
+            print(f"lmshrink: nothing to resume in {checkpoint.folder}; starting from block 1",
+                  file=__import__("sys").stderr)
+    engine = Engine(model.model, adapter, recipe, windows.input_ids, device=device, checkpoint=checkpoint,
+                    resume=resume, progress=progress, on_block_done=on_block_done)
+    result = engine.run()
+    errors = [layer["rel_output_error"] for layer in result.layers if layer["rel_output_error"] is not None]
+    record: dict[str, Any] = {
+        "recipe": recipe.to_dict(),
+        "calibration": windows.protocol,
+        "model": model.info.to_dict(),
+        "architecture": adapter.describe(model.model),
+        "layers": result.layers,
+        "summary": {"layers": len(result.layers), "mean_rel_output_error": sum(errors) / len(errors) if errors else None,
+                    "max_rel_output_error": max(errors) if errors else None,
+                    "seconds": result.seconds, "peak_rss_bytes": result.peak_rss_bytes,
+                    "resumed_from_block": result.resumed_from_block, "device": device},
+        "warnings": notes,
+        "environment": environment(),
+    }
+    if out_dir is not None:
+        from .formats.compressed_tensors import save_quantized
+
+        quantized = set(result.results)
+        ignore = sorted({name for name, _ in iter_linears(model.model) if name not in quantized} | {"lm_head"})
+        save_quantized(model.model, model.tokenizer, result.results, out_dir, ignore=ignore,
+                       extra_files={"lmshrink.json": json.dumps(record, indent=1, default=str)},
+                       overwrite=overwrite or resume)
+        checkpoint.remove()
+        record["output"] = str(out_dir)
+    record["results"] = result.results
+    return record

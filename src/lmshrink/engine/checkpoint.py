@@ -1,0 +1,107 @@
+"""Progress on disk after every block, so a killed run resumes where it stopped, bit-identically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import LmshrinkError
+from ..quant.grids import QuantResult, dequantize
+
+_STATE = "state.json"
+
+
+def fingerprint(*parts) -> str:
+    """A stable hash of the run's inputs (recipe, calibration tokens, model, options)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            digest.update(part.cpu().contiguous().numpy().tobytes())
+        else:
+            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+class Checkpoint:
+    """A work folder: ``state.json`` (fingerprint, finished blocks, layer records), ``block_NNNN.safetensors``
+    (the quantized layers of each finished block) and ``hidden.safetensors`` (the next block's inputs)."""
+
+    def __init__(self, folder: Path, key: str):
+        self.folder = folder
+        self.key = key
+
+    def load(self) -> dict | None:
+        """The saved state if this folder holds progress of the same run; None if it holds nothing."""
+        state_path = self.folder / _STATE
+        if not state_path.is_file():
+            return None
+        state = json.loads(state_path.read_text())
+        if state.get("fingerprint") != self.key:
+            raise LmshrinkError(
+                f"{self.folder} holds progress of a different run (other model, recipe, calibration or options)",
+                fix=f"run again without --resume to start over, or delete {self.folder}")
+        return state
+
+    def start(self) -> None:
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True)
+
+    def save_block(self, index: int, results: dict[str, QuantResult], hidden: list[torch.Tensor],
+                   state: dict) -> None:
+        tensors, meta = {}, {}
+        for name, r in results.items():
+            tensors[f"{name}.codes"] = r.codes
+            tensors[f"{name}.scale"] = r.scale
+            tensors[f"{name}.zero"] = r.zero
+            if r.g_idx is not None:
+                tensors[f"{name}.g_idx"] = r.g_idx
+            meta[name] = {"spec": r.spec.__dict__, "rel_output_error": r.rel_output_error, "info": r.info}
+        _atomic_safetensors(self.folder / f"block_{index:04d}.safetensors", tensors,
+                            {"layers": json.dumps(meta, default=str)})
+        _atomic_safetensors(self.folder / "hidden.safetensors", {"hidden": torch.cat(hidden)})
+        _atomic_json(self.folder / _STATE, {**state, "fingerprint": self.key, "finished_blocks": index + 1})
+
+    def load_block(self, index: int) -> dict[str, QuantResult]:
+        from safetensors import safe_open
+
+        from ..quant.grids import GridSpec
+
+        path = self.folder / f"block_{index:04d}.safetensors"
+        with safe_open(str(path), "pt") as handle:
+            meta = json.loads(handle.metadata()["layers"])
+        tensors = load_file(str(path))
+        results = {}
+        for name, m in meta.items():
+            spec = GridSpec(**m["spec"])
+            g_idx = tensors.get(f"{name}.g_idx")
+            codes, scale, zero = tensors[f"{name}.codes"], tensors[f"{name}.scale"], tensors[f"{name}.zero"]
+            result = QuantResult(codes=codes, scale=scale, zero=zero, g_idx=g_idx, weight=torch.empty(0), spec=spec,
+                                 rel_output_error=m["rel_output_error"], info=m["info"])
+            result.weight = dequantize(codes, scale, zero, result.group_index())
+            results[name] = result
+        return results
+
+    def load_hidden(self) -> list[torch.Tensor]:
+        return list(load_file(str(self.folder / "hidden.safetensors"))["hidden"].split(1))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,207 @@
+"""Recipes: ordered compression stages with validated options, YAML in and out, and named presets."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import LmshrinkError
+
+DEFAULT_IGNORE = ["lm_head", "*embed*"]
+
+
+class RecipeError(LmshrinkError):
+    """A recipe that cannot run: unknown method, bad option, or options that contradict each other."""
+
+
+class StageBase(BaseModel):
+    """Options every stage has: which linear layers of the decoder blocks it touches."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    targets: list[str] = Field(default_factory=lambda: ["*"],
+                               description="module-name patterns (glob, or 're:' regex) of the layers to compress")
+    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE),
+                              description="module-name patterns to leave alone")
+
+    def selects(self, name: str) -> bool:
+        return any(_match(p, name) for p in self.targets) and not any(_match(p, name) for p in self.ignore)
+
+
+class QuantStage(StageBase):
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = Field(128, description="input columns per group; -1 for one grid per output channel")
+    symmetric: bool = False
+    clip_search: bool = Field(True, description="MSE-optimal clipping: shrink each range while the error drops")
+    clip_norm: float = Field(2.4, gt=0)
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int) -> int:
+        if value != -1 and value < 1:
+            raise ValueError("must be -1 (per channel) or a positive number of columns")
+        return value
+
+    def grid(self):
+        from .quant.grids import GridSpec
+
+        return GridSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
+                        clip_search=self.clip_search, clip_norm=self.clip_norm, scale_dtype=self.scale_dtype)
+
+
+class RTNStage(QuantStage):
+    """Round to nearest on the grid, no calibration needed."""
+
+    method: Literal["rtn"] = "rtn"
+
+
+class GPTQStage(QuantStage):
+    """GPTQ/OPTQ: round column by column and spread the error over the remaining columns (needs calibration)."""
+
+    method: Literal["gptq"] = "gptq"
+    act_order: bool = Field(True, description="quantize columns by decreasing Hessian diagonal (desc_act)")
+    static_groups: bool = Field(True, description="fit group grids before the sweep (act-order with groups)")
+    damp_percent: float = Field(0.01, gt=0, le=1, description="damping: this fraction of the mean Hessian diagonal")
+    block_size: int = Field(128, ge=1, description="columns per lazy-update block")
+    true_sequential: bool = Field(True, description="re-collect inputs after each group of layers is compressed")
+
+
+STAGES: dict[str, type[StageBase]] = {"rtn": RTNStage, "gptq": GPTQStage}
+QUANT_METHODS = {"rtn", "gptq"}
+
+
+def _match(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], pattern)
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "custom"
+    stages: list[StageBase]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "stages": [s.model_dump() for s in self.stages]}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def needs_calibration(self) -> bool:
+        return any(s.method != "rtn" for s in self.stages)
+
+
+def _parse_stage(index: int, raw: Any) -> StageBase:
+    where = f"stage {index + 1}"
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where} is {type(raw).__name__}, not a mapping", fix="write each stage as `- method: ...`")
+    if len(raw) == 1 and "method" not in raw:  # short form: `- gptq: {bits: 4}`
+        (method, options), = raw.items()
+        raw = {"method": method, **(options or {})}
+    method = raw.get("method")
+    if method not in STAGES:
+        raise RecipeError(f"{where}: unknown method {method!r}", fix=f"use one of: {', '.join(STAGES)}")
+    try:
+        return STAGES[method].model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        option = ".".join(str(p) for p in err["loc"]) or "?"
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(f for f in STAGES[method].model_fields if f != "method")
+            raise RecipeError(f"{where} ({method}): unknown option {option!r}", fix=f"options are: {known}") from None
+        raise RecipeError(f"{where} ({method}): option {option!r} = {err.get('input')!r}: {err['msg']}",
+                          fix="see `lmshrink recipes --show NAME` for valid examples") from None
+
+
+def parse_recipe(data: dict | list, name: str = "custom") -> Recipe:
+    """Build a Recipe from a mapping ``{name, stages: [...]}`` or a bare list of stages; errors name the stage."""
+    if isinstance(data, list):
+        data = {"stages": data}
+    if not isinstance(data, dict) or "stages" not in data:
+        raise RecipeError("a recipe needs a `stages:` list", fix="see `lmshrink recipes --show w4g128`")
+    extra = set(data) - {"name", "stages"}
+    if extra:
+        raise RecipeError(f"unknown recipe key(s): {', '.join(sorted(extra))}", fix="a recipe has `name` and `stages`")
+    stages = data["stages"]
+    if not isinstance(stages, list) or not stages:
+        raise RecipeError("`stages` must be a non-empty list", fix="add at least one stage, e.g. `- method: gptq`")
+    return Recipe(name=str(data.get("name", name)), stages=[_parse_stage(i, s) for i, s in enumerate(stages)])
+
+
+def _quant(method: str, bits: int, group_size: int, symmetric: bool = False, **kw) -> dict:
+    return {"method": method, "bits": bits, "group_size": group_size, "symmetric": symmetric, **kw}
+
+
+PRESETS: dict[str, dict] = {
+    "w8": {"stages": [_quant("gptq", 8, -1, symmetric=True)]},
+    "w4g128": {"stages": [_quant("gptq", 4, 128)]},
+    "w4g32": {"stages": [_quant("gptq", 4, 32)]},
+    "w4g32-sym": {"stages": [_quant("gptq", 4, 32, symmetric=True)]},
+    "w3g128": {"stages": [_quant("gptq", 3, 128)]},
+    "w2g64": {"stages": [_quant("gptq", 2, 64)]},
+    "rtn-w8": {"stages": [_quant("rtn", 8, -1, symmetric=True)]},
+    "rtn-w4g128": {"stages": [_quant("rtn", 4, 128)]},
+    "rtn-w4g32": {"stages": [_quant("rtn", 4, 32)]},
+    "rtn-w3g128": {"stages": [_quant("rtn", 3, 128)]},
+}
+
+
+def load_recipe(spec: str | dict | list | Recipe) -> Recipe:
+    """A preset name, a path to a YAML file, a mapping, or a Recipe."""
+    if isinstance(spec, Recipe):
+        return spec
+    if isinstance(spec, (dict, list)):
+        return parse_recipe(spec)
+    if spec in PRESETS:
+        return parse_recipe(PRESETS[spec], name=spec)
+    path = Path(spec).expanduser()
+    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist", fix="check the path, or use a preset name")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"recipe file {path} is not valid YAML: {exc}", fix="fix the YAML syntax") from exc
+        return parse_recipe(data, name=path.stem)
+    raise RecipeError(f"unknown recipe {spec!r}", fix=f"use a preset ({', '.join(PRESETS)}) or a YAML file path")
+
+
+def check_recipe(recipe: Recipe, layers: list[tuple[str, int]]) -> None:
+    """Check the recipe against the model's block linears ``[(name, in_features)]`` before any work starts.
+
+    Raises RecipeError for a group size wider than a targeted layer, a stage that selects no layer, or two
+    quantization stages on the same layer. Warns when a group size does not divide a layer's width.
+    """
+    selected: dict[str, int] = {}
+    for index, stage in enumerate(recipe.stages):
+        names = [(n, width) for n, width in layers if stage.selects(n)]
+        if not names:
+            raise RecipeError(f"stage {index + 1} ({stage.method}) selects no layer "
+                              f"(targets {stage.targets}, ignore {stage.ignore})",
+                              fix="check the patterns against the model's layer names, e.g. 'model.layers.0.mlp.*'")
+        for name, width in names:
+            if stage.method in QUANT_METHODS:
+                if name in selected:
+                    raise RecipeError(
+                        f"stages {selected[name] + 1} and {index + 1} both quantize {name}",
+                        fix="give each layer at most one quantization stage (use targets/ignore)")
+                selected[name] = index
+                gs = stage.group_size
+                if gs != -1 and gs > width:
+                    raise RecipeError(f"stage {index + 1} ({stage.method}): option 'group_size' = {gs} is larger "
+                                      f"than the input width {width} of {name}",
+                                      fix=f"use group_size {width} or less, or -1 for per channel")
+    widths = sorted({w for n, w in layers if n in selected and recipe.stages[selected[n]].group_size not in (-1,)
+                     and w % recipe.stages[selected[n]].group_size})
+    if widths:
+        sizes = sorted({recipe.stages[i].group_size for i in set(selected.values())})
+        warnings.warn(f"group size {sizes} does not divide the input width(s) {widths}: the last group of each row "
+                      "is shorter (as the GPTQ reference does). Runtimes that need a divisor (Marlin kernels; "
+                      "llama.cpp blocks of 32) cannot use such layers directly.", stacklevel=2)
