@@ -27,6 +27,11 @@ def _hessian(in_features: int, seed: int) -> torch.Tensor:
     return inputs.T @ inputs
 
 
+def _tiny(**overrides):
+    """One block is enough for the format; it halves the quantization time."""
+    return tiny_llama(**{"num_hidden_layers": 1, **overrides})
+
+
 def _compress(model, spec_of, method="rtn", static_groups=True):
     """Quantize every block linear in place (the in-memory compressed model); returns the results."""
     results = {}
@@ -81,7 +86,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_transformers_loads_the_same_model_and_lmshrink_reads_it_back(tmp_path, case):
     spec_args, method, shape = CASES[case]
-    model = tiny_llama(**shape)
+    model = _tiny(**shape)
     results = _compress(model, lambda name: GridSpec(**spec_args), method)
     expected = _logits(model)
 
@@ -114,13 +119,13 @@ def test_transformers_loads_the_same_model_and_lmshrink_reads_it_back(tmp_path, 
 
 
 def test_bfloat16_model_with_bfloat16_scales_loads_exactly(tmp_path):
-    model = tiny_llama()
+    model = _tiny()
     reference = AutoModelForCausalLM.from_config(model.config, dtype=torch.bfloat16).eval()
     reference.load_state_dict(model.state_dict())  # bf16 weights, rotary buffers as a loaded model has them
     results = _compress(reference, lambda name: GridSpec(bits=4, group_size=32, scale_dtype="bfloat16"))
     out = save_quantized(reference, tiny_tokenizer(), results, tmp_path / "out")
     with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
-        assert handle.get_tensor("model.layers.1.mlp.up_proj.weight_scale").dtype == torch.bfloat16
+        assert handle.get_tensor("model.layers.0.mlp.up_proj.weight_scale").dtype == torch.bfloat16
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert loaded.dtype == torch.bfloat16
     assert torch.equal(_logits(loaded), _logits(reference))
@@ -129,7 +134,7 @@ def test_bfloat16_model_with_bfloat16_scales_loads_exactly(tmp_path):
 
 
 def test_scales_not_exact_in_the_model_dtype_are_refused(tmp_path):
-    model = tiny_llama().to(torch.bfloat16)
+    model = _tiny().to(torch.bfloat16)
     results = _compress(model, lambda name: GridSpec(bits=4, group_size=32))  # float32 scales
     with pytest.raises(LmshrinkError, match="scale_dtype='bfloat16'"):
         save_quantized(model, None, results, tmp_path / "out")
@@ -137,7 +142,7 @@ def test_scales_not_exact_in_the_model_dtype_are_refused(tmp_path):
 
 
 def test_act_order_without_static_groups_is_refused(tmp_path):
-    model = tiny_llama()
+    model = _tiny()
     results = _compress(model, lambda name: GridSpec(bits=4, group_size=32), "gptq", static_groups=False)
     assert any(r.g_idx is not None for r in results.values())
     with pytest.raises(LmshrinkError, match="static_groups=True"):
@@ -154,7 +159,7 @@ def _mixed(bits_mlp_symmetric: bool):
 
 
 def test_mixed_symmetric_grids_use_one_config_group_each(tmp_path):
-    model = tiny_llama()
+    model = _tiny()
     results = _compress(model, _mixed(True))
     out = save_quantized(model, tiny_tokenizer(), results, tmp_path / "out")
     groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
@@ -167,7 +172,7 @@ def test_mixed_symmetric_grids_use_one_config_group_each(tmp_path):
 
 
 def test_mixed_asymmetric_grids_need_opt_out_of_transformers(tmp_path):
-    model = tiny_llama()
+    model = _tiny()
     results = _compress(model, _mixed(False))
     with pytest.raises(LmshrinkError, match="transformers_compatible=False"):
         save_quantized(model, None, results, tmp_path / "out")
@@ -176,7 +181,7 @@ def test_mixed_asymmetric_grids_need_opt_out_of_transformers(tmp_path):
 
 
 def test_tied_embeddings_and_shards(tmp_path):
-    model = tiny_llama(tie_word_embeddings=True)
+    model = _tiny(tie_word_embeddings=True)
     results = _compress(model, lambda name: GridSpec(bits=4, group_size=32))
     expected = _logits(model)
     out = save_quantized(model, tiny_tokenizer(), results, tmp_path / "out", max_shard_size=40_000)
@@ -190,7 +195,7 @@ def test_tied_embeddings_and_shards(tmp_path):
 
 
 def test_interrupted_write_leaves_nothing_and_keeps_the_old_folder(tmp_path, monkeypatch):
-    model = tiny_llama()
+    model = _tiny()
     results = _compress(model, lambda name: GridSpec(bits=4, group_size=32))
     tokenizer = tiny_tokenizer()
 
@@ -212,7 +217,7 @@ def test_interrupted_write_leaves_nothing_and_keeps_the_old_folder(tmp_path, mon
 
 
 def test_refuses_to_overwrite_unless_asked(tmp_path):
-    model = tiny_llama()
+    model = _tiny()
     results = _compress(model, lambda name: GridSpec(bits=4, group_size=32, symmetric=True))
     out = tmp_path / "out"
     out.mkdir()
@@ -227,7 +232,7 @@ def test_refuses_to_overwrite_unless_asked(tmp_path):
 
 def test_never_writes_into_the_input_model_folder(tmp_path):
     source = tmp_path / "input"
-    tiny_llama().save_pretrained(source)
+    _tiny().save_pretrained(source)
     before = sorted(p.name for p in source.iterdir())
     model = AutoModelForCausalLM.from_pretrained(source)
     results = _compress(model, lambda name: GridSpec(bits=4, group_size=32))
@@ -237,6 +242,21 @@ def test_never_writes_into_the_input_model_folder(tmp_path):
     assert sorted(p.name for p in source.iterdir()) == before
     assert not is_compressed_tensors_folder(source)
     assert is_compressed_tensors_folder(save_quantized(model, None, results, tmp_path / "sibling"))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "opt"])
+def test_other_families_with_biases(tmp_path, family):
+    from tiny_families import tiny_model
+
+    model = tiny_model(family)
+    results = _compress(model, lambda name: GridSpec(bits=4, group_size=16, symmetric=False))
+    assert any(getattr(model.get_submodule(name), "bias", None) is not None for name in results)
+    expected = _logits(model)
+    out = save_quantized(model, tiny_tokenizer(), results, tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert (_logits(loaded) - expected).abs().max().item() <= 1e-5
+    _assert_same_model(loaded, model)
+    _assert_results_equal(load_quantized_results(out), results)
 
 
 def test_gpt2_conv1d_layers_are_saved_dequantized(tmp_path):
@@ -256,14 +276,14 @@ def test_gpt2_conv1d_layers_are_saved_dequantized(tmp_path):
 
 def test_unreadable_folders(tmp_path):
     assert not is_compressed_tensors_folder(tmp_path / "missing")
-    tiny_llama().save_pretrained(tmp_path / "dense")
+    _tiny().save_pretrained(tmp_path / "dense")
     assert not is_compressed_tensors_folder(tmp_path / "dense")
     with pytest.raises(LmshrinkError, match="not a compressed-tensors checkpoint"):
         load_quantized_results(tmp_path / "dense")
 
 
 def test_group_size_with_a_tiny_common_divisor_is_refused(tmp_path):
-    model = tiny_llama(hidden_size=72, intermediate_size=144, num_attention_heads=4, num_key_value_heads=2)
+    model = _tiny(hidden_size=72, intermediate_size=144, num_attention_heads=4, num_key_value_heads=2)
     results = _compress(model, lambda name: GridSpec(bits=4, group_size=64))  # gcd(64, 72, 144) = 8
     with pytest.raises(LmshrinkError, match="does not divide its 72 input columns"):
         save_quantized(model, None, results, tmp_path / "out")
