@@ -77,19 +77,19 @@ def main() -> None:
           f"{time.perf_counter() - started:.0f} s")
 
     methods = [
-        ("rtn", lambda w, h, s: rtn_quantize(w, s, h)),
+        ("rtn", lambda w, h, s: rtn_quantize(w, s, h, clip_weighted=False)),
         ("gptq plain", lambda w, h, s: gptq_quantize(w, h, s, act_order=False, static_groups=False)),
         ("gptq act-order", lambda w, h, s: gptq_quantize(w, h, s, act_order=True, static_groups=False)),
         ("gptq act-order+static", lambda w, h, s: gptq_quantize(w, h, s, act_order=True, static_groups=True)),
-        ("gptq act+static fp32-chol", lambda w, h, s: gptq_quantize(w, h, s, cholesky_dtype=torch.float32)),
+        ("gptq act+static fp64-chol", lambda w, h, s: gptq_quantize(w, h, s, cholesky_dtype=torch.float64)),
         ("gptq act+static damp 0.1%", lambda w, h, s: gptq_quantize(w, h, s, damp_percent=0.001)),
     ]
     options = [
-        ("gptq act+static damp 1%", lambda w, h, s: gptq_quantize(w, h, s)),
+        ("gptq act+static damp 1%", lambda w, h, s: gptq_quantize(w, h, s, clip_weighted=False)),
         ("gptq act+static damp 1% clip-weighted", lambda w, h, s: gptq_quantize(w, h, s, clip_weighted=True)),
-        ("gptq act+static damp 5%", lambda w, h, s: gptq_quantize(w, h, s, damp_percent=0.05)),
-        ("gptq act+static damp 10%", lambda w, h, s: gptq_quantize(w, h, s, damp_percent=0.1)),
-        ("rtn", lambda w, h, s: rtn_quantize(w, s, h)),
+        ("gptq act+static damp 5%", lambda w, h, s: gptq_quantize(w, h, s, damp_percent=0.05, clip_weighted=False)),
+        ("gptq act+static damp 10%", lambda w, h, s: gptq_quantize(w, h, s, damp_percent=0.1, clip_weighted=False)),
+        ("rtn", lambda w, h, s: rtn_quantize(w, s, h, clip_weighted=False)),
         ("rtn clip-weighted", lambda w, h, s: rtn_quantize(w, s, h, clip_weighted=True)),
     ]
     variants = methods if args.variants == "methods" else options

@@ -68,14 +68,15 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = True,
     static_groups: bool = True,
-    clip_weighted: bool = False,
+    clip_weighted: bool = True,
     cholesky_dtype: torch.dtype = torch.float32,
 ) -> QuantResult:
     """Quantize ``weight`` (``[out, in]``) with GPTQ given the layer's Hessian ``X^T X`` (``[in, in]``, fp32).
 
     act_order: quantize columns by decreasing Hessian diagonal (``desc_act``). static_groups: group grids fitted
     on the original weights before the sweep, so with act-order ``g_idx`` stays contiguous (returned as None);
-    without static groups and with act-order ``g_idx`` is a real permuted map. ``info`` records the solver's loss,
+    without static groups and with act-order ``g_idx`` is a real permuted map. clip_weighted: with
+    ``spec.clip_search``, weight the clip search by the Hessian diagonal. ``info`` records the solver's loss,
     final damping, retries, dead inputs and time.
     """
     rule = GridRule(spec, static_groups=static_groups, clip_weighted=clip_weighted)

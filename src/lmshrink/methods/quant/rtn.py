@@ -9,7 +9,7 @@ from lmshrink.quant.grids import GridSpec, QuantResult, dequantize, fit_groups, 
 
 
 def rtn_quantize(weight: torch.Tensor, spec: GridSpec, hessian: torch.Tensor | None = None,
-                 clip_weighted: bool = False) -> QuantResult:
+                 clip_weighted: bool = True) -> QuantResult:
     """Round each weight (``[out, in]``) to the nearest point of the grid fitted to its group.
 
     With ``spec.clip_search`` the range is shrunk per group to minimise the ``clip_norm`` error (weighted by the
