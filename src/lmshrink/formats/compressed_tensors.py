@@ -21,7 +21,12 @@ What compressed-tensors 0.20.1 cannot load, and what the writer does about it:
 * ``actorder: group`` (a permuted ``g_idx``, act-order without static groups) was removed: refused with a fix.
   Act-order with static groups has contiguous groups and is written as ``actorder: static``.
 * GPT-2 ``Conv1D`` layers are not ``nn.Linear``, which is all the loader quantizes: they are written dequantized
-  (exact weights, no size saving), listed in ``ignore``, and not returned by ``load_quantized_results``.
+  (exact weights, no size saving), listed in ``ignore``, and not returned by ``load_quantized_results``. When no
+  layer is packed at all (GPT-2), the folder is a plain dense checkpoint without ``quantization_config``.
+* transformers' default loading route expects unpacked zero points while the format (and vLLM) packs them, so
+  checkpoints with asymmetric grids carry ``"dequantize": true`` in ``quantization_config`` (transformers then
+  decodes at load time; other readers ignore the key). That route applies the first config group to every layer,
+  so asymmetric grids are only written as a single config group unless ``transformers_compatible=False``.
 """
 
 from __future__ import annotations
@@ -319,11 +324,11 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
             "compressed-tensors config groups, and transformers loads asymmetric checkpoints with one group only",
             fix="use one grid (bits, group size, symmetry) for every layer, or symmetric grids, or save with "
                 "transformers_compatible=False (vLLM and lmshrink still read it)")
-    if dense_conv1d:
-        warnings.warn(f"{len(dense_conv1d)} Conv1D layers (e.g. {dense_conv1d[0]}) are saved dequantized: "
-                      "compressed-tensors packs only nn.Linear layers"
-                      + ("" if groups else "; no layer is packed, so the folder is a plain dense checkpoint"),
-                      stacklevel=2)
+    if dense_conv1d or not groups:
+        conv1d = (f"{len(dense_conv1d)} Conv1D layers (e.g. {dense_conv1d[0]}) are saved dequantized: "
+                  "compressed-tensors packs only nn.Linear layers") if dense_conv1d else ""
+        dense = "no layer is packed, so the folder is a plain dense checkpoint" if not groups else ""
+        warnings.warn("; ".join(m for m in (conv1d, dense) if m), stacklevel=2)
 
     packed = set(specs)
     linears = [n for n, m in modules.items() if n and isinstance(m, nn.Linear) and n not in packed]
