@@ -10,9 +10,29 @@ from .errors import LmshrinkError
 
 _MAIN_EXAMPLES = """examples:
   lmshrink models
+  lmshrink recipes
+  lmshrink compress smollm2-135m --recipe w4g128 -o out/smollm2-w4g128
+  lmshrink compress smollm2-135m --recipe w4g128 --calib c4 --nsamples 64 --seqlen 512 --data-dir ../shared/data -o out/x
   lmshrink evaluate smollm2-135m --limit 8
   lmshrink evaluate smollm2-135m --ppl wikitext2 --seqlen 512 --limit 40 --data-dir ../shared/data
   lmshrink evaluate ./my-compressed-model --ppl wikitext2 --kl-base smollm2-135m --data-dir ../shared/data
+"""
+
+_COMPRESS_EXAMPLES = """examples:
+  # GPTQ 4-bit, groups of 128, calibrated on the packaged Wikipedia sample (works offline)
+  lmshrink compress smollm2-135m --recipe w4g128 -o out/smollm2-w4g128
+  # the benchmark protocol: 64 windows of 512 tokens from C4, seed 0
+  lmshrink compress smollm2-135m --recipe w4g128 --calib c4 --nsamples 64 --seqlen 512 --seed 0 \\
+      --data-dir ../shared/data -o out/smollm2-w4g128
+  # your own recipe; continue a killed run from its last finished block
+  lmshrink compress ./llama-dir --recipe my-recipe.yaml -o out/x --resume
+  # then measure it against the base model
+  lmshrink evaluate out/smollm2-w4g128 --ppl wikitext2 --kl-base smollm2-135m --data-dir ../shared/data
+
+recipes: a preset name (see `lmshrink recipes`) or a YAML file (`lmshrink recipes --show w4g128` prints one).
+the output folder is a Hugging Face checkpoint in the compressed-tensors pack-quantized layout (transformers with
+the compressed-tensors package, and vLLM, load it) plus lmshrink.json with the recipe, calibration protocol,
+per-layer errors, times and peak memory.
 """
 
 _EVALUATE_EXAMPLES = """examples:
@@ -54,6 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
                             epilog="examples:\n  lmshrink models\n  lmshrink models --json",
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_argument("--json", action="store_true", help="print JSON")
+
+    rc = sub.add_parser("recipes", help="list the recipe presets, or print one as YAML",
+                        epilog="examples:\n  lmshrink recipes\n  lmshrink recipes --show w4g128 > my-recipe.yaml",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    rc.add_argument("--show", metavar="NAME", help="print this preset (or YAML file) as YAML")
+
+    cp = sub.add_parser("compress", help="compress a model with a recipe (GPTQ, RTN, ...) and save it",
+                        description="Compress a model block by block with a recipe, calibrated on a text set, and "
+                        "save a checkpoint that transformers and vLLM load.",
+                        epilog=_COMPRESS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cp.add_argument("model", help="model source: packaged name, folder, .gguf file or hub id")
+    cp.add_argument("--recipe", required=True, help="preset name or YAML file")
+    cp.add_argument("-o", "--output", required=True, help="output folder (must not exist or be empty)")
+    cp.add_argument("--calib", help="calibration text set (default: enwiki-sample; e.g. c4, wikitext2, file:PATH)")
+    cp.add_argument("--calib-split", default="train", help="split of the calibration set (default: train)")
+    cp.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
+    cp.add_argument("--seqlen", type=int, default=512, help="calibration window length (default: 512)")
+    cp.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
+    cp.add_argument("--resume", action="store_true", help="continue from the last finished block of a killed run")
+    cp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_common(cp)
 
     ev = sub.add_parser("evaluate", help="perplexity, KL to a base model, zero-shot tasks, size",
                         description="Evaluate a model: perplexity (GPTQ reference protocol), KL divergence from a "
@@ -156,7 +197,76 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
-_COMMANDS = {"models": _cmd_models, "evaluate": _cmd_evaluate}
+def _cmd_recipes(args) -> int:
+    from .recipe import PRESETS, load_recipe
+
+    if args.show:
+        print(load_recipe(args.show).to_yaml(), end="")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="recipe presets (lmshrink recipes --show NAME prints one as YAML)")
+    for col in ("name", "method", "bits", "group size", "symmetric", "options"):
+        table.add_column(col)
+    for name in PRESETS:
+        for stage in load_recipe(name).stages:
+            extra = ", ".join(f"{k}={v}" for k, v in stage.model_dump().items()
+                              if k in ("act_order", "static_groups", "clip_search", "damp_percent"))
+            table.add_row(name, stage.method, str(stage.bits), str(stage.group_size), str(stage.symmetric), extra)
+    Console().print(table)
+    return 0
+
+
+def _print_compression(record: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    by_type: dict[str, list[float]] = {}
+    for layer in record["layers"]:
+        if layer["rel_output_error"] is not None:
+            by_type.setdefault(layer["name"].rsplit(".", 1)[-1], []).append(layer["rel_output_error"])
+    table = Table(title="relative output error ||(W-Q)X||^2/||WX||^2 by layer type (calibration inputs)")
+    for col in ("layer", "count", "mean", "max"):
+        table.add_column(col)
+    for name, errors in by_type.items():
+        table.add_row(name, str(len(errors)), f"{sum(errors) / len(errors):.5f}", f"{max(errors):.5f}")
+    console.print(table)
+    cal, summary = record["calibration"], record["summary"]
+    console.print(f"calibration: {cal['nsamples']} windows x {cal['seqlen']} tokens of {cal['dataset']} "
+                  f"({cal['split']}, {cal['origin']}), seed {cal['seed']}")
+    console.print(f"compressed {summary['layers']} layers in {summary['seconds']:.1f}s, peak RSS "
+                  f"{summary['peak_rss_bytes'] / 2**30:.2f} GiB" +
+                  (f", resumed at block {summary['resumed_from_block'] + 1}" if summary["resumed_from_block"] else ""))
+    if record.get("output"):
+        console.print(f"saved to {record['output']} (lmshrink.json holds the full record)")
+
+
+def _cmd_compress(args) -> int:
+    from .compress import compress
+    from .models import load_model
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)  # a bad recipe fails before the model loads
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    loaded = load_model(args.model, dtype=args.dtype, device="cpu", progress=not args.quiet,
+                        trust_remote_code=args.trust_remote_code)
+    record = compress(loaded, recipe, output=args.output, calibration=args.calib, calibration_split=args.calib_split,
+                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir,
+                      device=args.device, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    record.pop("results")
+    if args.json:
+        print(json.dumps(record, indent=2, default=str))
+    else:
+        _print_compression(record)
+    return 0
+
+
+_COMMANDS = {"models": _cmd_models, "recipes": _cmd_recipes, "compress": _cmd_compress, "evaluate": _cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

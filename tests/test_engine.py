@@ -1,0 +1,114 @@
+import copy
+
+import pytest
+import torch
+
+from helpers import tiny_llama, tiny_tokenizer
+from tiny_families import FAMILIES, tiny_model
+from lmshrink.engine.capture import capture_block_inputs, run_block
+from lmshrink.engine.checkpoint import Checkpoint
+from lmshrink.engine.loop import Engine
+from lmshrink.models import get_adapter
+from lmshrink.recipe import parse_recipe
+
+
+def _calib(n=4, seqlen=48, seed=0):
+    return torch.randint(0, 300, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captured_inputs_reproduce_the_model_forward(family):
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    ids = _calib(n=2)
+    store = capture_block_inputs(model, adapter.blocks(model), ids, torch.device("cpu"))
+    seen = []
+    norm = adapter.final_norm(model)
+    hook = norm.register_forward_pre_hook(lambda m, args: seen.append(args[0])) if norm is not None else None
+    with torch.no_grad():
+        model(input_ids=ids[1:2], use_cache=False)
+        hidden = store.hidden[1]
+        for i, block in enumerate(adapter.blocks(model)):
+            hidden = run_block(block, hidden, store.args[i], store.kwargs[i])
+    if hook is not None:
+        hook.remove()
+        torch.testing.assert_close(hidden, seen[0], rtol=1e-5, atol=1e-5)
+
+
+def _engine(model, recipe, checkpoint=None, resume=False, on_block_done=None, calib=None):
+    return Engine(model, get_adapter(model), parse_recipe(recipe), _calib() if calib is None else calib,
+                  checkpoint=checkpoint, resume=resume, progress=False, on_block_done=on_block_done).run()
+
+
+GPTQ = [{"method": "gptq", "bits": 3, "group_size": 32}]
+
+
+def test_engine_compresses_every_block_linear_onto_the_grid():
+    model = tiny_llama(num_hidden_layers=3)
+    result = _engine(model, GPTQ)
+    assert len(result.results) == 3 * 7
+    for name, r in result.results.items():
+        weight = model.get_submodule(name).weight
+        assert torch.equal(weight, r.weight)  # the model now holds the dequantized grid weights
+        assert r.codes.max() <= 7 and r.rel_output_error is not None
+    assert all(layer["tokens"] == 4 * 48 for layer in result.layers)
+
+
+def test_gptq_beats_rtn_on_output_error():
+    base = tiny_llama(num_hidden_layers=2, hidden_size=128, intermediate_size=256)
+    gptq = _engine(copy.deepcopy(base), GPTQ)
+    rtn = _engine(copy.deepcopy(base), [{"method": "rtn", "bits": 3, "group_size": 32}])
+    mean = lambda r: sum(x["rel_output_error"] for x in r.layers) / len(r.layers)  # noqa: E731
+    assert mean(gptq) < 0.8 * mean(rtn)
+
+
+def test_true_sequential_changes_later_groups_only():
+    base = tiny_llama(num_hidden_layers=1)
+    seq = _engine(copy.deepcopy(base), [{"method": "gptq", "bits": 3, "group_size": 32, "true_sequential": True}])
+    par = _engine(copy.deepcopy(base), [{"method": "gptq", "bits": 3, "group_size": 32, "true_sequential": False}])
+    q = "model.layers.0.self_attn.q_proj"
+    down = "model.layers.0.mlp.down_proj"
+    assert torch.equal(seq.results[q].codes, par.results[q].codes)  # first group sees the same inputs
+    assert not torch.equal(seq.results[down].codes, par.results[down].codes)
+
+
+def test_targets_limit_the_layers():
+    model = tiny_llama(num_hidden_layers=2)
+    result = _engine(model, [{"method": "rtn", "bits": 4, "group_size": 32, "targets": ["*mlp*"]}])
+    assert sorted({n.rsplit(".", 1)[-1] for n in result.results}) == ["down_proj", "gate_proj", "up_proj"]
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path):
+    base = tiny_llama(num_hidden_layers=3)
+    full_model = copy.deepcopy(base)
+    full = _engine(full_model, GPTQ)
+
+    def kill_after_second_block(index):
+        if index == 1:
+            raise _Killed
+
+    killed_model = copy.deepcopy(base)
+    with pytest.raises(_Killed):
+        _engine(killed_model, GPTQ, checkpoint=Checkpoint(tmp_path / "ck", "key"),
+                on_block_done=kill_after_second_block)
+    resumed_model = copy.deepcopy(base)  # a fresh process loads the untouched input model again
+    resumed = _engine(resumed_model, GPTQ, checkpoint=Checkpoint(tmp_path / "ck", "key"), resume=True)
+    assert resumed.resumed_from_block == 2
+    assert full.results.keys() == resumed.results.keys()
+    for name, r in full.results.items():
+        other = resumed.results[name]
+        assert torch.equal(r.codes, other.codes) and torch.equal(r.scale, other.scale)
+        assert torch.equal(r.zero, other.zero) and torch.equal(r.weight, other.weight)
+    for (n1, p1), (n2, p2) in zip(full_model.state_dict().items(), resumed_model.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+
+def test_resume_refuses_progress_of_another_run(tmp_path):
+    model = tiny_llama(num_hidden_layers=2)
+    _engine(copy.deepcopy(model), GPTQ, checkpoint=Checkpoint(tmp_path / "ck", "run-a"))
+    with pytest.raises(Exception, match="different run"):
+        _engine(copy.deepcopy(model), GPTQ, checkpoint=Checkpoint(tmp_path / "ck", "run-b"), resume=True)
