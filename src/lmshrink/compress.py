@@ -89,7 +89,7 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
 
         quantized = set(result.results)
         ignore = sorted({name for name, _ in iter_linears(model.model) if name not in quantized} | {"lm_head"})
-        save_quantized(model.model, model.tokenizer, result.results, out_dir, ignore=ignore,
+        save_quantized(model.model, model.tokenizer, result.results, out_dir, ignore=ignore, input_dir=model.info.path,
                        extra_files={"lmshrink.json": json.dumps(record, indent=1, default=str)},
                        overwrite=overwrite or resume)
         checkpoint.remove()

@@ -1,0 +1,94 @@
+"""compress -> save -> load -> evaluate on a tiny model, through the CLI and the Python API."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from helpers import tiny_llama, tiny_tokenizer
+from lmshrink import compress, load_model
+from lmshrink.cli import main
+from lmshrink.formats import load_quantized_results
+
+
+def _tree_digest(folder):
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-in")
+    tiny_llama(num_hidden_layers=2, hidden_size=128, intermediate_size=256).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text(("The quick brown fox jumps over the lazy dog. Quantization rounds weights to a grid. " * 12
+                     + "\n\n") * 6)
+    return path
+
+
+def test_cli_compress_then_transformers_loads_identical_logits(tiny_dir, calib_file, tmp_path, capsys):
+    before = _tree_digest(tiny_dir)
+    out = tmp_path / "out"
+    code = main(["compress", str(tiny_dir), "--recipe", "w4g32", "--calib", f"file:{calib_file}", "--nsamples", "4",
+                 "--seqlen", "64", "-o", str(out), "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "relative output error" in captured.out
+    assert _tree_digest(tiny_dir) == before  # the input model is never modified
+    record = json.loads((out / "lmshrink.json").read_text())
+    assert record["recipe"]["name"] == "w4g32"
+    assert record["calibration"]["nsamples"] == 4 and record["calibration"]["seqlen"] == 64
+    assert len(record["layers"]) == 14 and record["summary"]["peak_rss_bytes"] > 0
+    assert not (tmp_path / "out.partial").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+
+    # in-memory compressed model, same protocol, through the Python API
+    again = compress(load_model(str(tiny_dir), progress=False), "w4g32", calibration=f"file:{calib_file}",
+                     nsamples=4, seqlen=64, progress=False)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    in_memory = load_model(str(tiny_dir), progress=False).model
+    for name, result in again["results"].items():
+        in_memory.get_submodule(name).weight.data.copy_(result.weight)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, in_memory(ids).logits, rtol=0, atol=1e-5)
+    stored = load_quantized_results(out)
+    for name, result in again["results"].items():
+        assert torch.equal(stored[name].codes, result.codes)
+
+    # evaluate the output folder against the base model
+    code = main(["evaluate", str(out), "--ppl", f"file:{calib_file}", "--seqlen", "64", "--limit", "2",
+                 "--kl-base", str(tiny_dir), "--json", "--quiet"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["kl"]["kl_mean"] > 0
+
+    # an existing output folder is refused, with the fix
+    code = main(["compress", str(tiny_dir), "--recipe", "w4g32", "--calib", f"file:{calib_file}", "--nsamples", "2",
+                 "--seqlen", "64", "-o", str(out), "--quiet"])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_cli_bad_recipe_fails_before_loading(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - method: gptq\n    bits: 5\n")
+    code = main(["compress", "./does-not-matter", "--recipe", str(recipe), "-o", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "stage 1 (gptq): option 'bits' = 5" in err
+
+
+def test_output_inside_input_is_refused(tiny_dir, calib_file, capsys):
+    code = main(["compress", str(tiny_dir), "--recipe", "rtn-w4g32", "--calib", f"file:{calib_file}",
+                 "-o", str(tiny_dir / "sub"), "--quiet"])
+    assert code == 2 and "inside the input model" in capsys.readouterr().err
