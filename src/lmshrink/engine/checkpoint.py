@@ -100,8 +100,9 @@ class Checkpoint:
             results[name] = result
         return results
 
-    def load_hidden(self) -> list[torch.Tensor]:
-        return list(load_file(str(self.folder / "hidden.safetensors"))["hidden"].split(1))
+    def load_hidden(self) -> torch.Tensor:
+        """The saved inputs of the next block, ``[windows, seqlen, hidden]``."""
+        return load_file(str(self.folder / "hidden.safetensors"))["hidden"]
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -99,7 +99,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, recipe: Recipe, calibration: torch.Tensor,
                  device: str | torch.device = "cpu", checkpoint: Checkpoint | None = None, resume: bool = False,
-                 progress: bool = True, on_block_done: Callable[[int], None] | None = None):
+                 progress: bool = True, on_block_done: Callable[[int], None] | None = None, batch_size: int = 8):
         self.model = model
         self.adapter = adapter
         self.recipe = recipe
@@ -109,6 +109,7 @@ class Engine:
         self.resume = resume
         self.progress = progress
         self.on_block_done = on_block_done
+        self.batch_size = batch_size  # windows per block call: fewer, larger matmuls (same results)
 
     def _block_plan(self, index: int, block: nn.Module) -> list[tuple[int, QuantStage, list[list[str]]]]:
         """For each stage: the groups of this block (relative names) whose layers it selects."""
@@ -127,7 +128,7 @@ class Engine:
         prefix = self.adapter.block_path(self.model)
         self.model.eval()
         captured = capture_block_inputs(self.model, blocks, self.calibration, self.device)
-        hidden = captured.hidden
+        hidden = list(torch.cat(captured.hidden).split(self.batch_size))
         results: dict[str, QuantResult] = {}
         layers: list[dict] = []
         first = 0
@@ -143,7 +144,7 @@ class Engine:
                         module = self.model.get_submodule(name)
                         set_linear_weight(module, result.weight.to(linear_weight(module).dtype))
                         results[name] = result
-                hidden = self.checkpoint.load_hidden() if first else hidden
+                hidden = list(self.checkpoint.load_hidden().split(self.batch_size)) if first else hidden
         bar = tqdm(total=len(blocks), initial=first, desc="compress", unit="block", disable=not self.progress,
                    dynamic_ncols=True)
         for index in range(first, len(blocks)):

@@ -1,0 +1,117 @@
+"""Weight quantization quality and cost on a real model (protocol P1), one table.
+
+    python bench/quantize.py --data-dir ../shared/data                      # P1, the default recipes
+    python bench/quantize.py --recipes rtn-w4g128,w4g128 --nsamples 16       # quicker
+
+Protocol P1: model smollm2-135m (fp32); calibration NSAMPLES windows x 512 tokens from C4 (the shared shard
+excerpt), GPTQ sampling, seed 0; evaluation: WikiText-2 test ("\\n\\n"-joined rows), the first 40 non-overlapping
+512-token windows, and the held-out split of the packaged enwiki-sample (text not in ../shared/data), same windows.
+Each recipe is compressed in its own process (`lmshrink compress ... -o DIR`; peak RSS is that process's) and the
+saved checkpoint is loaded back through transformers for evaluation (`lmshrink evaluate DIR --kl-base MODEL`), so
+the numbers are those of the files a user gets. KL(base || model) is on the WikiText-2 windows.
+bits/weight: "grid" = bits + (16-bit scale + zero bits if asymmetric) / group size, over the quantized layers;
+"stored" = bytes of the packed tensors (weight_packed, weight_scale, weight_zero_point, g_idx) in the checkpoint,
+over the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from safetensors import safe_open
+
+_PACKED = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")
+
+
+def _run(cmd: list[str]) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
+
+
+def _stored_bits(folder: Path, record: dict) -> float:
+    total_bits = 0
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            for key in handle.keys():
+                if key.rsplit(".", 1)[-1] in _PACKED:
+                    tensor = handle.get_tensor(key)
+                    total_bits += tensor.numel() * tensor.element_size() * 8
+    weights = sum(layer["out_features"] * layer["in_features"] for layer in record["layers"])
+    return total_bits / weights
+
+
+def _grid_bits(record: dict) -> float:
+    stage = record["recipe"]["stages"][0]
+    bits, group = stage["bits"], stage["group_size"]
+    per_group = 16 + (0 if stage["symmetric"] else bits)
+    total = weights = 0
+    for layer in record["layers"]:
+        n = layer["out_features"] * layer["in_features"]
+        groups = 1 if group == -1 else -(-layer["in_features"] // group)
+        total += n * bits + layer["out_features"] * groups * per_group
+        weights += n
+    return total / weights
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--recipes", default="rtn-w4g128,w4g128,rtn-w3g128,w3g128")
+    parser.add_argument("--calib", default="c4")
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--limit", type=int, default=40, help="evaluation windows per text set")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=os.environ.get("LMSHRINK_DATA", "../shared/data"))
+    parser.add_argument("--workdir", help="keep the checkpoints here (default: a temporary folder)")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    cli = [sys.executable, "-m", "lmshrink.cli"]
+    sets = "wikitext2,enwiki-sample"
+    evaluate = ["--ppl", sets, "--seqlen", str(args.seqlen), "--limit", str(args.limit), "--data-dir", args.data_dir,
+                "--json", "--quiet"]
+    rows = []
+    dense = _run(cli + ["evaluate", args.model] + evaluate)
+    rows.append({"recipe": "dense fp32", "wikitext2": dense["perplexity"][0]["ppl"],
+                 "enwiki": dense["perplexity"][1]["ppl"], "kl": 0.0, "grid_bpw": 32.0, "stored_bpw": 32.0,
+                 "seconds": None, "peak_rss_gib": None})
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        for recipe in args.recipes.split(","):
+            out = work / recipe
+            record = _run(cli + ["compress", args.model, "--recipe", recipe, "--calib", args.calib,
+                                 "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed",
+                                 str(args.seed), "--data-dir", args.data_dir, "-o", str(out), "--overwrite", "--json",
+                                 "--quiet"])
+            result = _run(cli + ["evaluate", str(out), "--kl-base", args.model] + evaluate)
+            rows.append({"recipe": recipe, "wikitext2": result["perplexity"][0]["ppl"],
+                         "enwiki": result["perplexity"][1]["ppl"], "kl": result["kl"]["kl_mean"],
+                         "grid_bpw": _grid_bits(record), "stored_bpw": _stored_bits(out, record),
+                         "seconds": record["summary"]["seconds"],
+                         "peak_rss_gib": record["summary"]["peak_rss_bytes"] / 2**30})
+            print(f"done {recipe}: wikitext2 {rows[-1]['wikitext2']:.3f}", file=sys.stderr, flush=True)
+    print(f"P1: {args.model}; calibration {args.nsamples} x {args.seqlen} tokens of {args.calib} (seed {args.seed}); "
+          f"evaluation first {args.limit} windows x {args.seqlen} of WikiText-2 test and enwiki-sample eval; "
+          f"KL on WikiText-2; torch {dense['environment']['torch']}, {dense['environment']['threads']} threads")
+    print("| recipe | wikitext2 ppl | enwiki-sample ppl | KL to base | bits/weight (grid) | bits/weight (stored) "
+          "| compress s | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        secs = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        rss = "" if r["peak_rss_gib"] is None else f"{r['peak_rss_gib']:.2f}"
+        print(f"| {r['recipe']} | {r['wikitext2']:.3f} | {r['enwiki']:.3f} | {r['kl']:.4f} | {r['grid_bpw']:.2f} "
+              f"| {r['stored_bpw']:.2f} | {secs} | {rss} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
