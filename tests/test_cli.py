@@ -97,3 +97,16 @@ def test_corrupt_cached_weights(capsys, tmp_path, monkeypatch):
     text.write_text("The quick brown fox jumps over the lazy dog. " * 50)
     code, _, err = _run(capsys, "evaluate", "smollm2-135m", "--ppl", f"file:{text}", "--quiet")
     _assert_user_error(code, err, "corrupt or truncated", str(packaged.path), "rm ")
+
+
+def test_evaluate_tasks_through_the_cli(capsys, tiny_dir, shared_data):
+    code, out, err = _run(capsys, "evaluate", str(tiny_dir), "--tasks", "piqa,sst2", "--limit", "3",
+                          "--data-dir", str(shared_data), "--json", "--quiet")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["perplexity"] == []  # tasks only: no default perplexity set
+    tasks = record["tasks"]
+    assert {t["task"] for t in tasks.values()} == {"piqa", "sst2"}
+    assert all(t["n"] == 3 and 0.0 <= t["metrics"]["acc"] <= 1.0 for t in tasks.values())
+    code, _, err = _run(capsys, "evaluate", str(tiny_dir), "--tasks", "piqa,nope", "--quiet")
+    _assert_user_error(code, err, "nope", "arc_easy")

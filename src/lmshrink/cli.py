@@ -43,7 +43,8 @@ _EVALUATE_EXAMPLES = """examples:
   # KL divergence and top-1 agreement against the base model, JSON record on stdout
   lmshrink evaluate ./out/model --ppl wikitext2 --kl-base smollm2-135m --data-dir ../shared/data --json
   # zero-shot tasks, scored as lm-evaluation-harness scores them
-  lmshrink evaluate smollm2-135m --tasks piqa,arc_easy --task-limit 200 --data-dir ../shared/data
+  lmshrink evaluate smollm2-135m --tasks piqa,arc_easy,boolq,winogrande,lambada_openai,sst2 --data-dir ../shared/data
+  lmshrink evaluate out/model --tasks all --limit 500 --json --data-dir ../shared/data
 
 model sources: a packaged name (see `lmshrink models`), a local Hugging Face folder, a .gguf file, or a hub id.
 text sets: wikitext2 (test/valid), c4, ptb, enwiki-sample (packaged; eval/calib), file:PATH (.txt/.jsonl/.parquet).
@@ -105,11 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "unless --tasks is given)")
     ev.add_argument("--split", default="test", help="split of the text set (default: test)")
     ev.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default: 512)")
-    ev.add_argument("--limit", type=int, help="evaluate only the first N windows")
+    ev.add_argument("--limit", type=int, help="evaluate only the first N windows (and N items of each task, "
+                    "unless --task-limit is given)")
     ev.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
     ev.add_argument("--kl-base", help="base model source: adds KL divergence and top-1 agreement")
     ev.add_argument("--tasks", help="zero-shot tasks, comma separated, or 'all'")
-    ev.add_argument("--task-limit", type=int, help="evaluate only the first N items of each task")
+    ev.add_argument("--task-limit", type=int, help="evaluate only the first N items of each task (overrides --limit)")
     _add_common(ev)
     return parser
 
@@ -187,7 +189,8 @@ def _cmd_evaluate(args) -> int:
     from .api import evaluate
 
     record = evaluate(args.model, ppl=args.ppl, split=args.split, seqlen=args.seqlen, limit=args.limit,
-                      kl_base=args.kl_base, tasks=args.tasks, task_limit=args.task_limit, data_dir=args.data_dir,
+                      kl_base=args.kl_base, tasks=args.tasks,
+                      task_limit=args.task_limit if args.task_limit is not None else args.limit, data_dir=args.data_dir,
                       batch_size=args.batch_size, progress=not args.quiet, dtype=args.dtype, device=args.device,
                       trust_remote_code=args.trust_remote_code)
     if args.json:
