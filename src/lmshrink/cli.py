@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
     cp.add_argument("--resume", action="store_true", help="continue from the last finished block of a killed run")
     cp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    cp.add_argument("--offload", choices=("none", "disk"), default="none",
+                    help="disk: keep the decoder blocks on disk and load one at a time, so memory grows with one "
+                         "block, not the model (same output; default: none)")
     _add_common(cp)
 
     ev = sub.add_parser("evaluate", help="perplexity, KL to a base model, zero-shot tasks, size",
@@ -257,10 +260,11 @@ def _cmd_compress(args) -> int:
 
         hf_logging.disable_progress_bar()
     loaded = load_model(args.model, dtype=args.dtype, device="cpu", progress=not args.quiet,
-                        trust_remote_code=args.trust_remote_code)
+                        trust_remote_code=args.trust_remote_code, lazy_blocks=args.offload == "disk")
     record = compress(loaded, recipe, output=args.output, calibration=args.calib, calibration_split=args.calib_split,
                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir,
-                      device=args.device, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+                      device=args.device, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                      offload=args.offload)
     record.pop("results")
     if args.json:
         print(json.dumps(record, indent=2, default=str))

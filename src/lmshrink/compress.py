@@ -13,6 +13,7 @@ import torch
 from .data import calibration_windows, load_text
 from .engine.checkpoint import Checkpoint, fingerprint
 from .engine.loop import Engine
+from .engine.offload import BlockStreamer
 from .errors import LmshrinkError
 from .eval.record import environment
 from .models import LoadedModel, as_loaded, get_adapter, iter_linears, linear_dims
@@ -37,14 +38,35 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
              calibration: str | None = None, calibration_split: str = "train", nsamples: int = 128,
              seqlen: int = 512, seed: int = 0, data_dir: str | Path | None = None, device: str = "cpu",
              resume: bool = False, overwrite: bool = False, progress: bool = True, tokenizer=None,
-             dtype: str = "float32", on_block_done=None) -> dict[str, Any]:
+             dtype: str = "float32", on_block_done=None, offload: str = "none") -> dict[str, Any]:
     """Compress ``model`` in place with ``recipe``; with ``output``, save the checkpoint there.
+
+    ``offload="disk"`` streams the decoder blocks: only the tensors outside the blocks are loaded, each block is read
+    from the model's safetensors files when the engine reaches it and dropped when done, and the output is written
+    from the results plus the source files, so memory grows with one block, not with the model. It needs a model
+    source string or a model loaded with ``load_model(..., lazy_blocks=True)``; the model's blocks end on the meta
+    device (not compressed in place) and the results' ``weight`` is empty (``dequantize`` the codes to get it).
+    Results and output files are identical to ``offload="none"``.
 
     Returns the record written to ``lmshrink.json``: recipe, calibration protocol, per-layer errors and times,
     peak memory, library versions, and ``results`` (name -> QuantResult, not serialized).
     """
     recipe = load_recipe(recipe)
+    if offload not in ("none", "disk"):
+        raise LmshrinkError(f"offload {offload!r} is not known", fix="use offload='none' or 'disk'")
+    streamed = offload == "disk"
+    if streamed and isinstance(model, (str, Path)):
+        from .models import load_model
+
+        model = load_model(str(model), dtype=dtype, device="cpu", progress=progress, lazy_blocks=True)
     model = as_loaded(model, tokenizer, dtype=dtype, device="cpu", progress=progress)
+    if streamed and model.weights is None:
+        raise LmshrinkError("offload='disk' needs a model whose blocks are read from disk, but this model is "
+                            "already fully in memory",
+                            fix="pass the model source (path or name), or load_model(..., lazy_blocks=True)")
+    if not streamed and model.weights is not None:
+        raise LmshrinkError("this model was loaded with lazy blocks (their weights are on disk, not in memory)",
+                            fix="compress it with offload='disk' (CLI: --offload disk)")
     adapter = get_adapter(model.model)
     layers = [(name, linear_dims(module)[1]) for name, module in iter_linears(model.model)]
     with warnings.catch_warnings(record=True) as caught:
@@ -67,8 +89,9 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
         if resume and not checkpoint.folder.exists():
             print(f"lmshrink: nothing to resume in {checkpoint.folder}; starting from block 1",
                   file=__import__("sys").stderr)
+    streamer = BlockStreamer(model.model, model.weights, adapter.block_path(model.model)) if streamed else None
     engine = Engine(model.model, adapter, recipe, windows.input_ids, device=device, checkpoint=checkpoint,
-                    resume=resume, progress=progress, on_block_done=on_block_done)
+                    resume=resume, progress=progress, on_block_done=on_block_done, streamer=streamer)
     result = engine.run()
     errors = [layer["rel_output_error"] for layer in result.layers if layer["rel_output_error"] is not None]
     record: dict[str, Any] = {
@@ -80,7 +103,7 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
         "summary": {"layers": len(result.layers), "mean_rel_output_error": sum(errors) / len(errors) if errors else None,
                     "max_rel_output_error": max(errors) if errors else None,
                     "seconds": result.seconds, "peak_rss_bytes": result.peak_rss_bytes,
-                    "resumed_from_block": result.resumed_from_block, "device": device},
+                    "resumed_from_block": result.resumed_from_block, "device": device, "offload": offload},
         "warnings": notes,
         "environment": environment(),
     }
@@ -91,7 +114,8 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
         ignore = sorted({name for name, _ in iter_linears(model.model) if name not in quantized} | {"lm_head"})
         save_quantized(model.model, model.tokenizer, result.results, out_dir, ignore=ignore, input_dir=model.info.path,
                        extra_files={"lmshrink.json": json.dumps(record, indent=1, default=str)},
-                       overwrite=overwrite or resume)
+                       overwrite=overwrite or resume,
+                       source_tensors=model.weights.get if streamed else None)
         checkpoint.remove()
         record["output"] = str(out_dir)
     record["results"] = result.results

@@ -26,6 +26,7 @@ from ..quant.grids import QuantResult
 from ..recipe import GPTQStage, QuantStage, Recipe
 from .capture import _StopForward, capture_block_inputs, run_block
 from .checkpoint import Checkpoint
+from .offload import BlockStreamer
 
 
 def peak_rss_bytes() -> int:
@@ -95,11 +96,18 @@ def _solve(stage: QuantStage, module: nn.Module, hessian: torch.Tensor) -> Quant
 
 
 class Engine:
-    """Compress ``model`` in place, block by block, following ``recipe``; keeps every layer's QuantResult."""
+    """Compress ``model`` in place, block by block, following ``recipe``; keeps every layer's QuantResult.
+
+    With ``streamer`` (streamed mode) the blocks' parameters live on the meta device: each block is read from disk
+    onto ``device`` when reached and dropped again when done, so the model is not compressed in place (its blocks
+    end on meta) and the QuantResults carry codes, scales and zeros but an empty ``weight`` (``dequantize`` gives
+    it), so memory holds one dense block at a time.
+    """
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, recipe: Recipe, calibration: torch.Tensor,
                  device: str | torch.device = "cpu", checkpoint: Checkpoint | None = None, resume: bool = False,
-                 progress: bool = True, on_block_done: Callable[[int], None] | None = None, batch_size: int = 8):
+                 progress: bool = True, on_block_done: Callable[[int], None] | None = None, batch_size: int = 8,
+                 streamer: BlockStreamer | None = None):
         self.model = model
         self.adapter = adapter
         self.recipe = recipe
@@ -110,6 +118,7 @@ class Engine:
         self.progress = progress
         self.on_block_done = on_block_done
         self.batch_size = batch_size  # windows per block call: fewer, larger matmuls (same results)
+        self.streamer = streamer
 
     def _block_plan(self, index: int, block: nn.Module) -> list[tuple[int, QuantStage, list[list[str]]]]:
         """For each stage: the groups of this block (relative names) whose layers it selects."""
@@ -141,8 +150,11 @@ class Engine:
                 layers = state["layers"]
                 for index in range(first):
                     for name, result in self.checkpoint.load_block(index).items():
-                        module = self.model.get_submodule(name)
-                        set_linear_weight(module, result.weight.to(linear_weight(module).dtype))
+                        if self.streamer is None:
+                            module = self.model.get_submodule(name)
+                            set_linear_weight(module, result.weight.to(linear_weight(module).dtype))
+                        else:
+                            result.weight = torch.empty(0)
                         results[name] = result
                 hidden = list(self.checkpoint.load_hidden().split(self.batch_size)) if first else hidden
         bar = tqdm(total=len(blocks), initial=first, desc="compress", unit="block", disable=not self.progress,
@@ -150,7 +162,10 @@ class Engine:
         for index in range(first, len(blocks)):
             block_start = time.perf_counter()
             block = blocks[index]
-            block.to(self.device)
+            if self.streamer is not None:
+                self.streamer.load(block, index, self.device)
+            else:
+                block.to(self.device)
             args = _to_device(captured.args[index], self.device)
             kwargs = _to_device(captured.kwargs[index], self.device)
             block_results: dict[str, QuantResult] = {}
@@ -181,7 +196,11 @@ class Engine:
                     del stats
             with torch.no_grad():
                 hidden = [run_block(block, h.to(self.device), args, kwargs).to("cpu") for h in hidden]
-            if self.device.type != "cpu":
+            if self.streamer is not None:
+                self.streamer.release(block)
+                for result in block_results.values():
+                    result.weight = torch.empty(0)  # the checkpoint and writer need only codes, scales, zeros
+            elif self.device.type != "cpu":
                 block.to("cpu")
             results.update(block_results)
             errors = " ".join(f"{n.rsplit('.', 1)[-1]}={r.rel_output_error:.4f}" for n, r in block_results.items()

@@ -218,34 +218,54 @@ def _shards(tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[dict[
     return shards
 
 
+def _resolved(shard: dict[str, torch.Tensor], source_tensors) -> dict[str, torch.Tensor]:
+    """The shard with every meta placeholder read from ``source_tensors`` in the placeholder's dtype."""
+    out = {}
+    for key, tensor in shard.items():
+        if tensor.device.type == "meta":
+            stored = source_tensors(key)
+            if tuple(stored.shape) != tuple(tensor.shape):
+                raise ValueError(f"source tensor {key} has shape {tuple(stored.shape)}, the model {tuple(tensor.shape)}")
+            tensor = stored.to(tensor.dtype).contiguous()
+        out[key] = tensor
+    return out
+
+
 def _write_weights(folder: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                   max_shard_size: int) -> None:
+                   max_shard_size: int, source_tensors=None) -> None:
     from safetensors.torch import save_file
 
     shards = _shards(tensors, max_shard_size)
     metadata = {"format": "pt", **metadata}
     if len(shards) == 1:
-        save_file(shards[0], str(folder / SAFE_WEIGHTS), metadata=metadata)
+        save_file(_resolved(shards[0], source_tensors), str(folder / SAFE_WEIGHTS), metadata=metadata)
         return
     weight_map = {}
     for number, shard in enumerate(shards, start=1):
         filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / filename), metadata=metadata)
+        save_file(_resolved(shard, source_tensors), str(folder / filename), metadata=metadata)  # one shard read at a time
         weight_map.update({key: filename for key in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with tied duplicates dropped (the first name of a shared tensor is kept)."""
+def _dense_state_dict(model: nn.Module, allow_meta: bool = False) -> dict[str, torch.Tensor]:
+    """The model's state dict with tied duplicates dropped (the first name of a shared tensor is kept).
+
+    ``allow_meta``: keep meta tensors as placeholders (read from the source at write time) instead of refusing.
+    """
     seen: dict[tuple, str] = {}
     state = {}
-    for key, tensor in model.state_dict().items():
+    for key, tensor in model.state_dict(keep_vars=True).items():
         if tensor.device.type == "meta":
-            raise ValueError(f"tensor {key} is on the meta device; load every weight before saving")
-        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-                    tensor.dtype) if tensor.numel() else None
+            if not allow_meta:
+                raise ValueError(f"tensor {key} is on the meta device; load every weight before saving")
+            identity = ("meta", id(tensor))  # meta tensors have no storage: ties share the Parameter object
+        else:
+            tensor = tensor.detach()
+            identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                        tensor.dtype) if tensor.numel() else None
         if identity is not None and identity in seen:
             continue
         if identity is not None:
@@ -268,7 +288,8 @@ def _config_json(model: nn.Module, quantization_config: dict[str, Any] | None) -
 def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult], out_dir: str | os.PathLike, *,
                    ignore: list[str] | tuple[str, ...] = (), extra_files: dict[str, bytes | str] | None = None,
                    overwrite: bool = False, input_dir: str | os.PathLike | None = None,
-                   max_shard_size: int = 4 * 1024**3, transformers_compatible: bool = True) -> Path:
+                   max_shard_size: int = 4 * 1024**3, transformers_compatible: bool = True,
+                   source_tensors=None) -> Path:
     """Write ``model`` with the layers in ``results`` packed, as an HF folder in compressed-tensors ``pack-quantized``.
 
     results: full module names (``model.named_modules()``) -> QuantResult; the packed tensors come from the results
@@ -284,12 +305,16 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
     model's dtype, for act-order without static groups, and for group sizes that cannot be stored (see module doc).
     With ``transformers_compatible`` (the default) it also refuses what transformers cannot load but vLLM and
     ``load_quantized_results`` can: asymmetric grids mixed with other grids (several config groups).
+
+    source_tensors: ``name -> tensor`` (e.g. ``SafetensorsWeights.get`` of the input folder) for a model whose
+    tensors are partly on the meta device (streamed compression): those not replaced by packed layers are read from
+    it, one shard at a time, and written in the model's dtype. Results may then carry an empty ``weight``.
     """
     modules = dict(model.named_modules())
     missing = [name for name in results if name not in modules]
     if missing:
         raise ValueError(f"results name modules the model does not have: {missing[:5]}")
-    state = _dense_state_dict(model)
+    state = _dense_state_dict(model, allow_meta=source_tensors is not None)
     kept_names = set(state)
 
     replaced: dict[str, dict[str, torch.Tensor]] = {}
@@ -302,7 +327,9 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
                                 fix=f"leave {name} out of the quantized layers (ignore it in the recipe)")
         if _is_conv1d(module):
             # Conv1D stores [in, out]; the loader only packs nn.Linear, so keep the exact dequantized weight
-            replaced[name] = {"weight": result.weight.t().to(module.weight.dtype).contiguous()}
+            weight = result.weight if result.weight.numel() else dequantize(result.codes, result.scale, result.zero,
+                                                                           result.group_index())
+            replaced[name] = {"weight": weight.t().to(module.weight.dtype).contiguous()}
             dense_conv1d.append(name)
             continue
         if not isinstance(module, nn.Linear):
@@ -348,7 +375,8 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
     quant_config = _quantization_config(groups, ignore_list) if groups else None
 
     with atomic_directory(out_dir, overwrite=overwrite, protected=_protected_folders(model, input_dir)) as staging:
-        _write_weights(staging, tensors, {_SPECS_KEY: json.dumps(specs, sort_keys=True)}, max_shard_size)
+        _write_weights(staging, tensors, {_SPECS_KEY: json.dumps(specs, sort_keys=True)}, max_shard_size,
+                       source_tensors)
         (staging / "config.json").write_text(_config_json(model, quant_config))
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and model.can_generate():

@@ -46,11 +46,16 @@ class ModelInfo:
 
 @dataclass
 class LoadedModel:
-    """A causal LM with its tokenizer and provenance."""
+    """A causal LM with its tokenizer and provenance.
+
+    ``weights``: set when the model was loaded with ``lazy_blocks=True``: its decoder blocks' parameters are on the
+    meta device and are read from these safetensors files when needed (streamed compression).
+    """
 
     model: torch.nn.Module
     tokenizer: Any
     info: ModelInfo
+    weights: "SafetensorsWeights | None" = None
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -210,8 +215,13 @@ def _unsupported(source: str, exc: Exception) -> LmshrinkError:
 
 
 def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               trust_remote_code: bool = False, progress: bool = True) -> LoadedModel:
-    """Load a causal LM and its tokenizer from a packaged name, local folder, .gguf file or hub id."""
+               trust_remote_code: bool = False, progress: bool = True, lazy_blocks: bool = False) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a packaged name, local folder, .gguf file or hub id.
+
+    ``lazy_blocks``: load only the tensors outside the decoder blocks (embeddings, final norm, head); the blocks'
+    parameters stay on the meta device and ``LoadedModel.weights`` reads them from the safetensors files on demand.
+    Needs a local source (hub ids are refused); the model is built on CPU.
+    """
     torch_dtype = parse_dtype(dtype)
     kind, where = resolve(source)
     extra: dict[str, Any] = {}
@@ -230,6 +240,15 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
         path = Path(where) if kind == "hf-folder" else None
     if gguf_path is not None and not (path / "config.json").is_file():
         _convert_gguf(gguf_path, path, progress)
+    if lazy_blocks:
+        if path is None:
+            raise ModelSourceError(f"{source} is a hub id; streamed loading reads local safetensors files",
+                                   fix="download the model and pass its local folder, or compress without --offload")
+        model, tokenizer, weights = _load_lazy(path, torch_dtype, trust_remote_code)
+        info = ModelInfo(source=source, kind=kind, path=str(path), model_type=model.config.model_type,
+                         dtype=str(torch_dtype).replace("torch.", ""), parameters=count_parameters(model),
+                         max_context=max_context(model.config), extra=extra)
+        return LoadedModel(model=model, tokenizer=tokenizer, info=info, weights=weights)
     model, tokenizer = _load_hf(str(path) if path else str(where), torch_dtype, device, trust_remote_code,
                                 local=kind != "hub")
     info = ModelInfo(source=source, kind=kind, path=str(path) if path else None,
@@ -259,3 +278,125 @@ def as_loaded(model: LoadedModel | str | torch.nn.Module, tokenizer=None, **load
         return wrap_model(model, tokenizer)
     raise LmshrinkError(f"cannot use an object of type {type(model).__name__}",
                         fix="pass a model source string, a LoadedModel, or a torch module with tokenizer=")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lazy (streamed) loading: decoder blocks stay on the meta device, tensors are read from safetensors on demand
+# ---------------------------------------------------------------------------------------------------------------
+
+_SAFE_WEIGHTS = "model.safetensors"
+_SAFE_INDEX = "model.safetensors.index.json"
+
+
+class SafetensorsWeights:
+    """The tensors of a model folder's safetensors file(s) (single file or shards with an index), read by name.
+
+    ``get(name)`` returns one tensor read from disk (nothing else is loaded); ``name in weights`` and ``keys()``
+    list what the folder holds.
+    """
+
+    def __init__(self, folder: str | Path):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        index = self.folder / _SAFE_INDEX
+        single = self.folder / _SAFE_WEIGHTS
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._files = {key: self.folder / filename for key, filename in weight_map.items()}
+        elif single.is_file():
+            with safe_open(str(single), framework="pt") as handle:
+                self._files = {key: single for key in handle.keys()}
+        else:
+            raise ModelSourceError(f"{self.folder} has neither {_SAFE_WEIGHTS} nor {_SAFE_INDEX}",
+                                   fix="streamed loading needs safetensors weights; compress without --offload")
+        self._handles: dict[Path, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` as stored (its own dtype), read from its file."""
+        from safetensors import safe_open
+
+        path = self._files.get(name)
+        if path is None:
+            raise ModelSourceError(f"{self.folder} holds no tensor named {name!r}",
+                                   fix="the checkpoint's tensor names differ from the model's; compress without "
+                                       "--offload")
+        handle = self._handles.get(path)
+        if handle is None:
+            handle = self._handles[path] = safe_open(str(path), framework="pt")
+        return handle.get_tensor(name)
+
+
+class _MetaParameters:
+    """While active, every parameter a module registers is moved to the meta device (buffers stay real, so
+    non-persistent ones such as rotary ``inv_freq`` are computed as usual)."""
+
+    def __enter__(self):
+        self._original = torch.nn.Module.register_parameter
+        original = self._original
+
+        def register(module, name, param):
+            if param is not None and param.device.type != "meta":
+                param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            original(module, name, param)
+
+        torch.nn.Module.register_parameter = register
+        return self
+
+    def __exit__(self, *exc):
+        torch.nn.Module.register_parameter = self._original
+        return False
+
+
+def replace_tensor(model: torch.nn.Module, old: torch.Tensor, new: torch.Tensor) -> None:
+    """Put ``new`` wherever ``model`` holds the parameter or buffer ``old`` (all tied places), as a parameter where
+    ``old`` was one."""
+    value = torch.nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else new
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for leaf, tensor in store.items():
+                if tensor is old:
+                    store[leaf] = value
+
+
+def _load_lazy(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
+    """The model with every tensor outside the decoder blocks loaded from ``folder`` and the blocks on meta."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from .adapters import get_adapter
+
+    _check_architecture(folder, trust_remote_code)
+    weights = SafetensorsWeights(folder)
+    try:
+        # the same options as _load_hf, so tokenizer and config save identically to an in-memory load
+        kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=True)
+        config = AutoConfig.from_pretrained(str(folder), **kwargs)
+        with _MetaParameters():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _unsupported(str(folder), exc) from exc
+    if model.can_generate() and (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
+    blocks = get_adapter(model).block_path(model) + "."
+    state = model.state_dict(keep_vars=True)
+    for name, tensor in state.items():
+        if name.startswith(blocks) or tensor.device.type != "meta" or name not in weights:
+            continue
+        stored = weights.get(name)
+        if tuple(stored.shape) != tuple(tensor.shape):
+            raise ModelSourceError(f"{folder}: tensor {name} has shape {tuple(stored.shape)}, the model expects "
+                                   f"{tuple(tensor.shape)}", fix="check that config.json matches the weights")
+        replace_tensor(model, tensor, stored.to(tensor.dtype) if stored.is_floating_point() else stored)
+    missing = [n for n, t in model.state_dict(keep_vars=True).items()
+               if t.device.type == "meta" and not n.startswith(blocks)]
+    if missing:
+        raise ModelSourceError(f"{folder} lacks tensors the model needs outside its blocks: {missing[:5]}",
+                               fix="compress without --offload (transformers may rename this checkpoint's tensors)")
+    return model.eval(), tokenizer, weights
