@@ -310,7 +310,6 @@ class SafetensorsWeights:
         else:
             raise ModelSourceError(f"{self.folder} has neither {_SAFE_WEIGHTS} nor {_SAFE_INDEX}",
                                    fix="streamed loading needs safetensors weights; compress without --offload")
-        self._handles: dict[Path, Any] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self._files
@@ -327,10 +326,9 @@ class SafetensorsWeights:
             raise ModelSourceError(f"{self.folder} holds no tensor named {name!r}",
                                    fix="the checkpoint's tensor names differ from the model's; compress without "
                                        "--offload")
-        handle = self._handles.get(path)
-        if handle is None:
-            handle = self._handles[path] = safe_open(str(path), framework="pt")
-        return handle.get_tensor(name)
+        # opened per read: a kept-open file stays memory-mapped and its read pages would count as resident memory
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(name)
 
 
 class _MetaParameters:
