@@ -115,6 +115,20 @@ def _fake(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -
     return (codes - zero) * scale
 
 
+def _clip_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, norm: float,
+                col_weights: torch.Tensor | None) -> torch.Tensor:
+    """Per-row ``sum weights * |fake_quant(w) - w| ** norm``, in one buffer (the clip search is memory-bound)."""
+    buf = w / scale[:, None]
+    buf.round_().add_(zero[:, None]).clamp_(0, maxq).sub_(zero[:, None]).mul_(scale[:, None]).sub_(w).abs_()
+    if norm == 2.0:
+        buf.square_()
+    else:
+        buf.pow_(norm)
+    if col_weights is not None:
+        buf.mul_(col_weights)
+    return buf.sum(dim=1)
+
+
 def fit_grid_float(w: torch.Tensor, spec: GridSpec, weights: torch.Tensor | None = None):
     """Like ``fit_grid`` but returns float32 ``(scale [rows], zero [rows])`` (zero integer-valued), for hot loops.
 
@@ -130,17 +144,32 @@ def fit_grid_float(w: torch.Tensor, spec: GridSpec, weights: torch.Tensor | None
     best = torch.full_like(scale, float("inf"))
     # [cols] weights apply to every row; [rows, cols] weights give each row its own
     col_weights = None if weights is None else weights.float().reshape(-1, w.shape[1])
-    for i in range(int(spec.clip_max_shrink * spec.clip_grid)):
-        shrink = 1.0 - i / spec.clip_grid
+    steps = int(spec.clip_max_shrink * spec.clip_grid)
+    # Coarse to fine: every 4th shrink factor first, then the fine steps around each row's best coarse one
+    # (the error is close to unimodal in the shrink factor; 1.0, no clipping, is always a candidate).
+    coarse = 4
+    best_step = torch.zeros_like(scale, dtype=torch.long)
+
+    def consider(step_of_row: torch.Tensor) -> None:
+        nonlocal best, scale, zero, best_step
+        shrink = 1.0 - step_of_row.float() / spec.clip_grid
         cand_scale, cand_zero = _params_from_range(shrink * xmin, shrink * xmax, spec)
-        err = (_fake(w, cand_scale[:, None], cand_zero[:, None], maxq) - w).abs_().pow_(spec.clip_norm)
-        if col_weights is not None:
-            err.mul_(col_weights)
-        err = err.sum(dim=1)
+        err = _clip_error(w, cand_scale, cand_zero, maxq, spec.clip_norm, col_weights)
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better, cand_scale, scale)
         zero = torch.where(better, cand_zero, zero)
+        best_step = torch.where(better, step_of_row, best_step)
+
+    for i in range(0, steps, coarse):
+        consider(torch.full_like(best_step, i))
+    centre = best_step.clone()
+    for offset in range(-(coarse - 1), coarse):
+        if offset:
+            candidate = centre + offset
+            valid = (candidate >= 0) & (candidate < steps)
+            if bool(valid.any()):
+                consider(torch.where(valid, candidate, centre))
     return scale, zero
 
 
