@@ -3,6 +3,9 @@ when the engine reaches it, and dropped back to the meta device when it is done,
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+
 import torch
 from torch import nn
 
@@ -35,6 +38,17 @@ class BlockStreamer:
         for param in list(block.parameters()):
             if param.device.type != "meta":
                 replace_tensor(block, param, torch.empty_like(param, device="meta"))
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc only): block-sized frees otherwise fragment the heap and resident
+    memory creeps up by about a block per block (measured on SmolLM2-135M)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def materialised_blocks(blocks: nn.ModuleList) -> list[int]:
