@@ -79,8 +79,7 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
     if out_dir is not None:
         _check_output(out_dir, model, overwrite, resume)
     calib_name = calibration or DEFAULT_CALIBRATION
-    split = "calib" if calib_name == "enwiki-sample" and calibration_split == "train" else calibration_split
-    source = load_text(calib_name, split if not calib_name.startswith("file:") else "all", data_dir)
+    source = load_text(calib_name, calibration_split, data_dir)  # enwiki-sample maps "train" to its calib split
     windows = calibration_windows(model.tokenizer, source, nsamples, seqlen, seed, model.info.max_context)
     checkpoint = None
     if out_dir is not None:
