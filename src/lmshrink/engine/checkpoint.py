@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import LmshrinkError
+from ..formats.atomic import atomic_write_text
 from ..quant.grids import QuantResult, dequantize
 
 _STATE = "state.json"
@@ -26,12 +27,6 @@ def fingerprint(*parts) -> str:
         else:
             digest.update(json.dumps(part, sort_keys=True, default=str).encode())
     return digest.hexdigest()
-
-
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -78,7 +73,8 @@ class Checkpoint:
         _atomic_safetensors(self.folder / f"block_{index:04d}.safetensors", tensors,
                             {"layers": json.dumps(meta, default=str)})
         _atomic_safetensors(self.folder / "hidden.safetensors", {"hidden": torch.cat(hidden)})
-        _atomic_json(self.folder / _STATE, {**state, "fingerprint": self.key, "finished_blocks": index + 1})
+        atomic_write_text(self.folder / _STATE,
+                          json.dumps({**state, "fingerprint": self.key, "finished_blocks": index + 1}, indent=1))
 
     def load_block(self, index: int) -> dict[str, QuantResult]:
         from safetensors import safe_open
