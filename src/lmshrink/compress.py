@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from .engine.offload import BlockStreamer
 from .errors import LmshrinkError
 from .eval.record import environment
 from .models import LoadedModel, as_loaded, get_adapter, iter_linears, linear_dims
-from .recipe import DEFAULT_IGNORE, Recipe, check_recipe, load_recipe
+from .recipe import Recipe, check_recipe, load_recipe
 
 DEFAULT_CALIBRATION = "enwiki-sample"
 
@@ -74,7 +74,7 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
         check_recipe(recipe, layers)
     notes = [str(w.message) for w in caught]
     for note in notes:
-        print(f"lmshrink: warning: {note}", file=__import__("sys").stderr)
+        print(f"lmshrink: warning: {note}", file=sys.stderr)
     out_dir = Path(output) if output is not None else None
     if out_dir is not None:
         _check_output(out_dir, model, overwrite, resume)
@@ -87,7 +87,7 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
         checkpoint = Checkpoint(out_dir.with_name(out_dir.name + ".partial"), key)
         if resume and not checkpoint.folder.exists():
             print(f"lmshrink: nothing to resume in {checkpoint.folder}; starting from block 1",
-                  file=__import__("sys").stderr)
+                  file=sys.stderr)
     streamer = BlockStreamer(model.model, model.weights, adapter.block_path(model.model)) if streamed else None
     engine = Engine(model.model, adapter, recipe, windows.input_ids, device=device, checkpoint=checkpoint,
                     resume=resume, progress=progress, on_block_done=on_block_done, streamer=streamer)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -120,13 +119,13 @@ class Engine:
         self.batch_size = batch_size  # windows per block call: fewer, larger matmuls (same results)
         self.streamer = streamer
 
-    def _block_plan(self, index: int, block: nn.Module) -> list[tuple[int, QuantStage, list[list[str]]]]:
+    def _block_plan(self, index: int, block: nn.Module) -> list[tuple[QuantStage, list[list[str]]]]:
         """For each stage: the groups of this block (relative names) whose layers it selects."""
         prefix = f"{self.adapter.block_path(self.model)}.{index}."
         plan = []
-        for s, stage in enumerate(self.recipe.stages):
+        for stage in self.recipe.stages:
             groups = [[n for n in group if stage.selects(prefix + n)] for group in self.adapter.linear_groups(block)]
-            plan.append((s, stage, [g for g in groups if g]))
+            plan.append((stage, [g for g in groups if g]))
         return plan
 
     def run(self) -> EngineResult:
@@ -169,7 +168,7 @@ class Engine:
             args = _to_device(captured.args[index], self.device)
             kwargs = _to_device(captured.kwargs[index], self.device)
             block_results: dict[str, QuantResult] = {}
-            for _, stage, groups in self._block_plan(index, block):
+            for stage, groups in self._block_plan(index, block):
                 sequential = getattr(stage, "true_sequential", False)
                 passes = [[g] for g in groups] if sequential else [groups]
                 for pass_groups in passes:

@@ -167,6 +167,7 @@ def _convert_gguf(gguf_path: Path, target: Path, progress: bool) -> None:
 
 def _check_architecture(folder: Path, trust_remote_code: bool) -> None:
     """Fail early, naming the model type, when transformers has no causal LM for a local folder's config."""
+    import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     try:
@@ -180,7 +181,7 @@ def _check_architecture(folder: Path, trust_remote_code: bool) -> None:
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UnsupportedArchitectureError(
             f"{folder} holds a model of type {model_type!r}, which has no causal language model in transformers "
-            f"{__import__('transformers').__version__}",
+            f"{transformers.__version__}",
             fix="use a causal LM (lmshrink's compression adapters cover: " + ", ".join(SUPPORTED_MODEL_TYPES) + ")")
 
 
