@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import LmshrinkError
 
@@ -73,8 +73,107 @@ class GPTQStage(QuantStage):
     true_sequential: bool = Field(True, description="re-collect inputs after each group of layers is compressed")
 
 
-STAGES: dict[str, type[StageBase]] = {"rtn": RTNStage, "gptq": GPTQStage}
+class PruneStage(StageBase):
+    """Options every pruning stage has: how much, in which pattern, and how the sparsity is spread over blocks."""
+
+    sparsity: float | None = Field(None, ge=0.0, le=0.95, description="fraction of each targeted layer's weights "
+                                   "set to zero (default 0.5; N:M patterns imply N/M)")
+    pattern: str = Field("unstructured", description="'unstructured', or 'N:M': N of every M consecutive input "
+                         "weights of a row are zero (2:4, 4:8)")
+    allocation: Literal["uniform", "owl"] = Field("uniform", description="uniform: every block at the target; owl: "
+                                                  "outlier-weighted layer-wise sparsity (averages to the target)")
+    owl_m: float = Field(5.0, gt=0, description="OWL: a score is an outlier above this many times its block's mean")
+    owl_lambda: float = Field(0.08, ge=0, le=0.5, description="OWL: block sparsities span target +- this")
+    true_sequential: bool = Field(True, description="re-collect inputs after each group of layers is pruned")
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, value: str, info) -> str:
+        from .methods.prune.common import parse_pattern
+
+        n, m = parse_pattern(value)  # ValueError names the accepted forms
+        sparsity = info.data.get("sparsity")
+        if m and sparsity is not None and abs(sparsity - n / m) > 1e-9:
+            raise ValueError(f"pattern {value} prunes {n / m:g} of the weights but sparsity is {sparsity:g}: "
+                             "leave sparsity out or make it match")
+        return value
+
+    @field_validator("allocation")
+    @classmethod
+    def _allocation(cls, value: str, info) -> str:
+        if value == "owl" and info.data.get("pattern", "unstructured") != "unstructured":
+            raise ValueError("owl allocation varies the sparsity per block, which a fixed N:M pattern cannot: "
+                             "use allocation 'uniform' with N:M, or pattern 'unstructured' with owl")
+        return value
+
+    @model_validator(mode="after")
+    def _default_sparsity(self):
+        if self.sparsity is None:
+            from .methods.prune.common import parse_pattern
+
+            n, m = parse_pattern(self.pattern)
+            self.sparsity = n / m if m else 0.5
+        return self
+
+    def nm(self) -> tuple[int, int]:
+        """``(N, M)`` of the pattern, ``(0, 0)`` when unstructured."""
+        from .methods.prune.common import parse_pattern
+
+        return parse_pattern(self.pattern)
+
+
+class MagnitudeStage(PruneStage):
+    """Magnitude pruning: the smallest weights of each layer (or of each group of M) become zero; no calibration."""
+
+    method: Literal["magnitude"] = "magnitude"
+
+
+class WandaStage(PruneStage):
+    """Wanda: prune by |weight| x input column norm within each output row; no weight update (needs calibration)."""
+
+    method: Literal["wanda"] = "wanda"
+
+
+class SparseGPTStage(PruneStage):
+    """SparseGPT: adaptive mask and optimal-brain-surgeon error compensation; with ``bits``, joint prune + quantize."""
+
+    method: Literal["sparsegpt"] = "sparsegpt"
+    damp_percent: float = Field(0.01, gt=0, le=1, description="damping: this fraction of the mean Hessian diagonal")
+    block_size: int = Field(128, ge=1, description="columns per mask-selection and lazy-update block")
+    bits: Literal[2, 3, 4, 8] | None = Field(None, description="joint mode: also quantize kept weights to this many "
+                                             "bits in the same sweep")
+    group_size: int = Field(128, description="joint mode: input columns per group; -1 per output channel")
+    symmetric: bool = False
+    clip_search: bool = Field(True, description="joint mode: MSE-optimal clipping of each group's range")
+    clip_norm: float = Field(2.4, gt=0)
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int) -> int:
+        if value != -1 and value < 1:
+            raise ValueError("must be -1 (per channel) or a positive number of columns")
+        return value
+
+    def grid(self):
+        """The joint-mode grid, or None when ``bits`` is not set."""
+        if self.bits is None:
+            return None
+        from .quant.grids import GridSpec
+
+        return GridSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
+                        clip_search=self.clip_search, clip_norm=self.clip_norm, scale_dtype=self.scale_dtype)
+
+
+STAGES: dict[str, type[StageBase]] = {"rtn": RTNStage, "gptq": GPTQStage, "magnitude": MagnitudeStage,
+                                      "wanda": WandaStage, "sparsegpt": SparseGPTStage}
 QUANT_METHODS = {"rtn", "gptq"}
+PRUNE_METHODS = {"magnitude", "wanda", "sparsegpt"}
+
+
+def quantizes(stage: StageBase) -> bool:
+    """Whether the stage rounds weights to a grid (RTN, GPTQ, joint SparseGPT)."""
+    return stage.method in QUANT_METHODS or getattr(stage, "bits", None) is not None and stage.method == "sparsegpt"
 
 
 def _match(pattern: str, name: str) -> bool:
@@ -95,7 +194,7 @@ class Recipe(BaseModel):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def needs_calibration(self) -> bool:
-        return any(s.method != "rtn" for s in self.stages)
+        return any(s.method not in ("rtn", "magnitude") for s in self.stages)
 
 
 def _parse_stage(index: int, raw: Any) -> StageBase:
@@ -150,6 +249,16 @@ PRESETS: dict[str, dict] = {
     "rtn-w4g128": {"stages": [_quant("rtn", 4, 128)]},
     "rtn-w4g32": {"stages": [_quant("rtn", 4, 32)]},
     "rtn-w3g128": {"stages": [_quant("rtn", 3, 128)]},
+    "magnitude50": {"stages": [{"method": "magnitude", "sparsity": 0.5}]},
+    "wanda50": {"stages": [{"method": "wanda", "sparsity": 0.5}]},
+    "wanda-2:4": {"stages": [{"method": "wanda", "pattern": "2:4"}]},
+    "sparse50": {"stages": [{"method": "sparsegpt", "sparsity": 0.5}]},
+    "2:4": {"stages": [{"method": "sparsegpt", "pattern": "2:4"}]},
+    "4:8": {"stages": [{"method": "sparsegpt", "pattern": "4:8"}]},
+    "sparse50-w4g128": {"stages": [{"method": "sparsegpt", "sparsity": 0.5, "bits": 4, "group_size": 128}]},
+    "sparse50-then-w4g128": {"stages": [{"method": "sparsegpt", "sparsity": 0.5}, _quant("gptq", 4, 128)]},
+    "owl-sparse50": {"stages": [{"method": "sparsegpt", "sparsity": 0.5, "allocation": "owl"}]},
+    "owl-wanda50": {"stages": [{"method": "wanda", "sparsity": 0.5, "allocation": "owl"}]},
 }
 
 
@@ -180,6 +289,7 @@ def check_recipe(recipe: Recipe, layers: list[tuple[str, int]]) -> None:
     quantization stages on the same layer. Warns when a group size does not divide a layer's width.
     """
     selected: dict[str, int] = {}
+    pruned: dict[str, int] = {}
     for index, stage in enumerate(recipe.stages):
         names = [(n, width) for n, width in layers if stage.selects(n)]
         if not names:
@@ -187,7 +297,25 @@ def check_recipe(recipe: Recipe, layers: list[tuple[str, int]]) -> None:
                               f"(targets {stage.targets}, ignore {stage.ignore})",
                               fix="check the patterns against the model's layer names, e.g. 'model.layers.0.mlp.*'")
         for name, width in names:
-            if stage.method in QUANT_METHODS:
+            if stage.method in PRUNE_METHODS:
+                if name in pruned or name in selected:
+                    earlier = pruned.get(name, selected.get(name))
+                    raise RecipeError(
+                        f"stage {index + 1} ({stage.method}) prunes {name}, which stage {earlier + 1} already "
+                        f"{'prunes' if name in pruned else 'quantizes'}",
+                        fix="prune each layer once, before any quantization stage (e.g. sparsegpt, then gptq)")
+                pruned[name] = index
+                n, m = stage.nm()
+                if m and width % m:
+                    raise RecipeError(f"stage {index + 1} ({stage.method}): option 'pattern' = {stage.pattern!r} "
+                                      f"needs input widths that are multiples of {m}, but {name} has {width}",
+                                      fix=f"use another N:M pattern, or leave {name} out (ignore)")
+            if quantizes(stage):
+                if name in pruned and getattr(stage, "act_order", False) and not getattr(stage, "static_groups", True):
+                    raise RecipeError(f"stage {index + 1} ({stage.method}): option 'static_groups' = False with "
+                                      f"act_order on {name}, which stage {pruned[name] + 1} prunes: keeping the "
+                                      "pruned zeros through GPTQ needs static groups with act-order",
+                                      fix="set static_groups: true (the default), or act_order: false")
                 if name in selected:
                     raise RecipeError(
                         f"stages {selected[name] + 1} and {index + 1} both quantize {name}",

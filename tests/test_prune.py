@@ -1,0 +1,211 @@
+"""Pruning methods on single layers: exact sparsity and N:M patterns, Wanda's score, SparseGPT vs magnitude, joint
+mode codes, the shared solver, OWL allocation, and recipe validation."""
+
+import pytest
+import torch
+
+from lmshrink.methods.prune import (PruneResult, gptq_keep_mask, magnitude_prune, outlier_ratio, owl_sparsities,
+                                    sparsegpt_prune, wanda_prune)
+from lmshrink.methods.quant.gptq import GridRule, gptq_quantize
+from lmshrink.methods.solver import HessianAccumulator, output_error, solve_columns
+from lmshrink.quant.grids import GridSpec, dequantize
+from lmshrink.recipe import RecipeError, check_recipe, load_recipe
+
+
+def _layer(rows=48, cols=64, tokens=512, seed=0):
+    """A random weight and correlated inputs ``X = Z A`` (a few strong directions, per-column scales)."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=gen)
+    mixing = torch.randn(cols, cols, generator=gen) * 0.3 + torch.eye(cols)
+    scales = torch.rand(cols, generator=gen) * 3 + 0.1
+    x = (torch.randn(tokens, cols, generator=gen) @ mixing) * scales
+    acc = HessianAccumulator(cols)
+    acc.add_batch(x.reshape(4, tokens // 4, cols))
+    return weight, x, acc.hessian
+
+
+def _check_nm(weight, n, m):
+    groups = (weight == 0).reshape(weight.shape[0], -1, m).sum(-1)
+    assert bool((groups >= n).all()), f"a group of {m} has fewer than {n} zeros"
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.77])
+def test_unstructured_sparsity_is_exact(method, sparsity):
+    weight, _, hessian = _layer()
+    if method == "magnitude":
+        result = magnitude_prune(weight, sparsity)
+    elif method == "wanda":
+        result = wanda_prune(weight, hessian, sparsity)
+    else:
+        result = sparsegpt_prune(weight, hessian, sparsity, block_size=16)
+    assert isinstance(result, PruneResult)
+    expected = int(weight.numel() * sparsity + 0.5)
+    if method == "wanda":  # Wanda compares within each output row
+        expected = weight.shape[0] * int(weight.shape[1] * sparsity + 0.5)
+        assert bool(((result.weight == 0).sum(1) == expected // weight.shape[0]).all())
+    assert int(result.mask.sum()) == expected
+    assert bool((result.weight[result.mask] == 0).all()) and bool((result.weight[~result.mask] != 0).all())
+    assert result.sparsity == pytest.approx(expected / weight.numel())
+    assert torch.equal(result.dense(), result.weight)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:4", "3:8"])
+def test_nm_pattern_is_exact(method, pattern):
+    weight, _, hessian = _layer()
+    n, m = map(int, pattern.split(":"))
+    if method == "magnitude":
+        result = magnitude_prune(weight, n / m, pattern)
+    elif method == "wanda":
+        result = wanda_prune(weight, hessian, n / m, pattern)
+    else:
+        result = sparsegpt_prune(weight, hessian, 0.0, pattern, block_size=16)
+    _check_nm(result.weight, n, m)
+    assert int(result.mask.sum()) == weight.numel() * n // m
+    assert result.pattern == pattern
+
+
+def test_wanda_equals_direct_computation():
+    weight, x, hessian = _layer()
+    result = wanda_prune(weight, hessian, 0.5)
+    score = weight.abs() * x.norm(dim=0)  # |W_ij| * ||X_j||_2 from the raw inputs
+    k = weight.shape[1] // 2
+    expected = torch.zeros_like(weight, dtype=torch.bool)
+    expected.scatter_(1, torch.argsort(score, dim=1)[:, :k], True)
+    assert torch.equal(result.mask, expected)
+    assert torch.equal(result.weight, weight.masked_fill(expected, 0.0))
+    # 2:4: the two lowest scores of every 4 columns of a row
+    nm = wanda_prune(weight, hessian, 0.5, "2:4")
+    groups = score.reshape(weight.shape[0], -1, 4)
+    lowest = torch.argsort(groups, dim=-1)[..., :2]
+    expected = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, lowest, True).reshape(weight.shape)
+    assert torch.equal(nm.mask, expected)
+
+
+def test_magnitude_prunes_smallest_of_the_layer():
+    weight, _, _ = _layer()
+    result = magnitude_prune(weight, 0.5)
+    assert float(weight.abs()[result.mask].max()) <= float(weight.abs()[~result.mask].min())
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_beats_magnitude_and_wanda_on_output_error(pattern):
+    weight, x, hessian = _layer(rows=64, cols=128, tokens=1024)
+
+    def err(w):
+        return float(((x @ (weight - w).t()) ** 2).sum() / ((x @ weight.t()) ** 2).sum())
+
+    sgpt = sparsegpt_prune(weight, hessian, 0.5, pattern, block_size=32)
+    mag = magnitude_prune(weight, 0.5, pattern)
+    wanda = wanda_prune(weight, hessian, 0.5, pattern)
+    assert err(sgpt.weight) < 0.8 * err(mag.weight)
+    assert err(sgpt.weight) < err(wanda.weight)
+    assert sgpt.rel_output_error == pytest.approx(err(sgpt.weight), rel=1e-3)
+
+
+def test_solver_without_pruning_reproduces_gptq():
+    """The sparse rule with sparsity 0 and a grid is exactly GPTQ's rule: same codes, same weights."""
+    weight, _, hessian = _layer()
+    spec = GridSpec(bits=4, group_size=16)
+    gptq = gptq_quantize(weight, hessian, spec, act_order=False, static_groups=True)
+    joint = sparsegpt_prune(weight, hessian, 0.0, block_size=128, spec=spec)
+    assert torch.equal(joint.codes, gptq.codes) and torch.equal(joint.weight, gptq.weight)
+    assert torch.equal(joint.scale, gptq.scale)
+    # and GPTQ with an empty fixed mask (act-order, static groups) too
+    kept = gptq_keep_mask(weight, hessian, torch.zeros_like(weight, dtype=torch.bool), spec, act_order=True)
+    reference = gptq_quantize(weight, hessian, spec, act_order=True, static_groups=True)
+    assert torch.equal(kept.codes, reference.codes) and torch.equal(kept.weight, reference.weight)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_joint_codes_decode_to_zero_exactly_where_pruned(pattern):
+    weight, _, hessian = _layer()
+    spec = GridSpec(bits=4, group_size=16, symmetric=False)
+    result = sparsegpt_prune(weight, hessian, 0.5, pattern, block_size=16, spec=spec)
+    decoded = dequantize(result.codes, result.scale, result.zero, result.group_index())
+    assert torch.equal(decoded, result.weight)
+    zero = result.zero[:, result.group_index().long()]
+    pruned = result.codes == zero
+    assert int(pruned.sum()) >= weight.numel() // 2
+    assert bool((decoded[pruned] == 0).all()) and bool((decoded[~pruned] != 0).all())
+    if pattern == "2:4":
+        _check_nm(decoded, 2, 4)
+    assert result.info["sparsity"] >= 0.5 and result.info["pruned_fraction"] == 0.5
+
+
+def test_gptq_keeps_a_fixed_mask():
+    weight, _, hessian = _layer()
+    pruned = sparsegpt_prune(weight, hessian, 0.5, block_size=16)
+    spec = GridSpec(bits=4, group_size=16)
+    result = gptq_keep_mask(pruned.weight, hessian, pruned.mask, spec, act_order=True)
+    assert bool((result.weight[pruned.mask] == 0).all())
+    plain = gptq_quantize(pruned.weight, hessian, spec)
+    assert not bool((plain.weight[pruned.mask] == 0).all())  # plain GPTQ would refill the zeros
+    assert output_error(weight, result.weight, hessian) < 2 * output_error(weight, pruned.weight, hessian) + 0.05
+
+
+def test_owl_sparsities_average_to_target_and_follow_outliers():
+    ratios = [0.01, 0.05, 0.02, 0.03]
+    values = owl_sparsities(ratios, 0.5, 0.08)
+    assert sum(values) / len(values) == pytest.approx(0.5)
+    assert max(values) - min(values) == pytest.approx(0.16)
+    assert values.index(min(values)) == 1 and values.index(max(values)) == 0  # more outliers -> pruned less
+    assert owl_sparsities([0.02, 0.02], 0.5, 0.08) == [0.5, 0.5]
+    scores = [torch.tensor([1.0, 1.0, 1.0, 10.0]), torch.tensor([1.0, 1.0])]
+    assert outlier_ratio(scores, 2.0) == pytest.approx(1 / 6)  # mean 2.5, one score above 5
+
+
+def test_sparse_rule_needs_original_order_for_nm():
+    from lmshrink.methods.prune import SparseRule
+
+    weight, _, hessian = _layer()
+    with pytest.raises(ValueError, match="original order"):
+        solve_columns(weight, hessian, SparseRule(pattern="2:4"), act_order=True)
+    with pytest.raises(ValueError, match="multiple of"):
+        magnitude_prune(weight[:, :62], 0.5, "2:4")
+
+
+@pytest.mark.parametrize("stage, option", [
+    ({"method": "wanda", "sparsity": 0.99}, "sparsity"),
+    ({"method": "sparsegpt", "pattern": "4:2"}, "pattern"),
+    ({"method": "magnitude", "pattern": "2-4"}, "pattern"),
+    ({"method": "wanda", "pattern": "2:4", "sparsity": 0.7}, "pattern"),
+    ({"method": "sparsegpt", "pattern": "2:4", "allocation": "owl"}, "allocation"),
+    ({"method": "sparsegpt", "bits": 5}, "bits"),
+    ({"method": "sparsegpt", "damp_percent": 0}, "damp_percent"),
+    ({"method": "wanda", "allocation": "global"}, "allocation"),
+    ({"method": "magnitude", "block_size": 64}, "block_size"),
+])
+def test_bad_prune_options_name_stage_and_option(stage, option):
+    with pytest.raises(RecipeError) as err:
+        load_recipe([stage])
+    assert "stage 1" in err.value.message and option in err.value.message
+
+
+def test_check_recipe_prune_rules():
+    layers = [("model.layers.0.mlp.down_proj", 64), ("model.layers.0.self_attn.q_proj", 62)]
+    with pytest.raises(RecipeError, match="'pattern'.*multiples of 4"):
+        check_recipe(load_recipe("2:4"), layers)
+    layers = [("model.layers.0.mlp.down_proj", 64)]
+    with pytest.raises(RecipeError, match="already quantizes"):
+        check_recipe(load_recipe([{"method": "gptq", "group_size": 32}, {"method": "wanda"}]), layers)
+    with pytest.raises(RecipeError, match="already prunes"):
+        check_recipe(load_recipe([{"method": "wanda"}, {"method": "sparsegpt"}]), layers)
+    with pytest.raises(RecipeError, match="static_groups"):
+        check_recipe(load_recipe([{"method": "wanda"}, {"method": "gptq", "group_size": 32,
+                                                         "static_groups": False}]), layers)
+    check_recipe(load_recipe([{"method": "wanda"}, {"method": "gptq", "group_size": 32}]), layers)
+    with pytest.raises(RecipeError, match="both quantize"):
+        check_recipe(load_recipe([{"method": "sparsegpt", "bits": 4, "group_size": 32},
+                                  {"method": "gptq", "group_size": 32}]), layers)
+
+
+def test_prune_presets_parse():
+    for name in ("magnitude50", "wanda50", "wanda-2:4", "sparse50", "2:4", "4:8", "sparse50-w4g128",
+                 "owl-sparse50", "owl-wanda50", "sparse50-then-w4g128"):
+        recipe = load_recipe(name)
+        assert recipe.stages[0].method in ("magnitude", "wanda", "sparsegpt")
+        assert recipe.stages[0].sparsity == 0.5
+    assert load_recipe("sparse50-w4g128").stages[0].grid().bits == 4
+    assert not load_recipe("magnitude50").needs_calibration() and load_recipe("wanda50").needs_calibration()
