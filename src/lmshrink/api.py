@@ -13,6 +13,7 @@ from .eval.kl import kl_divergence
 from .eval.perplexity import perplexity
 from .eval.record import environment
 from .eval.size import model_size
+from .eval.sparsity import model_sparsity
 from .compress import compress
 from .models import LoadedModel, as_loaded, load_model
 
@@ -55,7 +56,7 @@ def evaluate(model: LoadedModel | str | torch.nn.Module, *, ppl: str | list[str]
     loaded = as_loaded(model, tokenizer, **load)
     base = as_loaded(kl_base, **load) if kl_base is not None else None
     record: dict[str, Any] = {"model": loaded.info.to_dict(), "size": model_size(loaded.model),
-                              "perplexity": [], "environment": environment()}
+                              "sparsity": model_sparsity(loaded.model), "perplexity": [], "environment": environment()}
     for i, source in enumerate(sources):
         windows = evaluation_windows(loaded.tokenizer, source, seqlen, limit, loaded.info.max_context)
         if base is not None and i == 0:

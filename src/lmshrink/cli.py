@@ -153,6 +153,12 @@ def _print_evaluation(record: dict) -> None:
     console.print(f"[bold]model[/bold] {info['source']} ({info['kind']}, {info['model_type']}, {info['dtype']}): "
                   f"{size['parameters'] / 1e6:.1f}M parameters, {size['weight_bytes'] / 2**20:.1f} MiB of weights "
                   f"({size['body_bytes'] / 2**20:.1f} MiB outside embeddings/head)")
+    sparsity = record.get("sparsity") or {}
+    if sparsity.get("overall") is not None:
+        types = ", ".join(f"{name} {100 * value:.1f}%" for name, value in sparsity["by_type"].items())
+        patterns = f"; every sparse layer is {' and '.join(sparsity['nm_patterns'])}" if sparsity["nm_patterns"] else ""
+        console.print(f"[bold]sparsity[/bold] (exact zeros in {sparsity['layers']} block linears): "
+                      f"{100 * sparsity['overall']:.2f}% overall; {types}{patterns}")
     if record["perplexity"]:
         table = Table(title="perplexity")
         for col in ("dataset", "split", "seqlen", "windows", "tokens", "ppl", "tokens/s"):
@@ -217,9 +223,14 @@ def _cmd_recipes(args) -> int:
         table.add_column(col)
     for name in PRESETS:
         for stage in load_recipe(name).stages:
-            extra = ", ".join(f"{k}={v}" for k, v in stage.model_dump().items()
-                              if k in ("act_order", "static_groups", "clip_search", "damp_percent"))
-            table.add_row(name, stage.method, str(stage.bits), str(stage.group_size), str(stage.symmetric), extra)
+            options = stage.model_dump()
+            quantized = options.get("bits") is not None
+            extra = ", ".join(f"{k}={v}" for k, v in options.items()
+                              if k in ("sparsity", "pattern", "allocation", "act_order", "static_groups",
+                                       "damp_percent") or k == "clip_search" and quantized)
+            table.add_row(name, stage.method, str(options["bits"]) if quantized else "",
+                          str(options["group_size"]) if quantized else "",
+                          str(options["symmetric"]) if quantized else "", extra)
     Console().print(table)
     return 0
 
@@ -240,6 +251,11 @@ def _print_compression(record: dict) -> None:
         table.add_row(name, str(len(errors)), f"{sum(errors) / len(errors):.5f}", f"{max(errors):.5f}")
     console.print(table)
     cal, summary = record["calibration"], record["summary"]
+    if record.get("sparsity"):
+        sparsity = record["sparsity"]
+        types = ", ".join(f"{name} {100 * value:.1f}%" for name, value in sparsity["by_type"].items())
+        console.print(f"measured sparsity of the {sparsity['layers']} pruned layers "
+                      f"({', '.join(sparsity['patterns'])}): {100 * sparsity['overall']:.2f}% overall; {types}")
     console.print(f"calibration: {cal['nsamples']} windows x {cal['seqlen']} tokens of {cal['dataset']} "
                   f"({cal['split']}, {cal['origin']}), seed {cal['seed']}")
     console.print(f"compressed {summary['layers']} layers in {summary['seconds']:.1f}s, peak RSS "

@@ -34,6 +34,25 @@ def _check_output(out_dir: Path, loaded: LoadedModel, overwrite: bool, resume: b
                             fix="choose a new -o folder, or pass --overwrite to replace it")
 
 
+def _sparsity_summary(layers: list[dict]) -> dict[str, Any] | None:
+    """Measured sparsity of the pruned layers (from the per-layer records): overall and by layer type."""
+    pruned = [layer for layer in layers if layer.get("sparsity") is not None]
+    if not pruned:
+        return None
+    by_type: dict[str, list[int]] = {}
+    total = [0, 0]
+    for layer in pruned:
+        weights = layer["out_features"] * layer["in_features"]
+        zeros = round(layer["sparsity"] * weights)
+        counts = by_type.setdefault(layer["name"].rsplit(".", 1)[-1], [0, 0])
+        for acc in (counts, total):
+            acc[0] += zeros
+            acc[1] += weights
+    return {"layers": len(pruned), "overall": total[0] / total[1],
+            "by_type": {name: zeros / weights for name, (zeros, weights) in by_type.items()},
+            "patterns": sorted({layer.get("pattern") or "unstructured" for layer in pruned})}
+
+
 def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | dict, *, output: str | Path | None = None,
              calibration: str | None = None, calibration_split: str = "train", nsamples: int = 128,
              seqlen: int = 512, seed: int = 0, data_dir: str | Path | None = None, device: str = "cpu",
@@ -106,6 +125,13 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
         "warnings": notes,
         "environment": environment(),
     }
+    sparsity = _sparsity_summary(result.layers)
+    if sparsity is not None:
+        owl = getattr(engine, "owl_sparsities", {})
+        if owl:
+            sparsity["owl_block_sparsity"] = {f"stage {n + 1}": {str(b): s for (m, b), s in sorted(owl.items())
+                                                                  if m == n} for n in sorted({m for m, _ in owl})}
+        record["sparsity"] = sparsity
     if out_dir is not None:
         from .formats.compressed_tensors import save_quantized
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import LmshrinkError
 from ..formats.atomic import atomic_write_text
+from ..quant.sparse import PruneResult
 from ..quant.grids import QuantResult, dequantize
 
 _STATE = "state.json"
@@ -60,10 +61,16 @@ class Checkpoint:
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
 
-    def save_block(self, index: int, results: dict[str, QuantResult], hidden: list[torch.Tensor],
+    def save_block(self, index: int, results: dict[str, QuantResult | PruneResult], hidden: list[torch.Tensor],
                    state: dict) -> None:
         tensors, meta = {}, {}
         for name, r in results.items():
+            if isinstance(r, PruneResult):  # the compact form: mask and kept values
+                tensors[f"{name}.mask"] = r.mask
+                tensors[f"{name}.values"] = r.values
+                meta[name] = {"kind": "prune", "pattern": r.pattern, "target_sparsity": r.target_sparsity,
+                              "rel_output_error": r.rel_output_error, "info": r.info}
+                continue
             tensors[f"{name}.codes"] = r.codes
             tensors[f"{name}.scale"] = r.scale
             tensors[f"{name}.zero"] = r.zero
@@ -76,7 +83,7 @@ class Checkpoint:
         atomic_write_text(self.folder / _STATE,
                           json.dumps({**state, "fingerprint": self.key, "finished_blocks": index + 1}, indent=1))
 
-    def load_block(self, index: int) -> dict[str, QuantResult]:
+    def load_block(self, index: int) -> dict[str, QuantResult | PruneResult]:
         from safetensors import safe_open
 
         from ..quant.grids import GridSpec
@@ -87,6 +94,13 @@ class Checkpoint:
         tensors = load_file(str(path))
         results = {}
         for name, m in meta.items():
+            if m.get("kind") == "prune":
+                result = PruneResult(mask=tensors[f"{name}.mask"], values=tensors[f"{name}.values"],
+                                     weight=torch.empty(0), pattern=m["pattern"], target_sparsity=m["target_sparsity"],
+                                     rel_output_error=m["rel_output_error"], info=m["info"])
+                result.weight = result.dense()
+                results[name] = result
+                continue
             spec = GridSpec(**m["spec"])
             g_idx = tensors.get(f"{name}.g_idx")
             codes, scale, zero = tensors[f"{name}.codes"], tensors[f"{name}.scale"], tensors[f"{name}.zero"]

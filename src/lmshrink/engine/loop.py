@@ -10,7 +10,9 @@ group's input is seen.
 from __future__ import annotations
 
 import resource
+import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,10 +21,11 @@ from torch import nn
 
 from ..methods.quant.gptq import gptq_quantize
 from ..methods.quant.rtn import rtn_quantize
+from ..methods.prune import PruneResult, gptq_keep_mask, magnitude_prune, sparsegpt_prune, wanda_prune
 from ..methods.solver import HessianAccumulator
 from ..models.adapters import ModelAdapter, linear_dims, linear_weight, set_linear_weight
 from ..quant.grids import QuantResult
-from ..recipe import GPTQStage, QuantStage, Recipe
+from ..recipe import GPTQStage, MagnitudeStage, PruneStage, QuantStage, Recipe, StageBase, WandaStage
 from .capture import _StopForward, capture_block_inputs, run_block
 from .checkpoint import Checkpoint
 from .offload import BlockStreamer
@@ -81,16 +84,47 @@ def _collect(block: nn.Module, modules: dict[str, nn.Module], hidden: list[torch
     return accumulators
 
 
-def _solve(stage: QuantStage, module: nn.Module, hessian: torch.Tensor) -> QuantResult:
+# Masks of the layers pruned in the current block, for a later stage that must keep their zeros (prune, then GPTQ).
+# Cleared at the start of every block (``Engine._block_plan``), so at most one block's masks are held.
+_PRUNED_MASKS: "weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, str]]" = weakref.WeakKeyDictionary()
+
+
+def _solve(stage: StageBase, module: nn.Module, hessian: torch.Tensor) -> QuantResult | PruneResult:
+    """Solve one layer for ``stage``: a QuantResult for quantization (and joint SparseGPT), a PruneResult for pruning.
+
+    A layer pruned by an earlier stage of this block keeps its zeros through GPTQ (mask-aware sweep) and RTN (0 is
+    always on the grid).
+    """
     weight = linear_weight(module).detach().float().clone()
+    if isinstance(stage, PruneStage):
+        if isinstance(stage, MagnitudeStage):
+            result = magnitude_prune(weight, stage.sparsity, stage.pattern, hessian=hessian)
+        elif isinstance(stage, WandaStage):
+            result = wanda_prune(weight, hessian, stage.sparsity, stage.pattern)
+        else:
+            result = sparsegpt_prune(weight, hessian, stage.sparsity, stage.pattern, damp_percent=stage.damp_percent,
+                                     block_size=stage.block_size, spec=stage.grid())
+            if isinstance(result, QuantResult):
+                result.info = {**result.info, "act_order": False, "static_groups": True}
+        mask = result.mask if isinstance(result, PruneResult) else result.weight == 0
+        _PRUNED_MASKS[module] = (mask, stage.pattern)
+        return result
     spec = stage.grid()
+    mask, pattern = _PRUNED_MASKS.pop(module, (None, None))
     if isinstance(stage, GPTQStage):
-        result = gptq_quantize(weight, hessian, spec, damp_percent=stage.damp_percent, block_size=stage.block_size,
-                               act_order=stage.act_order, static_groups=stage.static_groups)
+        if mask is not None:  # check_recipe refuses act-order without static groups here
+            result = gptq_keep_mask(weight, hessian, mask, spec, damp_percent=stage.damp_percent,
+                                    block_size=stage.block_size, act_order=stage.act_order,
+                                    static_groups=stage.static_groups)
+        else:
+            result = gptq_quantize(weight, hessian, spec, damp_percent=stage.damp_percent, block_size=stage.block_size,
+                                   act_order=stage.act_order, static_groups=stage.static_groups)
         result.info = {**(result.info or {}), "act_order": stage.act_order, "static_groups": stage.static_groups}
     else:
         result = rtn_quantize(weight, spec, hessian=hessian)
         result.info = {**(result.info or {}), "act_order": False, "static_groups": False}
+    if mask is not None:  # the pruned zeros are kept: record them for the writer's sparsity_config
+        result.info.update(pattern=pattern, sparsity=float((result.weight == 0).sum()) / result.weight.numel())
     return result
 
 
@@ -119,11 +153,59 @@ class Engine:
         self.batch_size = batch_size  # windows per block call: fewer, larger matmuls (same results)
         self.streamer = streamer
 
+    def _owl_allocation(self, blocks, hidden: list[torch.Tensor], captured) -> dict[tuple[int, int], float]:
+        """For each OWL stage, every block's sparsity from a dense pre-pass: ``{(stage number, block): sparsity}``.
+
+        Blocks the stage selects no layer of keep the stage's target and do not count in the mean.
+        """
+        from ..methods.prune.owl import block_outlier_ratios, owl_sparsities
+
+        prefix = self.adapter.block_path(self.model)
+        allocation: dict[tuple[int, int], float] = {}
+
+        def load(index, block):
+            if self.streamer is not None:
+                self.streamer.load(block, index, self.device)
+            else:
+                block.to(self.device)
+
+        def release(index, block):
+            if self.streamer is not None:
+                self.streamer.release(block)
+            elif self.device.type != "cpu":
+                block.to("cpu")
+
+        def forward(index, block, h):
+            args = _to_device(captured.args[index], self.device)
+            kwargs = _to_device(captured.kwargs[index], self.device)
+            return run_block(block, h.to(self.device), args, kwargs).to("cpu")
+
+        for number, stage in enumerate(self.recipe.stages):
+            if getattr(stage, "allocation", "uniform") != "owl":
+                continue
+
+            def layers_of(index, block, _stage=stage):
+                return {n: m for n, m in self.adapter.linears(block) if _stage.selects(f"{prefix}.{index}.{n}")}
+
+            ratios = block_outlier_ratios(list(blocks), hidden, layers_of, linear_weight, forward, load, release,
+                                          stage.owl_m)
+            counted = [i for i, r in enumerate(ratios) if r == r]  # NaN: no selected layer in that block
+            values = owl_sparsities([ratios[i] for i in counted], stage.sparsity, stage.owl_lambda)
+            allocation.update({(number, i): v for i, v in zip(counted, values)})
+            if self.progress:
+                print(f"OWL stage {number + 1}: block sparsities " + " ".join(f"{v:.3f}" for v in values)
+                      + " (outlier ratios " + " ".join(f"{ratios[i]:.4f}" for i in counted) + ")", file=sys.stderr)
+        return allocation
+
     def _block_plan(self, index: int, block: nn.Module) -> list[tuple[QuantStage, list[list[str]]]]:
         """For each stage: the groups of this block (relative names) whose layers it selects."""
         prefix = f"{self.adapter.block_path(self.model)}.{index}."
+        _PRUNED_MASKS.clear()  # the previous block's pruned layers are done
         plan = []
-        for stage in self.recipe.stages:
+        for number, stage in enumerate(self.recipe.stages):
+            owl = getattr(self, "owl_sparsities", {})
+            if (number, index) in owl:  # OWL: this block's own sparsity
+                stage = stage.model_copy(update={"sparsity": owl[(number, index)]})
             groups = [[n for n in group if stage.selects(prefix + n)] for group in self.adapter.linear_groups(block)]
             plan.append((stage, [g for g in groups if g]))
         return plan
@@ -137,6 +219,7 @@ class Engine:
         self.model.eval()
         captured = capture_block_inputs(self.model, blocks, self.calibration, self.device)
         hidden = list(torch.cat(captured.hidden).split(self.batch_size))
+        self.owl_sparsities = self._owl_allocation(blocks, hidden, captured)  # dense pre-pass, before any restore
         results: dict[str, QuantResult] = {}
         layers: list[dict] = []
         first = 0
@@ -191,7 +274,7 @@ class Engine:
                                            "tokens": stats[group[0]].tokens,
                                            **{k: v for k, v in (result.info or {}).items()
                                               if k in ("damp_percent", "damp", "damp_retries", "dead_columns",
-                                                       "loss")}})
+                                                       "loss", "sparsity", "target_sparsity", "pattern")}})
                     del stats
             with torch.no_grad():
                 hidden = [run_block(block, h.to(self.device), args, kwargs).to("cpu") for h in hidden]

@@ -46,6 +46,7 @@ from torch import nn
 
 from lmshrink.errors import LmshrinkError
 from lmshrink.formats.atomic import atomic_directory
+from lmshrink.quant.sparse import PruneResult
 from lmshrink.quant.grids import GridSpec, QuantResult, dequantize
 from lmshrink.quant.packing import pack_int32, unpack_int32
 
@@ -193,6 +194,33 @@ def _quantization_config(groups: dict[_StoredScheme, list[str]], ignore: list[st
     return data
 
 
+def _ct_version() -> str:
+    import compressed_tensors
+
+    return compressed_tensors.__version__
+
+
+def _sparsity_config(sparse: dict[str, tuple[str, float]], modules: dict[str, nn.Module],
+                     state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The compressed-tensors ``sparsity_config`` for pruned layers stored densely (format ``dense``).
+
+    targets: every Linear, ignore: the Linears that were not pruned; sparsity_structure: the common N:M pattern of
+    the pruned layers, else ``unstructured``; global_sparsity: pruned zeros over all the model's parameters (the
+    compressed-tensors meaning: the sparsity of the entire model).
+    """
+    from compressed_tensors.config import DenseSparsityConfig
+
+    patterns = {pattern for pattern, _ in sparse.values()}
+    structure = patterns.pop() if len(patterns) == 1 else "unstructured"
+    total = sum(t.numel() for t in state.values())
+    zeros = sum(z for _, z in sparse.values())
+    ignore = sorted((n for n, m in modules.items() if n and isinstance(m, nn.Linear) and n not in sparse),
+                    key=_natural_key)
+    config = DenseSparsityConfig(targets=["Linear"], ignore=ignore, global_sparsity=zeros / total if total else 0.0,
+                                 sparsity_structure=structure)
+    return config.model_dump(exclude={"registry_requires_subclass"})
+
+
 def _natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
@@ -320,11 +348,20 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
     replaced: dict[str, dict[str, torch.Tensor]] = {}
     dense_conv1d: list[str] = []
     linear_layers: dict[str, tuple[int, QuantResult]] = {}
+    sparse: dict[str, tuple[str, float]] = {}  # pruned layers: name -> (pattern, zeros)
     for name, result in results.items():
         module = modules[name]
         if f"{name}.weight" not in kept_names:
             raise LmshrinkError(f"layer {name} shares its weight with another tensor (tied), so it cannot be packed",
                                 fix=f"leave {name} out of the quantized layers (ignore it in the recipe)")
+        if isinstance(result, PruneResult):  # pruned, not quantized: dense weights with zeros
+            weight = result.dense()
+            weight = weight.t() if _is_conv1d(module) else weight
+            replaced[name] = {"weight": weight.to(module.weight.dtype).contiguous()}
+            sparse[name] = (result.pattern, float(result.mask.sum()))
+            continue
+        if (result.info or {}).get("pattern"):  # pruned and quantized (joint SparseGPT, or prune then GPTQ)
+            sparse[name] = (result.info["pattern"], result.info["sparsity"] * result.codes.numel())
         if _is_conv1d(module):
             # Conv1D stores [in, out]; the loader only packs nn.Linear, so keep the exact dequantized weight
             weight = result.weight if result.weight.numel() else dequantize(result.codes, result.scale, result.zero,
@@ -351,7 +388,7 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
             "compressed-tensors config groups, and transformers loads asymmetric checkpoints with one group only",
             fix="use one grid (bits, group size, symmetry) for every layer, or symmetric grids, or save with "
                 "transformers_compatible=False (vLLM and lmshrink still read it)")
-    if dense_conv1d or not groups:
+    if dense_conv1d or not (groups or sparse):
         conv1d = (f"{len(dense_conv1d)} Conv1D layers (e.g. {dense_conv1d[0]}) are saved dequantized: "
                   "compressed-tensors packs only nn.Linear layers") if dense_conv1d else ""
         dense = "no layer is packed, so the folder is a plain dense checkpoint" if not groups else ""
@@ -373,6 +410,10 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
             tensors[key] = tensor.contiguous()
     # nothing packed (e.g. GPT-2, whose layers are all Conv1D): a plain dense checkpoint, no quantization_config
     quant_config = _quantization_config(groups, ignore_list) if groups else None
+    if sparse:
+        sparsity_config = _sparsity_config(sparse, modules, state)
+        quant_config = quant_config or {"version": _ct_version(), "quant_method": QUANT_METHOD}
+        quant_config["sparsity_config"] = sparsity_config
 
     with atomic_directory(out_dir, overwrite=overwrite, protected=_protected_folders(model, input_dir)) as staging:
         _write_weights(staging, tensors, {_SPECS_KEY: json.dumps(specs, sort_keys=True)}, max_shard_size,
