@@ -216,15 +216,23 @@ def _unsupported(source: str, exc: Exception) -> LmshrinkError:
 
 
 def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               trust_remote_code: bool = False, progress: bool = True, lazy_blocks: bool = False) -> LoadedModel:
+               trust_remote_code: bool = False, progress: bool = True, lazy_blocks: bool = False,
+               runtime: str = "dense") -> LoadedModel:
     """Load a causal LM and its tokenizer from a packaged name, local folder, .gguf file or hub id.
+
+    ``runtime="packed"``: for a compressed folder written by lmshrink, the quantized Linear layers execute their
+    codes (``lmshrink.runtime.QuantLinear``: int4/int8 CPU kernels) instead of being decoded to dense weights.
 
     ``lazy_blocks``: load only the tensors outside the decoder blocks (embeddings, final norm, head); the blocks'
     parameters stay on the meta device and ``LoadedModel.weights`` reads them from the safetensors files on demand.
     Needs a local source (hub ids are refused); the model is built on CPU.
     """
     torch_dtype = parse_dtype(dtype)
+    if runtime not in ("dense", "packed"):
+        raise LmshrinkError(f"runtime={runtime!r} is not known", fix="use runtime='dense' or runtime='packed'")
     kind, where = resolve(source)
+    if runtime == "packed":
+        return _load_packed(source, kind, where, torch_dtype, device, trust_remote_code)
     extra: dict[str, Any] = {}
     path: Path | None = None
     if kind == "packaged":
@@ -255,6 +263,24 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
     info = ModelInfo(source=source, kind=kind, path=str(path) if path else None,
                      model_type=model.config.model_type, dtype=str(torch_dtype).replace("torch.", ""),
                      parameters=count_parameters(model), max_context=max_context(model.config), extra=extra)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def _load_packed(source: str, kind: str, where, dtype: torch.dtype, device: str,
+                 trust_remote_code: bool) -> LoadedModel:
+    from lmshrink.runtime import load_packed
+
+    if kind != "hf-folder":
+        raise LmshrinkError(f"runtime='packed' needs a compressed model folder; {source} is a {kind} source",
+                            fix="compress it first (lmshrink compress ... -o DIR) and load DIR")
+    if device != "cpu":
+        raise LmshrinkError(f"runtime='packed' runs on CPU only, not {device!r}",
+                            fix="use device='cpu', or runtime='dense' on an accelerator")
+    model, tokenizer, kinds = load_packed(where, dtype=dtype, trust_remote_code=trust_remote_code)
+    counts = {k: list(kinds.values()).count(k) for k in sorted(set(kinds.values()))}
+    info = ModelInfo(source=source, kind=kind, path=str(where), model_type=model.config.model_type,
+                     dtype=str(dtype).replace("torch.", ""), parameters=count_parameters(model),
+                     max_context=max_context(model.config), extra={"runtime": "packed", "packed_layers": counts})
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 
 

@@ -1,0 +1,218 @@
+"""QuantLinear: a Linear layer that executes its quantized codes (packed int4 / int8 CPU kernels, or dequantize).
+
+Kernels (private ATen ops of torch 2.13, which lmshrink pins; ``tests/test_runtime.py`` covers them):
+
+* ``int4``: ``aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)`` computes
+  ``x @ W.T`` with ``W[n, k] = (q[n, k] - 8) * scale[g, n] + offset[g, n]`` for codes ``q`` in 0..15 packed by
+  ``aten._convert_weight_to_int4pack_for_cpu``; ``scales_and_zeros`` is ``[K / group, N, 2]`` in the activation
+  dtype (bfloat16 here). Our grids decode ``(q - zero) * scale``, so ``offset = (8 - zero) * scale``; codes of 2 and
+  3 bits are codes in 0..15 too. The kernel needs ``N % 16 == 0`` and a group of 32, 64, 128 or 256 dividing K:
+  a grid whose group does not divide K (SmolLM2's 576 columns with g128) runs with the group ``gcd(group, K)``
+  and each scale repeated (exact), and per-channel grids likewise.
+* ``int8``: ``torch._weight_int8pack_mm(x, q, scale)`` computes ``x @ (q * scale[:, None]).T`` for int8 ``q`` and
+  one scale per output row: per-channel grids of up to 8 bits, with ``q = code - 2**(bits-1)``; an asymmetric zero
+  adds ``sum(x) * (2**(bits-1) - zero) * scale`` per row.
+* ``dequantize``: everything else (grouped 8-bit, act-order ``g_idx`` that is not contiguous, widths the kernels
+  refuse) keeps the uint8 codes and decodes the weight for each call.
+
+The kernels pay off for few rows (decoding one token); for long prompts a dense matmul on the decoded weight is
+faster, so ``forward`` switches on the number of rows (``kernel_max_rows``, measured by ``bench/runtime_kernels.py``).
+The decoded weight is computed per call unless ``cache_dense=True`` (faster prefill, but it keeps a dense copy).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmshrink.quant.grids import QuantResult, dequantize
+
+INT4_GROUPS = (256, 128, 64, 32)
+KERNEL_DTYPE = torch.bfloat16
+# rows up to which the packed kernels beat decode + dense matmul (bench/runtime_kernels.py, 1 thread, AVX2)
+DEFAULT_KERNEL_MAX_ROWS = 4
+
+
+def _has_op(name: str) -> bool:
+    return hasattr(torch.ops.aten, name)
+
+
+def int4_group(in_features: int, group_width: int) -> int | None:
+    """The group the int4 kernel runs a grid of ``group_width`` columns with (a divisor of both), or None."""
+    for group in INT4_GROUPS:
+        if in_features % group == 0 and group_width % group == 0:
+            return group
+    return None
+
+
+def unpack_int4pack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor | None:
+    """Codes uint8 ``[N, K]`` from ``_convert_weight_to_int4pack_for_cpu``'s output, or None for other layouts.
+
+    The layout (torch 2.13, read off the op): rows in blocks of 32; within a block, byte ``k*16 + r`` holds row ``r``
+    in its low nibble and row ``r + 16`` in its high one; a last block of 16 rows stores rows ``2i, 2i+1`` in byte
+    ``k*8 + i``. Callers check the round trip once, so a different layout only costs the kernel's dequantized path.
+    """
+    n, k = out_features, in_features
+    if packed.dtype != torch.uint8 or packed.numel() * 2 != n * k or n % 16:
+        return None
+    flat = packed.reshape(-1)
+    blocks = n // 32
+    main = flat[: blocks * k * 16].reshape(blocks, k, 16)
+    rows = torch.stack([main & 15, main >> 4], dim=1).permute(0, 1, 3, 2).reshape(blocks * 32, k)
+    if n % 32:
+        tail = flat[blocks * k * 16:].reshape(k, 8)
+        tail_rows = torch.stack([tail & 15, tail >> 4], dim=2).reshape(k, 16).t()
+        rows = torch.cat([rows, tail_rows], dim=0)
+    return rows.contiguous()
+
+
+def _contiguous_groups(result: QuantResult) -> bool:
+    if result.g_idx is None:
+        return True
+    in_features = result.codes.shape[1]
+    expected = torch.arange(in_features, dtype=torch.int32) // result.spec.group_width(in_features)
+    return torch.equal(result.g_idx.to(torch.int32).cpu(), expected)
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W.T + b`` where ``W`` is held as quantized codes (see the module docstring for the kernels).
+
+    Build it with ``QuantLinear.from_result(result, bias)``. ``kind`` says which kernel it runs: ``int4``, ``int8`` or
+    ``dequantize``. Outputs are in the input's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, kind: str, *, bias: torch.Tensor | None = None,
+                 kernel_max_rows: int = DEFAULT_KERNEL_MAX_ROWS, cache_dense: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.kind = in_features, out_features, kind
+        self.kernel_max_rows = kernel_max_rows
+        self.cache_dense = cache_dense
+        self.group = 0
+        self.bits = 0
+        self._dense: torch.Tensor | None = None
+        self._int4_codes_layout_known = False
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    # -- construction ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_result(cls, result: QuantResult, bias: torch.Tensor | None = None, *, kernels: bool = True,
+                    kernel_max_rows: int = DEFAULT_KERNEL_MAX_ROWS, cache_dense: bool = False) -> "QuantLinear":
+        """A QuantLinear for ``result`` (codes, scale, zero, g_idx, spec); ``kernels=False`` forces ``dequantize``."""
+        out_features, in_features = (int(v) for v in result.codes.shape)
+        spec = result.spec
+        group_width = spec.group_width(in_features)
+        kind = "dequantize"
+        if kernels and _contiguous_groups(result):
+            group = int4_group(in_features, group_width)
+            if (spec.bits <= 4 and group is not None and out_features % 16 == 0
+                    and _has_op("_weight_int4pack_mm_for_cpu")):
+                kind = "int4"
+            elif result.scale.shape[1] == 1 and _has_op("_weight_int8pack_mm"):
+                kind = "int8"
+        module = cls(in_features, out_features, kind, bias=bias, kernel_max_rows=kernel_max_rows,
+                     cache_dense=cache_dense)
+        module.bits = spec.bits
+        getattr(module, f"_init_{kind}")(result)
+        return module
+
+    def _init_int4(self, result: QuantResult) -> None:
+        group = int4_group(self.in_features, result.spec.group_width(self.in_features))
+        # each stored group covers group_width // group kernel groups: repeat its parameters (exact)
+        origin = torch.arange(self.in_features // group) * group // result.spec.group_width(self.in_features)
+        scale = result.scale.float()[:, origin]
+        # 2/3-bit codes move to the middle of 0..15 so that the bf16 offset (8 - zero) * scale stays small
+        shift = 8 - (1 << (result.spec.bits - 1))
+        offset = (8.0 - shift - result.zero.float()[:, origin]) * scale
+        codes = (result.codes.to(torch.int32) + shift).contiguous()
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        self.group = group
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros",
+                             torch.stack([scale.t(), offset.t()], dim=-1).to(KERNEL_DTYPE).contiguous())
+        unpacked = unpack_int4pack(packed, self.out_features, self.in_features)
+        self._int4_codes_layout_known = unpacked is not None and torch.equal(unpacked, codes.to(torch.uint8))
+        if not self._int4_codes_layout_known:
+            # an unknown kernel layout: keep our own copy of the codes for the dequantized path
+            self.register_buffer("codes", codes.to(torch.uint8))
+
+    def _init_int8(self, result: QuantResult) -> None:
+        half = 1 << (result.spec.bits - 1)
+        scale = result.scale.float()[:, 0]
+        self.register_buffer("qweight", (result.codes.to(torch.int16) - half).to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.to(KERNEL_DTYPE))
+        row_offset = (half - result.zero.float()[:, 0]) * scale.to(KERNEL_DTYPE).float()
+        self.register_buffer("row_offset", None if bool((row_offset == 0).all()) else row_offset)
+
+    def _init_dequantize(self, result: QuantResult) -> None:
+        self.register_buffer("codes", result.codes.clone())
+        self.register_buffer("scale", result.scale.float().clone())
+        self.register_buffer("zero", result.zero.clone())
+        self.register_buffer("g_idx", result.group_index().to(torch.int32).clone())
+
+    # -- execution ---------------------------------------------------------------------------------------------
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight this module computes with, decoded to ``dtype`` ``[out, in]``."""
+        if self.kind == "int4":
+            codes = self.codes if not self._int4_codes_layout_known else unpack_int4pack(
+                self.packed, self.out_features, self.in_features)
+            groups = self.in_features // self.group
+            params = self.scales_and_zeros.float()  # [groups, N, 2]
+            scale = params[..., 0].t().unsqueeze(-1)
+            offset = params[..., 1].t().unsqueeze(-1)
+            weight = (codes.view(self.out_features, groups, self.group).float() - 8.0) * scale + offset
+            return weight.reshape(self.out_features, self.in_features).to(dtype)
+        if self.kind == "int8":
+            weight = self.qweight.float() * self.scale.float()[:, None]
+            if self.row_offset is not None:
+                weight += self.row_offset[:, None]
+            return weight.to(dtype)
+        return dequantize(self.codes, self.scale, self.zero, self.g_idx).to(dtype)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        xk = x.to(KERNEL_DTYPE)
+        if self.kind == "int4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk, self.packed, self.group, self.scales_and_zeros)
+        else:
+            y = torch._weight_int8pack_mm(xk, self.qweight, self.scale)
+            if self.row_offset is not None:
+                y = y.float() + x.float().sum(dim=-1, keepdim=True) * self.row_offset
+        return y.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.kind != "dequantize" and x2.device.type == "cpu" and x2.shape[0] <= self.kernel_max_rows:
+            y = self._kernel(x2)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        else:
+            weight = self._dense
+            if weight is None or weight.dtype != x.dtype or weight.device != x.device:
+                weight = self.dequantized_weight(x.dtype).to(x.device)
+                if self.cache_dense:
+                    self._dense = weight
+            y = F.linear(x2, weight, None if self.bias is None else self.bias.to(x.dtype))
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        group = f", group={self.group}" if self.kind == "int4" else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"kind={self.kind}{group}, bias={self.bias is not None}, kernel_max_rows={self.kernel_max_rows}")
+
+
+def packed_bytes(module: nn.Module) -> int:
+    """Bytes of the tensors a module holds (parameters and buffers, tied ones once)."""
+    seen, total = set(), 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        key = (tensor.data_ptr(), tensor.numel())
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+__all__ = ["QuantLinear", "unpack_int4pack", "int4_group", "packed_bytes", "DEFAULT_KERNEL_MAX_ROWS",
+           "INT4_GROUPS", "KERNEL_DTYPE"]
