@@ -15,9 +15,10 @@ from .eval.record import environment
 from .eval.size import model_size
 from .eval.sparsity import model_sparsity
 from .compress import compress
+from .eval.bench import bench
 from .models import LoadedModel, as_loaded, load_model
 
-__all__ = ["load_model", "evaluate", "compress"]
+__all__ = ["load_model", "evaluate", "compress", "bench"]
 
 
 def _split_names(value: str | list[str] | None) -> list[str]:

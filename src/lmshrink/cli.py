@@ -50,6 +50,12 @@ model sources: a packaged name (see `lmshrink models`), a local Hugging Face fol
 text sets: wikitext2 (test/valid), c4, ptb, enwiki-sample (packaged; eval/calib), file:PATH (.txt/.jsonl/.parquet).
 """
 
+_BENCH_EXAMPLES = """examples:
+  # the base model against its 4-bit compressed folder (run packed), one thread
+  lmshrink bench smollm2-135m out/smollm2-w4g32 --prompt-tokens 256 --new-tokens 64 --threads 1
+  lmshrink bench smollm2-135m out/smollm2-w4g32 --trials 9 --json > bench.json
+"""
+
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="folder with text sets and task files (default: $LMSHRINK_DATA)")
@@ -116,6 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", help="zero-shot tasks, comma separated, or 'all'")
     ev.add_argument("--task-limit", type=int, help="evaluate only the first N items of each task (overrides --limit)")
     _add_common(ev)
+
+    bn = sub.add_parser("bench", help="prefill/decode speed, time to first token, memory: models side by side",
+                        description="Benchmark models side by side in one run: each in its own worker process, "
+                        "trials interleaved, medians reported. Compressed folders run packed (int4/int8 kernels).",
+                        epilog=_BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bn.add_argument("models", nargs="+", help="model sources; ratios are relative to the first")
+    bn.add_argument("--prompt-tokens", type=int, default=256, help="prompt length (default: 256)")
+    bn.add_argument("--new-tokens", type=int, default=64, help="tokens decoded after the prompt (default: 64)")
+    bn.add_argument("--trials", type=int, default=5, help="timed trials per model (default: 5)")
+    bn.add_argument("--warmup", type=int, default=1, help="untimed warm-up trials per model (default: 1)")
+    bn.add_argument("--threads", type=int, default=1, help="torch CPU threads in every worker (default: 1)")
+    bn.add_argument("--runtime", choices=("auto", "packed", "dense"), default="auto",
+                    help="auto: compressed folders packed, others dense (default)")
+    bn.add_argument("--dtype", default="float32", help="dtype of everything not packed (default: float32)")
+    bn.add_argument("--seed", type=int, default=0, help="seed of the random prompt (default: 0)")
+    bn.add_argument("--json", action="store_true", help="print the full JSON record on stdout")
+    bn.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
 
@@ -289,7 +312,43 @@ def _cmd_compress(args) -> int:
     return 0
 
 
-_COMMANDS = {"models": _cmd_models, "recipes": _cmd_recipes, "compress": _cmd_compress, "evaluate": _cmd_evaluate}
+def _cmd_bench(args) -> int:
+    from .api import bench
+
+    record = bench(args.models, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, trials=args.trials,
+                   warmup=args.warmup, threads=args.threads, runtime=args.runtime, dtype=args.dtype, seed=args.seed,
+                   progress=not args.quiet)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    p = record["protocol"]
+    table = Table(title=f"bench: {p['prompt_tokens']}-token prompt, {p['new_tokens']} new tokens, {p['threads']} "
+                        f"thread(s), median of {p['trials']} interleaved trials")
+    for col in ("model", "runtime", "prefill tok/s", "decode tok/s", "decode vs first", "TTFT ms", "peak RSS MiB",
+                "weights MiB", "linear MiB", "linear vs fp16", "greedy = first"):
+        table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
+    for row in record["models"]:
+        size = row["size"]
+        table.add_row(row["source"], row["runtime"], f"{row['prefill_tokens_per_s']:.1f}",
+                      f"{row['decode_tokens_per_s']:.2f}", f"{row['vs_first']['decode_speedup']:.2f}x",
+                      f"{1000 * row['ttft_s']:.0f}", f"{row['peak_rss_bytes'] / 2**20:.0f}",
+                      f"{size['weight_bytes'] / 2**20:.1f}", f"{size['linear_weight_bytes'] / 2**20:.1f}",
+                      f"{row['linear_bytes_vs_fp16']:.3f}", f"{row['same_greedy_prefix_as_first']}/{len(row['tokens'])}")
+    console = Console()
+    console.print(table)
+    m = p["machine"]
+    console.print(f"protocol: {p['prompt']}; {p['decoding']}; {p['statistic']}; {p['warmup_trials']} warm-up "
+                  f"trial(s) discarded. machine: {m['cpu']} ({m['cpu_capability']}, {m['cpus']} CPUs, load average "
+                  f"{m['load_average_at_end'][0]:.2f} at the end), torch {m['torch']}. linear = Linear layers in the "
+                  "decoder blocks; greedy = first: leading generated tokens equal to the first model's")
+    return 0
+
+
+_COMMANDS = {"models": _cmd_models, "recipes": _cmd_recipes, "compress": _cmd_compress, "evaluate": _cmd_evaluate,
+             "bench": _cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

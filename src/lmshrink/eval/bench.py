@@ -1,0 +1,268 @@
+"""Speed and memory of models side by side: prefill and decode tokens/s, time to first token, peak RSS, weight bytes.
+
+Protocol: every model runs in its own worker process (so its peak RSS is its own) with the same number of torch
+threads; the parent runs the trials interleaved (trial 1 of every model, then trial 2, ...), one worker at a time,
+so slow drifts of a shared machine hit all models alike. A trial is a greedy generation without sampling:
+a prompt of ``prompt_tokens`` random token ids (seeded) in one forward pass, then ``new_tokens`` single-token
+forward passes with the KV cache. Time to first token = the prefill pass plus the argmax; prefill tokens/s =
+prompt tokens / that time; decode tokens/s = new tokens / the time of the single-token passes. One warm-up trial
+per model is discarded; the medians over the trials are reported with every trial's value.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from lmshrink.errors import LmshrinkError
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# worker side
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _linear_bytes(model) -> dict[str, int]:
+    """Bytes held by the Linear layers inside the decoder blocks (dense or QuantLinear) and their weight count."""
+    import torch
+
+    from lmshrink.models.adapters import get_adapter
+    from lmshrink.runtime import QuantLinear, packed_bytes
+
+    total, weights = 0, 0
+    for block in get_adapter(model).blocks(model):
+        for module in block.modules():
+            if isinstance(module, QuantLinear):
+                total += packed_bytes(module) - (0 if module.bias is None else module.bias.numel() * module.bias.element_size())
+                weights += module.in_features * module.out_features
+            elif isinstance(module, torch.nn.Linear):
+                total += module.weight.numel() * module.weight.element_size()
+                weights += module.weight.numel()
+    return {"linear_weight_bytes": total, "linear_weights": weights}
+
+
+class _Runner:
+    def __init__(self, source: str, runtime: str, dtype: str, prompt_tokens: int, new_tokens: int, seed: int):
+        import torch
+
+        from lmshrink.eval.size import model_size
+        from lmshrink.models import load_model
+
+        start = time.perf_counter()
+        self.loaded = load_model(source, runtime=runtime, dtype=dtype, progress=False)
+        self.load_seconds = time.perf_counter() - start
+        self.model = self.loaded.model
+        self.rss_after_load = _rss_bytes()
+        vocab = int(self.model.config.vocab_size)
+        generator = torch.Generator().manual_seed(seed)
+        self.prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=generator)
+        self.new_tokens = new_tokens
+        params = inspect.signature(self.model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.size = {**model_size(self.model), **_linear_bytes(self.model)}
+
+    def _cache_of(self, output):
+        return getattr(output, "cache", None) if self.cache_arg == "cache" else output.past_key_values
+
+    def trial(self) -> dict[str, Any]:
+        import torch
+
+        with torch.inference_mode():
+            start = time.perf_counter()
+            output = self.model(self.prompt, use_cache=True, **self.keep)
+            token = output.logits[:, -1].argmax(-1, keepdim=True)
+            first = time.perf_counter()
+            cache = self._cache_of(output)
+            tokens = [int(token)]
+            for _ in range(self.new_tokens):
+                output = self.model(token, use_cache=True, **{self.cache_arg: cache}, **self.keep)
+                cache = self._cache_of(output)
+                token = output.logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(int(token))
+            end = time.perf_counter()
+        ttft = first - start
+        return {"ttft_s": ttft, "prefill_tokens_per_s": self.prompt.shape[1] / ttft,
+                "decode_tokens_per_s": self.new_tokens / (end - first), "tokens": tokens}
+
+
+def _worker_main(argv: list[str]) -> int:
+    """Worker loop: load the model, then answer one JSON line per command read from stdin."""
+    import torch
+
+    args = json.loads(argv[0])
+    torch.set_num_threads(args["threads"])
+    try:
+        runner = _Runner(args["source"], args["runtime"], args["dtype"], args["prompt_tokens"], args["new_tokens"],
+                         args["seed"])
+    except LmshrinkError as err:
+        print(json.dumps({"error": err.message, "fix": err.fix}), flush=True)
+        return 0
+    info = {"ready": True, "model": runner.loaded.info.to_dict(), "load_seconds": runner.load_seconds,
+            "rss_after_load_bytes": runner.rss_after_load, "size": runner.size, "threads": torch.get_num_threads()}
+    print(json.dumps(info), flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "trial":
+            print(json.dumps(runner.trial()), flush=True)
+        elif command == "finish":
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            print(json.dumps({"peak_rss_bytes": peak, "rss_bytes": _rss_bytes()}), flush=True)
+            return 0
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parent side
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Worker:
+    def __init__(self, spec: dict[str, Any]):
+        env = dict(os.environ)
+        threads = str(spec["threads"])
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false",
+                   TRANSFORMERS_VERBOSITY="error")
+        self.process = subprocess.Popen([sys.executable, "-m", "lmshrink.eval.bench", json.dumps(spec)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, env=env)
+
+    def read(self, what: str) -> dict[str, Any]:
+        line = self.process.stdout.readline()
+        if not line:
+            stderr = self.process.stderr.read()
+            raise LmshrinkError(f"the benchmark worker died during {what}: {stderr.strip()[-2000:]}",
+                                fix="run the model once with `lmshrink evaluate` to see whether it loads")
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict[str, Any]:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self.read(command)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+def _runtime_for(source: str, runtime: str) -> str:
+    if runtime != "auto":
+        return runtime
+    from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder
+
+    return "packed" if os.path.isdir(source) and is_compressed_tensors_folder(source) else "dense"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, trials: int = 5, warmup: int = 1,
+          threads: int = 1, runtime: str = "auto", dtype: str = "float32", seed: int = 0,
+          progress: bool = True) -> dict[str, Any]:
+    """Benchmark ``models`` side by side (see the module docstring for the protocol); returns a JSON-ready record.
+
+    runtime: ``auto`` (compressed folders packed, other models dense), ``packed`` or ``dense`` for every model.
+    Ratios are relative to the first model.
+    """
+    import torch
+
+    from lmshrink.runtime.qlinear import DEFAULT_KERNEL_MAX_ROWS
+
+    if not models:
+        raise LmshrinkError("no model to benchmark", fix="name one or more models, e.g. smollm2-135m out/model")
+    if prompt_tokens < 1 or new_tokens < 1 or trials < 1 or warmup < 0 or threads < 1:
+        raise LmshrinkError(f"prompt_tokens={prompt_tokens}, new_tokens={new_tokens}, trials={trials}, "
+                            f"warmup={warmup}, threads={threads}: all must be positive (warmup may be 0)",
+                            fix="e.g. --prompt-tokens 256 --new-tokens 64 --trials 5 --threads 1")
+    if runtime not in ("auto", "packed", "dense"):
+        raise LmshrinkError(f"runtime={runtime!r} is not known", fix="use auto, packed or dense")
+    runtimes = [_runtime_for(source, runtime) for source in models]
+    for source, chosen in zip(models, runtimes):
+        if chosen == "packed":
+            from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder
+
+            if not (os.path.isdir(source) and is_compressed_tensors_folder(source)):
+                raise LmshrinkError(f"{source} is not a compressed checkpoint folder, so it cannot run packed",
+                                    fix="use --runtime auto (dense for uncompressed models) or a folder written "
+                                        "by lmshrink compress")
+    workers: list[_Worker] = []
+    rows: list[dict[str, Any]] = []
+    try:
+        for source, chosen in zip(models, runtimes):
+            spec = dict(source=source, runtime=chosen, dtype=dtype, threads=threads,
+                        prompt_tokens=prompt_tokens, new_tokens=new_tokens, seed=seed)
+            worker = _Worker(spec)
+            workers.append(worker)
+            info = worker.read(f"loading {source}")
+            if "error" in info:
+                raise LmshrinkError(f"{source}: {info['error']}", fix=info.get("fix"))
+            rows.append({"source": source, "runtime": spec["runtime"], **info, "trials": []})
+            if progress:
+                print(f"bench: loaded {source} ({spec['runtime']}) in {info['load_seconds']:.1f}s", file=sys.stderr)
+        for number in range(warmup + trials):
+            for worker, row in zip(workers, rows):
+                result = worker.ask("trial")
+                if number >= warmup:
+                    row["trials"].append(result)
+            if progress:
+                label = "warm-up" if number < warmup else f"trial {number - warmup + 1}/{trials}"
+                print(f"bench: {label} done", file=sys.stderr)
+        for worker, row in zip(workers, rows):
+            row.update(worker.ask("finish"))
+    finally:
+        for worker in workers:
+            worker.close()
+    base_tokens = rows[0]["trials"][0]["tokens"]
+    for row in rows:
+        for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s"):
+            row[key] = statistics.median(t[key] for t in row["trials"])
+        tokens = row["trials"][0]["tokens"]
+        row["tokens"] = tokens
+        row["same_greedy_prefix_as_first"] = next(
+            (i for i, (a, b) in enumerate(zip(tokens, base_tokens)) if a != b), len(tokens))
+        for t in row["trials"]:
+            t.pop("tokens")
+    base = rows[0]
+    for row in rows:
+        row["vs_first"] = {
+            "decode_speedup": row["decode_tokens_per_s"] / base["decode_tokens_per_s"],
+            "prefill_speedup": row["prefill_tokens_per_s"] / base["prefill_tokens_per_s"],
+            "linear_bytes_ratio": row["size"]["linear_weight_bytes"] / base["size"]["linear_weight_bytes"],
+        }
+        row["linear_bytes_vs_fp16"] = row["size"]["linear_weight_bytes"] / (2 * row["size"]["linear_weights"])
+    protocol = {
+        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "trials": trials, "warmup_trials": warmup,
+        "threads": threads, "dtype": dtype, "seed": seed, "prompt": "random token ids (seeded), batch 1",
+        "decoding": "greedy, KV cache, one token per forward pass",
+        "statistic": "median over trials; trials interleaved across models, one worker process per model",
+        "kernel_max_rows": DEFAULT_KERNEL_MAX_ROWS,
+        "machine": {"cpu": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(), "torch": torch.__version__},
+    }
+    return {"protocol": protocol, "models": rows}
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))

@@ -1,0 +1,77 @@
+"""`lmshrink bench` end to end on a tiny model (no timing is asserted: only that the record is complete)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import tiny_llama, tiny_tokenizer
+from lmshrink.cli import main
+from lmshrink.errors import LmshrinkError
+from lmshrink.eval.bench import bench
+from lmshrink.formats import save_quantized
+from lmshrink.methods.quant import rtn_quantize
+from lmshrink.models.adapters import iter_linears, linear_weight, set_linear_weight
+from lmshrink.quant.grids import GridSpec
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    model = tiny_llama(num_hidden_layers=2)
+    model.save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    results = {}
+    for name, module in iter_linears(model):
+        result = rtn_quantize(linear_weight(module).float().clone(), GridSpec(bits=4, group_size=32))
+        set_linear_weight(module, result.weight)
+        results[name] = result
+    save_quantized(model, tiny_tokenizer(), results, root / "w4g32")
+    return root / "base", root / "w4g32"
+
+
+@pytest.fixture(scope="module")
+def record(folders):
+    base, compressed = folders
+    # the only run that starts worker processes (each imports torch and transformers)
+    return bench([str(base), str(compressed)], prompt_tokens=16, new_tokens=4, trials=2, warmup=1, threads=1,
+                 progress=False)
+
+
+def test_bench_reports_both_models_side_by_side(record):
+    first, second = record["models"]
+    assert first["runtime"] == "dense" and second["runtime"] == "packed"
+    assert second["model"]["extra"]["packed_layers"] == {"int4": 14}
+    for row in record["models"]:
+        assert len(row["trials"]) == 2
+        for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s"):
+            assert row[key] > 0
+        assert row["peak_rss_bytes"] >= row["rss_after_load_bytes"] > 0
+        assert len(row["tokens"]) == 5
+        assert row["threads"] == 1
+    assert first["vs_first"]["decode_speedup"] == 1.0
+    # 4-bit codes plus a bf16 scale and offset per 32 weights: 5 bits of 32 (fp32) -> 5/32 of the fp32 bytes
+    assert second["vs_first"]["linear_bytes_ratio"] == pytest.approx(5 / 32)
+    assert second["linear_bytes_vs_fp16"] == pytest.approx(5 / 16)
+    assert record["protocol"]["threads"] == 1 and record["protocol"]["prompt_tokens"] == 16
+
+
+def test_bench_cli_prints_the_table_and_refuses_bad_input(folders, record, capsys, monkeypatch):
+    import lmshrink.api
+
+    base, compressed = folders
+    calls = []
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps the table's headers on a narrow terminal
+    monkeypatch.setattr(lmshrink.api, "bench", lambda models, **kwargs: calls.append((models, kwargs)) or record)
+    assert main(["bench", str(base), str(compressed), "--threads", "1", "--trials", "3", "--quiet"]) == 0
+    assert calls[0][0] == [str(base), str(compressed)] and calls[0][1]["trials"] == 3
+    out = capsys.readouterr().out
+    assert "decode tok/s" in out and "packed" in out
+    assert main(["bench", str(base), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["models"][1]["runtime"] == "packed"
+    monkeypatch.undo()
+    assert main(["bench", str(base), "--runtime", "packed", "--quiet"]) == 2
+    assert "not a compressed checkpoint" in capsys.readouterr().err
+    with pytest.raises(LmshrinkError, match="must be positive"):
+        bench([str(base)], trials=0)
