@@ -11,7 +11,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from helpers import tiny_llama, tiny_tokenizer
-from lmshrink import compress, load_model
+from lmshrink import compress, evaluate, load_model
 from lmshrink.cli import main
 from lmshrink.formats import load_quantized_results
 from lmshrink.models.adapters import iter_linears
@@ -108,6 +108,9 @@ def test_prune_then_gptq_keeps_zeros_and_joint_packs_them(tiny_dir, calib_file, 
         for name, result in record["results"].items():
             memory.model.get_submodule(name).weight.data.copy_(result.weight)
         assert torch.allclose(_logits(reloaded), _logits(memory.model), atol=1e-5)
+        measured = evaluate(str(folder), ppl=f"file:{calib_file}", seqlen=32, limit=1, progress=False)["sparsity"]
+        assert measured["layers"] == 14 and measured["skipped_packed_layers"] == 0
+        assert measured["overall"] == pytest.approx(record["sparsity"]["overall"])
     # the GPTQ stage of the two-stage recipe kept exactly the mask of the pruning stage
     layers = [layer for layer in two["layers"] if layer["method"] == "gptq"]
     assert len(layers) == 14 and all(layer["sparsity"] >= 0.5 for layer in layers)

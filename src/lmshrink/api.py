@@ -29,6 +29,19 @@ def _split_names(value: str | list[str] | None) -> list[str]:
     return list(value)
 
 
+def _sparsity(loaded: LoadedModel) -> dict[str, Any]:
+    """Measured sparsity of the block linears; layers held packed (a compressed-tensors folder) are decoded."""
+    record = model_sparsity(loaded.model)
+    path = loaded.info.path
+    if record["skipped_packed_layers"] and path is not None:
+        from .formats.compressed_tensors import is_compressed_tensors_folder, load_quantized_results
+
+        if is_compressed_tensors_folder(path):
+            decoded = {name: result.weight for name, result in load_quantized_results(path).items()}
+            record = model_sparsity(loaded.model, decoded)
+    return record
+
+
 def evaluate(model: LoadedModel | str | torch.nn.Module, *, ppl: str | list[str] | None = None,
              split: str = "test", seqlen: int = 512, limit: int | None = None,
              kl_base: LoadedModel | str | None = None, tasks: str | list[str] | None = None,
@@ -57,7 +70,7 @@ def evaluate(model: LoadedModel | str | torch.nn.Module, *, ppl: str | list[str]
     loaded = as_loaded(model, tokenizer, **load)
     base = as_loaded(kl_base, **load) if kl_base is not None else None
     record: dict[str, Any] = {"model": loaded.info.to_dict(), "size": model_size(loaded.model),
-                              "sparsity": model_sparsity(loaded.model), "perplexity": [], "environment": environment()}
+                              "sparsity": _sparsity(loaded), "perplexity": [], "environment": environment()}
     for i, source in enumerate(sources):
         windows = evaluation_windows(loaded.tokenizer, source, seqlen, limit, loaded.info.max_context)
         if base is not None and i == 0:

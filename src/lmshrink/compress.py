@@ -35,8 +35,9 @@ def _check_output(out_dir: Path, loaded: LoadedModel, overwrite: bool, resume: b
 
 
 def _sparsity_summary(layers: list[dict]) -> dict[str, Any] | None:
-    """Measured sparsity of the pruned layers (from the per-layer records): overall and by layer type."""
-    pruned = [layer for layer in layers if layer.get("sparsity") is not None]
+    """Measured sparsity of the pruned layers (from the per-layer records; a layer's last stage counts): overall and
+    by layer type."""
+    pruned = list({layer["name"]: layer for layer in layers if layer.get("sparsity") is not None}.values())
     if not pruned:
         return None
     by_type: dict[str, list[int]] = {}
@@ -120,7 +121,8 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
         "layers": result.layers,
         "summary": {"layers": len(result.layers), "mean_rel_output_error": sum(errors) / len(errors) if errors else None,
                     "max_rel_output_error": max(errors) if errors else None,
-                    "seconds": result.seconds, "peak_rss_bytes": result.peak_rss_bytes,
+                    "seconds": result.seconds, "cpu_seconds": result.cpu_seconds,
+                    "peak_rss_bytes": result.peak_rss_bytes,
                     "resumed_from_block": result.resumed_from_block, "device": device, "offload": offload},
         "warnings": notes,
         "environment": environment(),

@@ -250,6 +250,7 @@ PRESETS: dict[str, dict] = {
     "rtn-w4g32": {"stages": [_quant("rtn", 4, 32)]},
     "rtn-w3g128": {"stages": [_quant("rtn", 3, 128)]},
     "magnitude50": {"stages": [{"method": "magnitude", "sparsity": 0.5}]},
+    "magnitude-2:4": {"stages": [{"method": "magnitude", "pattern": "2:4"}]},
     "wanda50": {"stages": [{"method": "wanda", "sparsity": 0.5}]},
     "wanda-2:4": {"stages": [{"method": "wanda", "pattern": "2:4"}]},
     "sparse50": {"stages": [{"method": "sparsegpt", "sparsity": 0.5}]},

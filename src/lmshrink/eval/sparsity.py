@@ -23,10 +23,12 @@ def _satisfies(weight: torch.Tensor, n: int, m: int) -> bool:
     return bool(((weight == 0).reshape(rows, cols // m, m).sum(-1) >= n).all())
 
 
-def model_sparsity(model: torch.nn.Module) -> dict:
+def model_sparsity(model: torch.nn.Module, decoded: dict[str, torch.Tensor] | None = None) -> dict:
     """Fraction of exact zeros in the decoder-block linear weights: ``overall``, ``by_type`` (e.g. ``q_proj``), the
-    N:M patterns (2:4, 4:8) every layer with zeros satisfies, and how many layers were measured or skipped (packed
-    weights are not decoded here)."""
+    N:M patterns (2:4, 4:8) every layer with zeros satisfies, and how many layers were measured or skipped.
+
+    decoded: full layer name -> ``[out, in]`` weight for layers the model holds packed (no floating ``weight``);
+    packed layers not in it are skipped."""
     from ..models.adapters import iter_linears
     from transformers.pytorch_utils import Conv1D
 
@@ -36,11 +38,13 @@ def model_sparsity(model: torch.nn.Module) -> dict:
     sparse_layers: list[torch.Tensor] = []
     for name, module in iter_linears(model):
         weight = _weight(module)
+        if weight is None and decoded is not None and name in decoded:
+            weight = decoded[name]
+        elif weight is not None and isinstance(module, Conv1D):
+            weight = weight.t()
         if weight is None:
             skipped += 1
             continue
-        if isinstance(module, Conv1D):
-            weight = weight.t()
         count = weight.numel()
         zeros = count - int(torch.count_nonzero(weight))
         if zeros:
