@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .api import bench, compress, evaluate, load_model  # noqa: E402
+from .api import bench, compress, evaluate, export, load_model  # noqa: E402
 
-__all__ = ["__version__", "bench", "compress", "evaluate", "load_model"]
+__all__ = ["__version__", "bench", "compress", "evaluate", "export", "load_model"]

@@ -18,7 +18,7 @@ from .compress import compress
 from .eval.bench import bench
 from .models import LoadedModel, as_loaded, load_model
 
-__all__ = ["load_model", "evaluate", "compress", "bench"]
+__all__ = ["load_model", "evaluate", "compress", "bench", "export"]
 
 
 def _split_names(value: str | list[str] | None) -> list[str]:
@@ -88,3 +88,24 @@ def evaluate(model: LoadedModel | str | torch.nn.Module, *, ppl: str | list[str]
         record["tasks"] = evaluate_tasks(loaded.model, loaded.tokenizer, task_names, data_dir=data_dir,
                                          limit=task_limit, progress=progress)
     return record
+
+
+EXPORT_FORMATS = ("gguf", "gptq")
+
+
+def export(folder: str | Path, to: str, output: str | Path, *, overwrite: bool = False,
+           source_gguf: str | Path | None = None, dense_type: str = "f16") -> dict[str, Any]:
+    """Export a compressed folder (written by ``compress``) to another runtime's format; returns a JSON-ready report.
+
+    ``to="gguf"``: one .gguf file for llama.cpp (Q4_0 / Q4_1 / Q8_0 blocks mapped from the codes; ``source_gguf``
+    and ``dense_type`` apply). ``to="gptq"``: a GPTQ v1 folder (AutoGPTQ / gptqmodel / vLLM).
+    """
+    if to == "gguf":
+        from .formats.gguf_export import export_gguf
+
+        return export_gguf(folder, output, source_gguf=source_gguf, dense_type=dense_type, overwrite=overwrite)
+    if to == "gptq":
+        from .formats.gptq_export import export_gptq
+
+        return export_gptq(folder, output, overwrite=overwrite)
+    raise LmshrinkError(f"export format {to!r} is not supported", fix=f"use one of: {', '.join(EXPORT_FORMATS)}")

@@ -56,6 +56,12 @@ _BENCH_EXAMPLES = """examples:
   lmshrink bench smollm2-135m out/smollm2-w4g32 --trials 9 --json > bench.json
 """
 
+_EXPORT_EXAMPLES = """examples:
+  lmshrink export out/smollm2-w4g32-sym --to gguf -o smollm2-q4_0.gguf   # symmetric g32 -> Q4_0, code for code
+  lmshrink export out/smollm2-w4g32 --to gguf -o smollm2-q4_1.gguf       # asymmetric g32 -> Q4_1
+  lmshrink export out/smollm2-w4g128 --to gptq -o out/gptq               # GPTQ v1 folder (vLLM, gptqmodel)
+"""
+
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="folder with text sets and task files (default: $LMSHRINK_DATA)")
@@ -139,6 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--seed", type=int, default=0, help="seed of the random prompt (default: 0)")
     bn.add_argument("--json", action="store_true", help="print the full JSON record on stdout")
     bn.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    ex = sub.add_parser("export", help="export a compressed folder to GGUF (llama.cpp) or GPTQ v1",
+                        description="Export a folder written by `lmshrink compress`: GGUF with Q4_0/Q4_1/Q8_0 blocks "
+                        "mapped from the codes (llama family), or a GPTQ v1 checkpoint folder.",
+                        epilog=_EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ex.add_argument("folder", help="compressed model folder")
+    ex.add_argument("--to", required=True, choices=("gguf", "gptq"), help="target format")
+    ex.add_argument("-o", "--output", required=True, help="output .gguf file (gguf) or folder (gptq)")
+    ex.add_argument("--source-gguf", help="gguf: the GGUF the model came from, for metadata and tokenizer "
+                    "(default: the one named in lmshrink.json, if present)")
+    ex.add_argument("--dense-type", choices=("f16", "f32", "q8_0"), default="f16",
+                    help="gguf: type of 2-D tensors left dense, e.g. embeddings (default: f16)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    ex.add_argument("--json", action="store_true", help="print the full JSON report on stdout")
     return parser
 
 
@@ -347,8 +367,29 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .api import export
+
+    report = export(args.folder, args.to, args.output, overwrite=args.overwrite, source_gguf=args.source_gguf,
+                    dense_type=args.dense_type)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    if args.to == "gguf":
+        types = ", ".join(f"{count} {name}" for name, count in report["types"].items())
+        print(f"wrote {report['output']} ({report['bytes'] / 2**20:.1f} MiB): {types}; {report['exact_layers']} "
+              f"layers mapped code for code (max weight change from float16 scales "
+              f"{report['max_abs_change_exact']:.2e}), {report['requantized_layers']} re-quantized; metadata from "
+              f"{report['metadata_from']}")
+    else:
+        print(f"wrote {report['output']}: GPTQ v1, {report['layers']} layers, {report['bits']}-bit, group "
+              f"{report['group_size']}, sym={report['sym']}, desc_act={report['desc_act']}; max relative scale "
+              f"change from float16 {report['max_relative_scale_change_fp16']:.2e}")
+    return 0
+
+
 _COMMANDS = {"models": _cmd_models, "recipes": _cmd_recipes, "compress": _cmd_compress, "evaluate": _cmd_evaluate,
-             "bench": _cmd_bench}
+             "bench": _cmd_bench, "export": _cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
