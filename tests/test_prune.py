@@ -6,7 +6,7 @@ import torch
 
 from lmshrink.methods.prune import (PruneResult, gptq_keep_mask, magnitude_prune, outlier_ratio, owl_sparsities,
                                     sparsegpt_prune, wanda_prune)
-from lmshrink.methods.quant.gptq import GridRule, gptq_quantize
+from lmshrink.methods.quant.gptq import gptq_quantize
 from lmshrink.methods.solver import HessianAccumulator, output_error, solve_columns
 from lmshrink.quant.grids import GridSpec, dequantize
 from lmshrink.recipe import RecipeError, check_recipe, load_recipe

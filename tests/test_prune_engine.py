@@ -56,7 +56,7 @@ def _nm_ok(weight, n, m):
                                              ("wanda-2:4", (2, 4)), ("2:4", (2, 4)), ("4:8", (4, 8))])
 def test_every_targeted_layer_pruned_exactly(tiny_dir, calib_file, tmp_path, recipe, pattern):
     out = tmp_path / "out"
-    record = _compress(tiny_dir, calib_file, recipe, out=out)
+    _compress(tiny_dir, calib_file, recipe, out=out)
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     weights = _linears(reloaded)
     assert len(weights) == 14
@@ -82,7 +82,7 @@ def test_every_targeted_layer_pruned_exactly(tiny_dir, calib_file, tmp_path, rec
     assert all(layer["sparsity"] == pytest.approx(0.5, abs=1e-3) for layer in saved["layers"])
     # the folder is a plain HF checkpoint: same logits as the in-memory pruned model
     again = _compress(tiny_dir, calib_file, recipe)
-    assert torch.equal(_logits(reloaded), _logits(load_model(str(tiny_dir), progress=False).model)) is False
+    assert not torch.equal(_logits(reloaded), _logits(load_model(str(tiny_dir), progress=False).model))
     memory = load_model(str(tiny_dir), progress=False)
     for name, result in again["results"].items():
         memory.model.get_submodule(name).weight.data.copy_(result.dense())

@@ -7,7 +7,10 @@ import re
 
 import torch
 
-from lmshrink.quant.sparse import PruneResult  # noqa: F401  (re-exported: the result of every method here)
+from lmshrink.quant.sparse import PruneResult
+
+__all__ = ["PruneResult", "layer_mask", "measured_sparsity", "nm_mask", "parse_pattern", "prune_count",
+           "row_mask", "select_mask"]
 
 _PATTERN = re.compile(r"^(\d+):(\d+)$")
 
