@@ -48,6 +48,9 @@ def test_bench_reports_both_models_side_by_side(record):
         for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s"):
             assert row[key] > 0
         assert row["peak_rss_bytes"] >= row["rss_after_load_bytes"] > 0
+        running = row["peak_rss_running_bytes"]
+        assert running is None or 0 < running <= row["peak_rss_bytes"]
+        assert row["prompt_source"].startswith("enwiki-sample eval text")
         assert len(row["tokens"]) == 5
         assert row["threads"] == 1
     assert first["vs_first"]["decode_speedup"] == 1.0

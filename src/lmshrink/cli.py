@@ -348,13 +348,14 @@ def _cmd_bench(args) -> int:
     table = Table(title=f"bench: {p['prompt_tokens']}-token prompt, {p['new_tokens']} new tokens, {p['threads']} "
                         f"thread(s), median of {p['trials']} interleaved trials")
     for col in ("model", "runtime", "prefill tok/s", "decode tok/s", "decode vs first", "TTFT ms", "peak RSS MiB",
-                "weights MiB", "linear MiB", "linear vs fp16", "greedy = first"):
+                "peak RSS running", "weights MiB", "linear MiB", "linear vs fp16", "greedy = first"):
         table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
     for row in record["models"]:
         size = row["size"]
         table.add_row(row["source"], row["runtime"], f"{row['prefill_tokens_per_s']:.1f}",
                       f"{row['decode_tokens_per_s']:.2f}", f"{row['vs_first']['decode_speedup']:.2f}x",
                       f"{1000 * row['ttft_s']:.0f}", f"{row['peak_rss_bytes'] / 2**20:.0f}",
+                      "-" if row.get("peak_rss_running_bytes") is None else f"{row['peak_rss_running_bytes'] / 2**20:.0f}",
                       f"{size['weight_bytes'] / 2**20:.1f}", f"{size['linear_weight_bytes'] / 2**20:.1f}",
                       f"{row['linear_bytes_vs_fp16']:.3f}", f"{row['same_greedy_prefix_as_first']}/{len(row['tokens'])}")
     console = Console()

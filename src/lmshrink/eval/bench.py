@@ -3,10 +3,12 @@
 Protocol: every model runs in its own worker process (so its peak RSS is its own) with the same number of torch
 threads; the parent runs the trials interleaved (trial 1 of every model, then trial 2, ...), one worker at a time,
 so slow drifts of a shared machine hit all models alike. A trial is a greedy generation without sampling:
-a prompt of ``prompt_tokens`` random token ids (seeded) in one forward pass, then ``new_tokens`` single-token
+a prompt of ``prompt_tokens`` tokens (the packaged held-out Wikipedia text from a seeded offset; seeded random ids
+where it is unavailable) in one forward pass, then ``new_tokens`` single-token
 forward passes with the KV cache. Time to first token = the prefill pass plus the argmax; prefill tokens/s =
 prompt tokens / that time; decode tokens/s = new tokens / the time of the single-token passes. One warm-up trial
-per model is discarded; the medians over the trials are reported with every trial's value.
+per model is discarded; the medians over the trials are reported with every trial's value. Peak RSS is reported
+for the whole process (loading included) and, where Linux allows resetting the counter, for the trials only.
 """
 
 from __future__ import annotations
@@ -54,6 +56,45 @@ def _linear_bytes(model) -> dict[str, int]:
     return {"linear_weight_bytes": total, "linear_weights": weights}
 
 
+def _prompt(tokenizer, vocab_size: int, tokens: int, seed: int):
+    """``tokens`` prompt ids: the packaged held-out Wikipedia text from a seeded offset, else seeded random ids."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        from lmshrink.data import load_text
+
+        source = load_text("enwiki-sample", "eval")
+        ids = tokenizer(source.joined(), add_special_tokens=False, return_tensors="pt").input_ids
+        if ids.shape[1] > tokens:
+            start = int(torch.randint(0, ids.shape[1] - tokens, (1,), generator=generator))
+            return ids[:, start:start + tokens], f"enwiki-sample eval text, {tokens} tokens from a seeded offset"
+    except Exception:  # noqa: BLE001 - any failure falls back to random ids, stated in the protocol
+        pass
+    return torch.randint(0, vocab_size, (1, tokens), generator=generator), "random token ids (seeded)"
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_since_reset() -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class _Runner:
     def __init__(self, source: str, runtime: str, dtype: str, prompt_tokens: int, new_tokens: int, seed: int):
         import torch
@@ -66,9 +107,8 @@ class _Runner:
         self.load_seconds = time.perf_counter() - start
         self.model = self.loaded.model
         self.rss_after_load = _rss_bytes()
-        vocab = int(self.model.config.vocab_size)
-        generator = torch.Generator().manual_seed(seed)
-        self.prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=generator)
+        self.prompt, self.prompt_source = _prompt(self.loaded.tokenizer, int(self.model.config.vocab_size),
+                                                  prompt_tokens, seed)
         self.new_tokens = new_tokens
         params = inspect.signature(self.model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -112,7 +152,10 @@ def _worker_main(argv: list[str]) -> int:
         print(json.dumps({"error": err.message, "fix": err.fix}), flush=True)
         return 0
     info = {"ready": True, "model": runner.loaded.info.to_dict(), "load_seconds": runner.load_seconds,
-            "rss_after_load_bytes": runner.rss_after_load, "size": runner.size, "threads": torch.get_num_threads()}
+            "rss_after_load_bytes": runner.rss_after_load, "size": runner.size, "threads": torch.get_num_threads(),
+            "prompt_source": runner.prompt_source,
+            "peak_rss_loading_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    runner.peak_reset = _reset_peak_rss()
     print(json.dumps(info), flush=True)
     for line in sys.stdin:
         command = line.strip()
@@ -120,7 +163,10 @@ def _worker_main(argv: list[str]) -> int:
             print(json.dumps(runner.trial()), flush=True)
         elif command == "finish":
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            print(json.dumps({"peak_rss_bytes": peak, "rss_bytes": _rss_bytes()}), flush=True)
+            since = _peak_rss_since_reset() if runner.peak_reset else None
+            peak = max(peak, since or 0)  # getrusage may lag the kernel's VmHWM by a few pages
+            print(json.dumps({"peak_rss_bytes": peak, "peak_rss_running_bytes": since, "rss_bytes": _rss_bytes()}),
+                  flush=True)
             return 0
     return 0
 
@@ -254,7 +300,7 @@ def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, 
         row["linear_bytes_vs_fp16"] = row["size"]["linear_weight_bytes"] / (2 * row["size"]["linear_weights"])
     protocol = {
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "trials": trials, "warmup_trials": warmup,
-        "threads": threads, "dtype": dtype, "seed": seed, "prompt": "random token ids (seeded), batch 1",
+        "threads": threads, "dtype": dtype, "seed": seed, "prompt": f"{rows[0]['prompt_source']}, batch 1",
         "decoding": "greedy, KV cache, one token per forward pass",
         "statistic": "median over trials; trials interleaved across models, one worker process per model",
         "kernel_max_rows": DEFAULT_KERNEL_MAX_ROWS,

@@ -520,6 +520,14 @@ def load_quantized_results(folder: str | os.PathLike) -> dict[str, QuantResult]:
     else bits/group size/symmetry from the config) and ``weight`` decoded in float32. Layers stored dense (ignored
     ones, GPT-2 Conv1D) are not included.
     """
+    return dict(iter_quantized_results(folder))
+
+
+def iter_quantized_results(folder: str | os.PathLike, *, decode: bool = True):
+    """``(name, QuantResult)`` of ``load_quantized_results`` one layer at a time (memory for one layer at a time).
+
+    ``decode=False`` leaves ``weight`` empty (for readers that use the codes only).
+    """
     folder = Path(folder)
     config = _read_config(folder)
     quant = (config or {}).get("quantization_config") or {}
@@ -541,7 +549,6 @@ def load_quantized_results(folder: str | os.PathLike) -> dict[str, QuantResult]:
         def tensor(key: str) -> torch.Tensor:
             return handles[files[key]].get_tensor(key)
 
-        results = {}
         for name in names:
             args = _scheme_for(name, quant)
             out_features, in_features = (int(v) for v in tensor(f"{name}.weight_shape").tolist())
@@ -566,11 +573,11 @@ def load_quantized_results(folder: str | os.PathLike) -> dict[str, QuantResult]:
             result = QuantResult(codes=codes, scale=scale.contiguous(), zero=zero.contiguous(), g_idx=g_idx,
                                  weight=torch.empty(0), spec=spec,
                                  info={"format": QUANT_METHOD, "actorder": args.get("actorder")})
-            result.weight = dequantize(codes, result.scale, result.zero, result.group_index())
-            results[name] = result
+            if decode:
+                result.weight = dequantize(codes, result.scale, result.zero, result.group_index())
+            yield name, result
     finally:
         handles.clear()
-    return results
 
 
 __all__ = ["FORMAT", "is_compressed_tensors_folder", "load_quantized_results", "save_quantized"]

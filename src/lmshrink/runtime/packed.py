@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -50,6 +49,18 @@ def replace_linears(model: nn.Module, results: dict[str, QuantResult], *, kernel
     return kinds
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and RSS would include them)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_packed(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                 kernels: bool = True, kernel_max_rows: int = DEFAULT_KERNEL_MAX_ROWS, cache_dense: bool = False):
     """(model, tokenizer, kinds) for a compressed-tensors folder written by lmshrink, quantized layers packed.
@@ -58,7 +69,7 @@ def load_packed(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder, load_quantized_results
+    from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder, iter_quantized_results
     from lmshrink.models.loader import SafetensorsWeights, _MetaParameters, replace_tensor
 
     folder = Path(folder)
@@ -66,9 +77,6 @@ def load_packed(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust
         raise LmshrinkError(f"{folder} is not a compressed checkpoint (config.json has no compressed-tensors "
                             "quantization_config)", fix="runtime='packed' needs a folder written by lmshrink compress; "
                                                         "load other models with runtime='dense'")
-    results = load_quantized_results(folder)
-    config_data = json.loads((folder / "config.json").read_text())
-    config_data.pop("quantization_config", None)
     kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=True)
     config = AutoConfig.from_pretrained(str(folder), **kwargs)
     if hasattr(config, "quantization_config"):
@@ -79,7 +87,7 @@ def load_packed(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust
     if model.can_generate() and (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
     weights = SafetensorsWeights(folder)
-    quantized = {f"{name}.weight" for name in results}
+    quantized = {key[: -len("_packed")] for key in weights.keys() if key.endswith(".weight_packed")}
     for name, tensor in model.state_dict(keep_vars=True).items():
         if tensor.device.type != "meta" or name in quantized or name not in weights:
             continue
@@ -88,8 +96,12 @@ def load_packed(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust
             raise LmshrinkError(f"{folder}: tensor {name} has shape {tuple(stored.shape)}, the model expects "
                                 f"{tuple(tensor.shape)}", fix="check that config.json matches the weights")
         replace_tensor(model, tensor, stored.to(tensor.dtype) if stored.is_floating_point() else stored)
-    kinds = replace_linears(model, results, kernels=kernels, kernel_max_rows=kernel_max_rows,
-                            cache_dense=cache_dense)
+    kinds = {}
+    # one layer at a time: only one layer's unpacked codes exist besides the packed model
+    for name, result in iter_quantized_results(folder, decode=False):
+        kinds.update(replace_linears(model, {name: result}, kernels=kernels, kernel_max_rows=kernel_max_rows,
+                                     cache_dense=cache_dense))
+    _release_freed_memory()
     missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
     if missing:
         raise LmshrinkError(f"{folder} lacks tensors the model needs: {missing[:5]}",

@@ -1,0 +1,69 @@
+"""Per-layer speed of QuantLinear paths vs a dense fp32 Linear, by number of rows (the kernel_max_rows choice).
+
+For SmolLM2-135M's Linear shapes and a w4g32 / w8 grid: the packed kernel path (int4 / int8, bf16 activations),
+the dequantize-per-call path, and a dense fp32 ``F.linear`` on the same weights. Each timing is the median of
+``--repeats`` interleaved repetitions of ``--inner`` calls. Prints one markdown table; timings are for this machine
+and the stated number of threads only.
+
+    python bench/runtime_kernels.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lmshrink.quant.grids import GridSpec
+from lmshrink.methods.quant import rtn_quantize
+from lmshrink.runtime import QuantLinear
+
+SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # (out, in): q/o, k/v, gate/up, down
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rows", default="1,2,4,8,16,64,256")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--inner", type=int, default=10)
+    parser.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    spec = GridSpec(bits=4, group_size=32) if args.bits == 4 else GridSpec(bits=8, group_size=-1, symmetric=True)
+    rows_list = [int(r) for r in args.rows.split(",")]
+    print(f"threads {args.threads}, cpu capability {torch.backends.cpu.get_cpu_capability()}, torch "
+          f"{torch.__version__}, load average {os.getloadavg()[0]:.2f} at start, grid {spec.bits}-bit group "
+          f"{spec.group_size}; median of {args.repeats} interleaved repeats of {args.inner} calls, microseconds")
+    print("| out x in | rows | packed kernel | dequantize + matmul | dense fp32 | kernel / dense |")
+    print("|---|---|---|---|---|---|")
+    generator = torch.Generator().manual_seed(0)
+    for out_features, in_features in SHAPES:
+        result = rtn_quantize(torch.randn(out_features, in_features, generator=generator) * 0.05, spec)
+        kernel = QuantLinear.from_result(result, kernel_max_rows=1 << 30)
+        dequant = QuantLinear.from_result(result, kernel_max_rows=0)
+        dense = result.weight.clone()
+        for rows in rows_list:
+            x = torch.randn(rows, in_features, generator=generator)
+            calls = {"kernel": lambda: kernel(x), "dequant": lambda: dequant(x), "dense": lambda: F.linear(x, dense)}
+            times: dict[str, list[float]] = {k: [] for k in calls}
+            with torch.inference_mode():
+                for f in calls.values():
+                    f()
+                for _ in range(args.repeats):
+                    for key, f in calls.items():
+                        start = time.perf_counter()
+                        for _ in range(args.inner):
+                            f()
+                        times[key].append((time.perf_counter() - start) / args.inner * 1e6)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            print(f"| {out_features} x {in_features} | {rows} | {med['kernel']:.0f} | {med['dequant']:.0f} | "
+                  f"{med['dense']:.0f} | {med['kernel'] / med['dense']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
