@@ -138,7 +138,7 @@ def test_packed_model_logits_close_to_the_dense_dequantized_model(tmp_path, spec
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = model(ids).logits
-        prefill = packed(ids).logits  # 12 rows: the dequantized path (fp32 matmul, bf16-rounded scales)
+        prefill = packed(ids).logits  # 12 rows in one call
         # token by token through the kernels with a KV cache
         past, steps = None, []
         for position in range(ids.shape[1]):

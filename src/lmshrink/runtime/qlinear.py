@@ -30,8 +30,10 @@ from lmshrink.quant.grids import QuantResult, dequantize
 
 INT4_GROUPS = (256, 128, 64, 32)
 KERNEL_DTYPE = torch.bfloat16
-# rows up to which the packed kernels beat decode + dense matmul (bench/runtime_kernels.py, 1 thread, AVX2)
-DEFAULT_KERNEL_MAX_ROWS = 4
+# Rows up to which the packed kernel beats decoding the weight + a dense matmul: bench/runtime_kernels.py on
+# SmolLM2's shapes, w4g32, 1 thread, AVX2 (shared machine): the kernel was faster up to 64 rows (about equal at 64
+# for 576x576 and 192x576) and 1.5x slower at 256.
+DEFAULT_KERNEL_MAX_ROWS = 64
 
 
 def _has_op(name: str) -> bool:
