@@ -9,6 +9,7 @@ group's input is seen.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import time
@@ -29,6 +30,13 @@ from ..recipe import GPTQStage, MagnitudeStage, PruneStage, QuantStage, Recipe, 
 from .capture import _StopForward, capture_block_inputs, run_block
 from .checkpoint import Checkpoint
 from .offload import BlockStreamer
+from .replay import PassMemo
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all threads): less sensitive to other jobs than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def peak_rss_bytes() -> int:
@@ -44,6 +52,7 @@ class EngineResult:
     peak_rss_bytes: int
     resumed_from_block: int = 0
     blocks: int = 0
+    cpu_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
 
@@ -58,10 +67,11 @@ def _to_device(value, device):
 
 
 def _collect(block: nn.Module, modules: dict[str, nn.Module], hidden: list[torch.Tensor], args: tuple, kwargs: dict,
-             device, stop_at: str | None) -> dict[str, HessianAccumulator]:
+             device, stop_at: str | None, memo: PassMemo | None = None) -> dict[str, HessianAccumulator]:
     """Run the windows through ``block`` and accumulate each named module's input Hessian.
 
     ``stop_at``: the module after whose input the pass can stop (the rest of the block is not needed).
+    ``memo``: reuses the work of earlier passes over the same windows (see ``replay``).
     """
     accumulators = {name: HessianAccumulator(linear_dims(m)[1], device=device) for name, m in modules.items()}
     handles = []
@@ -73,7 +83,9 @@ def _collect(block: nn.Module, modules: dict[str, nn.Module], hidden: list[torch
         handles.append(module.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            for h in hidden:
+            for batch, h in enumerate(hidden):
+                if memo is not None:
+                    memo.set_batch(batch)
                 try:
                     run_block(block, h.to(device), args, kwargs)
                 except _StopForward:
@@ -82,6 +94,12 @@ def _collect(block: nn.Module, modules: dict[str, nn.Module], hidden: list[torch
         for handle in handles:
             handle.remove()
     return accumulators
+
+
+def _final_forward(block, batch, h, args, kwargs, device, memo):
+    if memo is not None:
+        memo.set_batch(batch)
+    return run_block(block, h.to(device), args, kwargs).to("cpu")
 
 
 # Masks of the layers pruned in the current block, for a later stage that must keep their zeros (prune, then GPTQ).
@@ -140,7 +158,7 @@ class Engine:
     def __init__(self, model: nn.Module, adapter: ModelAdapter, recipe: Recipe, calibration: torch.Tensor,
                  device: str | torch.device = "cpu", checkpoint: Checkpoint | None = None, resume: bool = False,
                  progress: bool = True, on_block_done: Callable[[int], None] | None = None, batch_size: int = 8,
-                 streamer: BlockStreamer | None = None):
+                 streamer: BlockStreamer | None = None, reuse_passes: bool = True):
         self.model = model
         self.adapter = adapter
         self.recipe = recipe
@@ -152,6 +170,8 @@ class Engine:
         self.on_block_done = on_block_done
         self.batch_size = batch_size  # windows per block call: fewer, larger matmuls (same results)
         self.streamer = streamer
+        self.reuse_passes = reuse_passes  # skip work repeated between passes (PassMemo); same results
+        self._verified: dict = {}
 
     def _owl_allocation(self, blocks, hidden: list[torch.Tensor], captured) -> dict[tuple[int, int], float]:
         """For each OWL stage, every block's sparsity from a dense pre-pass: ``{(stage number, block): sparsity}``.
@@ -214,6 +234,7 @@ class Engine:
         from tqdm.auto import tqdm
 
         started = time.perf_counter()
+        cpu_started = cpu_seconds()
         blocks = self.adapter.blocks(self.model)
         prefix = self.adapter.block_path(self.model)
         self.model.eval()
@@ -251,33 +272,45 @@ class Engine:
             args = _to_device(captured.args[index], self.device)
             kwargs = _to_device(captured.kwargs[index], self.device)
             block_results: dict[str, QuantResult] = {}
-            for stage, groups in self._block_plan(index, block):
-                sequential = getattr(stage, "true_sequential", False)
-                passes = [[g] for g in groups] if sequential else [groups]
-                for pass_groups in passes:
-                    firsts = {g[0]: block.get_submodule(g[0]) for g in pass_groups}
-                    stats = _collect(block, firsts, hidden, args, kwargs, self.device, stop_at=pass_groups[-1][0])
-                    for group in pass_groups:
-                        hessian = stats[group[0]].hessian
-                        for name in group:
-                            module = block.get_submodule(name)
-                            t0 = time.perf_counter()
-                            result = _solve(stage, module, hessian)
-                            set_linear_weight(module, result.weight.to(linear_weight(module).dtype))
-                            full = f"{prefix}.{index}.{name}"
-                            block_results[full] = result
-                            out_f, in_f = linear_dims(module)
-                            layers.append({"name": full, "block": index, "method": stage.method,
-                                           "out_features": out_f, "in_features": in_f,
-                                           "rel_output_error": result.rel_output_error,
-                                           "seconds": round(time.perf_counter() - t0, 4),
-                                           "tokens": stats[group[0]].tokens,
-                                           **{k: v for k, v in (result.info or {}).items()
-                                              if k in ("damp_percent", "damp", "damp_retries", "dead_columns",
-                                                       "loss", "sparsity", "target_sparsity", "pattern")}})
-                    del stats
-            with torch.no_grad():
-                hidden = [run_block(block, h.to(self.device), args, kwargs).to("cpu") for h in hidden]
+            all_groups = self.adapter.linear_groups(block)
+            group_of = {name: i for i, group in enumerate(all_groups) for name in group}
+            memo = PassMemo(block, all_groups, self._verified) if self.reuse_passes else None
+            with memo if memo is not None else contextlib.nullcontext():
+                for stage, groups in self._block_plan(index, block):
+                    sequential = getattr(stage, "true_sequential", False)
+                    passes = [[g] for g in groups] if sequential else [groups]
+                    for pass_groups in passes:
+                        firsts = {g[0]: block.get_submodule(g[0]) for g in pass_groups}
+                        if memo is not None:
+                            memo.begin_pass({group_of[g[0]] for g in pass_groups})
+                        stats = _collect(block, firsts, hidden, args, kwargs, self.device, stop_at=pass_groups[-1][0],
+                                         memo=memo)
+                        if memo is not None:
+                            memo.end_pass()
+                        for group in pass_groups:
+                            hessian = stats[group[0]].hessian
+                            for name in group:
+                                module = block.get_submodule(name)
+                                t0 = time.perf_counter()
+                                result = _solve(stage, module, hessian)
+                                set_linear_weight(module, result.weight.to(linear_weight(module).dtype))
+                                full = f"{prefix}.{index}.{name}"
+                                block_results[full] = result
+                                out_f, in_f = linear_dims(module)
+                                layers.append({"name": full, "block": index, "method": stage.method,
+                                               "out_features": out_f, "in_features": in_f,
+                                               "rel_output_error": result.rel_output_error,
+                                               "seconds": round(time.perf_counter() - t0, 4),
+                                               "tokens": stats[group[0]].tokens,
+                                               **{k: v for k, v in (result.info or {}).items()
+                                                  if k in ("damp_percent", "damp", "damp_retries", "dead_columns",
+                                                           "loss", "sparsity", "target_sparsity", "pattern")}})
+                        del stats
+                if memo is not None:
+                    memo.begin_pass(None)
+                with torch.no_grad():
+                    hidden = [_final_forward(block, b, h, args, kwargs, self.device, memo)
+                              for b, h in enumerate(hidden)]
             if self.streamer is not None:
                 self.streamer.release(block)
                 for result in block_results.values():
@@ -297,4 +330,5 @@ class Engine:
                 self.on_block_done(index)
         bar.close()
         return EngineResult(results=results, layers=layers, seconds=time.perf_counter() - started,
-                            peak_rss_bytes=peak_rss_bytes(), resumed_from_block=first, blocks=len(blocks))
+                            peak_rss_bytes=peak_rss_bytes(), resumed_from_block=first, blocks=len(blocks),
+                            cpu_seconds=cpu_seconds() - cpu_started)
