@@ -1,0 +1,107 @@
+"""Pruning quality and cost on a real model (protocol P1), one table.
+
+    python bench/prune.py --data-dir ../shared/data                                 # P1, the default recipes
+    python bench/prune.py --recipes magnitude50,sparse50 --nsamples 8 --limit 4     # a quick smoke run
+
+Protocol P1: model smollm2-135m (fp32); calibration NSAMPLES windows x 512 tokens from C4 (the shared shard
+excerpt), GPTQ sampling, seed 0; evaluation: WikiText-2 test ("\\n\\n"-joined rows), the first 40 non-overlapping
+512-token windows, and the held-out split of the packaged enwiki-sample (text not in ../shared/data), same windows.
+Each recipe is compressed in its own process (`lmshrink compress ... -o DIR`) and the saved checkpoint is loaded
+back through transformers for evaluation (`lmshrink evaluate DIR --kl-base MODEL`), so the numbers are those of
+the files a user gets. KL(base || model) is on the WikiText-2 windows. "measured sparsity" is the fraction of exact
+zeros in the decoder-block linear weights of the reloaded checkpoint (what `lmshrink evaluate` reports); "N:M" lists
+the patterns every sparse layer satisfies. Seconds: the compress call's own time (model loading excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+DEFAULT_RECIPES = ("magnitude50,wanda50,sparse50,owl-wanda50,owl-sparse50,magnitude-2:4,wanda-2:4,2:4,4:8,"
+                   "sparse50-w4g128,sparse50-then-w4g128")
+
+
+def _run(cmd: list[str]) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
+
+
+def _describe(record: dict) -> tuple[str, str]:
+    """(method, pattern) of a recipe record, e.g. ('sparsegpt + owl', 'unstructured 50%')."""
+    methods, patterns = [], []
+    for stage in record["recipe"]["stages"]:
+        name = stage["method"]
+        if stage.get("allocation") == "owl":
+            name += " (owl)"
+        if stage.get("bits"):
+            name += f" + w{stage['bits']}g{stage['group_size']}"
+        methods.append(name)
+        if "pattern" in stage:
+            patterns.append(stage["pattern"] if stage["pattern"] != "unstructured"
+                            else f"unstructured {100 * stage['sparsity']:.0f}%")
+    return " then ".join(methods), ", ".join(patterns)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--recipes", default=DEFAULT_RECIPES)
+    parser.add_argument("--calib", default="c4")
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--limit", type=int, default=40, help="evaluation windows per text set")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=os.environ.get("LMSHRINK_DATA", "../shared/data"))
+    parser.add_argument("--workdir", help="keep the checkpoints here (default: a temporary folder)")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    cli = [sys.executable, "-m", "lmshrink.cli"]
+    sets = "wikitext2,enwiki-sample"
+    evaluate = ["--ppl", sets, "--seqlen", str(args.seqlen), "--limit", str(args.limit), "--data-dir", args.data_dir,
+                "--json", "--quiet"]
+    rows = []
+    dense = _run(cli + ["evaluate", args.model] + evaluate)
+    rows.append({"recipe": "dense fp32", "method": "-", "pattern": "-", "wikitext2": dense["perplexity"][0]["ppl"],
+                 "enwiki": dense["perplexity"][1]["ppl"], "kl": 0.0, "sparsity": dense["sparsity"]["overall"],
+                 "nm": dense["sparsity"]["nm_patterns"], "seconds": None})
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        for recipe in args.recipes.split(","):
+            out = work / recipe.replace(":", "-")
+            record = _run(cli + ["compress", args.model, "--recipe", recipe, "--calib", args.calib,
+                                 "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed",
+                                 str(args.seed), "--data-dir", args.data_dir, "-o", str(out), "--overwrite", "--json",
+                                 "--quiet"])
+            result = _run(cli + ["evaluate", str(out), "--kl-base", args.model] + evaluate)
+            method, pattern = _describe(record)
+            rows.append({"recipe": recipe, "method": method, "pattern": pattern,
+                         "wikitext2": result["perplexity"][0]["ppl"], "enwiki": result["perplexity"][1]["ppl"],
+                         "kl": result["kl"]["kl_mean"], "sparsity": result["sparsity"]["overall"],
+                         "nm": result["sparsity"]["nm_patterns"], "seconds": record["summary"]["seconds"],
+                         "owl": (record.get("sparsity") or {}).get("owl_block_sparsity")})
+            print(f"done {recipe}: wikitext2 {rows[-1]['wikitext2']:.3f}", file=sys.stderr, flush=True)
+    print(f"P1: {args.model}; calibration {args.nsamples} x {args.seqlen} tokens of {args.calib} (seed {args.seed}); "
+          f"evaluation first {args.limit} windows x {args.seqlen} of WikiText-2 test and enwiki-sample eval; "
+          f"KL on WikiText-2; torch {dense['environment']['torch']}, {dense['environment']['threads']} threads")
+    print("| recipe | method | pattern | wikitext2 ppl | enwiki-sample ppl | KL to base | measured sparsity | N:M "
+          "| compress s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        secs = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        sparsity = "" if r["sparsity"] is None else f"{100 * r['sparsity']:.2f}%"
+        print(f"| {r['recipe']} | {r['method']} | {r['pattern']} | {r['wikitext2']:.3f} | {r['enwiki']:.3f} "
+              f"| {r['kl']:.4f} | {sparsity} | {' '.join(r['nm']) or '-'} | {secs} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
