@@ -88,7 +88,9 @@ def main() -> None:
                          "nm": result["sparsity"]["nm_patterns"], "seconds": record["summary"]["seconds"],
                          "owl": (record.get("sparsity") or {}).get("owl_block_sparsity")})
             print(f"done {recipe}: wikitext2 {rows[-1]['wikitext2']:.3f}", file=sys.stderr, flush=True)
-    print(f"P1: {args.model}; calibration {args.nsamples} x {args.seqlen} tokens of {args.calib} (seed {args.seed}); "
+    p1 = (args.model, args.calib, args.nsamples, args.seqlen, args.limit, args.seed) == ("smollm2-135m", "c4", 64, 512,
+                                                                                          40, 0)
+    print(f"{'P1' if p1 else 'not P1 (changed settings)'}: {args.model}; calibration {args.nsamples} x {args.seqlen} tokens of {args.calib} (seed {args.seed}); "
           f"evaluation first {args.limit} windows x {args.seqlen} of WikiText-2 test and enwiki-sample eval; "
           f"KL on WikiText-2; torch {dense['environment']['torch']}, {dense['environment']['threads']} threads")
     print("| recipe | method | pattern | wikitext2 ppl | enwiki-sample ppl | KL to base | measured sparsity | N:M "
