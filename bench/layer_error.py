@@ -6,6 +6,7 @@ Protocol: calibration = 16 windows x 512 tokens drawn (seed 0) from ../shared/da
 ``||(W-Q)X||^2 / ||WX||^2`` on calibration and held-out inputs, and the solve time.
 
     python bench/layer_error.py [--block 5] [--layers self_attn.q_proj mlp.down_proj] [--windows 16]
+    python bench/layer_error.py --variants refit --layers self_attn.q_proj self_attn.o_proj mlp.up_proj mlp.down_proj
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from lmshrink.methods.quant import gptq_quantize, rtn_quantize
+from lmshrink.methods.quant.refit import refit_scales
 from lmshrink.methods.solver import HessianAccumulator, output_error
 from lmshrink.quant import GridSpec
 
@@ -53,8 +55,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--heldout", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--variants", choices=["methods", "options"], default="methods",
-                        help="methods: RTN vs GPTQ variants; options: clip weighting and damping of act-order+static")
+    parser.add_argument("--variants", choices=["methods", "options", "refit"], default="methods",
+                        help="methods: RTN vs GPTQ variants; options: clip weighting and damping of act-order+static; "
+                             "refit: least-squares scales after the sweep")
     parser.add_argument("--cache", type=Path, default=None, help="reuse/store the Hessians in this .pt file")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -92,7 +95,16 @@ def main() -> None:
         ("rtn", lambda w, h, s: rtn_quantize(w, s, h, clip_weighted=False)),
         ("rtn clip-weighted", lambda w, h, s: rtn_quantize(w, s, h, clip_weighted=True)),
     ]
-    variants = methods if args.variants == "methods" else options
+    def refitted(w, h, s):
+        result = gptq_quantize(w, h, s)
+        refit_scales(result, w, h)
+        return result
+
+    refit = [
+        ("gptq act+static", lambda w, h, s: gptq_quantize(w, h, s)),
+        ("gptq act+static + refit scales", refitted),
+    ]
+    variants = {"methods": methods, "options": options, "refit": refit}[args.variants]
     modules = dict(model.named_modules())
     print(f"| layer | grid | variant | rel err calib | rel err held-out | seconds |")
     print("|---|---|---|---|---|---|")

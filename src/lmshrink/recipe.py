@@ -71,6 +71,7 @@ class GPTQStage(QuantStage):
     damp_percent: float = Field(0.01, gt=0, le=1, description="damping: this fraction of the mean Hessian diagonal")
     block_size: int = Field(128, ge=1, description="columns per lazy-update block")
     true_sequential: bool = Field(True, description="re-collect inputs after each group of layers is compressed")
+    refit_scales: bool = Field(False, description="after the sweep, least-squares group scales for the chosen codes")
 
 
 class PruneStage(StageBase):

@@ -136,7 +136,8 @@ def _solve(stage: StageBase, module: nn.Module, hessian: torch.Tensor) -> QuantR
                                     static_groups=stage.static_groups)
         else:
             result = gptq_quantize(weight, hessian, spec, damp_percent=stage.damp_percent, block_size=stage.block_size,
-                                   act_order=stage.act_order, static_groups=stage.static_groups)
+                                   act_order=stage.act_order, static_groups=stage.static_groups,
+                                   refit=stage.refit_scales)
         result.info = {**(result.info or {}), "act_order": stage.act_order, "static_groups": stage.static_groups}
     else:
         result = rtn_quantize(weight, spec, hessian=hessian)
@@ -304,7 +305,8 @@ class Engine:
                                                "tokens": stats[group[0]].tokens,
                                                **{k: v for k, v in (result.info or {}).items()
                                                   if k in ("damp_percent", "damp", "damp_retries", "dead_columns",
-                                                           "loss", "sparsity", "target_sparsity", "pattern")}})
+                                                           "loss", "sparsity", "target_sparsity", "pattern",
+                                                           "refit_rows", "rel_output_error_before_refit")}})
                         del stats
                 if memo is not None:
                     memo.begin_pass(None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lmshrink.methods.quant.refit import refit_scales
 from lmshrink.methods.solver import ColumnRule, Sweep, solve_columns
 from lmshrink.quant.grids import GridSpec, QuantResult, fit_grid_float, fit_groups_float, group_index
 
@@ -70,14 +71,16 @@ def gptq_quantize(
     static_groups: bool = True,
     clip_weighted: bool = True,
     cholesky_dtype: torch.dtype = torch.float32,
+    refit: bool = False,
 ) -> QuantResult:
     """Quantize ``weight`` (``[out, in]``) with GPTQ given the layer's Hessian ``X^T X`` (``[in, in]``, fp32).
 
     act_order: quantize columns by decreasing Hessian diagonal (``desc_act``). static_groups: group grids fitted
     on the original weights before the sweep, so with act-order ``g_idx`` stays contiguous (returned as None);
     without static groups and with act-order ``g_idx`` is a real permuted map. clip_weighted: with
-    ``spec.clip_search``, weight the clip search by the Hessian diagonal. ``info`` records the solver's loss,
-    final damping, retries, dead inputs and time.
+    ``spec.clip_search``, weight the clip search by the Hessian diagonal. refit: after the sweep, replace the
+    group scales by the least-squares ones for the chosen codes (``refit.refit_scales``). ``info`` records the
+    solver's loss, final damping, retries, dead inputs and time.
     """
     rule = GridRule(spec, static_groups=static_groups, clip_weighted=clip_weighted)
     result = solve_columns(weight, hessian, rule, damp_percent=damp_percent, block_size=block_size,
@@ -88,5 +91,9 @@ def gptq_quantize(
     contiguous = group_index(weight.shape[1], rule.width, rule.g_idx.device)
     g_idx = None if torch.equal(rule.g_idx, contiguous) else rule.g_idx
     info = {"method": "gptq", "static_groups": rule.static_groups, **result.info()}
-    return QuantResult(codes=codes, scale=rule.scale, zero=rule.zero.to(torch.uint8), g_idx=g_idx,
-                       weight=result.weight, spec=spec, rel_output_error=result.rel_output_error, info=info)
+    quantized = QuantResult(codes=codes, scale=rule.scale, zero=rule.zero.to(torch.uint8), g_idx=g_idx,
+                            weight=result.weight, spec=spec, rel_output_error=result.rel_output_error, info=info)
+    if refit:
+        info.update(refit_scales(quantized, weight, hessian))
+        info["rel_output_error"] = quantized.rel_output_error
+    return quantized
