@@ -53,7 +53,15 @@ class BlockInputs:
 
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor,
                          device: torch.device) -> BlockInputs:
-    """Run every window up to block 0 (the first through all blocks) and keep what the blocks receive."""
+    """Run every window up to block 0 (the first through all blocks) and keep what the blocks receive.
+
+    The windows go where the model's input embeddings are (the rest of the model stays put; with ``--device cuda``
+    only the block being compressed moves to the GPU, and the engine moves the captured arguments with it).
+    ``device`` is used only when the model has no input embeddings to ask.
+    """
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        device = embeddings.weight.device
     store = BlockInputs()
     originals = list(blocks)
     for i, block in enumerate(originals):

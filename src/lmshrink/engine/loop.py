@@ -10,6 +10,7 @@ group's input is seen.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import resource
 import sys
 import time
@@ -94,6 +95,15 @@ def _collect(block: nn.Module, modules: dict[str, nn.Module], hidden: list[torch
         for handle in handles:
             handle.remove()
     return accumulators
+
+
+def _on_cpu(result):
+    """The result with its tensors moved to CPU (results are kept, written and checkpointed from CPU memory)."""
+    for f in dataclasses.fields(result):
+        value = getattr(result, f.name)
+        if isinstance(value, torch.Tensor):
+            setattr(result, f.name, value.to("cpu"))
+    return result
 
 
 def _final_forward(block, batch, h, args, kwargs, device, memo):
@@ -296,7 +306,7 @@ class Engine:
                                 result = _solve(stage, module, hessian)
                                 set_linear_weight(module, result.weight.to(linear_weight(module).dtype))
                                 full = f"{prefix}.{index}.{name}"
-                                block_results[full] = result
+                                block_results[full] = _on_cpu(result) if self.device.type != "cpu" else result
                                 out_f, in_f = linear_dims(module)
                                 layers.append({"name": full, "block": index, "method": stage.method,
                                                "out_features": out_f, "in_features": in_f,
