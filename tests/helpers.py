@@ -39,3 +39,16 @@ def tiny_llama(seed: int = 0, **overrides) -> torch.nn.Module:
     cfg.update(overrides)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg))
     return model.eval()
+
+
+def save_tiny_llama(path, seed: int = 0, save_kwargs: dict | None = None, **overrides):
+    """Save ``tiny_llama(seed, **overrides)`` and the tiny tokenizer as a Hugging Face folder at ``path``."""
+    tiny_llama(seed=seed, **overrides).save_pretrained(path, **(save_kwargs or {}))
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_calibration_text(path, sentence: str = "Quantization rounds weights to a grid."):
+    """A small plain-text calibration file (six paragraphs of a repeated sentence) at ``path``."""
+    path.write_text((f"The quick brown fox jumps over the lazy dog. {sentence} " * 12 + "\n\n") * 6)
+    return path

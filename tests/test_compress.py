@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import tiny_llama, tiny_tokenizer
+from helpers import save_tiny_llama, write_calibration_text
 from lmshrink import compress, load_model
 from lmshrink.cli import main
 from lmshrink.formats import load_quantized_results
@@ -23,18 +23,13 @@ def _tree_digest(folder):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-in")
-    tiny_llama(num_hidden_layers=2, hidden_size=128, intermediate_size=256).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-in"), num_hidden_layers=2, hidden_size=128,
+                           intermediate_size=256)
 
 
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "calib.txt"
-    path.write_text(("The quick brown fox jumps over the lazy dog. Quantization rounds weights to a grid. " * 12
-                     + "\n\n") * 6)
-    return path
+    return write_calibration_text(tmp_path_factory.mktemp("text") / "calib.txt")
 
 
 def test_cli_compress_then_transformers_loads_identical_logits(tiny_dir, calib_file, tmp_path, capsys):

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from helpers import tiny_llama, tiny_tokenizer
+from helpers import save_tiny_llama, write_calibration_text
 from lmshrink import compress, load_model
 from lmshrink.engine.offload import materialised_blocks
 from lmshrink.errors import LmshrinkError
@@ -25,21 +25,16 @@ KINDS = ["single", "sharded", "tied"]
 def folders(tmp_path_factory):
     made = {}
     for kind in KINDS:
-        path = tmp_path_factory.mktemp(f"in-{kind}")
-        model = tiny_llama(seed=3, num_hidden_layers=3, tie_word_embeddings=kind == "tied")
-        model.save_pretrained(path, **({"max_shard_size": "50KB"} if kind == "sharded" else {}))
-        tiny_tokenizer().save_pretrained(path)
-        made[kind] = path
+        made[kind] = save_tiny_llama(tmp_path_factory.mktemp(f"in-{kind}"), seed=3, num_hidden_layers=3,
+                                     tie_word_embeddings=kind == "tied",
+                                     save_kwargs={"max_shard_size": "50KB"} if kind == "sharded" else None)
     assert (made["sharded"] / "model.safetensors.index.json").is_file()
     return made
 
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "calib.txt"
-    path.write_text(("The quick brown fox jumps over the lazy dog. Quantization rounds weights to a grid. " * 12
-                     + "\n\n") * 6)
-    return f"file:{path}"
+    return f"file:{write_calibration_text(tmp_path_factory.mktemp('text') / 'calib.txt')}"
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from helpers import tiny_llama, tiny_tokenizer
+from helpers import save_tiny_llama, write_calibration_text
 from lmshrink import compress, evaluate, load_model
 from lmshrink.cli import main
 from lmshrink.formats import load_quantized_results
@@ -19,18 +19,14 @@ from lmshrink.models.adapters import iter_linears
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-prune")
-    tiny_llama(num_hidden_layers=2, hidden_size=64, intermediate_size=128).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-prune"), num_hidden_layers=2, hidden_size=64,
+                           intermediate_size=128)
 
 
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "calib.txt"
-    path.write_text(("The quick brown fox jumps over the lazy dog. Pruning sets some weights to zero. " * 12
-                     + "\n\n") * 6)
-    return path
+    return write_calibration_text(tmp_path_factory.mktemp("text") / "calib.txt",
+                                  "Pruning sets some weights to zero.")
 
 
 def _compress(tiny_dir, calib_file, recipe, out=None, **kw):
