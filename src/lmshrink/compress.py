@@ -109,9 +109,27 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
             print(f"lmshrink: nothing to resume in {checkpoint.folder}; starting from block 1",
                   file=sys.stderr)
     streamer = BlockStreamer(model.model, model.weights, adapter.block_path(model.model)) if streamed else None
-    engine = Engine(model.model, adapter, recipe, windows.input_ids, device=device, checkpoint=checkpoint,
+    # -- recovery (methods/recover): the engine runs the stages before the first recover stage; the recover
+    # stages (and any compression stages after them) run on the whole model after it, against a copy of the
+    # uncompressed model (the teacher).
+    from .methods.recover import run_recovery, snapshot_teacher, split_phases
+
+    engine_recipe, recover_phases = split_phases(recipe)
+    if recover_phases and streamed:
+        raise LmshrinkError("recover stages train on the whole model, which offload='disk' never holds in memory",
+                            fix="compress without --offload disk, or drop the recover stages")
+    teacher = snapshot_teacher(model.model) if recover_phases else None
+    engine = Engine(model.model, adapter, engine_recipe, windows.input_ids, device=device, checkpoint=checkpoint,
                     resume=resume, progress=progress, on_block_done=on_block_done, streamer=streamer)
     result = engine.run()
+    recovery, adapter_files = [], {}
+    if recover_phases:
+        recovery, adapter_files = run_recovery(
+            model.model, model.tokenizer, teacher, adapter, recover_phases, result, windows.input_ids,
+            default_data=calib_name, data_dir=data_dir, device=device, progress=progress,
+            max_context=model.info.max_context)
+        del teacher
+    # -- end recovery
     errors = [layer["rel_output_error"] for layer in result.layers if layer["rel_output_error"] is not None]
     record: dict[str, Any] = {
         "recipe": recipe.to_dict(),
@@ -127,6 +145,8 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
         "warnings": notes,
         "environment": environment(),
     }
+    if recovery:
+        record["recover"] = recovery
     sparsity = _sparsity_summary(result.layers)
     if sparsity is not None:
         owl = getattr(engine, "owl_sparsities", {})
@@ -143,6 +163,13 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
                        extra_files={"lmshrink.json": json.dumps(record, indent=1, default=str)},
                        overwrite=overwrite or resume,
                        source_tensors=model.weights.get if streamed else None)
+        if adapter_files:  # a final recover stage with merge: false: the adapters in PEFT format beside the model
+            from .formats.atomic import atomic_directory
+            from .methods.recover import ADAPTER_FOLDER
+
+            with atomic_directory(out_dir / ADAPTER_FOLDER, overwrite=True) as staging:
+                for filename, content in adapter_files.items():
+                    (staging / filename).write_bytes(content)
         checkpoint.remove()
         record["output"] = str(out_dir)
     record["results"] = result.results

@@ -166,10 +166,57 @@ class SparseGPTStage(PruneStage):
                         clip_search=self.clip_search, clip_norm=self.clip_norm, scale_dtype=self.scale_dtype)
 
 
+class RecoverStage(StageBase):
+    """Recovery after compression: distil the uncompressed model (teacher) into LoRA adapters on the compressed model
+    (student), then merge them (keeping pruned zeros and quantization grids) or save them in PEFT format.
+
+    Runs on the whole model after the block-by-block stages before it (see ``methods/recover``).
+    """
+
+    method: Literal["recover"] = "recover"
+    targets: list[str] = Field(default_factory=lambda: ["all-linear"],
+                               description="'all-linear' (every decoder-block linear) or module-name patterns")
+    teacher: Literal["base"] = Field("base", description="the uncompressed model the recipe started from")
+    loss: Literal["kl"] = Field("kl", description="KL(teacher || student) on next-token distributions")
+    lm_weight: float = Field(0.0, ge=0, description="weight of the student's next-token cross-entropy added to KL")
+    temperature: float = Field(1.0, gt=0, le=100, description="softmax temperature of both distributions in the "
+                               "KL (the loss is scaled by temperature**2)")
+    rank: int = Field(16, ge=1, le=4096, description="LoRA rank")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha: the update is B@A * alpha/rank")
+    steps: int = Field(200, ge=1, description="optimizer steps (at most; early stopping may end sooner)")
+    lr: float = Field(2e-4, gt=0, le=1, description="AdamW learning rate (cosine decay to 0 over the steps)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the adapters")
+    batch: int = Field(4, ge=1, description="windows per optimizer step")
+    seqlen: int = Field(512, ge=8, description="tokens per training and evaluation window")
+    data: str | None = Field(None, description="text set for training and held-out windows (default: the "
+                             "calibration text)")
+    eval_windows: int = Field(8, ge=1, description="held-out windows (documents not used for training)")
+    eval_every: int | None = Field(None, ge=1, description="steps between held-out evaluations (default steps/8)")
+    patience: int = Field(2, ge=0, description="stop after this many evaluations without a better held-out KL "
+                          "(0: never stop early); the best adapters are kept")
+    merge: bool = Field(True, description="merge the adapters into the weights (pruned zeros and grids kept); "
+                        "false: save them in PEFT format in <output>/adapter")
+    seed: int = 0
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _targets(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    def selects(self, name: str) -> bool:
+        if "all-linear" in self.targets:
+            return not any(_match(p, name) for p in self.ignore)
+        return super().selects(name)
+
+    def eval_interval(self) -> int:
+        return self.eval_every or max(1, self.steps // 8)
+
+
 STAGES: dict[str, type[StageBase]] = {"rtn": RTNStage, "gptq": GPTQStage, "magnitude": MagnitudeStage,
-                                      "wanda": WandaStage, "sparsegpt": SparseGPTStage}
+                                      "wanda": WandaStage, "sparsegpt": SparseGPTStage, "recover": RecoverStage}
 QUANT_METHODS = {"rtn", "gptq"}
 PRUNE_METHODS = {"magnitude", "wanda", "sparsegpt"}
+RECOVER_METHODS = {"recover"}
 
 
 def quantizes(stage: StageBase) -> bool:
@@ -261,6 +308,11 @@ PRESETS: dict[str, dict] = {
     "sparse50-then-w4g128": {"stages": [{"method": "sparsegpt", "sparsity": 0.5}, _quant("gptq", 4, 128)]},
     "owl-sparse50": {"stages": [{"method": "sparsegpt", "sparsity": 0.5, "allocation": "owl"}]},
     "owl-wanda50": {"stages": [{"method": "wanda", "sparsity": 0.5, "allocation": "owl"}]},
+    "sparse50+recover": {"stages": [{"method": "sparsegpt", "sparsity": 0.5}, {"method": "recover"}]},
+    "2:4+recover": {"stages": [{"method": "sparsegpt", "pattern": "2:4"}, {"method": "recover"}]},
+    "w3g128+recover": {"stages": [_quant("gptq", 3, 128), {"method": "recover"}]},
+    "iterative-sparse": {"stages": [{"method": "sparsegpt", "sparsity": 0.3}, {"method": "recover", "steps": 100},
+                                    {"method": "sparsegpt", "sparsity": 0.5}, {"method": "recover", "steps": 100}]},
 }
 
 
@@ -292,13 +344,30 @@ def check_recipe(recipe: Recipe, layers: list[tuple[str, int]]) -> None:
     """
     selected: dict[str, int] = {}
     pruned: dict[str, int] = {}
+    pruned_before_recover: dict[str, int] = {}  # layers pruned in an earlier phase (before a recover stage)
     for index, stage in enumerate(recipe.stages):
         names = [(n, width) for n, width in layers if stage.selects(n)]
         if not names:
             raise RecipeError(f"stage {index + 1} ({stage.method}) selects no layer "
                               f"(targets {stage.targets}, ignore {stage.ignore})",
                               fix="check the patterns against the model's layer names, e.g. 'model.layers.0.mlp.*'")
+        if stage.method in RECOVER_METHODS:
+            if not selected and not pruned and not pruned_before_recover:
+                raise RecipeError(f"stage {index + 1} (recover) comes before any compression stage: there is "
+                                  "nothing to recover from", fix="put recover stages after pruning/quantization")
+            if not stage.merge and index != len(recipe.stages) - 1:
+                raise RecipeError(f"stage {index + 1} (recover): option 'merge' = False is only possible in the "
+                                  "last stage (later stages would compress the model without the adapters)",
+                                  fix="use merge: true here, or make this the last stage")
+            pruned_before_recover.update(pruned)
+            pruned = {}  # iterative schedules: a layer may be pruned again after recovery
+            continue
         for name, width in names:
+            if quantizes(stage) and name in pruned_before_recover and name not in pruned:
+                raise RecipeError(f"stage {index + 1} ({stage.method}) quantizes {name}, which stage "
+                                  f"{pruned_before_recover[name] + 1} pruned before a recover stage: the zeros are "
+                                  "kept only when quantization is in the same phase as pruning",
+                                  fix="quantize before the recover stage (e.g. sparsegpt, gptq, recover)")
             if stage.method in PRUNE_METHODS:
                 if name in pruned or name in selected:
                     earlier = pruned.get(name, selected.get(name))

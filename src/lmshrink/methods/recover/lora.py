@@ -1,0 +1,172 @@
+"""LoRA adapters (PEFT) on a compressed model: attach them, keep pruned zeros while training, merge them back into the
+layers' results (masked for pruned layers, re-quantized onto the stored grid for quantized ones), or save them in
+PEFT format.
+
+Pruned layers train with a masked update: the forward pass adds ``x @ (mask_keep * (B @ A) * alpha/rank)^T`` instead
+of PEFT's low-rank path, so the function trained is exactly the one the masked merge produces (an unmasked update
+would be cut off at merge time). Quantized layers train against their dequantized weights (frozen, QLoRA-style);
+merging rounds ``base + delta`` onto the layer's stored grid (same scales, zeros and group index: round to nearest,
+not a new GPTQ pass), so an update smaller than half a grid step on a weight does not survive the merge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import LmshrinkError
+from ...models.adapters import linear_weight, set_linear_weight
+from ...quant.grids import QuantResult, dequantize, quantize
+from ...quant.sparse import PruneResult
+
+ADAPTER = "default"
+
+
+def pruned_mask(result) -> torch.Tensor | None:
+    """bool ``[out, in]``, True where the layer's weight was pruned (must stay zero), or None when not pruned."""
+    if isinstance(result, PruneResult):
+        return result.mask
+    if isinstance(result, QuantResult) and (result.info or {}).get("pattern"):
+        weight = result.weight if result.weight.numel() else dequantize(result.codes, result.scale, result.zero,
+                                                                         result.group_index())
+        return weight == 0
+    return None
+
+
+def _masked_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT LoRA Linear forward with the update masked to the kept weights (dense delta, one matmul)."""
+    result = self.base_layer(x, *args, **kwargs)
+    if self.disable_adapters or self.merged or ADAPTER not in self.active_adapters:
+        return result
+    return result + F.linear(x.to(self.lora_A[ADAPTER].weight.dtype), lora_delta(self)).to(result.dtype)
+
+
+def lora_delta(module: nn.Module) -> torch.Tensor:
+    """The adapter's update of a PEFT LoRA layer as ``[out, in]`` (masked when the layer carries a keep-mask)."""
+    delta = module.lora_B[ADAPTER].weight @ module.lora_A[ADAPTER].weight * module.scaling[ADAPTER]
+    keep = getattr(module, "lmshrink_keep", None)
+    return delta * keep if keep is not None else delta
+
+
+def attach(model: nn.Module, names: list[str], rank: int, alpha: float, masks: dict[str, torch.Tensor]):
+    """Wrap ``model`` (in place) with LoRA adapters on the linears ``names``; returns the ``PeftModel``.
+
+    The base weights are frozen; adapters start at zero (B = 0), so the student starts as the compressed model.
+    Layers in ``masks`` (True = pruned) get the masked forward.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    if not names:
+        raise LmshrinkError("the recover stage selects no layer", fix="check its targets and ignore patterns")
+    conv1d = any(isinstance(model.get_submodule(n), Conv1D) for n in names)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=list(names),
+                        fan_in_fan_out=conv1d, init_lora_weights=True)
+    peft_model = get_peft_model(model, config)
+    for name in names:
+        module = lora_layer(peft_model, name)
+        if name in masks:
+            module.register_buffer("lmshrink_keep", (~masks[name]).to(module.lora_A[ADAPTER].weight.dtype),
+                                   persistent=False)
+            module.forward = types.MethodType(_masked_forward, module)
+    return peft_model
+
+
+def lora_layer(peft_model, name: str) -> nn.Module:
+    return peft_model.base_model.model.get_submodule(name)
+
+
+def trainable_parameters(peft_model) -> list[nn.Parameter]:
+    return [p for p in peft_model.parameters() if p.requires_grad]
+
+
+def adapter_state(peft_model) -> dict[str, torch.Tensor]:
+    """A copy of the adapters' weights (for keeping the best ones during training)."""
+    return {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_adapter_state(peft_model, state: dict[str, torch.Tensor]) -> None:
+    params = dict(peft_model.named_parameters())
+    for name, value in state.items():
+        params[name].copy_(value)
+
+
+def adapter_files(peft_model, masks: dict[str, torch.Tensor]) -> dict[str, bytes]:
+    """The adapters in PEFT format (``adapter_config.json``, ``adapter_model.safetensors``), as file name -> bytes.
+
+    Refused for pruned layers: PEFT applies an unmasked update at load time, which is not what was trained.
+    """
+    if masks:
+        raise LmshrinkError(f"option 'merge' = False: {len(masks)} recovered layers are pruned (e.g. "
+                            f"{next(iter(masks))}), and PEFT would apply their adapters without the pruning mask "
+                            "at load time (not the model that was trained, and not sparse)",
+                            fix="use merge: true for pruned models (the merge keeps the zeros)")
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+
+
+def load_adapter(model: nn.Module, folder: str | Path):
+    """Apply adapters saved by ``adapter_files`` (a PEFT folder) to ``model``; returns the ``PeftModel``."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(folder), is_trainable=False).eval()
+
+
+@torch.no_grad()
+def merge(peft_model, names: list[str], results: dict, masks: dict[str, torch.Tensor]) -> tuple[nn.Module, dict]:
+    """Fold the adapters into the weights, update ``results`` (name -> PruneResult / QuantResult) to the merged
+    weights, remove the adapters; returns the plain model and a record of what the merge kept and changed.
+
+    Pruned layers: ``base + mask_keep * delta`` (exact zeros and N:M pattern kept). Quantized layers: ``base + delta``
+    rounded onto the stored grid (scales, zeros, group index unchanged). Other layers: ``base + delta``.
+    """
+    changed_codes = total_codes = 0
+    delta_norms: list[float] = []
+    for name in names:
+        module = lora_layer(peft_model, name)
+        base = module.base_layer
+        weight = linear_weight(base).float()
+        delta = lora_delta(module).float().to(weight.device)
+        delta_norms.append(float(delta.norm() / weight.norm().clamp_min(1e-12)))
+        merged = weight + delta
+        result = results.get(name)
+        if isinstance(result, PruneResult):
+            merged = merged.masked_fill(masks[name].to(merged.device), 0.0).cpu()
+            results[name] = PruneResult(mask=result.mask, values=merged[~result.mask].contiguous(), weight=merged,
+                                        pattern=result.pattern, target_sparsity=result.target_sparsity,
+                                        rel_output_error=result.rel_output_error,
+                                        info={**result.info, "recovered": True})
+        elif isinstance(result, QuantResult):
+            if name in masks:
+                merged = merged.masked_fill(masks[name].to(merged.device), 0.0)
+            merged = merged.cpu()
+            g_idx = result.group_index()
+            codes = quantize(merged, result.scale, result.zero, result.spec.maxq, g_idx)
+            changed = int((codes != result.codes).sum())
+            changed_codes += changed
+            total_codes += codes.numel()
+            merged = dequantize(codes, result.scale, result.zero, g_idx)
+            info = {**(result.info or {}), "recovered": True, "recover_codes_changed": changed / codes.numel()}
+            if info.get("pattern"):
+                info["sparsity"] = float((merged == 0).sum()) / merged.numel()
+            results[name] = dataclasses.replace(result, codes=codes, weight=merged, info=info)
+        set_linear_weight(base, merged)
+    model = peft_model.unload()
+    record = {"layers": len(names), "mean_rel_delta_norm": sum(delta_norms) / len(delta_norms),
+              "quantized_codes_changed": changed_codes / total_codes if total_codes else None,
+              "requantization": "round to nearest onto each layer's stored grid" if total_codes else None}
+    return model, record
+
+
+def unload(peft_model) -> nn.Module:
+    """Remove the adapters without merging (the model returns to its compressed weights)."""
+    return peft_model.unload()
+

@@ -1,0 +1,236 @@
+"""Recovery (distillation into LoRA adapters) on tiny random models: merged sparse weights keep the mask and N:M
+pattern exactly, the masked training forward equals the merged model, saved PEFT adapters reload with identical
+logits, a recovery run lowers the held-out KL to the teacher, quantized merges stay on the stored grid, iterative
+schedules end at the last sparsity, and bad options fail naming the option."""
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from helpers import tiny_llama, tiny_tokenizer
+from lmshrink import compress, load_model
+from lmshrink.methods.recover import (adapter_files, attach, held_out_metrics, load_adapter, lora_delta, merge,
+                                      split_documents, split_phases)
+from lmshrink.data import evaluation_windows, load_text
+from lmshrink.models.adapters import iter_linears, linear_weight
+from lmshrink.quant.grids import dequantize
+from lmshrink.quant.sparse import PruneResult
+from lmshrink.recipe import PRESETS, RecipeError, check_recipe, load_recipe, parse_recipe
+
+RECOVER = {"method": "recover", "steps": 12, "seqlen": 32, "batch": 4, "lr": 3e-3, "eval_windows": 4, "rank": 4,
+           "alpha": 8, "eval_every": 4, "patience": 0}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-recover")
+    tiny_llama(num_hidden_layers=2, hidden_size=64, intermediate_size=128).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """30 paragraphs (documents) of random words: enough for training and held-out documents."""
+    rng = random.Random(0)
+    words = ("the quick brown fox jumps over lazy dog pruning sets some weights to zero model quality grid a "
+             "language keeps most of their").split()
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(80)) for _ in range(30)))
+    return path
+
+
+def _compress(tiny_dir, text_file, stages, out=None, **kw):
+    return compress(load_model(str(tiny_dir), progress=False), {"stages": stages}, output=out,
+                    calibration=f"file:{text_file}", nsamples=4, seqlen=32, progress=False, overwrite=True, **kw)
+
+
+def _nm_ok(weight, n, m):
+    return bool(((weight == 0).reshape(weight.shape[0], -1, m).sum(-1) >= n).all())
+
+
+def _ids(seed=1):
+    return torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(seed))
+
+
+def test_merged_sparse_weights_keep_mask_and_pattern(tiny_dir, text_file, tmp_path):
+    prune = {"method": "sparsegpt", "pattern": "2:4"}
+    plain = _compress(tiny_dir, text_file, [prune])
+    record = _compress(tiny_dir, text_file, [prune, RECOVER], out=tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    changed = 0
+    for name, module in iter_linears(reloaded):
+        weight = linear_weight(module)
+        before = plain["results"][name]
+        after = record["results"][name]
+        assert isinstance(after, PruneResult)
+        assert torch.equal(after.mask, before.mask), name  # the merge kept the engine's mask
+        assert torch.equal(weight == 0, before.mask), name  # exactly the pruned zeros, no others
+        assert torch.equal(weight, after.dense()), name  # the writer saved the merged weights
+        if prune.get("pattern") == "2:4":
+            assert _nm_ok(weight, 2, 4), name
+        changed += int(not torch.equal(weight, before.dense()))
+    assert changed == 14  # every targeted layer got its update
+    saved = json.loads((tmp_path / "out" / "lmshrink.json").read_text())
+    assert saved["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-3)
+    assert saved["recover"][0]["pruned_layers"] == 14
+
+
+def test_masked_training_forward_equals_merged_model():
+    model = tiny_llama(seed=3)
+    names = [n for n, _ in iter_linears(model)]
+    results, masks = {}, {}
+    for name, module in iter_linears(model):
+        weight = linear_weight(module).clone()
+        mask = torch.rand(weight.shape, generator=torch.Generator().manual_seed(len(name))) < 0.5
+        results[name] = PruneResult.from_weight(weight, mask, pattern="unstructured", target_sparsity=0.5)
+        masks[name] = mask
+        module.weight.data.copy_(results[name].weight)
+    peft_model = attach(model, names, rank=4, alpha=8, masks=masks)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)  # nonzero A and B: a real update
+        trained = peft_model(input_ids=_ids()).logits
+        delta = lora_delta(peft_model.base_model.model.get_submodule(names[0]))
+        assert bool((delta[masks[names[0]]] == 0).all()) and bool((delta != 0).any())
+    merged_model, info = merge(peft_model, names, results, masks)
+    assert info["layers"] == len(names) and info["mean_rel_delta_norm"] > 0
+    with torch.no_grad():
+        merged = merged_model(input_ids=_ids()).logits
+    torch.testing.assert_close(merged, trained, rtol=1e-4, atol=1e-4)
+    for name, module in iter_linears(merged_model):
+        assert torch.equal(linear_weight(module) == 0, masks[name]), name
+        assert torch.equal(results[name].dense(), linear_weight(module)), name
+
+
+def test_adapters_saved_and_reloaded_give_identical_logits(tmp_path):
+    model = tiny_llama(seed=4)
+    names = [n for n, _ in iter_linears(model)]
+    peft_model = attach(model, names, rank=4, alpha=8, masks={})
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+        expected = peft_model(input_ids=_ids()).logits
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    for filename, content in adapter_files(peft_model, {}).items():
+        (folder / filename).write_bytes(content)
+    reloaded = load_adapter(tiny_llama(seed=4), folder)
+    with torch.no_grad():
+        got = reloaded(input_ids=_ids()).logits
+    assert torch.equal(got, expected)
+    with pytest.raises(Exception, match="merge"):
+        adapter_files(peft_model, {names[0]: torch.zeros(1, dtype=torch.bool)})
+
+
+def test_recovery_lowers_held_out_kl_and_unmerged_adapters_reload(tiny_dir, text_file, tmp_path):
+    """Quantized student, merge: false: the PEFT adapters saved beside the checkpoint, applied to the reloaded
+    checkpoint, reproduce the recorded held-out KL, which is lower than before recovery."""
+    stage = {**RECOVER, "merge": False, "steps": 16}
+    record = _compress(tiny_dir, text_file, [{"method": "rtn", "bits": 3, "group_size": 32}, stage],
+                       out=tmp_path / "out")
+    rec = record["recover"][0]
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    assert rec["held_out_after"]["kl"] < rec["held_out_before"]["kl"]
+    assert rec["memory"]["lora"]["trainable_parameters"] < rec["memory"]["full_finetune"]["trainable_parameters"]
+    assert rec["memory"]["lora"]["optimizer_state_measured"]
+    # recompute independently: reloaded checkpoint + adapters against the original model on the held-out windows
+    tokenizer = tiny_tokenizer()
+    source = load_text(f"file:{text_file}", "train")
+    parsed = load_recipe({"stages": [{"method": "rtn", "group_size": 32}, stage]}).stages[1]
+    _, held = split_documents(source, tokenizer, parsed.eval_windows * parsed.seqlen * 2, parsed.seed)
+    ids = evaluation_windows(tokenizer, held, parsed.seqlen).input_ids[: parsed.eval_windows]
+    teacher = load_model(str(tiny_dir), progress=False).model
+    student = load_adapter(load_model(str(tmp_path / "out"), progress=False).model, tmp_path / "out" / "adapter")
+    after = held_out_metrics(student, teacher, ids, 4, "cpu")
+    assert after["kl"] == pytest.approx(rec["held_out_after"]["kl"], rel=1e-4)
+    plain = held_out_metrics(load_model(str(tmp_path / "out"), progress=False).model, teacher, ids, 4, "cpu")
+    assert plain["kl"] == pytest.approx(rec["held_out_before"]["kl"], rel=1e-4)
+
+
+def test_quantized_merge_stays_on_the_stored_grid():
+    from lmshrink.methods.quant.rtn import rtn_quantize
+    from lmshrink.quant.grids import GridSpec
+
+    model = tiny_llama(seed=5)
+    names = [n for n, _ in iter_linears(model)]
+    results = {}
+    for name, module in iter_linears(model):
+        results[name] = rtn_quantize(linear_weight(module).clone(), GridSpec(bits=4, group_size=32))
+        module.weight.data.copy_(results[name].weight)
+    before = dict(results)
+    peft_model = attach(model, names, rank=4, alpha=8, masks={})
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    merged_model, info = merge(peft_model, names, results, {})
+    changed = 0
+    for name, module in iter_linears(merged_model):
+        old, new = before[name], results[name]
+        assert torch.equal(new.scale, old.scale) and torch.equal(new.zero, old.zero), name
+        assert torch.equal(new.weight, dequantize(new.codes, new.scale, new.zero, new.group_index())), name
+        assert torch.equal(linear_weight(module), new.weight), name
+        changed += int((new.codes != old.codes).sum())
+    assert changed > 0
+    assert info["quantized_codes_changed"] == pytest.approx(changed / sum(r.codes.numel() for r in before.values()))
+
+
+def test_iterative_schedule_ends_at_last_sparsity(tiny_dir, text_file):
+    stages = [{"method": "sparsegpt", "sparsity": 0.3}, {**RECOVER, "steps": 3},
+              {"method": "sparsegpt", "sparsity": 0.5}, {**RECOVER, "steps": 3}]
+    record = _compress(tiny_dir, text_file, stages)
+    assert len(record["recover"]) == 2
+    assert record["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-3)
+    model_weights = {n: r.dense() for n, r in record["results"].items()}
+    for name, result in record["results"].items():
+        assert torch.equal(model_weights[name] == 0, result.mask), name
+
+
+def test_split_phases_and_presets():
+    first, later = split_phases(load_recipe("iterative-sparse"))
+    assert [s.method for s in first.stages] == ["sparsegpt"]
+    assert [(s.method, r.stages[0].sparsity if r else None) for s, r in later] == [("recover", 0.5),
+                                                                                    ("recover", None)]
+    layers = [(n, m.in_features) for n, m in iter_linears(tiny_llama(hidden_size=128, intermediate_size=256))]
+    for name in ("sparse50+recover", "2:4+recover", "w3g128+recover", "iterative-sparse"):
+        assert name in PRESETS
+        check_recipe(load_recipe(name), layers)
+
+
+@pytest.mark.parametrize("stages, option", [
+    ([{"method": "rtn", "group_size": 32}, {"method": "recover", "rank": 0}], "rank"),
+    ([{"method": "rtn", "group_size": 32}, {"method": "recover", "temperature": 0}], "temperature"),
+    ([{"method": "rtn", "group_size": 32}, {"method": "recover", "teacher": "other"}], "teacher"),
+    ([{"method": "rtn", "group_size": 32}, {"method": "recover", "loss": "mse"}], "loss"),
+    ([{"method": "rtn", "group_size": 32}, {"method": "recover", "steps": 0}], "steps"),
+    ([{"method": "rtn", "group_size": 32}, {"method": "recover", "lr": -1}], "lr"),
+    ([{"method": "rtn", "group_size": 32}, {"method": "recover", "rnak": 4}], "rnak"),
+])
+def test_bad_options_name_the_option(stages, option):
+    with pytest.raises(RecipeError, match=f"'{option}'"):
+        parse_recipe(stages)
+
+
+@pytest.mark.parametrize("stages, needle", [
+    ([{"method": "recover"}, {"method": "rtn", "group_size": 32}], "before any compression"),
+    ([{"method": "rtn", "group_size": 32}, {"method": "recover", "merge": False}, {"method": "recover"}], "'merge'"),
+    ([{"method": "sparsegpt"}, {"method": "recover"}, {"method": "gptq"}], "pruned before a recover"),
+    ([{"method": "rtn", "group_size": 32}, {"method": "recover", "targets": ["nothing*"]}], "selects no layer"),
+])
+def test_bad_recipes_fail_before_work(stages, needle):
+    layers = [(n, m.in_features) for n, m in iter_linears(tiny_llama())]
+    with pytest.raises(RecipeError, match=needle):
+        check_recipe(parse_recipe(stages), layers)
+
+
+def test_single_document_text_names_data(tiny_dir, tmp_path, text_file):
+    single = tmp_path / "one.txt"
+    single.write_text(" ".join(["the quick brown fox"] * 200))
+    with pytest.raises(Exception, match="'data'"):
+        _compress(tiny_dir, text_file, [{"method": "rtn", "group_size": 32}, {**RECOVER, "data": f"file:{single}"}])
