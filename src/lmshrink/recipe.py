@@ -34,8 +34,9 @@ class StageBase(BaseModel):
         return any(_match(p, name) for p in self.targets) and not any(_match(p, name) for p in self.ignore)
 
 
-class QuantStage(StageBase):
-    bits: Literal[2, 3, 4, 8] = 4
+class GridOptions(BaseModel):
+    """The grid options shared by quantizing stages and SparseGPT's joint mode (``bits`` is each stage's own)."""
+
     group_size: int = Field(128, description="input columns per group; -1 for one grid per output channel")
     symmetric: bool = False
     clip_search: bool = Field(True, description="MSE-optimal clipping: shrink each range while the error drops")
@@ -49,11 +50,18 @@ class QuantStage(StageBase):
             raise ValueError("must be -1 (per channel) or a positive number of columns")
         return value
 
-    def grid(self):
+    def _grid_spec(self, bits: int):
         from .quant.grids import GridSpec
 
-        return GridSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
+        return GridSpec(bits=bits, group_size=self.group_size, symmetric=self.symmetric,
                         clip_search=self.clip_search, clip_norm=self.clip_norm, scale_dtype=self.scale_dtype)
+
+
+class QuantStage(StageBase, GridOptions):
+    bits: Literal[2, 3, 4, 8] = 4
+
+    def grid(self):
+        return self._grid_spec(self.bits)
 
 
 class RTNStage(QuantStage):
@@ -135,7 +143,7 @@ class WandaStage(PruneStage):
     method: Literal["wanda"] = "wanda"
 
 
-class SparseGPTStage(PruneStage):
+class SparseGPTStage(PruneStage, GridOptions):
     """SparseGPT: adaptive mask and optimal-brain-surgeon error compensation; with ``bits``, joint prune + quantize."""
 
     method: Literal["sparsegpt"] = "sparsegpt"
@@ -143,27 +151,10 @@ class SparseGPTStage(PruneStage):
     block_size: int = Field(128, ge=1, description="columns per mask-selection and lazy-update block")
     bits: Literal[2, 3, 4, 8] | None = Field(None, description="joint mode: also quantize kept weights to this many "
                                              "bits in the same sweep")
-    group_size: int = Field(128, description="joint mode: input columns per group; -1 per output channel")
-    symmetric: bool = False
-    clip_search: bool = Field(True, description="joint mode: MSE-optimal clipping of each group's range")
-    clip_norm: float = Field(2.4, gt=0)
-    scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-
-    @field_validator("group_size")
-    @classmethod
-    def _group_size(cls, value: int) -> int:
-        if value != -1 and value < 1:
-            raise ValueError("must be -1 (per channel) or a positive number of columns")
-        return value
 
     def grid(self):
         """The joint-mode grid, or None when ``bits`` is not set."""
-        if self.bits is None:
-            return None
-        from .quant.grids import GridSpec
-
-        return GridSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
-                        clip_search=self.clip_search, clip_norm=self.clip_norm, scale_dtype=self.scale_dtype)
+        return None if self.bits is None else self._grid_spec(self.bits)
 
 
 class RecoverStage(StageBase):
@@ -224,6 +215,11 @@ def quantizes(stage: StageBase) -> bool:
     return stage.method in QUANT_METHODS or getattr(stage, "bits", None) is not None and stage.method == "sparsegpt"
 
 
+def _ordered(stage: dict[str, Any]) -> dict[str, Any]:
+    """A stage's options for YAML and records: the method first, then the rest in declaration order."""
+    return {"method": stage["method"], **{k: v for k, v in stage.items() if k != "method"}}
+
+
 def _match(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
@@ -236,7 +232,7 @@ class Recipe(BaseModel):
     stages: list[StageBase]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "stages": [s.model_dump() for s in self.stages]}
+        return {"name": self.name, "stages": [_ordered(s.model_dump()) for s in self.stages]}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
