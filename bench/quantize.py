@@ -85,6 +85,7 @@ def main() -> None:
     rows.append({"recipe": "dense fp32", "wikitext2": dense["perplexity"][0]["ppl"],
                  "enwiki": dense["perplexity"][1]["ppl"], "kl": 0.0, "grid_bpw": 32.0, "stored_bpw": 32.0,
                  "seconds": None, "cpu_seconds": None, "peak_rss_gib": None})
+    print(f"done dense: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         for recipe in args.recipes.split(","):
@@ -100,7 +101,9 @@ def main() -> None:
                          "seconds": record["summary"]["seconds"],
                          "cpu_seconds": record["summary"].get("cpu_seconds"),
                          "peak_rss_gib": record["summary"]["peak_rss_bytes"] / 2**30})
-            print(f"done {recipe}: wikitext2 {rows[-1]['wikitext2']:.3f}", file=sys.stderr, flush=True)
+            print(f"done {recipe}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+            if args.json:  # every finished row is kept, even if the run is cut short
+                Path(args.json).write_text(json.dumps(rows, indent=1))
     print(f"P1: {args.model}; calibration {args.nsamples} x {args.seqlen} tokens of {args.calib} (seed {args.seed}); "
           f"evaluation first {args.limit} windows x {args.seqlen} of WikiText-2 test and enwiki-sample eval; "
           f"KL on WikiText-2; torch {dense['environment']['torch']}, {dense['environment']['threads']} threads")
