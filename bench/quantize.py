@@ -20,22 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from safetensors import safe_open
 
+from p1 import CLI, add_p1_arguments, compress_options, evaluate_options, run_json
+
 _PACKED = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")
-
-
-def _run(cmd: list[str]) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout)
 
 
 def _stored_bits(folder: Path, record: dict) -> float:
@@ -65,23 +58,11 @@ def _grid_bits(record: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--recipes", default="rtn-w4g128,w4g128,rtn-w3g128,w3g128")
-    parser.add_argument("--calib", default="c4")
-    parser.add_argument("--nsamples", type=int, default=64)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--limit", type=int, default=40, help="evaluation windows per text set")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", default=os.environ.get("LMSHRINK_DATA", "../shared/data"))
-    parser.add_argument("--workdir", help="keep the checkpoints here (default: a temporary folder)")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
+    add_p1_arguments(parser, "rtn-w4g128,w4g128,rtn-w3g128,w3g128")
     args = parser.parse_args()
-    cli = [sys.executable, "-m", "lmshrink.cli"]
-    sets = "wikitext2,enwiki-sample"
-    evaluate = ["--ppl", sets, "--seqlen", str(args.seqlen), "--limit", str(args.limit), "--data-dir", args.data_dir,
-                "--json", "--quiet"]
+    evaluate = evaluate_options(args)
     rows = []
-    dense = _run(cli + ["evaluate", args.model] + evaluate)
+    dense = run_json(CLI + ["evaluate", args.model] + evaluate)
     rows.append({"recipe": "dense fp32", "wikitext2": dense["perplexity"][0]["ppl"],
                  "enwiki": dense["perplexity"][1]["ppl"], "kl": 0.0, "grid_bpw": 32.0, "stored_bpw": 32.0,
                  "seconds": None, "cpu_seconds": None, "peak_rss_gib": None})
@@ -90,11 +71,9 @@ def main() -> None:
         work = Path(args.workdir or tmp)
         for recipe in args.recipes.split(","):
             out = work / recipe
-            record = _run(cli + ["compress", args.model, "--recipe", recipe, "--calib", args.calib,
-                                 "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed",
-                                 str(args.seed), "--data-dir", args.data_dir, "-o", str(out), "--overwrite", "--json",
-                                 "--quiet"])
-            result = _run(cli + ["evaluate", str(out), "--kl-base", args.model] + evaluate)
+            record = run_json(CLI + ["compress", args.model, "--recipe", recipe, "-o", str(out)]
+                              + compress_options(args))
+            result = run_json(CLI + ["evaluate", str(out), "--kl-base", args.model] + evaluate)
             rows.append({"recipe": recipe, "wikitext2": result["perplexity"][0]["ppl"],
                          "enwiki": result["perplexity"][1]["ppl"], "kl": result["kl"]["kl_mean"],
                          "grid_bpw": _grid_bits(record), "stored_bpw": _stored_bits(out, record),

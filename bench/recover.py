@@ -21,23 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
+from p1 import CLI, add_p1_arguments, compress_options, evaluate_options, run_json
+
 DEFAULT_RECIPES = "sparse50,2:4,w3g128"
-
-
-def _run(cmd: list[str]) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout)
 
 
 def _measure(mode: str, model_name: str, steps: int, batch: int, seqlen: int, rank: int) -> None:
@@ -70,29 +63,20 @@ def _measure(mode: str, model_name: str, steps: int, batch: int, seqlen: int, ra
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--recipes", default=DEFAULT_RECIPES, help="base recipes (presets), comma separated")
-    parser.add_argument("--calib", default="c4")
-    parser.add_argument("--nsamples", type=int, default=64)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--limit", type=int, default=40, help="evaluation windows per text set")
-    parser.add_argument("--seed", type=int, default=0)
+    add_p1_arguments(parser, DEFAULT_RECIPES, "base recipes (presets), comma separated")
     parser.add_argument("--steps", type=int, default=200, help="recover: optimizer steps")
     parser.add_argument("--batch", type=int, default=4, help="recover: windows per step")
     parser.add_argument("--rec-seqlen", type=int, default=512, help="recover: tokens per window")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=8, help="recover: held-out windows for early stopping")
-    parser.add_argument("--data-dir", default=os.environ.get("LMSHRINK_DATA", "../shared/data"))
-    parser.add_argument("--workdir", help="keep the checkpoints here (default: a temporary folder)")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--memory", action="store_true", help="measure peak memory of LoRA vs full fine-tuning")
     parser.add_argument("--_measure", choices=("lora", "full"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._measure:
         return _measure(args._measure, args.model, args.steps, args.batch, args.rec_seqlen, args.rank)
     if args.memory:
-        rows = [_run([sys.executable, __file__, "--_measure", mode, "--model", args.model, "--steps", str(args.steps),
+        rows = [run_json([sys.executable, __file__, "--_measure", mode, "--model", args.model, "--steps", str(args.steps),
                       "--batch", str(args.batch), "--rec-seqlen", str(args.rec_seqlen), "--rank", str(args.rank)])
                 for mode in ("lora", "full")]
         print(f"{args.model}: {args.steps} steps of {args.batch} x {args.rec_seqlen} tokens, AdamW, fp32")
@@ -104,12 +88,8 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
         return
-    cli = [sys.executable, "-m", "lmshrink.cli"]
-    evaluate = ["--ppl", "wikitext2,enwiki-sample", "--seqlen", str(args.seqlen), "--limit", str(args.limit),
-                "--data-dir", args.data_dir, "--json", "--quiet"]
-    compress = ["--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed",
-                str(args.seed), "--data-dir", args.data_dir, "--overwrite", "--json", "--quiet"]
-    dense = _run(cli + ["evaluate", args.model] + evaluate)
+    evaluate, compress = evaluate_options(args), compress_options(args)
+    dense = run_json(CLI + ["evaluate", args.model] + evaluate)
     dense_ppl = dense["perplexity"][0]["ppl"]
     rows = [{"recipe": "dense fp32", "wikitext2": dense_ppl, "enwiki": dense["perplexity"][1]["ppl"], "kl": 0.0}]
     recover = {"method": "recover", "steps": args.steps, "batch": args.batch, "seqlen": args.rec_seqlen,
@@ -127,8 +107,8 @@ def main() -> None:
             before = None
             for recipe in (name, str(yaml_path)):
                 out = work / Path(recipe).stem.replace(":", "-")
-                record = _run(cli + ["compress", args.model, "--recipe", recipe, "-o", str(out)] + compress)
-                result = _run(cli + ["evaluate", str(out), "--kl-base", args.model] + evaluate)
+                record = run_json(CLI + ["compress", args.model, "--recipe", recipe, "-o", str(out)] + compress)
+                result = run_json(CLI + ["evaluate", str(out), "--kl-base", args.model] + evaluate)
                 row = {"recipe": record["recipe"]["name"], "wikitext2": result["perplexity"][0]["ppl"],
                        "enwiki": result["perplexity"][1]["ppl"], "kl": result["kl"]["kl_mean"]}
                 if "recover" in record:
