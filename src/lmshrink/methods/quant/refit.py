@@ -29,11 +29,12 @@ def refit_scales(result: QuantResult, weight: torch.Tensor, hessian: torch.Tenso
 
     weight: the original ``[out, in]`` weights; hessian: the undamped ``X^T X`` ``[in, in]``. ``ridge``: added to
     each system's diagonal, relative to its mean, against singular systems (a group whose codes all equal its
-    zero point). Returns a summary: rows changed, output error before and after (relative, as ``output_error``).
+    zero point). Returns a summary: rows changed and the relative output error before the refit (the one after is
+    ``result.rel_output_error``).
     """
     w = weight.float()
     h = hessian.float()
-    rows, cols = w.shape
+    rows = w.shape[0]
     g_idx = result.group_index().long()
     groups = result.scale.shape[1]
     codes = result.codes.float()
@@ -45,7 +46,8 @@ def refit_scales(result: QuantResult, weight: torch.Tensor, hessian: torch.Tenso
         members = (g_idx == g).nonzero().squeeze(1)
         e = d[:, members] @ h[members, :]  # [rows, cols]: (H A_g) for every row, transposed
         system[:, :, g] = (d * e) @ one_hot
-    rhs = (d * (w @ h)) @ one_hot  # [rows, groups]
+    wh = w @ h
+    rhs = (d * wh) @ one_hot  # [rows, groups]
     system = 0.5 * (system + system.transpose(1, 2))
     diag = system.diagonal(dim1=1, dim2=2)
     scale_of_row = diag.mean(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
@@ -62,7 +64,7 @@ def refit_scales(result: QuantResult, weight: torch.Tensor, hessian: torch.Tenso
     better = usable & (after < before)
     result.scale = torch.where(better[:, None], candidate, old_scale)
     result.weight = torch.where(better[:, None], new_weight, result.weight.float())
-    total = float(((w @ h) * w).sum(dtype=torch.float64))
+    total = float((wh * w).sum(dtype=torch.float64))
     err_before = float(before.sum()) / total if total > 0 else float(before.sum())
     err_after = float(torch.where(better, after, before).sum()) / total if total > 0 else float(after.sum())
     result.rel_output_error = err_after
