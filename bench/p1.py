@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 CLI = [sys.executable, "-m", "lmshrink.cli"]
 
@@ -30,11 +31,23 @@ def add_p1_arguments(parser: argparse.ArgumentParser, recipes: str, recipes_help
 
 
 def run_json(cmd: list[str]) -> dict:
-    """Run an lmshrink command with --json; its record, or exit with its error output."""
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    """Run an lmshrink command with --json; its record, or exit with its error output.
+
+    The record gets ``process_peak_rss_bytes``: the peak resident memory of that whole process (model loading,
+    the work, and writing the output), from the kernel's accounting of the child (``wait4``).
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode(errors="replace")
     if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout)
+        sys.exit(f"failed: {' '.join(cmd)}\n{stderr[-3000:]}")
+    record = json.loads(stdout)
+    record["process_peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux reports KiB
+    return record
 
 
 def evaluate_options(args) -> list[str]:

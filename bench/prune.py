@@ -66,7 +66,9 @@ def main() -> None:
                          "kl": result["kl"]["kl_mean"], "sparsity": result["sparsity"]["overall"],
                          "nm": result["sparsity"]["nm_patterns"], "seconds": record["summary"]["seconds"],
                          "owl": (record.get("sparsity") or {}).get("owl_block_sparsity")})
-            print(f"done {recipe}: wikitext2 {rows[-1]['wikitext2']:.3f}", file=sys.stderr, flush=True)
+            print(f"done {recipe}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+            if args.json:  # every finished row is kept, even if the run is cut short
+                Path(args.json).write_text(json.dumps(rows, indent=1))
     p1 = (args.model, args.calib, args.nsamples, args.seqlen, args.limit, args.seed) == ("smollm2-135m", "c4", 64, 512,
                                                                                           40, 0)
     print(f"{'P1' if p1 else 'not P1 (changed settings)'}: {args.model}; calibration {args.nsamples} x {args.seqlen} tokens of {args.calib} (seed {args.seed}); "

@@ -6,7 +6,8 @@
 Protocol P1: model smollm2-135m (fp32); calibration NSAMPLES windows x 512 tokens from C4 (the shared shard
 excerpt), GPTQ sampling, seed 0; evaluation: WikiText-2 test ("\\n\\n"-joined rows), the first 40 non-overlapping
 512-token windows, and the held-out split of the packaged enwiki-sample (text not in ../shared/data), same windows.
-Each recipe is compressed in its own process (`lmshrink compress ... -o DIR`; peak RSS is that process's) and the
+Each recipe is compressed in its own process (`lmshrink compress ... -o DIR`; peak RSS is that whole process's:
+loading the model, compressing, writing the checkpoint) and the
 saved checkpoint is loaded back through transformers for evaluation (`lmshrink evaluate DIR --kl-base MODEL`), so
 the numbers are those of the files a user gets. KL(base || model) is on the WikiText-2 windows.
 Compress seconds: wall time of the engine and its CPU time (user + system, all threads; less sensitive to other
@@ -79,7 +80,8 @@ def main() -> None:
                          "grid_bpw": _grid_bits(record), "stored_bpw": _stored_bits(out, record),
                          "seconds": record["summary"]["seconds"],
                          "cpu_seconds": record["summary"].get("cpu_seconds"),
-                         "peak_rss_gib": record["summary"]["peak_rss_bytes"] / 2**30})
+                         "peak_rss_gib": record["process_peak_rss_bytes"] / 2**30,
+                         "engine_peak_rss_gib": record["summary"]["peak_rss_bytes"] / 2**30})
             print(f"done {recipe}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
             if args.json:  # every finished row is kept, even if the run is cut short
                 Path(args.json).write_text(json.dumps(rows, indent=1))

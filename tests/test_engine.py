@@ -9,6 +9,7 @@ from lmshrink.engine.capture import capture_block_inputs, run_block
 from lmshrink.engine.checkpoint import Checkpoint
 from lmshrink.engine.loop import Engine
 from lmshrink.models import get_adapter
+from lmshrink.quant.grids import dequantize
 from lmshrink.recipe import parse_recipe
 
 
@@ -50,6 +51,8 @@ def test_engine_compresses_every_block_linear_onto_the_grid():
     for name, r in result.results.items():
         weight = model.get_submodule(name).weight
         assert torch.equal(weight, r.weight)  # the model now holds the dequantized grid weights
+        assert r.weight.data_ptr() == weight.data_ptr()  # float32 in memory: a view of the parameter, not a copy
+        assert torch.equal(r.weight, dequantize(r.codes, r.scale, r.zero, r.group_index()))
         assert r.codes.max() <= 7 and r.rel_output_error is not None
     assert all(layer["tokens"] == 4 * 48 for layer in result.layers)
 

@@ -106,6 +106,20 @@ def _on_cpu(result):
     return result
 
 
+def _share_weights(model: nn.Module, block_results: dict) -> None:
+    """Point each finished result's ``weight`` at its layer's parameter instead of keeping an equal copy.
+
+    In-memory runs leave the model holding exactly the results' weights; for float32 models the result's float32
+    copy is redundant (about as large as the model's block weights), so it becomes a view of the parameter. Layers
+    whose dtype differs keep their copy. The view follows later in-place writes to the model.
+    """
+    for name, result in block_results.items():
+        module = model.get_submodule(name)
+        weight = linear_weight(module)
+        if weight.dtype == torch.float32 and weight.device.type == "cpu" and torch.equal(weight, result.weight):
+            result.weight = weight
+
+
 def _final_forward(block, batch, h, args, kwargs, device, memo):
     if memo is not None:
         memo.set_batch(batch)
@@ -263,13 +277,16 @@ class Engine:
                 first = state["finished_blocks"]
                 layers = state["layers"]
                 for index in range(first):
-                    for name, result in self.checkpoint.load_block(index).items():
+                    loaded = self.checkpoint.load_block(index)
+                    for name, result in loaded.items():
                         if self.streamer is None:
                             module = self.model.get_submodule(name)
                             set_linear_weight(module, result.weight.to(linear_weight(module).dtype))
                         else:
                             result.weight = torch.empty(0)
                         results[name] = result
+                    if self.streamer is None:
+                        _share_weights(self.model, loaded)
                 hidden = list(self.checkpoint.load_hidden().split(self.batch_size)) if first else hidden
         bar = tqdm(total=len(blocks), initial=first, desc="compress", unit="block", disable=not self.progress,
                    dynamic_ncols=True)
@@ -327,8 +344,10 @@ class Engine:
                 self.streamer.release(block)
                 for result in block_results.values():
                     result.weight = torch.empty(0)  # the checkpoint and writer need only codes, scales, zeros
-            elif self.device.type != "cpu":
-                block.to("cpu")
+            else:
+                if self.device.type != "cpu":
+                    block.to("cpu")
+                _share_weights(self.model, block_results)
             results.update(block_results)
             errors = " ".join(f"{n.rsplit('.', 1)[-1]}={r.rel_output_error:.4f}" for n, r in block_results.items()
                               if r.rel_output_error is not None)
