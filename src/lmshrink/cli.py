@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--offload", choices=("none", "disk"), default="none",
                     help="disk: keep the decoder blocks on disk and load one at a time, so memory grows with one "
                          "block, not the model (same output; default: none)")
+    cp.add_argument("--sparse-format", choices=("dense", "bitmask"), default="dense",
+                    help="storage of pruned layers that are not quantized: dense (zeros stored; plain transformers "
+                         "loads it; default) or bitmask (compressed-tensors sparse-bitmask: bitmask + kept values, "
+                         "about half the bytes at 50%% sparsity; read back by lmshrink, not by plain transformers)")
     _add_common(cp)
 
     ev = sub.add_parser("evaluate", help="perplexity, KL to a base model, zero-shot tasks, size",
@@ -299,6 +303,11 @@ def _print_compression(record: dict) -> None:
         types = ", ".join(f"{name} {100 * value:.1f}%" for name, value in sparsity["by_type"].items())
         console.print(f"measured sparsity of the {sparsity['layers']} pruned layers "
                       f"({', '.join(sparsity['patterns'])}): {100 * sparsity['overall']:.2f}% overall; {types}")
+    storage = record["summary"].get("sparse_storage")
+    if storage:
+        console.print(f"pruned layers stored {storage['format']}: {storage['stored_bytes'] / 2**20:.2f} MiB "
+                      f"({storage['dense_bytes'] / 2**20:.2f} MiB dense, {storage['saved_bytes'] / 2**20:.2f} MiB "
+                      "saved)")
     console.print(f"calibration: {cal['nsamples']} windows x {cal['seqlen']} tokens of {cal['dataset']} "
                   f"({cal['split']}, {cal['origin']}), seed {cal['seed']}")
     console.print(f"compressed {summary['layers']} layers in {summary['seconds']:.1f}s, peak RSS "
@@ -323,7 +332,7 @@ def _cmd_compress(args) -> int:
     record = compress(loaded, recipe, output=args.output, calibration=args.calib, calibration_split=args.calib_split,
                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir,
                       device=args.device, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-                      offload=args.offload)
+                      offload=args.offload, sparse_format=args.sparse_format)
     record.pop("results")
     if args.json:
         print(json.dumps(record, indent=2, default=str))

@@ -58,7 +58,8 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
              calibration: str | None = None, calibration_split: str = "train", nsamples: int = 128,
              seqlen: int = 512, seed: int = 0, data_dir: str | Path | None = None, device: str = "cpu",
              resume: bool = False, overwrite: bool = False, progress: bool = True, tokenizer=None,
-             dtype: str = "float32", on_block_done=None, offload: str = "none") -> dict[str, Any]:
+             dtype: str = "float32", on_block_done=None, offload: str = "none",
+             sparse_format: str = "dense") -> dict[str, Any]:
     """Compress ``model`` in place with ``recipe``; with ``output``, save the checkpoint there.
 
     ``offload="disk"`` streams the decoder blocks: only the tensors outside the blocks are loaded, each block is read
@@ -68,10 +69,17 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
     device (not compressed in place) and the results' ``weight`` is empty (``dequantize`` the codes to get it).
     Results and output files are identical to ``offload="none"``.
 
+    ``sparse_format``: how pruned layers that are not quantized are saved: ``"dense"`` (zeros stored, plain
+    transformers loads it) or ``"bitmask"`` (bitmask + kept values, read back by lmshrink; see
+    ``formats.sparse_bitmask``). The record's ``summary.sparse_storage`` gives their stored bytes against dense.
+
     Returns the record written to ``lmshrink.json``: recipe, calibration protocol, per-layer errors and times,
     peak memory, library versions, and ``results`` (name -> QuantResult, not serialized).
     """
     recipe = load_recipe(recipe)
+    from .formats.sparse_bitmask import check_sparse_format, storage_summary
+
+    check_sparse_format(sparse_format)  # before the compression runs
     if offload not in ("none", "disk"):
         raise LmshrinkError(f"offload {offload!r} is not known", fix="use offload='none' or 'disk'")
     streamed = offload == "disk"
@@ -159,10 +167,13 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
 
         quantized = set(result.results)
         ignore = sorted({name for name, _ in iter_linears(model.model) if name not in quantized} | {"lm_head"})
+        storage = storage_summary(model.model, result.results, sparse_format)
+        if storage is not None:
+            record["summary"]["sparse_storage"] = storage
         save_quantized(model.model, model.tokenizer, result.results, out_dir, ignore=ignore, input_dir=model.info.path,
                        extra_files={"lmshrink.json": json.dumps(record, indent=1, default=str)},
                        overwrite=overwrite or resume,
-                       source_tensors=model.weights.get if streamed else None)
+                       source_tensors=model.weights.get if streamed else None, sparse_format=sparse_format)
         if adapter_files:  # a final recover stage with merge: false: the adapters in PEFT format beside the model
             from .formats.atomic import atomic_directory
             from .methods.recover import ADAPTER_FOLDER

@@ -27,6 +27,11 @@ What compressed-tensors 0.20.1 cannot load, and what the writer does about it:
   checkpoints with asymmetric grids carry ``"dequantize": true`` in ``quantization_config`` (transformers then
   decodes at load time; other readers ignore the key). That route applies the first config group to every layer,
   so asymmetric grids are only written as a single config group unless ``transformers_compatible=False``.
+
+Pruned layers (``PruneResult``) are written densely with their zeros and a compressed-tensors ``sparsity_config`` of
+format ``dense`` (plain transformers loads them), or with ``sparse_format="bitmask"`` as bitmask + kept values
+(format ``sparse-bitmask``, read back by lmshrink only: see ``sparse_bitmask``). Layers pruned and quantized are
+``pack-quantized`` either way, their zeros being codes.
 """
 
 from __future__ import annotations
@@ -201,23 +206,29 @@ def _ct_version() -> str:
 
 
 def _sparsity_config(sparse: dict[str, tuple[str, float]], modules: dict[str, nn.Module],
-                     state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The compressed-tensors ``sparsity_config`` for pruned layers stored densely (format ``dense``).
+                     state: dict[str, torch.Tensor], bitmask: list[str] | None = None) -> dict[str, Any]:
+    """The compressed-tensors ``sparsity_config`` of the pruned layers.
 
-    targets: every Linear, ignore: the Linears that were not pruned; sparsity_structure: the common N:M pattern of
-    the pruned layers, else ``unstructured``; global_sparsity: pruned zeros over all the model's parameters (the
-    compressed-tensors meaning: the sparsity of the entire model).
+    Stored densely (format ``dense``): targets every Linear, ignore the Linears that were not pruned. With ``bitmask``
+    (the layers stored as bitmask + values, see ``sparse_bitmask``): format ``sparse-bitmask``, targets exactly those
+    layers, ignore every other Linear (pruned layers stored ``pack-quantized`` keep their zeros as codes).
+    sparsity_structure: the common N:M pattern of the pruned layers, else ``unstructured``; global_sparsity: pruned
+    zeros over all the model's parameters (the compressed-tensors meaning: the sparsity of the entire model).
     """
-    from compressed_tensors.config import DenseSparsityConfig
+    from compressed_tensors.config import BitmaskConfig, DenseSparsityConfig
 
     patterns = {pattern for pattern, _ in sparse.values()}
     structure = patterns.pop() if len(patterns) == 1 else "unstructured"
     total = sum(t.numel() for t in state.values())
     zeros = sum(z for _, z in sparse.values())
-    ignore = sorted((n for n, m in modules.items() if n and isinstance(m, nn.Linear) and n not in sparse),
+    targeted = set(bitmask) if bitmask else set(sparse)
+    ignore = sorted((n for n, m in modules.items() if n and isinstance(m, nn.Linear) and n not in targeted),
                     key=_natural_key)
-    config = DenseSparsityConfig(targets=["Linear"], ignore=ignore, global_sparsity=zeros / total if total else 0.0,
-                                 sparsity_structure=structure)
+    options = dict(ignore=ignore, global_sparsity=zeros / total if total else 0.0, sparsity_structure=structure)
+    if bitmask:
+        config = BitmaskConfig(targets=sorted(bitmask, key=_natural_key), **options)
+    else:
+        config = DenseSparsityConfig(targets=["Linear"], **options)
     return config.model_dump(exclude={"registry_requires_subclass"})
 
 
@@ -317,7 +328,7 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
                    ignore: list[str] | tuple[str, ...] = (), extra_files: dict[str, bytes | str] | None = None,
                    overwrite: bool = False, input_dir: str | os.PathLike | None = None,
                    max_shard_size: int = 4 * 1024**3, transformers_compatible: bool = True,
-                   source_tensors=None) -> Path:
+                   source_tensors=None, sparse_format: str = "dense") -> Path:
     """Write ``model`` with the layers in ``results`` packed, as an HF folder in compressed-tensors ``pack-quantized``.
 
     results: full module names (``model.named_modules()``) -> QuantResult; the packed tensors come from the results
@@ -337,7 +348,16 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
     source_tensors: ``name -> tensor`` (e.g. ``SafetensorsWeights.get`` of the input folder) for a model whose
     tensors are partly on the meta device (streamed compression): those not replaced by packed layers are read from
     it, one shard at a time, and written in the model's dtype. Results may then carry an empty ``weight``.
+
+    sparse_format: how pruned layers that are not quantized (``PruneResult``) are stored: ``"dense"`` (default: the
+    weight with its zeros, which plain transformers loads) or ``"bitmask"`` (compressed-tensors ``sparse-bitmask``:
+    bitmask + kept values, about half the bytes at 50% sparsity, read back exactly by lmshrink's ``load_model`` and
+    ``load_sparse_results`` but not by plain transformers; see ``formats.sparse_bitmask``). Layers pruned and
+    quantized are stored ``pack-quantized`` either way.
     """
+    from lmshrink.formats.sparse_bitmask import LAYERS_KEY, check_sparse_format, encode
+
+    check_sparse_format(sparse_format)
     modules = dict(model.named_modules())
     missing = [name for name in results if name not in modules]
     if missing:
@@ -349,15 +369,24 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
     dense_conv1d: list[str] = []
     linear_layers: dict[str, tuple[int, QuantResult]] = {}
     sparse: dict[str, tuple[str, float]] = {}  # pruned layers: name -> (pattern, zeros)
+    bitmask: dict[str, dict[str, Any]] = {}  # pruned layers stored as bitmask + values: name -> record
     for name, result in results.items():
         module = modules[name]
         if f"{name}.weight" not in kept_names:
             raise LmshrinkError(f"layer {name} shares its weight with another tensor (tied), so it cannot be packed",
                                 fix=f"leave {name} out of the quantized layers (ignore it in the recipe)")
-        if isinstance(result, PruneResult):  # pruned, not quantized: dense weights with zeros
-            weight = result.dense()
-            weight = weight.t() if _is_conv1d(module) else weight
-            replaced[name] = {"weight": weight.to(module.weight.dtype).contiguous()}
+        if isinstance(result, PruneResult):  # pruned, not quantized: dense weights with zeros, or bitmask + values
+            weight, kept = result.dense(), ~result.mask
+            conv1d = _is_conv1d(module)
+            if conv1d:
+                weight, kept = weight.t(), kept.t()
+            weight = weight.to(module.weight.dtype).contiguous()
+            if sparse_format == "bitmask":
+                replaced[name] = encode(weight, kept)
+                bitmask[name] = {"pattern": result.pattern, "target_sparsity": result.target_sparsity,
+                                 "conv1d": conv1d}
+            else:
+                replaced[name] = {"weight": weight}
             sparse[name] = (result.pattern, float(result.mask.sum()))
             continue
         if (result.info or {}).get("pattern"):  # pruned and quantized (joint SparseGPT, or prune then GPTQ)
@@ -411,13 +440,15 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
     # nothing packed (e.g. GPT-2, whose layers are all Conv1D): a plain dense checkpoint, no quantization_config
     quant_config = _quantization_config(groups, ignore_list) if groups else None
     if sparse:
-        sparsity_config = _sparsity_config(sparse, modules, state)
+        sparsity_config = _sparsity_config(sparse, modules, state, sorted(bitmask))
         quant_config = quant_config or {"version": _ct_version(), "quant_method": QUANT_METHOD}
         quant_config["sparsity_config"] = sparsity_config
 
     with atomic_directory(out_dir, overwrite=overwrite, protected=_protected_folders(model, input_dir)) as staging:
-        _write_weights(staging, tensors, {_SPECS_KEY: json.dumps(specs, sort_keys=True)}, max_shard_size,
-                       source_tensors)
+        metadata = {_SPECS_KEY: json.dumps(specs, sort_keys=True)}
+        if bitmask:
+            metadata[LAYERS_KEY] = json.dumps(bitmask, sort_keys=True)
+        _write_weights(staging, tensors, metadata, max_shard_size, source_tensors)
         (staging / "config.json").write_text(_config_json(model, quant_config))
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and model.can_generate():

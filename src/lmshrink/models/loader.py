@@ -192,7 +192,12 @@ def _load_hf(path_or_id: str, dtype: torch.dtype, device: str, trust_remote_code
     if local:
         _check_architecture(Path(path_or_id), trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **kwargs)
+        from ..formats.sparse_bitmask import is_bitmask_folder, load_bitmask_model
+
+        if local and is_bitmask_folder(path_or_id):  # pruned weights stored as bitmask + values: decoded exactly
+            model = load_bitmask_model(path_or_id, dtype=dtype, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
     except OSError as exc:
         if local:
