@@ -1,5 +1,6 @@
 """Pruning methods on single layers: exact sparsity and N:M patterns, Wanda's score, SparseGPT vs magnitude, joint
-mode codes, the shared solver, OWL allocation, and recipe validation."""
+mode codes, the shared solver, OWL allocation, and recipe validation; and the engine collecting no statistics for
+magnitude stages (same results as collecting them)."""
 
 import pytest
 import torch
@@ -209,3 +210,86 @@ def test_prune_presets_parse():
         assert recipe.stages[0].sparsity == 0.5
     assert load_recipe("sparse50-w4g128").stages[0].grid().bits == 4
     assert not load_recipe("magnitude50").needs_calibration() and load_recipe("wanda50").needs_calibration()
+
+
+# -- the engine collects no Hessian for magnitude stages -------------------------------------------------------
+
+
+def _engine_run(tmp_path, recipe, monkeypatch, collect_all=False):
+    """compress() a tiny Llama in memory; returns (record, model, accumulators created). ``collect_all``: the
+    behaviour before magnitude stages skipped collection (every stage collects, every block runs forward)."""
+    from helpers import tiny_llama, tiny_tokenizer, write_calibration_text
+    from lmshrink import compress
+    from lmshrink.engine import loop
+
+    created = []
+
+    class Counting(loop.HessianAccumulator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "HessianAccumulator", Counting)
+        if collect_all:
+            patch.setattr(loop, "_needs_hessian", lambda stage: True)
+        model = tiny_llama()
+        calib = write_calibration_text(tmp_path / "calib.txt")
+        record = compress(model, recipe, tokenizer=tiny_tokenizer(), calibration=f"file:{calib}", nsamples=4,
+                          seqlen=32, progress=False)
+    return record, model, len(created)
+
+
+def _same_results(one, two):
+    assert one.keys() == two.keys()
+    for name in one:
+        a, b = one[name], two[name]
+        assert torch.equal(a.weight, b.weight), name
+        if isinstance(a, PruneResult):
+            assert torch.equal(a.mask, b.mask) and torch.equal(a.values, b.values), name
+
+
+def _original_linears():
+    from helpers import tiny_llama
+    from lmshrink.models.adapters import iter_linears
+
+    return {name: module.weight.detach().clone() for name, module in iter_linears(tiny_llama()) if name != "lm_head"}
+
+
+def _logits(model):
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("recipe", ["magnitude50", "magnitude-2:4"])
+def test_magnitude_recipe_creates_no_hessian_and_matches_collecting(tmp_path, monkeypatch, recipe):
+    record, model, created = _engine_run(tmp_path, recipe, monkeypatch)
+    before, before_model, before_created = _engine_run(tmp_path, recipe, monkeypatch, collect_all=True)
+    assert created == 0 and before_created == 8  # before: one per group (qkv, o, gate/up, down) of each of 2 blocks
+    _same_results(record["results"], before["results"])
+    assert torch.equal(_logits(model), _logits(before_model))
+    # the Hessian's only use was the diagnostic error, now absent for magnitude layers
+    assert all(layer["rel_output_error"] is None and layer["tokens"] is None for layer in record["layers"])
+    assert all(layer["rel_output_error"] is not None for layer in before["layers"])
+    originals, pattern = _original_linears(), load_recipe(recipe).stages[0].pattern
+    for name, result in record["results"].items():  # and the same as pruning the original weights directly
+        assert torch.equal(result.weight, magnitude_prune(originals[name], 0.5, pattern).weight), name
+
+
+def test_mixed_recipe_skips_only_magnitude_collection(tmp_path, monkeypatch):
+    """A magnitude stage between collecting stages: results are bit-identical. The first stage's pass leaves the
+    attention outputs in the pass memo; the magnitude stage changes attention without a pass, so the memo must drop
+    them (else the GPTQ stage and the final forward would reuse outputs of the unpruned attention)."""
+    recipe = [{"method": "wanda", "targets": ["*mlp*"], "true_sequential": False},
+              {"method": "magnitude", "targets": ["*self_attn*"]},
+              {"method": "gptq", "bits": 4, "group_size": 32, "targets": ["*mlp*"]}]
+    record, model, created = _engine_run(tmp_path, recipe, monkeypatch)
+    before, before_model, before_created = _engine_run(tmp_path, recipe, monkeypatch, collect_all=True)
+    _same_results(record["results"], before["results"])
+    assert torch.equal(_logits(model), _logits(before_model))
+    # magnitude's passes over the attention groups (qkv, o) of 2 blocks are gone; wanda and GPTQ still collect
+    assert before_created - created == 4 and created > 0
+    magnitude = [layer for layer in record["layers"] if layer["method"] == "magnitude"]
+    assert len(magnitude) == 8 and all(layer["rel_output_error"] is None for layer in magnitude)
+    assert all(layer["rel_output_error"] is not None for layer in record["layers"] if layer["method"] != "magnitude")

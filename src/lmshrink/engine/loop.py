@@ -4,7 +4,8 @@ For each decoder block: hooks collect each linear group's input statistics (the 
 calibration windows run through the block, the recipe's stages solve their layers from them, and the windows run
 again through the compressed block to become the next block's inputs. With true-sequential stages the statistics
 of a group are collected after the groups before it are compressed, and each collection pass stops as soon as the
-group's input is seen.
+group's input is seen. Stages that read no statistic (magnitude pruning, ``_needs_hessian``) get no collection pass,
+and a recipe of only such stages runs no block forward at all.
 """
 
 from __future__ import annotations
@@ -131,7 +132,17 @@ def _final_forward(block, batch, h, args, kwargs, device, memo):
 _PRUNED_MASKS: "weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, str]]" = weakref.WeakKeyDictionary()
 
 
-def _solve(stage: StageBase, module: nn.Module, hessian: torch.Tensor) -> QuantResult | PruneResult:
+def _needs_hessian(stage: StageBase) -> bool:
+    """Whether ``stage``'s solver reads its layers' input Hessians (the statistic a collection pass accumulates).
+
+    Magnitude pruning does not: its mask depends on ``|W|`` alone (``magnitude_prune``), so its layers get no
+    collection pass; their ``rel_output_error`` and ``tokens`` are None (that diagnostic was the Hessian's only use).
+    Every other stage does (RTN too: its clip search weights columns by the Hessian diagonal).
+    """
+    return not isinstance(stage, MagnitudeStage)
+
+
+def _solve(stage: StageBase, module: nn.Module, hessian: torch.Tensor | None) -> QuantResult | PruneResult:
     """Solve one layer for ``stage``: a QuantResult for quantization (and joint SparseGPT), a PruneResult for pruning.
 
     A layer pruned by an earlier stage of this block keeps its zeros through GPTQ (mask-aware sweep) and RTN (0 is
@@ -266,6 +277,9 @@ class Engine:
         captured = capture_block_inputs(self.model, blocks, self.calibration, self.device)
         hidden = list(torch.cat(captured.hidden).split(self.batch_size))
         self.owl_sparsities = self._owl_allocation(blocks, hidden, captured)  # dense pre-pass, before any restore
+        # a block's outputs are the next block's calibration inputs: not needed when no stage collects statistics
+        # (e.g. magnitude-only recipes), and then left as they are
+        forward_blocks = any(_needs_hessian(stage) for stage in self.recipe.stages)
         results: dict[str, QuantResult] = {}
         layers: list[dict] = []
         first = 0
@@ -305,18 +319,22 @@ class Engine:
             memo = PassMemo(block, all_groups, self._verified) if self.reuse_passes else None
             with memo if memo is not None else contextlib.nullcontext():
                 for stage, groups in self._block_plan(index, block):
+                    collect = _needs_hessian(stage)
                     sequential = getattr(stage, "true_sequential", False)
-                    passes = [[g] for g in groups] if sequential else [groups]
+                    if not collect:  # nothing to collect: the stage's layers are solved at once, without a pass
+                        passes = [groups] if groups else []
+                    else:
+                        passes = [[g] for g in groups] if sequential else [groups]
                     for pass_groups in passes:
                         firsts = {g[0]: block.get_submodule(g[0]) for g in pass_groups}
-                        if memo is not None:
+                        if memo is not None:  # without a pass too: the memo drops what these changes invalidate
                             memo.begin_pass({group_of[g[0]] for g in pass_groups})
                         stats = _collect(block, firsts, hidden, args, kwargs, self.device, stop_at=pass_groups[-1][0],
-                                         memo=memo)
+                                         memo=memo) if collect else {}
                         if memo is not None:
                             memo.end_pass()
                         for group in pass_groups:
-                            hessian = stats[group[0]].hessian
+                            hessian = stats[group[0]].hessian if collect else None
                             for name in group:
                                 module = block.get_submodule(name)
                                 t0 = time.perf_counter()
@@ -329,17 +347,18 @@ class Engine:
                                                "out_features": out_f, "in_features": in_f,
                                                "rel_output_error": result.rel_output_error,
                                                "seconds": round(time.perf_counter() - t0, 4),
-                                               "tokens": stats[group[0]].tokens,
+                                               "tokens": stats[group[0]].tokens if collect else None,
                                                **{k: v for k, v in (result.info or {}).items()
                                                   if k in ("damp_percent", "damp", "damp_retries", "dead_columns",
                                                            "loss", "sparsity", "target_sparsity", "pattern",
                                                            "refit_rows", "rel_output_error_before_refit")}})
                         del stats
-                if memo is not None:
-                    memo.begin_pass(None)
-                with torch.no_grad():
-                    hidden = [_final_forward(block, b, h, args, kwargs, self.device, memo)
-                              for b, h in enumerate(hidden)]
+                if forward_blocks:
+                    if memo is not None:
+                        memo.begin_pass(None)
+                    with torch.no_grad():
+                        hidden = [_final_forward(block, b, h, args, kwargs, self.device, memo)
+                                  for b, h in enumerate(hidden)]
             if self.streamer is not None:
                 self.streamer.release(block)
                 for result in block_results.values():

@@ -13,7 +13,8 @@ def magnitude_prune(weight: torch.Tensor, sparsity: float, pattern: str = "unstr
     """Prune ``weight`` (``[out, in]``) by ``|w|``: the ``sparsity`` smallest of the whole layer (unstructured), or
     the N smallest of every M consecutive inputs of each row (``pattern="N:M"``, ``sparsity`` is then N/M).
 
-    ``hessian`` (``X^T X``), when given, only yields ``rel_output_error``; the mask does not depend on it.
+    ``hessian`` (``X^T X``), when given, only yields ``rel_output_error``; the mask does not depend on it, so the
+    engine collects none for magnitude stages (their layers' ``rel_output_error`` is None).
     """
     weight = weight.float()
     mask = select_mask(weight.abs(), sparsity, pattern, per_row=False)
