@@ -3,6 +3,7 @@ pattern exactly, the masked training forward equals the merged model, saved PEFT
 logits, a recovery run lowers the held-out KL to the teacher, quantized merges stay on the stored grid, iterative
 schedules end at the last sparsity, and bad options fail naming the option."""
 
+import contextlib
 import json
 import random
 
@@ -77,6 +78,9 @@ def test_merged_sparse_weights_keep_mask_and_pattern(tiny_dir, text_file, tmp_pa
     saved = json.loads((tmp_path / "out" / "lmshrink.json").read_text())
     assert saved["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-3)
     assert saved["recover"][0]["pruned_layers"] == 14
+    changes = [layer["recover_rel_weight_change"]["recover 1"] for layer in saved["layers"]]
+    assert len(changes) == 14 and all(c > 0 for c in changes)
+    assert saved["recover"][0]["loss_path"] == "chunked output head"
 
 
 def test_masked_training_forward_equals_merged_model():
@@ -207,7 +211,8 @@ def test_split_phases_and_presets():
     ([{"method": "rtn", "group_size": 32}, {"method": "recover", "rank": 0}], "rank"),
     ([{"method": "rtn", "group_size": 32}, {"method": "recover", "temperature": 0}], "temperature"),
     ([{"method": "rtn", "group_size": 32}, {"method": "recover", "teacher": "other"}], "teacher"),
-    ([{"method": "rtn", "group_size": 32}, {"method": "recover", "loss": "mse"}], "loss"),
+    ([{"method": "rtn", "group_size": 32}, {"method": "recover", "loss": "ce"}], "loss"),
+    ([{"method": "rtn", "group_size": 32}, {"method": "recover", "max_seconds": 0}], "max_seconds"),
     ([{"method": "rtn", "group_size": 32}, {"method": "recover", "steps": 0}], "steps"),
     ([{"method": "rtn", "group_size": 32}, {"method": "recover", "lr": -1}], "lr"),
     ([{"method": "rtn", "group_size": 32}, {"method": "recover", "rnak": 4}], "rnak"),
@@ -234,3 +239,163 @@ def test_single_document_text_names_data(tiny_dir, tmp_path, text_file):
     single.write_text(" ".join(["the quick brown fox"] * 200))
     with pytest.raises(Exception, match="'data'"):
         _compress(tiny_dir, text_file, [{"method": "rtn", "group_size": 32}, {**RECOVER, "data": f"file:{single}"}])
+
+
+def _masked_peft(seed=6, loss_masks=True):
+    """A tiny Llama, magnitude-pruned at random, with LoRA adapters (random nonzero A and B) on every block linear."""
+    model = tiny_llama(seed=seed)
+    names = [n for n, _ in iter_linears(model)]
+    results, masks = {}, {}
+    for name, module in iter_linears(model):
+        weight = linear_weight(module).clone()
+        mask = torch.rand(weight.shape, generator=torch.Generator().manual_seed(len(name))) < 0.5
+        results[name] = PruneResult.from_weight(weight, mask, pattern="unstructured", target_sparsity=0.5)
+        masks[name] = mask
+        module.weight.data.copy_(results[name].weight)
+    peft_model = attach(model, names, rank=4, alpha=8, masks=masks if loss_masks else {})
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+    return peft_model, names, masks
+
+
+def test_masked_lora_function_gradients_match_dense_reference():
+    """The masked update's hand-written backward (no dense update kept) equals autograd through the dense form."""
+    from lmshrink.methods.recover.lora import MaskedLoraFunction
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, generator=gen, requires_grad=True)
+    a = torch.randn(4, 12, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(10, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    pruned = torch.rand(10, 12, generator=gen) < 0.5
+    assert torch.autograd.gradcheck(lambda x, a, b: MaskedLoraFunction.apply(x, a, b, pruned, 0.7), (x, a, b))
+    out = MaskedLoraFunction.apply(x, a, b, pruned, 0.7)
+    reference = x @ ((b @ a) * 0.7 * (~pruned)).t()
+    torch.testing.assert_close(out, reference)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, a, b), g)
+    want = torch.autograd.grad(reference, (x, a, b), g)
+    for left, right in zip(got, want):
+        torch.testing.assert_close(left, right)
+
+
+@pytest.mark.parametrize("temperature, lm_weight, kl_weight", [(1.0, 0.0, 1.0), (2.0, 0.5, 1.0), (1.0, 1.0, 0.0)])
+def test_chunked_head_loss_matches_full_logits(temperature, lm_weight, kl_weight):
+    """The chunked loss from hidden states + heads equals the full-logits loss, value and gradient."""
+    from lmshrink.methods.recover import distill_loss, head_distill_loss
+
+    student, teacher = tiny_llama(seed=7), tiny_llama(seed=8)
+    ids = _ids()
+    with torch.no_grad():
+        t_hidden = teacher.model(input_ids=ids).last_hidden_state
+    s_hidden = student.model(input_ids=ids).last_hidden_state.detach().requires_grad_(True)
+    student.lm_head.requires_grad_(False)
+    chunked = head_distill_loss(s_hidden, t_hidden, student.lm_head, teacher.lm_head, ids, temperature, lm_weight,
+                                kl_weight, chunk=7)
+    (grad_chunked,) = torch.autograd.grad(chunked * 3.0, s_hidden)
+    full = distill_loss(student.lm_head(s_hidden), teacher.lm_head(t_hidden), ids, temperature, lm_weight, kl_weight)
+    (grad_full,) = torch.autograd.grad(full * 3.0, s_hidden)
+    assert float(full) > 0
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_chunked, grad_full, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss", ["kl", "kl+mse"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(loss):
+    from lmshrink.methods.recover import checkpointed_blocks, step_loss
+    from lmshrink.methods.recover.distill import _Forward, _head_path
+
+    peft_model, _, _ = _masked_peft()
+    teacher = tiny_llama(seed=6).requires_grad_(False)
+    stage = load_recipe({"stages": [{"method": "rtn", "group_size": 32},
+                                    {**RECOVER, "loss": loss, "lm_weight": 0.3}]}).stages[1]
+    student, teach = _Forward(peft_model), _Forward(teacher)
+    assert _head_path(student, teach, ids=_ids())
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    outcomes = []
+    for checkpointing in (False, True):
+        with checkpointed_blocks(student.blocks) if checkpointing else contextlib.nullcontext():
+            value = step_loss(student, teach, _ids(), stage, head=True)
+            grads = torch.autograd.grad(value, params)
+        outcomes.append((value.detach(), grads))
+    (loss0, grads0), (loss1, grads1) = outcomes
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-7)
+    assert any(float(g.abs().max()) > 0 for g in grads0)
+    for g0, g1 in zip(grads0, grads1):
+        torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-8)
+    assert "forward" not in student.blocks[0].__dict__  # the wrapper is removed on exit
+
+
+def _held_out_hidden_error(tiny_dir, text_file, stage_options, results):
+    """Mean normalized per-block hidden-state MSE of the recovered student against the teacher on held-out windows."""
+    from lmshrink.methods.recover import hidden_mse
+    from lmshrink.methods.recover.distill import _Forward
+
+    stage = load_recipe({"stages": [{"method": "rtn", "group_size": 32}, stage_options]}).stages[1]
+    _, held = split_documents(load_text(f"file:{text_file}", "train"), tiny_tokenizer(),
+                              stage.eval_windows * stage.seqlen * 2, stage.seed)
+    ids = evaluation_windows(tiny_tokenizer(), held, stage.seqlen).input_ids[: stage.eval_windows]
+    student = load_model(str(tiny_dir), progress=False).model
+    for name, module in iter_linears(student):
+        module.weight.data.copy_(results[name].dense())
+    s_fwd, t_fwd = _Forward(student), _Forward(load_model(str(tiny_dir), progress=False).model)
+    s_blocks, t_blocks = [], []
+    with torch.no_grad(), s_fwd.capture(s_blocks), t_fwd.capture(t_blocks):
+        s_fwd.hidden(ids)
+        t_fwd.hidden(ids)
+    return float(hidden_mse(s_blocks, t_blocks))
+
+
+def test_hidden_mse_loss_lowers_the_hidden_state_error(tiny_dir, text_file):
+    prune = {"method": "magnitude", "pattern": "2:4"}
+    stages = {loss: {**RECOVER, "loss": loss, "hidden_weight": 1.0, "steps": 16} for loss in ("kl", "kl+mse")}
+    errors = {loss: _held_out_hidden_error(tiny_dir, text_file, stage,
+                                           _compress(tiny_dir, text_file, [prune, stage])["results"])
+              for loss, stage in stages.items()}
+    before = _held_out_hidden_error(tiny_dir, text_file, stages["kl"],
+                                    _compress(tiny_dir, text_file, [prune])["results"])
+    assert errors["kl+mse"] < errors["kl"] < before
+
+
+def test_resume_inside_a_recover_stage_gives_identical_results(tiny_dir, text_file, tmp_path, monkeypatch):
+    """A run killed after its second save (step 4 of 8) and resumed ends with the same weights and record as an
+    uninterrupted run."""
+    from lmshrink.methods.recover import distill
+
+    stages = [{"method": "sparsegpt", "pattern": "2:4"}, {**RECOVER, "steps": 8, "eval_every": 3, "save_every": 2}]
+    whole = _compress(tiny_dir, text_file, stages, out=tmp_path / "whole")
+    real_save, calls = distill.save_state, []
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        calls.append(args[-1]["step"])
+        if len(calls) == 2:
+            raise Killed
+
+    monkeypatch.setattr(distill, "save_state", save_then_die)
+    with pytest.raises(Killed):
+        _compress(tiny_dir, text_file, stages, out=tmp_path / "cut")
+    assert calls == [2, 4] and (tmp_path / "cut.partial" / "recover-1").is_dir()
+    monkeypatch.setattr(distill, "save_state", real_save)
+    resumed = _compress(tiny_dir, text_file, stages, out=tmp_path / "cut", resume=True)
+    rec_whole, rec_resumed = whole["recover"][0], resumed["recover"][0]
+    assert rec_resumed["resumed_from_step"] == 4 and rec_whole["resumed_from_step"] is None
+    for key in ("history", "held_out_before", "held_out_after", "held_out_after_merge", "best_step", "steps_run"):
+        assert rec_resumed[key] == rec_whole[key], key
+    for name, result in whole["results"].items():
+        assert torch.equal(resumed["results"][name].dense(), result.dense()), name
+    assert not (tmp_path / "cut.partial").exists()
+
+
+def test_max_seconds_stops_training_and_is_recorded(tiny_dir, text_file, tmp_path):
+    stages = [{"method": "rtn", "bits": 3, "group_size": 32}, {**RECOVER, "steps": 1000, "max_seconds": 1e-3}]
+    record = _compress(tiny_dir, text_file, stages, out=tmp_path / "out")
+    rec = record["recover"][0]
+    assert rec["stopped_by"] == "max_seconds" and rec["steps_run"] < 1000
+    saved = json.loads((tmp_path / "out" / "lmshrink.json").read_text())
+    assert saved["recover"][0]["max_seconds"] == 1e-3 and saved["recover"][0]["stopped_by"] == "max_seconds"
+    assert "before recovery" in saved["summary"]["rel_output_error_measured"]

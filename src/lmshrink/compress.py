@@ -135,7 +135,7 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
         recovery, adapter_files = run_recovery(
             model.model, model.tokenizer, teacher, adapter, recover_phases, result, windows.input_ids,
             default_data=calib_name, data_dir=data_dir, device=device, progress=progress,
-            max_context=model.info.max_context)
+            max_context=model.info.max_context, checkpoint=checkpoint, resume=resume)
         del teacher
     # -- end recovery
     errors = [layer["rel_output_error"] for layer in result.layers if layer["rel_output_error"] is not None]
@@ -155,6 +155,9 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
     }
     if recovery:
         record["recover"] = recovery
+        record["summary"]["rel_output_error_measured"] = (
+            "by the engine, before recovery changed the weights; each merged layer's recover_rel_weight_change is "
+            "||W_merged - W_before|| / ||W_before|| of its recover stage's merge")
     sparsity = _sparsity_summary(result.layers)
     if sparsity is not None:
         owl = getattr(engine, "owl_sparsities", {})

@@ -162,13 +162,23 @@ class RecoverStage(StageBase):
     (student), then merge them (keeping pruned zeros and quantization grids) or save them in PEFT format.
 
     Runs on the whole model after the block-by-block stages before it (see ``methods/recover``).
+
+    Cost on CPU: one step of ``batch`` x ``seqlen`` tokens is a teacher forward, a student forward and backward, and
+    (with ``gradient_checkpointing``) a second student forward of each block: about 4 forward passes' worth. On
+    SmolLM2-135M at about 200 tokens/s forward (2 cores), a default step (4 x 512 tokens) takes roughly 40 s, so
+    the default 200 steps take about 2 hours; ``max_seconds`` gives the stage a fixed wall-time budget instead
+    (e.g. 1800 for 30 minutes; the learning rate then decays over that time).
     """
 
     method: Literal["recover"] = "recover"
     targets: list[str] = Field(default_factory=lambda: ["all-linear"],
                                description="'all-linear' (every decoder-block linear) or module-name patterns")
     teacher: Literal["base"] = Field("base", description="the uncompressed model the recipe started from")
-    loss: Literal["kl"] = Field("kl", description="KL(teacher || student) on next-token distributions")
+    loss: Literal["kl", "mse", "kl+mse"] = Field(
+        "kl", description="kl: KL(teacher || student) on next-token distributions; mse: mean over decoder blocks of "
+        "the MSE between student and teacher block outputs divided by the teacher's variance; kl+mse: KL plus "
+        "hidden_weight times that MSE")
+    hidden_weight: float = Field(1.0, ge=0, description="weight of the per-block hidden-state MSE in 'kl+mse'")
     lm_weight: float = Field(0.0, ge=0, description="weight of the student's next-token cross-entropy added to KL")
     temperature: float = Field(1.0, gt=0, le=100, description="softmax temperature of both distributions in the "
                                "KL (the loss is scaled by temperature**2)")
@@ -187,6 +197,17 @@ class RecoverStage(StageBase):
                           "(0: never stop early); the best adapters are kept")
     merge: bool = Field(True, description="merge the adapters into the weights (pruned zeros and grids kept); "
                         "false: save them in PEFT format in <output>/adapter")
+    gradient_checkpointing: bool = Field(True, description="recompute each decoder block's activations in backward "
+                                         "instead of keeping them (much less memory, about one more forward pass "
+                                         "of time per step; results equal up to float rounding)")
+    max_seconds: float | None = Field(None, gt=0, description="stop training once the stage has run this many "
+                                      "seconds (wall time, data preparation and held-out evaluations included); the "
+                                      "cosine learning-rate decay then follows elapsed time or steps, whichever is "
+                                      "further along (not bit-reproducible)")
+    save_every: int = Field(50, ge=0, description="save adapters, optimizer and step to the output's work folder "
+                            "every this many steps, so --resume continues a killed run from there (0: never)")
+    chunk_tokens: int = Field(256, ge=1, description="token positions per chunk of the vocabulary-wide KL (caps "
+                              "the memory of the next-token distributions: about 3 x chunk_tokens x vocab floats)")
     seed: int = 0
 
     @field_validator("targets", mode="before")

@@ -13,14 +13,15 @@ import copy
 from torch import nn
 
 from ...recipe import RECOVER_METHODS, Recipe, RecoverStage
-from .distill import distill_loss, held_out_metrics, recover, split_documents
+from .distill import (checkpointed_blocks, distill_loss, head_distill_loss, held_out_metrics, hidden_mse, recover,
+                      split_documents, step_loss)
 from .lora import adapter_files, attach, load_adapter, lora_delta, merge, pruned_mask
 from .memory import memory_report, optimizer_state_bytes
 
 ADAPTER_FOLDER = "adapter"
 
-__all__ = ["ADAPTER_FOLDER", "adapter_files", "attach", "distill_loss", "held_out_metrics", "load_adapter",
-           "lora_delta", "memory_report", "merge", "optimizer_state_bytes", "pruned_mask", "recover",
+__all__ = ["ADAPTER_FOLDER", "adapter_files", "attach", "checkpointed_blocks", "distill_loss", "head_distill_loss",
+           "held_out_metrics", "hidden_mse", "load_adapter", "lora_delta", "step_loss", "memory_report", "merge", "optimizer_state_bytes", "pruned_mask", "recover",
            "run_recovery", "snapshot_teacher", "split_documents", "split_phases"]
 
 
@@ -41,27 +42,56 @@ def split_phases(recipe: Recipe) -> tuple[Recipe, list[tuple[RecoverStage, Recip
 
 
 def snapshot_teacher(model: nn.Module) -> nn.Module:
-    """A frozen copy of the uncompressed model (the teacher), taken before compression."""
-    teacher = copy.deepcopy(model).eval()
+    """A frozen copy of the uncompressed model (the teacher), taken before compression.
+
+    Only the decoder blocks are copied: the tensors outside them (embeddings, final norm, output head) are shared
+    with ``model``, since compression and recovery change only block linears (the embeddings of SmolLM2-135M are a
+    fifth of its weights).
+    """
+    from ...models import get_adapter
+
+    prefix = get_adapter(model).block_path(model) + "."
+    shared = {id(t): t for n, t in [*model.named_parameters(), *model.named_buffers()] if not n.startswith(prefix)}
+    teacher = copy.deepcopy(model, memo=shared).eval()
     return teacher.requires_grad_(False)
+
+
+def _note_weight_change(layers: list[dict], change: dict[str, float], phase: int) -> None:
+    """Add the merge's relative weight change to the last engine record of each merged layer (the engine's
+    ``rel_output_error`` was measured before recovery changed the weights)."""
+    seen: set[str] = set()
+    for layer in reversed(layers):
+        name = layer["name"]
+        if name in change and name not in seen:
+            seen.add(name)
+            layer.setdefault("recover_rel_weight_change", {})[f"recover {phase}"] = change[name]
 
 
 def run_recovery(model: nn.Module, tokenizer, teacher: nn.Module, adapter, phases, engine_result, calibration, *,
                  default_data: str, data_dir=None, device="cpu", progress: bool = True,
-                 max_context: int | None = None) -> tuple[list[dict], dict[str, bytes]]:
+                 max_context: int | None = None, checkpoint=None, resume: bool = False
+                 ) -> tuple[list[dict], dict[str, bytes]]:
     """Run the recover stages (and the compression stages between them) after the first engine pass.
 
     Updates ``engine_result`` in place (``results`` to the merged weights, ``layers``/``seconds`` with later engine
-    passes). Returns the recover records and the PEFT adapter files of a final ``merge: false`` stage.
+    passes; each merged layer's record gets ``recover_rel_weight_change``). Returns the recover records and the PEFT
+    adapter files of a final ``merge: false`` stage. With ``checkpoint`` (the engine's work folder), each recover
+    stage saves its progress in ``<work folder>/recover-<n>``, and ``resume`` continues from it.
     """
     from ...engine.loop import Engine
 
     records: list[dict] = []
     files: dict[str, bytes] = {}
-    for stage, rest in phases:
-        records.append(recover(model, teacher, tokenizer, stage, engine_result.results, default_data=default_data,
-                               data_dir=data_dir, device=device, progress=progress, max_context=max_context,
-                               adapter_out=files))
+    for number, (stage, rest) in enumerate(phases, start=1):
+        state_dir = checkpoint.folder / f"recover-{number}" if checkpoint is not None else None
+        record = recover(model, teacher, tokenizer, stage, engine_result.results, default_data=default_data,
+                         data_dir=data_dir, device=device, progress=progress, max_context=max_context,
+                         adapter_out=files, state_dir=state_dir,
+                         state_key=f"{checkpoint.key}-recover-{number}" if checkpoint is not None else "",
+                         resume=resume)
+        records.append(record)
+        if "merge" in record:
+            _note_weight_change(engine_result.layers, record["merge"]["rel_weight_change"], number)
         if rest is not None:
             later = Engine(model, adapter, rest, calibration, device=device, progress=progress).run()
             engine_result.results.update(later.results)

@@ -10,11 +10,14 @@ best adapters are kept.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import random
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +27,7 @@ from ...data import calibration_windows, evaluation_windows, load_text
 from ...data.sources import TextSource
 from ...data.windows import _encode
 from ...errors import LmshrinkError
-from ...models.adapters import iter_linears
+from ...models.adapters import get_adapter, iter_linears
 from ...recipe import RecoverStage
 from . import lora
 from .memory import memory_report
@@ -62,42 +65,312 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor,
-                 temperature: float, lm_weight: float) -> torch.Tensor:
-    """Mean over next-token positions of ``T**2 * KL(teacher_T || student_T)`` (+ ``lm_weight`` * cross-entropy)."""
+                 temperature: float, lm_weight: float, kl_weight: float = 1.0) -> torch.Tensor:
+    """Mean over next-token positions of ``kl_weight * T**2 * KL(teacher_T || student_T)`` (+ ``lm_weight`` *
+    cross-entropy), from full logits (the reference; training uses ``head_distill_loss`` when it can)."""
     s = student_logits[:, :-1].float()
     t = teacher_logits[:, :-1].float()
-    t_logp = F.log_softmax(t / temperature, dim=-1)
-    s_logp = F.log_softmax(s / temperature, dim=-1)
-    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * temperature ** 2
+    loss = s.new_zeros(())
+    if kl_weight:
+        t_logp = F.log_softmax(t / temperature, dim=-1)
+        s_logp = F.log_softmax(s / temperature, dim=-1)
+        loss = loss + kl_weight * (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * temperature ** 2
     if lm_weight:
-        kl = kl + lm_weight * F.cross_entropy(s.reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1))
-    return kl
+        loss = loss + lm_weight * F.cross_entropy(s.reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1))
+    return loss
+
+
+class _HeadDistill(torch.autograd.Function):
+    """The distillation loss from the final hidden states and the (frozen) output heads, computed over chunks of
+    ``chunk`` positions: the ``[positions, vocab]`` logits exist one chunk at a time, and the gradient with respect
+    to the student's hidden states is computed in forward (``T * (p_student - p_teacher) @ W_head`` for the KL), so
+    nothing vocabulary-wide is kept for backward."""
+
+    @staticmethod
+    def forward(ctx, s_hidden, t_hidden, s_weight, s_bias, t_weight, t_bias, ids, temperature, kl_weight, lm_weight,
+                chunk):
+        size = s_hidden.shape[-1]
+        sh = s_hidden[:, :-1].reshape(-1, size)
+        th = t_hidden[:, :-1].reshape(-1, size)
+        target = ids[:, 1:].reshape(-1)
+        n = sh.shape[0]
+        grad_rows = torch.empty_like(sh) if ctx.needs_input_grad[0] else None
+        total = 0.0
+        for i in range(0, n, chunk):
+            s = F.linear(sh[i:i + chunk], s_weight, s_bias).float()
+            g = None
+            if lm_weight:
+                logp = F.log_softmax(s, dim=-1)
+                rows = torch.arange(len(s), device=s.device)
+                total += lm_weight * -float(logp[rows, target[i:i + chunk]].sum())
+                g = logp.exp_()
+                g[rows, target[i:i + chunk]] -= 1
+                g.mul_(lm_weight)
+                del logp
+            if kl_weight:
+                t = F.linear(th[i:i + chunk], t_weight, t_bias).float().div_(temperature)
+                t_logp = t.sub_(torch.logsumexp(t, dim=-1, keepdim=True))
+                p_t = t_logp.exp()
+                s_logp = s.div_(temperature)
+                s_logp.sub_(torch.logsumexp(s_logp, dim=-1, keepdim=True))
+                total += kl_weight * temperature ** 2 * float(t_logp.sub_(s_logp).mul_(p_t).sum())
+                del t_logp, t
+                kl_grad = s_logp.exp_().sub_(p_t).mul_(kl_weight * temperature)  # d(T^2 KL)/d(student logits)
+                g = kl_grad if g is None else g.add_(kl_grad)
+                del p_t
+            if grad_rows is not None and g is not None:
+                grad_rows[i:i + chunk] = (g.div_(n)).to(s_weight.dtype) @ s_weight
+            del s, g
+        if grad_rows is not None:
+            grad = torch.zeros_like(s_hidden)
+            grad[:, :-1] = grad_rows.reshape(s_hidden.shape[0], -1, size)
+            ctx.save_for_backward(grad)
+        return s_hidden.new_tensor(total / n, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_out.to(grad.dtype),) + (None,) * 10
+
+
+def head_distill_loss(s_hidden: torch.Tensor, t_hidden: torch.Tensor, s_head: nn.Linear, t_head: nn.Linear,
+                      ids: torch.Tensor, temperature: float, lm_weight: float, kl_weight: float = 1.0,
+                      chunk: int = 256) -> torch.Tensor:
+    """``distill_loss`` of ``s_head(s_hidden)`` and ``t_head(t_hidden)``, in chunks of ``chunk`` positions (the
+    heads must be frozen: no gradient reaches their weights)."""
+    return _HeadDistill.apply(s_hidden, t_hidden.detach(), s_head.weight, s_head.bias, t_head.weight, t_head.bias,
+                              ids, temperature, kl_weight, lm_weight, chunk)
+
+
+def hidden_mse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over decoder blocks of ``mean((h_student - h_teacher)**2) / var(h_teacher)`` (block outputs)."""
+    if len(student) != len(teacher) or not student:
+        raise LmshrinkError(f"recover stage, option 'loss': captured {len(student)} student and {len(teacher)} "
+                            "teacher block outputs (expected the same number, one per decoder block)",
+                            fix="use loss: kl for this model")
+    terms = [F.mse_loss(s.float(), t.float()) / t.float().var().clamp_min(1e-12) for s, t in zip(student, teacher)]
+    return torch.stack(terms).mean()
+
+
+class _Forward:
+    """Runs a causal LM (plain or PEFT-wrapped) to its final hidden states, its logits, or its block outputs."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.backbone = self.hf.base_model
+        self.head = self.hf.get_output_embeddings()
+        self.blocks = list(get_adapter(self.hf).blocks(self.hf))
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone(input_ids=ids, use_cache=False)[0]
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return _logits(self.model, ids)
+
+    @contextlib.contextmanager
+    def capture(self, out: list[torch.Tensor] | None):
+        """Append each decoder block's output to ``out`` while the context is open (nothing when ``out`` is None)."""
+        if out is None:
+            yield
+            return
+        handles = [b.register_forward_hook(lambda _m, _i, o: out.append(o[0] if isinstance(o, tuple) else o))
+                   for b in self.blocks]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 @torch.no_grad()
-def held_out_metrics(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, batch: int, device) -> dict:
-    """Mean KL(teacher || student) at temperature 1, student and teacher perplexity on the held-out windows."""
+def _head_path(*models: _Forward, ids: torch.Tensor) -> bool:
+    """Whether ``head(backbone(ids))`` reproduces each model's logits (no logit scaling or soft-capping after the
+    head) with a frozen ``nn.Linear`` head, so the chunked loss can be used."""
+    ids = ids[:1, :16]
+    for m in models:
+        if not isinstance(m.head, nn.Linear) or m.head.weight.requires_grad or m.backbone is m.hf:
+            return False
+        expected = m.logits(ids).float()
+        got = F.linear(m.hidden(ids), m.head.weight, m.head.bias).float()
+        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4,
+                                                             atol=1e-4 * float(expected.abs().max())):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(blocks: list[nn.Module]):
+    """Gradient checkpointing of decoder blocks while the context is open: with gradients enabled, a block keeps
+    only its inputs and recomputes its activations in backward (non-reentrant ``torch.utils.checkpoint``; the model
+    stays in eval mode, so no dropout and nothing random is recomputed)."""
+    from torch.utils.checkpoint import checkpoint
+
+    saved = []
+    for block in blocks:
+        own = block.__dict__.get("forward")
+        original = block.forward
+
+        def forward(*args, _original=original, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+            return _original(*args, **kwargs)
+
+        block.forward = forward
+        saved.append((block, own))
+    try:
+        yield
+    finally:
+        for block, own in saved:
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own
+
+
+def step_loss(student: _Forward, teacher: _Forward, ids: torch.Tensor, stage: RecoverStage, head: bool,
+              teacher_out=None) -> torch.Tensor:
+    """The training loss of ``stage`` on ``ids`` (KL and/or per-block hidden MSE, plus the LM loss)."""
+    kl_weight = 1.0 if stage.loss in ("kl", "kl+mse") else 0.0
+    mse_weight = {"kl": 0.0, "mse": 1.0, "kl+mse": stage.hidden_weight}[stage.loss]
+    need_head = bool(kl_weight or stage.lm_weight)
+    t_blocks: list | None = [] if mse_weight else None
+    s_blocks: list | None = [] if mse_weight else None
+    with torch.no_grad(), teacher.capture(t_blocks):
+        t_out = teacher.hidden(ids) if head or not need_head else teacher.logits(ids)
+    with student.capture(s_blocks):
+        s_out = student.hidden(ids) if head or not need_head else student.logits(ids)
+    loss = s_out.new_zeros((), dtype=torch.float32)
+    if need_head:
+        if head:
+            loss = loss + head_distill_loss(s_out, t_out, student.head, teacher.head, ids, stage.temperature,
+                                            stage.lm_weight, kl_weight, stage.chunk_tokens)
+        else:
+            loss = loss + distill_loss(s_out, t_out, ids, stage.temperature, stage.lm_weight, kl_weight)
+    if mse_weight:
+        loss = loss + mse_weight * hidden_mse(s_blocks, t_blocks)
+    return loss
+
+
+@torch.no_grad()
+def held_out_metrics(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, batch: int, device, *,
+                     chunk_tokens: int = 256, teacher_hidden: list[torch.Tensor] | None = None) -> dict:
+    """Mean KL(teacher || student) at temperature 1, student and teacher perplexity on the held-out windows.
+
+    Computed from the final hidden states and the output heads in chunks of ``chunk_tokens`` positions when the
+    heads allow it (else from full logits); ``teacher_hidden`` (the teacher's final hidden states of each batch,
+    from an earlier call's ``teacher_hidden_states``) saves the teacher's forward passes.
+    """
+    s_fwd, t_fwd = _Forward(student), _Forward(teacher)
+    head = _head_path(s_fwd, t_fwd, ids=ids[:1].to(device))
     kl_sum = nll = nll_t = 0.0
     positions = 0
-    for i in range(0, len(ids), batch):
+    for b, i in enumerate(range(0, len(ids), batch)):
         chunk = ids[i:i + batch].to(device)
-        s = _logits(student, chunk)[:, :-1].float()
-        t = _logits(teacher, chunk)[:, :-1].float()
-        s_logp, t_logp = F.log_softmax(s, -1), F.log_softmax(t, -1)
-        kl_sum += float((t_logp.exp() * (t_logp - s_logp)).sum(-1).clamp_min(0).sum())
-        target = chunk[:, 1:].unsqueeze(-1)
-        nll -= float(s_logp.gather(-1, target).sum())
-        nll_t -= float(t_logp.gather(-1, target).sum())
-        positions += target.numel()
+        target = chunk[:, 1:].reshape(-1)
+        if head:
+            sh = s_fwd.hidden(chunk)[:, :-1].reshape(len(target), -1)
+            th = (teacher_hidden[b].to(device) if teacher_hidden is not None else t_fwd.hidden(chunk))
+            th = th[:, :-1].reshape(len(target), -1)
+            parts = ((F.linear(sh[j:j + chunk_tokens], s_fwd.head.weight, s_fwd.head.bias),
+                      F.linear(th[j:j + chunk_tokens], t_fwd.head.weight, t_fwd.head.bias), target[j:j + chunk_tokens])
+                     for j in range(0, len(target), chunk_tokens))  # one chunk of logits at a time
+        else:
+            parts = [(_logits(student, chunk)[:, :-1].reshape(len(target), -1),
+                      _logits(teacher, chunk)[:, :-1].reshape(len(target), -1), target)]
+        for s, t, tgt in parts:
+            s_logp = F.log_softmax(s.float(), -1)
+            del s
+            t_logp = F.log_softmax(t.float(), -1)
+            del t
+            nll -= float(s_logp.gather(-1, tgt.unsqueeze(-1)).sum())
+            nll_t -= float(t_logp.gather(-1, tgt.unsqueeze(-1)).sum())
+            p_t = t_logp.exp()
+            kl_sum += float(t_logp.sub_(s_logp).mul_(p_t).sum(-1).clamp_min(0).sum())
+            positions += tgt.numel()
+            del s_logp, t_logp, p_t
     return {"kl": kl_sum / positions, "ppl": math.exp(nll / positions), "teacher_ppl": math.exp(nll_t / positions)}
+
+
+@torch.no_grad()
+def teacher_hidden_states(teacher: nn.Module, ids: torch.Tensor, batch: int, device) -> list[torch.Tensor]:
+    """The teacher's final hidden states of each ``batch`` of ``ids`` (for ``held_out_metrics``)."""
+    fwd = _Forward(teacher)
+    return [fwd.hidden(ids[i:i + batch].to(device)) for i in range(0, len(ids), batch)]
+
+
+def _lr_factor(stage: RecoverStage, step: int, elapsed: float) -> float:
+    """Cosine decay from 1 to 0 over the steps (step 1 at factor 1), or over ``max_seconds`` of wall time when that
+    is further along."""
+    progress = (step - 1) / stage.steps
+    if stage.max_seconds:
+        progress = max(progress, elapsed / stage.max_seconds)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+_STATE_TENSORS = "state.safetensors"
+_STATE_JSON = "state.json"
+
+
+def save_state(folder: Path, key: str, peft_model, optimizer: torch.optim.Optimizer, best_state: dict,
+               scalars: dict) -> None:
+    """Adapters, optimizer state, best adapters and the loop's counters, replacing ``folder`` in one rename."""
+    from safetensors.torch import save_file
+
+    from ...formats.atomic import atomic_directory
+
+    tensors = {f"adapter.{n}": p.detach() for n, p in peft_model.named_parameters() if p.requires_grad}
+    tensors.update({f"best.{n}": v for n, v in best_state.items()})
+    opt = optimizer.state_dict()
+    for index, entry in opt["state"].items():
+        tensors.update({f"opt.{index}.{k}": v for k, v in entry.items() if isinstance(v, torch.Tensor)})
+    meta = {"key": key, "param_groups": opt["param_groups"],
+            "opt_scalars": {str(i): {k: v for k, v in e.items() if not isinstance(v, torch.Tensor)}
+                            for i, e in opt["state"].items()}, **scalars}
+    with atomic_directory(folder, overwrite=True) as staging:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / _STATE_TENSORS))
+        (staging / _STATE_JSON).write_text(json.dumps(meta, default=str))
+
+
+def load_state(folder: Path, key: str, peft_model, optimizer: torch.optim.Optimizer) -> dict | None:
+    """Restore what ``save_state`` wrote (adapters and optimizer in place); returns the counters plus ``best_state``,
+    or None when ``folder`` holds nothing. A state of another run is refused."""
+    from safetensors.torch import load_file
+
+    if not (folder / _STATE_JSON).is_file():
+        return None
+    meta = json.loads((folder / _STATE_JSON).read_text())
+    if meta.get("key") != key:
+        raise LmshrinkError(f"{folder} holds recover progress of a different run",
+                            fix=f"run again without --resume to start over, or delete {folder}")
+    tensors = load_file(str(folder / _STATE_TENSORS))
+    lora.load_adapter_state(peft_model, {n[len("adapter."):]: v for n, v in tensors.items()
+                                         if n.startswith("adapter.")})
+    device = next(p.device for p in peft_model.parameters() if p.requires_grad)
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("opt."):
+            _, index, field = name.split(".", 2)
+            state.setdefault(int(index), {})[field] = value
+    for index, scalars in meta.pop("opt_scalars").items():
+        state.setdefault(int(index), {}).update(scalars)
+    optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+    meta["best_state"] = {n[len("best."):]: v.to(device) for n, v in tensors.items() if n.startswith("best.")}
+    return meta
 
 
 def recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage, results: dict, *,
             default_data: str, data_dir=None, device: str | torch.device = "cpu", progress: bool = True,
-            max_context: int | None = None, adapter_out: dict | None = None) -> dict:
+            max_context: int | None = None, adapter_out: dict | None = None, state_dir: Path | None = None,
+            state_key: str = "", resume: bool = False) -> dict:
     """Train LoRA adapters on ``model`` (the compressed student, changed in place) to match ``teacher``; merge them
     (updating ``results``) or, with ``merge: false``, put their PEFT files into ``adapter_out`` (file name -> bytes)
-    and leave the student's weights as they were. Returns the stage's record."""
+    and leave the student's weights as they were. Returns the stage's record.
+
+    With ``state_dir``, the adapters, optimizer and counters are saved there every ``save_every`` steps and when
+    training ends (tagged with ``state_key``); with ``resume``, a state found there is continued from, giving the
+    same result as an uninterrupted run (unless ``max_seconds`` is set: time-based decisions are not reproducible).
+    """
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -123,59 +396,94 @@ def recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage
     peft_model = lora.attach(model, names, stage.rank, stage.alpha, masks)
     params = lora.trainable_parameters(peft_model)
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, stage.steps) / stage.steps)))
+    student, teach = _Forward(peft_model), _Forward(teacher)
+    head = _head_path(student, teach, ids=eval_ids[:1].to(device))
+    cached = teacher_hidden_states(teacher, eval_ids, stage.batch, device) if head else None
 
-    before = held_out_metrics(peft_model, teacher, eval_ids, stage.batch, device)
-    history = [{"step": 0, **before}]
-    best, best_step, best_state, stale = before["kl"], 0, lora.adapter_state(peft_model), 0
+    def evaluate() -> dict:
+        return held_out_metrics(peft_model, teacher, eval_ids, stage.batch, device, chunk_tokens=stage.chunk_tokens,
+                                teacher_hidden=cached)
+
+    saved = load_state(state_dir, state_key, peft_model, optimizer) if resume and state_dir is not None else None
+    if saved is not None:
+        history, losses, best_state = saved["history"], saved["losses"], saved["best_state"]
+        before, best, best_step, stale = saved["before"], saved["best"], saved["best_step"], saved["stale"]
+        first, stopped_by, elapsed_before = saved["step"] + 1, saved["stopped_by"], saved["elapsed"]
+        resumed_from = saved["step"]
+    else:
+        before = evaluate()
+        history = [{"step": 0, **before}]
+        best, best_step, best_state, stale = before["kl"], 0, lora.adapter_state(peft_model), 0
+        losses: list[float] = []
+        first, stopped_by, elapsed_before, resumed_from = 1, None, 0.0, None
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - started
+
+    def save(step: int) -> None:
+        if state_dir is not None:
+            save_state(state_dir, state_key, peft_model, optimizer, best_state,
+                       {"step": step, "history": history, "losses": losses, "before": before, "best": best,
+                        "best_step": best_step, "stale": stale, "stopped_by": stopped_by, "elapsed": elapsed()})
+
     interval = stage.eval_interval()
-    losses: list[float] = []
-    stopped_early = False
-    step = 0
-    bar = tqdm(total=stage.steps, desc="recover", unit="step", disable=not progress, dynamic_ncols=True)
-    for step in range(1, stage.steps + 1):
-        index = torch.arange((step - 1) * stage.batch, step * stage.batch) % len(train.input_ids)
-        ids = train.input_ids[index].to(device)
-        with torch.no_grad():
-            teacher_logits = _logits(teacher, ids)
-        loss = distill_loss(_logits(peft_model, ids), teacher_logits, ids, stage.temperature, stage.lm_weight)
-        del teacher_logits
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", held_kl=f"{best:.4f}")
-        if step % interval == 0 or step == stage.steps:
-            metrics = held_out_metrics(peft_model, teacher, eval_ids, stage.batch, device)
-            history.append({"step": step, "train_loss": sum(losses[-interval:]) / len(losses[-interval:]),
-                            **metrics})
-            if metrics["kl"] < best:
-                best, best_step, best_state, stale = metrics["kl"], step, lora.adapter_state(peft_model), 0
-            else:
-                stale += 1
-                if stage.patience and stale >= stage.patience:
-                    stopped_early = True
-                    break
+    step = first - 1
+    bar = tqdm(total=stage.steps, initial=step, desc="recover", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    with checkpointed_blocks(student.blocks) if stage.gradient_checkpointing else contextlib.nullcontext():
+        while stopped_by is None and step < stage.steps:
+            if stage.max_seconds and elapsed() >= stage.max_seconds:
+                stopped_by = "max_seconds"
+                break
+            step += 1
+            for group in optimizer.param_groups:
+                group["lr"] = stage.lr * _lr_factor(stage, step, elapsed())
+            index = torch.arange((step - 1) * stage.batch, step * stage.batch) % len(train.input_ids)
+            ids = train.input_ids[index].to(device)
+            loss = step_loss(student, teach, ids, stage, head)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            del loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", held_kl=f"{best:.4f}")
+            if step % interval == 0 or step == stage.steps:
+                metrics = evaluate()
+                history.append({"step": step, "train_loss": sum(losses[-interval:]) / len(losses[-interval:]),
+                                **metrics})
+                if metrics["kl"] < best:
+                    best, best_step, best_state, stale = metrics["kl"], step, lora.adapter_state(peft_model), 0
+                else:
+                    stale += 1
+                    if stage.patience and stale >= stage.patience:
+                        stopped_by = "early_stopping"
+            if stage.save_every and step % stage.save_every == 0 and stopped_by is None and step < stage.steps:
+                save(step)
     bar.close()
+    stopped_by = stopped_by or "steps"
+    if saved is None or step != saved["step"]:
+        save(step)  # training is over: a resume from here goes straight to the merge
+    train_seconds = elapsed()
     memory = memory_report(model, params, optimizer)
     lora.load_adapter_state(peft_model, best_state)
-    after = held_out_metrics(peft_model, teacher, eval_ids, stage.batch, device) if best_step else dict(before)
-    train_seconds = time.perf_counter() - started
+    after = evaluate() if best_step else dict(before)
     record = {
         "stage": stage.model_dump(), "layers": len(names), "pruned_layers": len(masks), "data": {
             "dataset": data_name, "training_documents": len(train_src.documents),
             "held_out_documents": len(held_src.documents), "training_windows": len(train.input_ids),
             "held_out_windows": len(eval_ids), "seqlen": stage.seqlen,
             "split": "seeded by whole documents (held-out documents never train)"},
-        "steps_run": step, "best_step": best_step, "stopped_early": stopped_early, "held_out_before": before,
-        "held_out_after": after, "history": history, "train_seconds": train_seconds, "memory": memory,
+        "steps_run": step, "best_step": best_step, "stopped_early": stopped_by == "early_stopping",
+        "stopped_by": stopped_by, "max_seconds": stage.max_seconds, "resumed_from_step": resumed_from,
+        "loss_path": "chunked output head" if head else "full logits",
+        "held_out_before": before, "held_out_after": after, "history": history, "train_seconds": train_seconds,
+        "memory": memory,
     }
     if stage.merge:
         merged_model, record["merge"] = lora.merge(peft_model, names, results, masks)
-        record["held_out_after_merge"] = held_out_metrics(merged_model, teacher, eval_ids, stage.batch, device)
+        record["held_out_after_merge"] = held_out_metrics(merged_model, teacher, eval_ids, stage.batch, device,
+                                                          chunk_tokens=stage.chunk_tokens, teacher_hidden=cached)
     else:
         files = lora.adapter_files(peft_model, masks)
         if adapter_out is not None:
@@ -184,12 +492,11 @@ def recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage
         record["adapter"] = {"format": "peft", "files": sorted(files), "folder": "adapter"}
     for param, flag in grad_flags:
         param.requires_grad_(flag)
-    record["seconds"] = time.perf_counter() - started
+    record["seconds"] = elapsed()
     final = record.get("held_out_after_merge", after)
     record["kl_reduction"] = 1 - final["kl"] / before["kl"] if before["kl"] > 0 else None
     if progress:
         print(f"recover: held-out KL {before['kl']:.4f} -> {final['kl']:.4f}, ppl {before['ppl']:.3f} -> "
-              f"{final['ppl']:.3f} (teacher {before['teacher_ppl']:.3f}); {step} steps, best at {best_step}"
-              f"{', stopped early' if stopped_early else ''}; {record['seconds']:.1f}s", file=sys.stderr)
+              f"{final['ppl']:.3f} (teacher {before['teacher_ppl']:.3f}); {step} steps ({stopped_by}), best at "
+              f"{best_step}; {record['seconds']:.1f}s", file=sys.stderr)
     return record
-

@@ -4,7 +4,9 @@ PEFT format.
 
 Pruned layers train with a masked update: the forward pass adds ``x @ (mask_keep * (B @ A) * alpha/rank)^T`` instead
 of PEFT's low-rank path, so the function trained is exactly the one the masked merge produces (an unmasked update
-would be cut off at merge time). Quantized layers train against their dequantized weights (frozen, QLoRA-style);
+would be cut off at merge time). The mask is kept as bool (1 byte a weight) and the dense ``[out, in]`` update exists
+only while one layer's forward or backward runs (``MaskedLoraFunction`` recomputes it in backward instead of keeping
+it in the autograd graph until then). Quantized layers train against their dequantized weights (frozen, QLoRA-style);
 merging rounds ``base + delta`` onto the layer's stored grid (same scales, zeros and group index: round to nearest,
 not a new GPTQ pass), so an update smaller than half a grid step on a weight does not survive the merge.
 """
@@ -39,19 +41,55 @@ def pruned_mask(result) -> torch.Tensor | None:
     return None
 
 
+class MaskedLoraFunction(torch.autograd.Function):
+    """``x @ (keep * (B @ A) * scaling)^T`` with the dense update recomputed in backward, not saved.
+
+    Saves ``x``, ``A``, ``B`` and the bool mask (True = pruned); the ``[out, in]`` update and its gradient exist only
+    inside this layer's forward or backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, b, pruned, scaling):
+        ctx.save_for_backward(x, a, b, pruned)
+        ctx.scaling = scaling
+        return F.linear(x, _masked_delta(a, b, pruned, scaling))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, a, b, pruned = ctx.saved_tensors
+        scaling = ctx.scaling
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ _masked_delta(a, b, pruned, scaling)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            g = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # d loss / d delta, [out, in]
+            g.masked_fill_(pruned, 0.0).mul_(scaling)
+            grad_a = b.t() @ g if ctx.needs_input_grad[1] else None
+            grad_b = g @ a.t() if ctx.needs_input_grad[2] else None
+        return grad_x, grad_a, grad_b, None, None
+
+
+def _masked_delta(a: torch.Tensor, b: torch.Tensor, pruned: torch.Tensor, scaling: float) -> torch.Tensor:
+    return (b @ a).mul_(scaling).masked_fill_(pruned, 0.0)
+
+
 def _masked_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """PEFT LoRA Linear forward with the update masked to the kept weights (dense delta, one matmul)."""
+    """PEFT LoRA Linear forward with the update masked to the kept weights (``MaskedLoraFunction``)."""
     result = self.base_layer(x, *args, **kwargs)
     if self.disable_adapters or self.merged or ADAPTER not in self.active_adapters:
         return result
-    return result + F.linear(x.to(self.lora_A[ADAPTER].weight.dtype), lora_delta(self)).to(result.dtype)
+    a, b = self.lora_A[ADAPTER].weight, self.lora_B[ADAPTER].weight
+    update = MaskedLoraFunction.apply(x.to(a.dtype), a, b, self.lmshrink_pruned, float(self.scaling[ADAPTER]))
+    return result + update.to(result.dtype)
 
 
 def lora_delta(module: nn.Module) -> torch.Tensor:
-    """The adapter's update of a PEFT LoRA layer as ``[out, in]`` (masked when the layer carries a keep-mask)."""
-    delta = module.lora_B[ADAPTER].weight @ module.lora_A[ADAPTER].weight * module.scaling[ADAPTER]
-    keep = getattr(module, "lmshrink_keep", None)
-    return delta * keep if keep is not None else delta
+    """The adapter's update of a PEFT LoRA layer as ``[out, in]`` (masked when the layer carries a pruning mask)."""
+    a, b = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
+    pruned = getattr(module, "lmshrink_pruned", None)
+    if pruned is not None:
+        return _masked_delta(a, b, pruned, float(module.scaling[ADAPTER]))
+    return b @ a * module.scaling[ADAPTER]
 
 
 def attach(model: nn.Module, names: list[str], rank: int, alpha: float, masks: dict[str, torch.Tensor]):
@@ -72,7 +110,7 @@ def attach(model: nn.Module, names: list[str], rank: int, alpha: float, masks: d
     for name in names:
         module = lora_layer(peft_model, name)
         if name in masks:
-            module.register_buffer("lmshrink_keep", (~masks[name]).to(module.lora_A[ADAPTER].weight.dtype),
+            module.register_buffer("lmshrink_pruned", masks[name].to(module.lora_A[ADAPTER].weight.device, torch.bool),
                                    persistent=False)
             module.forward = types.MethodType(_masked_forward, module)
     return peft_model
@@ -126,10 +164,12 @@ def merge(peft_model, names: list[str], results: dict, masks: dict[str, torch.Te
     weights, remove the adapters; returns the plain model and a record of what the merge kept and changed.
 
     Pruned layers: ``base + mask_keep * delta`` (exact zeros and N:M pattern kept). Quantized layers: ``base + delta``
-    rounded onto the stored grid (scales, zeros, group index unchanged). Other layers: ``base + delta``.
+    rounded onto the stored grid (scales, zeros, group index unchanged). Other layers: ``base + delta``. The record's
+    ``rel_weight_change`` is, per layer, ``||W_merged - W_before|| / ||W_before||`` of the weights actually stored.
     """
     changed_codes = total_codes = 0
     delta_norms: list[float] = []
+    change: dict[str, float] = {}  # name -> ||merged - before|| / ||before|| (after masking and re-quantization)
     for name in names:
         module = lora_layer(peft_model, name)
         base = module.base_layer
@@ -158,9 +198,11 @@ def merge(peft_model, names: list[str], results: dict, masks: dict[str, torch.Te
             if info.get("pattern"):
                 info["sparsity"] = float((merged == 0).sum()) / merged.numel()
             results[name] = dataclasses.replace(result, codes=codes, weight=merged, info=info)
+        change[name] = float((merged.to(weight.device) - weight).norm() / weight.norm().clamp_min(1e-12))
         set_linear_weight(base, merged)
     model = peft_model.unload()
     record = {"layers": len(names), "mean_rel_delta_norm": sum(delta_norms) / len(delta_norms),
+              "rel_weight_change": change,
               "quantized_codes_changed": changed_codes / total_codes if total_codes else None,
               "requantization": "round to nearest onto each layer's stored grid" if total_codes else None}
     return model, record
