@@ -167,3 +167,13 @@ def test_encode_decode_exact_with_kept_zeros(dtype):
         decode("layer", broken)
     with pytest.raises(LmshrinkError, match="keeps"):
         decode("layer", dict(tensors, compressed=tensors["compressed"][:-1]))
+
+
+def test_streamed_compression_writes_the_same_bitmask_folder(tiny_dir, calib_file, tmp_path):
+    memory_dir, streamed_dir = tmp_path / "memory", tmp_path / "streamed"
+    _compress(tiny_dir, calib_file, "2:4", memory_dir, sparse_format="bitmask")
+    compress(str(tiny_dir), "2:4", output=streamed_dir, calibration=f"file:{calib_file}", nsamples=4, seqlen=32,
+             progress=False, offload="disk", sparse_format="bitmask")
+    memory, streamed = _tensors(memory_dir), _tensors(streamed_dir)
+    assert memory.keys() == streamed.keys() and any(key.endswith(".bitmask") for key in memory)
+    assert all(torch.equal(memory[key], streamed[key]) for key in memory)
