@@ -21,8 +21,9 @@ takes 2.125 bytes per weight instead of 4, a float16/bfloat16 one 1.125 instead 
 Who reads it: lmshrink (``load_model``, ``load_sparse_results``, ``lmshrink evaluate``) decodes it to the exact
 dense weights. Plain transformers does **not**: compressed-tensors 0.20 dropped its sparse compressors (only the
 ``BitmaskConfig`` remains) and transformers ignores ``sparsity_config``, so ``AutoModelForCausalLM.from_pretrained``
-on such a folder leaves the bitmask-stored layers randomly initialised (it only warns about missing keys). Neither
-does vLLM any more. Use the default dense storage for folders that other tools must load.
+on such a folder leaves the bitmask-stored layers randomly initialised (it only warns about missing keys; tested).
+vLLM, which builds on compressed-tensors, was not checked. Use the default dense storage for folders that other tools
+must load.
 """
 
 from __future__ import annotations
