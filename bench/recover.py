@@ -4,14 +4,15 @@ into LoRA adapters, and the fraction of the gap to the dense model that recovery
     python bench/recover.py --data-dir ../shared/data                         # P1, sparse50 / 2:4 / w3g128
     python bench/recover.py --recipes 2:4 --steps 5 --nsamples 4 --limit 2 --rec-seqlen 128   # a smoke run only
     python bench/recover.py --memory --steps 2 --rec-seqlen 128                 # peak memory: LoRA vs full FT
+    python bench/recover.py --recipes 2:4 --steps 10000 --max-seconds 1800 --eval-every 10   # 30 min of recovery
 
 Protocol P1 as bench/prune.py: smollm2-135m (fp32); calibration NSAMPLES windows x 512 tokens of C4 (seed 0);
 evaluation: the first 40 non-overlapping 512-token windows of WikiText-2 test and of the enwiki-sample held-out
 split, KL(base || model) on WikiText-2. For each base recipe R the script compresses R alone and R followed by a
 recover stage (teacher: the base model; KL loss, temperature 1; LoRA rank/alpha on every block linear; STEPS
-AdamW steps of BATCH windows x REC_SEQLEN tokens of the calibration text, whose documents are split into training
-and held-out ones; merged into the weights keeping masks and grids) in separate processes, saves both, and
-evaluates the saved checkpoints through `lmshrink evaluate`. "gap closed" = (ppl(R) - ppl(R+recover)) /
+AdamW steps, or as many as fit in --max-seconds, of BATCH windows x REC_SEQLEN tokens of the calibration text,
+whose documents are split into training and held-out ones; merged into the weights keeping masks and grids) in
+separate processes, saves both, and evaluates the saved checkpoints through `lmshrink evaluate`. "gap closed" = (ppl(R) - ppl(R+recover)) /
 (ppl(R) - ppl(dense)) on WikiText-2. "recover s" is the recover stage's own wall time (the machine may be shared:
 state that with any timing). With --memory it instead measures, in two fresh processes, the peak resident memory
 of STEPS training steps of LoRA adapters and of full fine-tuning (AdamW, every parameter) of the dense model.
@@ -70,6 +71,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=8, help="recover: held-out windows for early stopping")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="recover: wall-time budget of each recover stage (e.g. 1800); training stops there and "
+                             "the learning rate decays over it (steps then only cap the run)")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="recover: steps between held-out evaluations (default steps/8; set it with --max-seconds)")
+    parser.add_argument("--loss", choices=("kl", "mse", "kl+mse"), default="kl", help="recover: training loss")
+    parser.add_argument("--hidden-weight", type=float, default=1.0, help="recover: weight of the hidden MSE (kl+mse)")
     parser.add_argument("--memory", action="store_true", help="measure peak memory of LoRA vs full fine-tuning")
     parser.add_argument("--_measure", choices=("lora", "full"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -94,7 +102,11 @@ def main() -> None:
     rows = [{"recipe": "dense fp32", "wikitext2": dense_ppl, "enwiki": dense["perplexity"][1]["ppl"], "kl": 0.0}]
     recover = {"method": "recover", "steps": args.steps, "batch": args.batch, "seqlen": args.rec_seqlen,
                "lr": args.lr, "rank": args.rank, "alpha": 2 * args.rank, "eval_windows": args.eval_windows,
-               "seed": args.seed}
+               "seed": args.seed, "loss": args.loss, "hidden_weight": args.hidden_weight}
+    if args.max_seconds:
+        recover["max_seconds"] = args.max_seconds
+    if args.eval_every:
+        recover["eval_every"] = args.eval_every
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -115,6 +127,7 @@ def main() -> None:
                     rec = record["recover"][0]
                     final = rec.get("held_out_after_merge", rec["held_out_after"])
                     row.update(recover_seconds=rec["train_seconds"], steps_run=rec["steps_run"],
+                               stopped_by=rec.get("stopped_by"),
                                best_step=rec["best_step"], held_out_kl=(rec["held_out_before"]["kl"], final["kl"]),
                                codes_changed=rec.get("merge", {}).get("quantized_codes_changed"),
                                gap_closed=(before - row["wikitext2"]) / (before - dense_ppl)
@@ -129,14 +142,15 @@ def main() -> None:
     print(f"{'P1' if p1 else 'not P1 (changed settings)'}: {args.model}; calibration {args.nsamples} x {args.seqlen} "
           f"tokens of {args.calib} (seed {args.seed}); evaluation first {args.limit} windows x {args.seqlen} of "
           f"WikiText-2 test and enwiki-sample eval; recover: {args.steps} steps x {args.batch} windows x "
-          f"{args.rec_seqlen} tokens, lr {args.lr}, rank {args.rank}; torch {dense['environment']['torch']}, "
+          f"{args.rec_seqlen} tokens, lr {args.lr}, rank {args.rank}, loss {args.loss}"
+          f"{f', at most {args.max_seconds:g} s' if args.max_seconds else ''}; torch {dense['environment']['torch']}, "
           f"{dense['environment']['threads']} threads")
     print("| recipe | wikitext2 ppl | enwiki-sample ppl | KL to base | gap closed | steps (best) | recover s "
           "| held-out KL before -> after | codes changed |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gap = "" if r.get("gap_closed") is None else f"{100 * r['gap_closed']:.1f}%"
-        steps = f"{r['steps_run']} ({r['best_step']})" if "steps_run" in r else ""
+        steps = f"{r['steps_run']} ({r['best_step']}; {r.get('stopped_by')})" if "steps_run" in r else ""
         secs = f"{r['recover_seconds']:.0f}" if "recover_seconds" in r else ""
         held = "{:.4f} -> {:.4f}".format(*r["held_out_kl"]) if "held_out_kl" in r else ""
         codes = "" if r.get("codes_changed") is None else f"{100 * r['codes_changed']:.3f}%"

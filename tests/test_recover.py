@@ -391,11 +391,23 @@ def test_resume_inside_a_recover_stage_gives_identical_results(tiny_dir, text_fi
     assert not (tmp_path / "cut.partial").exists()
 
 
-def test_max_seconds_stops_training_and_is_recorded(tiny_dir, text_file, tmp_path):
-    stages = [{"method": "rtn", "bits": 3, "group_size": 32}, {**RECOVER, "steps": 1000, "max_seconds": 1e-3}]
+def test_max_seconds_stops_training_and_is_recorded(tiny_dir, text_file, tmp_path, monkeypatch):
+    """A fake clock (one second per reading) makes the time budget run out after a few steps: training stops, the
+    adapters trained since the last evaluation are evaluated and kept if better, and lmshrink.json records it."""
+    import types
+
+    from lmshrink.methods.recover import distill
+
+    clock = iter(range(10**6))
+    monkeypatch.setattr(distill, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    stages = [{"method": "rtn", "bits": 3, "group_size": 32},
+              {**RECOVER, "steps": 1000, "eval_every": 500, "max_seconds": 20}]
     record = _compress(tiny_dir, text_file, stages, out=tmp_path / "out")
     rec = record["recover"][0]
-    assert rec["stopped_by"] == "max_seconds" and rec["steps_run"] < 1000
+    assert rec["stopped_by"] == "max_seconds" and 0 < rec["steps_run"] < 1000
+    assert [h["step"] for h in rec["history"]] == [0, rec["steps_run"]]
+    assert rec["best_step"] == rec["steps_run"]  # the last adapters were better than none: not thrown away
+    assert rec["held_out_after_merge"]["kl"] < rec["held_out_before"]["kl"]
     saved = json.loads((tmp_path / "out" / "lmshrink.json").read_text())
-    assert saved["recover"][0]["max_seconds"] == 1e-3 and saved["recover"][0]["stopped_by"] == "max_seconds"
+    assert saved["recover"][0]["max_seconds"] == 20 and saved["recover"][0]["stopped_by"] == "max_seconds"
     assert "before recovery" in saved["summary"]["rel_output_error_measured"]

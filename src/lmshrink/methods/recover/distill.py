@@ -434,6 +434,12 @@ def recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage
         while stopped_by is None and step < stage.steps:
             if stage.max_seconds and elapsed() >= stage.max_seconds:
                 stopped_by = "max_seconds"
+                if history[-1]["step"] != step:  # the adapters trained since the last evaluation get their chance
+                    metrics = evaluate()
+                    tail = losses[-(step - history[-1]["step"]):]
+                    history.append({"step": step, "train_loss": sum(tail) / len(tail), **metrics})
+                    if metrics["kl"] < best:
+                        best, best_step, best_state = metrics["kl"], step, lora.adapter_state(peft_model)
                 break
             step += 1
             for group in optimizer.param_groups:
