@@ -1,7 +1,8 @@
 """Peak memory and time of a recover stage on a small random model (no download, no real model): a Llama with
-SmolLM2's vocabulary size (49152, so the next-token distributions are as wide as the real model's) but 4 narrow
-blocks, magnitude-pruned 2:4, then recovered. Each configuration runs in a fresh process; the number reported is
-the growth of the process's peak RSS during compress (after the model, tokenizer and text are loaded).
+SmolLM2's vocabulary size (49152, so the next-token distributions are as wide as the real model's) but few,
+narrow blocks (--layers, --hidden), magnitude-pruned 2:4, then recovered. Each configuration runs in a fresh
+process; the number reported is the growth of the process's peak RSS during compress (after the model, tokenizer and
+text are loaded).
 
     OMP_NUM_THREADS=1 python bench/recover_tiny_memory.py                       # default options
     OMP_NUM_THREADS=1 python bench/recover_tiny_memory.py --options '{"gradient_checkpointing": false}'
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 
-def _one(options: dict, steps: int, batch: int, seqlen: int) -> dict:
+def _one(options: dict, steps: int, batch: int, seqlen: int, layers: int = 4, hidden: int = 128) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import torch
     from helpers import tiny_tokenizer
@@ -30,7 +31,7 @@ def _one(options: dict, steps: int, batch: int, seqlen: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+        cfg = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                           tie_word_embeddings=True)
         AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp)
@@ -49,8 +50,10 @@ def _one(options: dict, steps: int, batch: int, seqlen: int) -> dict:
         rec = record["recover"][0]
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {"options": options, "peak_growth_mib": (peak - start) / 2**20, "start_mib": start / 2**20,
-                "steps": rec["steps_run"], "train_seconds": rec["train_seconds"], "total_seconds": time.perf_counter() - t0,
-                "held_out_kl": [rec["held_out_before"]["kl"], rec.get("held_out_after_merge", rec["held_out_after"])["kl"]]}
+                "steps": rec["steps_run"], "train_seconds": rec["train_seconds"],
+                "total_seconds": time.perf_counter() - t0,
+                "held_out_kl": [rec["held_out_before"]["kl"],
+                                rec.get("held_out_after_merge", rec["held_out_after"])["kl"]]}
 
 
 def main() -> None:
@@ -59,13 +62,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
-        print(json.dumps(_one(json.loads(args.options), args.steps, args.batch, args.seqlen)))
+        print(json.dumps(_one(json.loads(args.options), args.steps, args.batch, args.seqlen, args.layers,
+                              args.hidden)))
         return
     out = subprocess.run([sys.executable, __file__, "--_child", "--options", args.options, "--steps", str(args.steps),
-                          "--batch", str(args.batch), "--seqlen", str(args.seqlen)],
+                          "--batch", str(args.batch), "--seqlen", str(args.seqlen), "--layers", str(args.layers),
+                          "--hidden", str(args.hidden)],
                          check=True, capture_output=True, text=True).stdout
     print(out.strip().splitlines()[-1])
 
