@@ -163,11 +163,12 @@ class RecoverStage(StageBase):
 
     Runs on the whole model after the block-by-block stages before it (see ``methods/recover``).
 
-    Cost on CPU: one step of ``batch`` x ``seqlen`` tokens is a teacher forward, a student forward and backward, and
-    (with ``gradient_checkpointing``) a second student forward of each block: about 4 forward passes' worth. On
-    SmolLM2-135M at about 200 tokens/s forward (2 cores), a default step (4 x 512 tokens) takes roughly 40 s, so
-    the default 200 steps take about 2 hours; ``max_seconds`` gives the stage a fixed wall-time budget instead
-    (e.g. 1800 for 30 minutes; the learning rate then decays over that time).
+    Cost on CPU (estimated from the passes, not measured on the real model): one step of ``batch`` x ``seqlen``
+    tokens is a teacher forward, a student forward, its backward (about two forwards) and, with
+    ``gradient_checkpointing``, a second student forward of each block: about 5 forward passes' worth (4 without
+    checkpointing). On SmolLM2-135M at about 200 tokens/s forward (2 cores), a default step (4 x 512 tokens) takes
+    roughly 50 s, so the default 200 steps take nearly 3 hours; ``max_seconds`` gives the stage a fixed wall-time
+    budget instead (e.g. 1800 for 30 minutes, about 35 default steps; the learning rate then decays over that time).
     """
 
     method: Literal["recover"] = "recover"
