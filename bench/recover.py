@@ -78,6 +78,11 @@ def main() -> None:
                         help="recover: steps between held-out evaluations (default steps/8; set it with --max-seconds)")
     parser.add_argument("--loss", choices=("kl", "mse", "kl+mse"), default="kl", help="recover: training loss")
     parser.add_argument("--hidden-weight", type=float, default=1.0, help="recover: weight of the hidden MSE (kl+mse)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other recover-stage option (YAML value), e.g. --set gradient_checkpointing=false")
+    parser.add_argument("--reuse-json", help="rows of an earlier bench/quantize.py or bench/prune.py --json run with "
+                        "the same P1 options: the dense model and any base recipe found there are not compressed and "
+                        "evaluated again (their rows are copied, marked 'reused')")
     parser.add_argument("--memory", action="store_true", help="measure peak memory of LoRA vs full fine-tuning")
     parser.add_argument("--_measure", choices=("lora", "full"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -96,10 +101,18 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
         return
+    import torch
+
     evaluate, compress = evaluate_options(args), compress_options(args)
-    dense = run_json(CLI + ["evaluate", args.model] + evaluate)
-    dense_ppl = dense["perplexity"][0]["ppl"]
-    rows = [{"recipe": "dense fp32", "wikitext2": dense_ppl, "enwiki": dense["perplexity"][1]["ppl"], "kl": 0.0}]
+    reused = {r["recipe"]: r for r in json.loads(Path(args.reuse_json).read_text())} if args.reuse_json else {}
+    if "dense fp32" in reused:
+        dense_row = {k: reused["dense fp32"][k] for k in ("recipe", "wikitext2", "enwiki", "kl")}
+        rows = [{**dense_row, "reused": args.reuse_json}]
+    else:
+        dense = run_json(CLI + ["evaluate", args.model] + evaluate)
+        rows = [{"recipe": "dense fp32", "wikitext2": dense["perplexity"][0]["ppl"],
+                 "enwiki": dense["perplexity"][1]["ppl"], "kl": 0.0}]
+    dense_ppl = rows[0]["wikitext2"]
     recover = {"method": "recover", "steps": args.steps, "batch": args.batch, "seqlen": args.rec_seqlen,
                "lr": args.lr, "rank": args.rank, "alpha": 2 * args.rank, "eval_windows": args.eval_windows,
                "seed": args.seed, "loss": args.loss, "hidden_weight": args.hidden_weight}
@@ -107,6 +120,11 @@ def main() -> None:
         recover["max_seconds"] = args.max_seconds
     if args.eval_every:
         recover["eval_every"] = args.eval_every
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE, e.g. --set gradient_checkpointing=false")
+        recover[key] = yaml.safe_load(value)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -117,7 +135,11 @@ def main() -> None:
             yaml_path.write_text(yaml.safe_dump({"name": f"{name}+recover",
                                                  "stages": PRESETS[name]["stages"] + [recover]}))
             before = None
-            for recipe in (name, str(yaml_path)):
+            if name in reused:
+                rows.append({**{k: reused[name][k] for k in ("recipe", "wikitext2", "enwiki", "kl")},
+                             "reused": args.reuse_json})
+                before = rows[-1]["wikitext2"]
+            for recipe in (name, str(yaml_path))[1 if name in reused else 0:]:
                 out = work / Path(recipe).stem.replace(":", "-")
                 record = run_json(CLI + ["compress", args.model, "--recipe", recipe, "-o", str(out)] + compress)
                 result = run_json(CLI + ["evaluate", str(out), "--kl-base", args.model] + evaluate)
@@ -136,15 +158,16 @@ def main() -> None:
                 else:
                     before = row["wikitext2"]
                 rows.append(row)
-                print(f"done {row['recipe']}: wikitext2 {row['wikitext2']:.3f}", file=sys.stderr, flush=True)
+                print(f"done {row['recipe']}: {json.dumps(row)}", file=sys.stderr, flush=True)
+                if args.json:  # every finished row is kept, even if the run is cut short
+                    Path(args.json).write_text(json.dumps(rows, indent=1))
     p1 = (args.model, args.calib, args.nsamples, args.seqlen, args.limit, args.seed) == ("smollm2-135m", "c4", 64, 512,
                                                                                           40, 0)
     print(f"{'P1' if p1 else 'not P1 (changed settings)'}: {args.model}; calibration {args.nsamples} x {args.seqlen} "
           f"tokens of {args.calib} (seed {args.seed}); evaluation first {args.limit} windows x {args.seqlen} of "
-          f"WikiText-2 test and enwiki-sample eval; recover: {args.steps} steps x {args.batch} windows x "
-          f"{args.rec_seqlen} tokens, lr {args.lr}, rank {args.rank}, loss {args.loss}"
-          f"{f', at most {args.max_seconds:g} s' if args.max_seconds else ''}; torch {dense['environment']['torch']}, "
-          f"{dense['environment']['threads']} threads")
+          f"WikiText-2 test and enwiki-sample eval; recover stage: {json.dumps(recover)}"
+          f"{f'; rows marked * reused from {args.reuse_json}' if reused else ''}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
     print("| recipe | wikitext2 ppl | enwiki-sample ppl | KL to base | gap closed | steps (best) | recover s "
           "| held-out KL before -> after | codes changed |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -154,7 +177,7 @@ def main() -> None:
         secs = f"{r['recover_seconds']:.0f}" if "recover_seconds" in r else ""
         held = "{:.4f} -> {:.4f}".format(*r["held_out_kl"]) if "held_out_kl" in r else ""
         codes = "" if r.get("codes_changed") is None else f"{100 * r['codes_changed']:.3f}%"
-        print(f"| {r['recipe']} | {r['wikitext2']:.3f} | {r['enwiki']:.3f} | {r['kl']:.4f} | {gap} | {steps} "
+        print(f"| {r['recipe']}{' *' if r.get('reused') else ''} | {r['wikitext2']:.3f} | {r['enwiki']:.3f} | {r['kl']:.4f} | {gap} | {steps} "
               f"| {secs} | {held} | {codes} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
