@@ -71,7 +71,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         for recipe in args.recipes.split(","):
-            out = work / recipe
+            out = work / Path(recipe).stem.replace(":", "-")  # a preset name or a YAML file
             record = run_json(CLI + ["compress", args.model, "--recipe", recipe, "-o", str(out)]
                               + compress_options(args))
             result = run_json(CLI + ["evaluate", str(out), "--kl-base", args.model] + evaluate)
