@@ -28,6 +28,8 @@ def add_p1_arguments(parser: argparse.ArgumentParser, recipes: str, recipes_help
     parser.add_argument("--data-dir", default=os.environ.get("LMSHRINK_DATA", "../shared/data"))
     parser.add_argument("--workdir", help="keep the checkpoints here (default: a temporary folder)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--table-from", metavar="JSON",
+                        help="print the table of the rows an earlier --json run saved (also a run cut short) and exit")
 
 
 def run_json(cmd: list[str]) -> dict:

@@ -43,10 +43,24 @@ def _describe(record: dict) -> tuple[str, str]:
     return " then ".join(methods), ", ".join(patterns)
 
 
+def _print_table(rows: list[dict]) -> None:
+    print("| recipe | method | pattern | wikitext2 ppl | enwiki-sample ppl | KL to base | measured sparsity | N:M "
+          "| compress s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        secs = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        sparsity = "" if r["sparsity"] is None else f"{100 * r['sparsity']:.2f}%"
+        print(f"| {r['recipe']} | {r['method']} | {r['pattern']} | {r['wikitext2']:.3f} | {r['enwiki']:.3f} "
+              f"| {r['kl']:.4f} | {sparsity} | {' '.join(r['nm']) or '-'} | {secs} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_p1_arguments(parser, DEFAULT_RECIPES)
     args = parser.parse_args()
+    if args.table_from:
+        print(f"rows saved in {args.table_from} (the protocol is the one that run was given)")
+        return _print_table(json.loads(Path(args.table_from).read_text()))
     evaluate = evaluate_options(args)
     rows = []
     dense = run_json(CLI + ["evaluate", args.model] + evaluate)
@@ -74,14 +88,7 @@ def main() -> None:
     print(f"{'P1' if p1 else 'not P1 (changed settings)'}: {args.model}; calibration {args.nsamples} x {args.seqlen} tokens of {args.calib} (seed {args.seed}); "
           f"evaluation first {args.limit} windows x {args.seqlen} of WikiText-2 test and enwiki-sample eval; "
           f"KL on WikiText-2; torch {dense['environment']['torch']}, {dense['environment']['threads']} threads")
-    print("| recipe | method | pattern | wikitext2 ppl | enwiki-sample ppl | KL to base | measured sparsity | N:M "
-          "| compress s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        secs = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
-        sparsity = "" if r["sparsity"] is None else f"{100 * r['sparsity']:.2f}%"
-        print(f"| {r['recipe']} | {r['method']} | {r['pattern']} | {r['wikitext2']:.3f} | {r['enwiki']:.3f} "
-              f"| {r['kl']:.4f} | {sparsity} | {' '.join(r['nm']) or '-'} | {secs} |")
+    _print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -57,10 +57,25 @@ def _grid_bits(record: dict) -> float:
     return total / weights
 
 
+def _print_table(rows: list[dict]) -> None:
+    print("| recipe | wikitext2 ppl | enwiki-sample ppl | KL to base | bits/weight (grid) | bits/weight (stored) "
+          "| compress s (wall) | compress CPU s | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        secs = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        rss = "" if r["peak_rss_gib"] is None else f"{r['peak_rss_gib']:.2f}"
+        cpu = "" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.0f}"
+        print(f"| {r['recipe']} | {r['wikitext2']:.3f} | {r['enwiki']:.3f} | {r['kl']:.4f} | {r['grid_bpw']:.2f} "
+              f"| {r['stored_bpw']:.2f} | {secs} | {cpu} | {rss} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_p1_arguments(parser, "rtn-w4g128,w4g128,rtn-w3g128,w3g128")
     args = parser.parse_args()
+    if args.table_from:
+        print(f"rows saved in {args.table_from} (the protocol is the one that run was given)")
+        return _print_table(json.loads(Path(args.table_from).read_text()))
     evaluate = evaluate_options(args)
     rows = []
     dense = run_json(CLI + ["evaluate", args.model] + evaluate)
@@ -88,15 +103,7 @@ def main() -> None:
     print(f"P1: {args.model}; calibration {args.nsamples} x {args.seqlen} tokens of {args.calib} (seed {args.seed}); "
           f"evaluation first {args.limit} windows x {args.seqlen} of WikiText-2 test and enwiki-sample eval; "
           f"KL on WikiText-2; torch {dense['environment']['torch']}, {dense['environment']['threads']} threads")
-    print("| recipe | wikitext2 ppl | enwiki-sample ppl | KL to base | bits/weight (grid) | bits/weight (stored) "
-          "| compress s (wall) | compress CPU s | peak RSS GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        secs = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
-        rss = "" if r["peak_rss_gib"] is None else f"{r['peak_rss_gib']:.2f}"
-        cpu = "" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.0f}"
-        print(f"| {r['recipe']} | {r['wikitext2']:.3f} | {r['enwiki']:.3f} | {r['kl']:.4f} | {r['grid_bpw']:.2f} "
-              f"| {r['stored_bpw']:.2f} | {secs} | {cpu} | {rss} |")
+    _print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
