@@ -83,8 +83,9 @@ def test_merged_sparse_weights_keep_mask_and_pattern(tiny_dir, text_file, tmp_pa
     assert saved["recover"][0]["loss_path"] == "chunked output head"
 
 
-def test_masked_training_forward_equals_merged_model():
-    model = tiny_llama(seed=3)
+def _masked_peft(seed=6, loss_masks=True):
+    """A tiny Llama, magnitude-pruned at random, with LoRA adapters (random nonzero A and B) on every block linear."""
+    model = tiny_llama(seed=seed)
     names = [n for n, _ in iter_linears(model)]
     results, masks = {}, {}
     for name, module in iter_linears(model):
@@ -93,11 +94,17 @@ def test_masked_training_forward_equals_merged_model():
         results[name] = PruneResult.from_weight(weight, mask, pattern="unstructured", target_sparsity=0.5)
         masks[name] = mask
         module.weight.data.copy_(results[name].weight)
-    peft_model = attach(model, names, rank=4, alpha=8, masks=masks)
+    peft_model = attach(model, names, rank=4, alpha=8, masks=masks if loss_masks else {})
     with torch.no_grad():
         for p in peft_model.parameters():
             if p.requires_grad:
-                p.normal_(0, 0.05)  # nonzero A and B: a real update
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+    return peft_model, names, masks, results
+
+
+def test_masked_training_forward_equals_merged_model():
+    peft_model, names, masks, results = _masked_peft(seed=3)
+    with torch.no_grad():
         trained = peft_model(input_ids=_ids()).logits
         delta = lora_delta(peft_model.base_model.model.get_submodule(names[0]))
         assert bool((delta[masks[names[0]]] == 0).all()) and bool((delta != 0).any())
@@ -241,24 +248,6 @@ def test_single_document_text_names_data(tiny_dir, tmp_path, text_file):
         _compress(tiny_dir, text_file, [{"method": "rtn", "group_size": 32}, {**RECOVER, "data": f"file:{single}"}])
 
 
-def _masked_peft(seed=6, loss_masks=True):
-    """A tiny Llama, magnitude-pruned at random, with LoRA adapters (random nonzero A and B) on every block linear."""
-    model = tiny_llama(seed=seed)
-    names = [n for n, _ in iter_linears(model)]
-    results, masks = {}, {}
-    for name, module in iter_linears(model):
-        weight = linear_weight(module).clone()
-        mask = torch.rand(weight.shape, generator=torch.Generator().manual_seed(len(name))) < 0.5
-        results[name] = PruneResult.from_weight(weight, mask, pattern="unstructured", target_sparsity=0.5)
-        masks[name] = mask
-        module.weight.data.copy_(results[name].weight)
-    peft_model = attach(model, names, rank=4, alpha=8, masks=masks if loss_masks else {})
-    with torch.no_grad():
-        for p in peft_model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
-    return peft_model, names, masks
-
 
 def test_masked_lora_function_gradients_match_dense_reference():
     """The masked update's hand-written backward (no dense update kept) equals autograd through the dense form."""
@@ -306,7 +295,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(loss):
     from lmshrink.methods.recover import checkpointed_blocks, step_loss
     from lmshrink.methods.recover.distill import _Forward, _head_path
 
-    peft_model, _, _ = _masked_peft()
+    peft_model, _, _, _ = _masked_peft()
     teacher = tiny_llama(seed=6).requires_grad_(False)
     stage = load_recipe({"stages": [{"method": "rtn", "group_size": 32},
                                     {**RECOVER, "loss": loss, "lm_weight": 0.3}]}).stages[1]
