@@ -206,7 +206,8 @@ def load_sparse_results(folder: str | os.PathLike):
 
 
 def fill_bitmask_weights(model: torch.nn.Module, folder: str | os.PathLike) -> list[str]:
-    """Put the decoded bitmask-stored weights of ``folder`` into ``model`` (in each layer's dtype and device);
+    """Put the decoded bitmask-stored weights of ``folder`` into ``model`` (in each layer's dtype and device, CPU for
+    a layer still on meta);
     returns the layers filled. Exact: the dense weight the writer encoded, bit for bit."""
     modules = dict(model.named_modules())
     filled = []
@@ -219,8 +220,9 @@ def fill_bitmask_weights(model: torch.nn.Module, folder: str | os.PathLike) -> l
         if tuple(target.shape) != tuple(weight.shape):
             raise LmshrinkError(f"{folder}: layer {name} is stored with shape {tuple(weight.shape)}, the model "
                                 f"expects {tuple(target.shape)}", fix="check that config.json matches the weights")
+        device = "cpu" if target.device.type == "meta" else target.device  # a model built on meta gets it on CPU
         with torch.no_grad():
-            module.weight = torch.nn.Parameter(weight.to(device=target.device, dtype=target.dtype),
+            module.weight = torch.nn.Parameter(weight.to(device=device, dtype=target.dtype),
                                                requires_grad=target.requires_grad)
         filled.append(name)
     return filled

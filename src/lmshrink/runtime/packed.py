@@ -96,16 +96,10 @@ def load_packed(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust
             raise LmshrinkError(f"{folder}: tensor {name} has shape {tuple(stored.shape)}, the model expects "
                                 f"{tuple(tensor.shape)}", fix="check that config.json matches the weights")
         replace_tensor(model, tensor, stored.to(tensor.dtype) if stored.is_floating_point() else stored)
-    from lmshrink.formats.sparse_bitmask import is_bitmask_folder, iter_bitmask_layers
+    from lmshrink.formats.sparse_bitmask import fill_bitmask_weights, is_bitmask_folder
 
     if is_bitmask_folder(folder):  # pruned, unquantized layers stored as bitmask + values: decoded, kept dense
-        params = dict(model.named_parameters())
-        for name, weight, _, _ in iter_bitmask_layers(folder):
-            tensor = params.get(f"{name}.weight")
-            if tensor is None or tuple(tensor.shape) != tuple(weight.shape):
-                raise LmshrinkError(f"{folder}: bitmask layer {name} does not match the model's weights",
-                                    fix="check that config.json matches the weights")
-            replace_tensor(model, tensor, weight.to(tensor.dtype))
+        fill_bitmask_weights(model, folder)
     kinds = {}
     # one layer at a time: only one layer's unpacked codes exist besides the packed model
     for name, result in iter_quantized_results(folder, decode=False):
