@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 CLI = [sys.executable, "-m", "lmshrink.cli"]
 
@@ -62,3 +63,28 @@ def compress_options(args) -> list[str]:
     """`lmshrink compress` options: the calibration protocol."""
     return ["--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed",
             str(args.seed), "--data-dir", args.data_dir, "--overwrite", "--json", "--quiet"]
+
+
+def keep_row(args, rows: list[dict], name: str) -> None:
+    """Report the row just appended to ``rows`` on stderr and keep every row in --json, so a run cut short keeps them."""
+    print(f"done {name}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def protocol_line(args) -> str:
+    """The protocol of a run: "P1: ..." with the P1 defaults, "not P1 (changed settings): ..." otherwise."""
+    p1 = (args.model, args.calib, args.nsamples, args.seqlen, args.limit, args.seed) == ("smollm2-135m", "c4", 64, 512,
+                                                                                          40, 0)
+    return (f"{'P1' if p1 else 'not P1 (changed settings)'}: {args.model}; calibration {args.nsamples} x "
+            f"{args.seqlen} tokens of {args.calib} (seed {args.seed}); evaluation first {args.limit} windows x "
+            f"{args.seqlen} of WikiText-2 test and enwiki-sample eval")
+
+
+def print_saved_table(args, print_table) -> bool:
+    """With --table-from, print that file's rows with ``print_table`` and return True."""
+    if not args.table_from:
+        return False
+    print(f"rows saved in {args.table_from} (the protocol is the one that run was given)")
+    print_table(json.loads(Path(args.table_from).read_text()))
+    return True

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-from p1 import CLI, add_p1_arguments, compress_options, evaluate_options, run_json
+from p1 import (CLI, add_p1_arguments, compress_options, evaluate_options, keep_row, print_saved_table,
+                protocol_line, run_json)
 
 DEFAULT_RECIPES = ("magnitude50,wanda50,sparse50,owl-wanda50,owl-sparse50,magnitude-2:4,wanda-2:4,2:4,4:8,"
                    "sparse50-w4g128,sparse50-then-w4g128")
@@ -58,9 +58,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_p1_arguments(parser, DEFAULT_RECIPES)
     args = parser.parse_args()
-    if args.table_from:
-        print(f"rows saved in {args.table_from} (the protocol is the one that run was given)")
-        return _print_table(json.loads(Path(args.table_from).read_text()))
+    if print_saved_table(args, _print_table):
+        return
     evaluate = evaluate_options(args)
     rows = []
     dense = run_json(CLI + ["evaluate", args.model] + evaluate)
@@ -80,14 +79,9 @@ def main() -> None:
                          "kl": result["kl"]["kl_mean"], "sparsity": result["sparsity"]["overall"],
                          "nm": result["sparsity"]["nm_patterns"], "seconds": record["summary"]["seconds"],
                          "owl": (record.get("sparsity") or {}).get("owl_block_sparsity")})
-            print(f"done {recipe}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
-            if args.json:  # every finished row is kept, even if the run is cut short
-                Path(args.json).write_text(json.dumps(rows, indent=1))
-    p1 = (args.model, args.calib, args.nsamples, args.seqlen, args.limit, args.seed) == ("smollm2-135m", "c4", 64, 512,
-                                                                                          40, 0)
-    print(f"{'P1' if p1 else 'not P1 (changed settings)'}: {args.model}; calibration {args.nsamples} x {args.seqlen} tokens of {args.calib} (seed {args.seed}); "
-          f"evaluation first {args.limit} windows x {args.seqlen} of WikiText-2 test and enwiki-sample eval; "
-          f"KL on WikiText-2; torch {dense['environment']['torch']}, {dense['environment']['threads']} threads")
+            keep_row(args, rows, recipe)
+    print(f"{protocol_line(args)}; KL on WikiText-2; torch {dense['environment']['torch']}, "
+          f"{dense['environment']['threads']} threads")
     _print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 from safetensors import safe_open
 
-from p1 import CLI, add_p1_arguments, compress_options, evaluate_options, run_json
+from p1 import (CLI, add_p1_arguments, compress_options, evaluate_options, keep_row, print_saved_table,
+                protocol_line, run_json)
 
 _PACKED = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")
 
@@ -73,16 +73,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_p1_arguments(parser, "rtn-w4g128,w4g128,rtn-w3g128,w3g128")
     args = parser.parse_args()
-    if args.table_from:
-        print(f"rows saved in {args.table_from} (the protocol is the one that run was given)")
-        return _print_table(json.loads(Path(args.table_from).read_text()))
+    if print_saved_table(args, _print_table):
+        return
     evaluate = evaluate_options(args)
     rows = []
     dense = run_json(CLI + ["evaluate", args.model] + evaluate)
     rows.append({"recipe": "dense fp32", "wikitext2": dense["perplexity"][0]["ppl"],
                  "enwiki": dense["perplexity"][1]["ppl"], "kl": 0.0, "grid_bpw": 32.0, "stored_bpw": 32.0,
                  "seconds": None, "cpu_seconds": None, "peak_rss_gib": None})
-    print(f"done dense: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+    keep_row(args, rows, "dense")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         for recipe in args.recipes.split(","):
@@ -97,12 +96,9 @@ def main() -> None:
                          "cpu_seconds": record["summary"].get("cpu_seconds"),
                          "peak_rss_gib": record["process_peak_rss_bytes"] / 2**30,
                          "engine_peak_rss_gib": record["summary"]["peak_rss_bytes"] / 2**30})
-            print(f"done {recipe}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
-            if args.json:  # every finished row is kept, even if the run is cut short
-                Path(args.json).write_text(json.dumps(rows, indent=1))
-    print(f"P1: {args.model}; calibration {args.nsamples} x {args.seqlen} tokens of {args.calib} (seed {args.seed}); "
-          f"evaluation first {args.limit} windows x {args.seqlen} of WikiText-2 test and enwiki-sample eval; "
-          f"KL on WikiText-2; torch {dense['environment']['torch']}, {dense['environment']['threads']} threads")
+            keep_row(args, rows, recipe)
+    print(f"{protocol_line(args)}; KL on WikiText-2; torch {dense['environment']['torch']}, "
+          f"{dense['environment']['threads']} threads")
     _print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

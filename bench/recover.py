@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from p1 import CLI, add_p1_arguments, compress_options, evaluate_options, run_json
+from p1 import CLI, add_p1_arguments, compress_options, evaluate_options, keep_row, protocol_line, run_json
 
 DEFAULT_RECIPES = "sparse50,2:4,w3g128"
 
@@ -158,14 +158,8 @@ def main() -> None:
                 else:
                     before = row["wikitext2"]
                 rows.append(row)
-                print(f"done {row['recipe']}: {json.dumps(row)}", file=sys.stderr, flush=True)
-                if args.json:  # every finished row is kept, even if the run is cut short
-                    Path(args.json).write_text(json.dumps(rows, indent=1))
-    p1 = (args.model, args.calib, args.nsamples, args.seqlen, args.limit, args.seed) == ("smollm2-135m", "c4", 64, 512,
-                                                                                          40, 0)
-    print(f"{'P1' if p1 else 'not P1 (changed settings)'}: {args.model}; calibration {args.nsamples} x {args.seqlen} "
-          f"tokens of {args.calib} (seed {args.seed}); evaluation first {args.limit} windows x {args.seqlen} of "
-          f"WikiText-2 test and enwiki-sample eval; recover stage: {json.dumps(recover)}"
+                keep_row(args, rows, row["recipe"])
+    print(f"{protocol_line(args)}; recover stage: {json.dumps(recover)}"
           f"{f'; rows marked * reused from {args.reuse_json}' if reused else ''}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print("| recipe | wikitext2 ppl | enwiki-sample ppl | KL to base | gap closed | steps (best) | recover s "
