@@ -210,6 +210,11 @@ def test_prune_presets_parse():
         assert recipe.stages[0].sparsity == 0.5
     assert load_recipe("sparse50-w4g128").stages[0].grid().bits == 4
     assert not load_recipe("magnitude50").needs_calibration() and load_recipe("wanda50").needs_calibration()
+    # Wanda collects once per block as its reference code does; the other methods stay true-sequential
+    assert [load_recipe(n).stages[0].true_sequential for n in ("wanda50", "wanda-2:4", "owl-wanda50")] == [False] * 3
+    assert load_recipe("sparse50").stages[0].true_sequential and load_recipe("magnitude50").stages[0].true_sequential
+    explicit = load_recipe({"name": "w", "stages": [{"method": "wanda", "true_sequential": True}]})
+    assert explicit.stages[0].true_sequential
 
 
 # -- the engine collects no Hessian for magnitude stages -------------------------------------------------------
