@@ -87,15 +87,19 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_
                              f"need 1..{max_length}")
         prepared.append((tuple((context_ids + cont_ids)[-(max_length + 1):][:-1]), cont_ids))
 
-    # One forward per distinct input; each request reads its continuation's positions from it.
+    # One forward per distinct input; each request reads its continuation's positions from it. Results are
+    # computed batch by batch: keeping every input's [positions, vocab] log-probs until the end would take
+    # vocab x 4 bytes per continuation token (about 10 GB for PIQA's validation split with a 49k vocabulary).
     longest_cont: dict[tuple[int, ...], int] = {}
-    for inputs, cont_ids in prepared:
+    users: dict[tuple[int, ...], list[int]] = {}  # inputs -> indices of the requests that read them
+    for index, (inputs, cont_ids) in enumerate(prepared):
         longest_cont[inputs] = max(longest_cont.get(inputs, 0), len(cont_ids))
+        users.setdefault(inputs, []).append(index)
     order = sorted(longest_cont, key=lambda seq: (-len(seq), seq))
     device = next(model.parameters()).device
     pad_id = 0
     use_keep = _accepts_logits_to_keep(model)
-    token_logprobs: dict[tuple[int, ...], torch.Tensor] = {}  # inputs -> [n_kept, vocab] log-probs (tail)
+    results: list[tuple[float, bool] | None] = [None] * len(prepared)
 
     bar = None
     if progress:
@@ -118,20 +122,17 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_
                 logits = logits[:, -keep:, :].float()
                 for row, seq in enumerate(batch):
                     end = keep - (width - len(seq))  # exclusive end of this row's real positions in the kept tail
-                    span = logits[row, end - longest_cont[seq]:end]
-                    token_logprobs[seq] = torch.log_softmax(span, dim=-1).cpu()
+                    logprobs = torch.log_softmax(logits[row, end - longest_cont[seq]:end], dim=-1)
+                    for index in users[seq]:
+                        cont_ids = prepared[index][1]
+                        tail = logprobs[-len(cont_ids):]
+                        target = torch.tensor(cont_ids, dtype=torch.long, device=tail.device)
+                        results[index] = (float(tail.gather(1, target[:, None]).sum()),
+                                          bool((tail.argmax(dim=-1) == target).all()))
                 if bar is not None:
                     bar.update(len(batch))
     finally:
         model.train(was_training)
         if bar is not None:
             bar.close()
-
-    results = []
-    for inputs, cont_ids in prepared:
-        logprobs = token_logprobs[inputs][-len(cont_ids):]
-        target = torch.tensor(cont_ids, dtype=torch.long)
-        total = float(logprobs.gather(1, target[:, None]).sum())
-        greedy = bool((logprobs.argmax(dim=-1) == target).all())
-        results.append((total, greedy))
     return results
