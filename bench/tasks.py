@@ -52,7 +52,7 @@ def format_table(model_name: str, results: dict, limit: int | None, runs: list[s
               "log-probs, acc_norm = argmax of sum / len(choice) in characters; LAMBADA acc = greedy whole last word, "
               "perplexity = exp(-mean log-likelihood)); tokenization split as lm-eval's HFLM, "
               f"BOS added: {first['bos_added']}, max length {first['max_length']}, batch size {first['batch_size']}, "
-              "float32 on CPU.",
+              f"shared context key/value cache: {first.get('share_context', False)}, float32 on CPU.",
               *runs]
     for name, result in results.items():
         p = result["protocol"]
@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default="all")
     parser.add_argument("--limit", type=int, default=None, help="first N documents per task (default: all)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--no-share-context", dest="share_context", action="store_false", default=None,
+                        help="score every choice as a full sequence (default on CPU: choices of one context run on "
+                             "its key/value cache)")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("LMSHRINK_DATA", DEFAULT_DATA)))
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     parser.add_argument("--json", type=Path, default=None, help="write the full result record here")
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name in names:  # one task at a time so partial tables survive an interrupted run
         results.update(evaluate_tasks(loaded.model, loaded.tokenizer, [name], data_dir=args.data_dir,
-                                      limit=args.limit, batch_size=args.batch_size, progress=sys.stderr.isatty()))
+                                      limit=args.limit, batch_size=args.batch_size, progress=sys.stderr.isatty(),
+                                      share_context=args.share_context))
         r = results[name]
         print(f"{name}: {json.dumps(r['metrics'])} n={r['n']} {r['seconds']:.0f}s", file=sys.stderr, flush=True)
         text = format_table(args.model, results, args.limit, [run, *args.note])

@@ -67,6 +67,34 @@ def test_batch_size_does_not_change_scores(tiny):
     assert [s for s, _ in one] == pytest.approx([s for s, _ in many], abs=1e-4)
 
 
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_shared_context_cache_equals_full_sequences_and_runs_fewer_tokens(tiny, batch_size):
+    """Choices scored on the context's key/value cache give the full-sequence scores (and the direct computation),
+    and the model sees fewer tokens; one-token answers, truncated requests and unshared contexts mix in."""
+    model, tok = tiny
+    contexts = ["Question: which method needs no calibration data?\nAnswer:", "Question: what is 2:4 sparsity?\nAnswer:"]
+    choices = [" magnitude pruning", " Wanda", " SparseGPT with a long explanation of the mask", " GPTQ", " yes"]
+    requests = [(c, ch) for c in contexts for ch in choices] + [("A lone context", " and its only continuation"),
+                                                                 ("yes or", " no"), ("yes or", " maybe")]
+    seen = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"].numel()),
+                                           with_kwargs=True)
+    try:
+        shared = loglikelihoods(model, tok, requests, batch_size=batch_size, progress=False, share_context=True)
+        shared_tokens = sum(seen)
+        seen.clear()
+        full = loglikelihoods(model, tok, requests, batch_size=batch_size, progress=False, share_context=False)
+        full_tokens = sum(seen)
+    finally:
+        hook.remove()
+    assert [s for s, _ in shared] == pytest.approx([s for s, _ in full], abs=1e-4)
+    assert [g for _, g in shared] == [g for _, g in full]
+    for (ctx, cont), (score, greedy) in zip(requests, shared):
+        expected, expected_greedy = direct_loglikelihood(model, tok, ctx, cont)
+        assert score == pytest.approx(expected, abs=1e-4) and greedy == expected_greedy
+    assert shared_tokens < full_tokens  # each shared context runs once instead of once per choice
+
+
 def test_left_truncation_to_max_length(tiny):
     model, tok = tiny
     context = "The quick brown fox jumps over the lazy dog. " * 6 + "The end"

@@ -18,11 +18,12 @@ def _adds_bos(tokenizer) -> bool:
 
 
 def score_task(model, tokenizer, spec: TaskSpec, docs: list[dict], batch_size: int = 8,
-               progress: bool = True) -> tuple[dict, list[dict]]:
+               progress: bool = True, share_context: bool | None = None) -> tuple[dict, list[dict]]:
     """Metrics for ``docs`` of one task, and one record per document (gold, predictions, log-likelihoods)."""
     items = [spec.to_item(doc) for doc in docs]
     requests = [req for item in items for req in item.requests]
-    scores = loglikelihoods(model, tokenizer, requests, batch_size=batch_size, progress=progress, desc=spec.name)
+    scores = loglikelihoods(model, tokenizer, requests, batch_size=batch_size, progress=progress, desc=spec.name,
+                            share_context=share_context)
     records, at = [], 0
     for item in items:
         mine = scores[at:at + len(item.requests)]
@@ -36,13 +37,15 @@ def score_task(model, tokenizer, spec: TaskSpec, docs: list[dict], batch_size: i
 
 def evaluate_tasks(model, tokenizer, tasks: list[str] | str, data_dir: Path | str | None = None,
                    limit: int | None = None, batch_size: int = 8, progress: bool = True,
-                   keep_items: bool = False) -> dict[str, dict]:
+                   keep_items: bool = False, share_context: bool | None = None) -> dict[str, dict]:
     """Zero-shot results per task name: {"task", "metrics": {"acc", "acc_stderr", ...}, "n", "seconds",
     "protocol": {...}} (plus "items", the per-document records, when ``keep_items``).
 
     ``tasks`` is a list or comma-separated string ("all" = the six tasks with shared data). Data come from
     ``data_dir``, else ``$LMSHRINK_DATA``, else the Hugging Face hub when reachable. ``limit`` keeps the first
     N documents, as lm-eval's --limit does. Every task's files are found before any scoring starts.
+    ``share_context`` (default: on for a model on CPU): choices of one context run on its key/value cache instead
+    of recomputing the context per choice (see ``loglikelihoods``).
     """
     names = resolve_task_names(tasks)
     root = resolve_data_dir(data_dir)
@@ -54,7 +57,8 @@ def evaluate_tasks(model, tokenizer, tasks: list[str] | str, data_dir: Path | st
         docs, source = loaded[name]
         docs = docs[:limit] if limit else docs
         start = time.perf_counter()
-        metrics, records = score_task(model, tokenizer, spec, docs, batch_size=batch_size, progress=progress)
+        metrics, records = score_task(model, tokenizer, spec, docs, batch_size=batch_size, progress=progress,
+                                      share_context=share_context)
         results[name] = {
             "task": name,
             "metrics": metrics,
@@ -76,6 +80,8 @@ def evaluate_tasks(model, tokenizer, tasks: list[str] | str, data_dir: Path | st
                 "prefix_token_id": prefix_token_id(tokenizer),
                 "max_length": max_length,
                 "batch_size": batch_size,
+                "share_context": (next(model.parameters()).device.type == "cpu" if share_context is None
+                                  else share_context),
                 "reference": f"lm-evaluation-harness task '{name}'",
             },
         }
