@@ -25,11 +25,11 @@ def _calibration(seed=0):
     return torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(seed))
 
 
-def _quantized_peft(requantize_seed: int, pruned: bool, act_order_grid: bool):
+def _quantized_peft(seed: int, pruned: bool, act_order_grid: bool):
     """A tiny Llama whose linears are quantized (3 bits, groups of 32; pruned at random first when ``pruned``),
     with LoRA adapters holding a fixed random update; returns (peft model, names, results, masks, float model):
     the float model holds ``base + delta`` (masked) unrounded, the weights the merge must put back on the grid."""
-    model = tiny_llama(seed=requantize_seed)
+    model = tiny_llama(seed=seed)
     calibration = _calibration()
     names = [n for n, _ in iter_linears(model)]
     results, masks = {}, {}
