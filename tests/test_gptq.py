@@ -162,3 +162,24 @@ def test_output_error_formula():
     weight, x, hessian = _layer()
     q = weight + 0.01 * torch.randn_like(weight)
     assert output_error(weight, q, hessian) == pytest.approx(_output_error(weight, q, x), rel=1e-4)
+
+
+@pytest.mark.parametrize("act_order,static", [(False, True), (True, True), (True, False)])
+def test_fixed_grid_rule_reproduces_gptq_codes(act_order, static):
+    """A GridRule given a layer's grid (scale, zero, g_idx) fits nothing: the sweep on the same weights and Hessian
+    chooses exactly the codes GPTQ chose on that grid (with act-order and sweep-order groups, a permuted g_idx)."""
+    from lmshrink.methods.quant import GridRule
+    from lmshrink.methods.solver import solve_columns
+
+    weight, _, hessian = _layer(inp=100, seed=2)
+    spec = GridSpec(bits=3, group_size=32, clip_search=True)
+    result = gptq_quantize(weight, hessian, spec, act_order=act_order, static_groups=static)
+    assert (result.g_idx is not None) == (act_order and not static)
+    rule = GridRule(spec, grid=(result.scale, result.zero, result.group_index()))
+    solved = solve_columns(weight, hessian, rule, act_order=act_order)
+    codes = rule.codes if solved.perm is None else rule.codes[:, torch.argsort(solved.perm)]
+    assert torch.equal(codes, result.codes)
+    assert torch.equal(solved.weight, result.weight)
+    with pytest.raises(ValueError, match="does not fit"):
+        solve_columns(weight[:, :96], hessian[:96, :96],
+                      GridRule(spec, grid=(result.scale, result.zero, result.group_index())))

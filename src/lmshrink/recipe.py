@@ -169,6 +169,10 @@ class RecoverStage(StageBase):
     """Recovery after compression: distil the uncompressed model (teacher) into LoRA adapters on the compressed model
     (student), then merge them (keeping pruned zeros and quantization grids) or save them in PEFT format.
 
+    Quantized layers train against their dequantized weights (QLoRA-style); on merge, ``requantize`` says how the
+    merged weights are put back onto each layer's stored grid: ``round`` (to nearest) or ``gptq`` (the GPTQ sweep on
+    the fixed grid with the merged model's calibration Hessians, see ``methods/recover/requant``).
+
     Runs on the whole model after the block-by-block stages before it (see ``methods/recover``).
 
     Cost on CPU (estimated from the passes, not measured on the real model): one step of ``batch`` x ``seqlen``
@@ -206,6 +210,11 @@ class RecoverStage(StageBase):
                           "(0: never stop early); the best adapters are kept")
     merge: bool = Field(True, description="merge the adapters into the weights (pruned zeros and grids kept); "
                         "false: save them in PEFT format in <output>/adapter")
+    requantize: Literal["round", "gptq"] = Field(
+        "round", description="how merged quantized layers go back onto their stored grid (scales, zeros and group "
+        "index unchanged, pruned zeros kept): round: each weight to nearest; gptq: codes chosen by a GPTQ sweep on "
+        "the Hessians of the merged model's inputs on the calibration windows (one more pass over the calibration "
+        "windows, block by block; usually a lower layer output error than round)")
     gradient_checkpointing: bool = Field(True, description="recompute each decoder block's activations in backward "
                                          "instead of keeping them (much less memory, about one more forward pass "
                                          "of time per step; results equal up to float rounding)")
@@ -385,6 +394,10 @@ def check_recipe(recipe: Recipe, layers: list[tuple[str, int]]) -> None:
                 raise RecipeError(f"stage {index + 1} (recover): option 'merge' = False is only possible in the "
                                   "last stage (later stages would compress the model without the adapters)",
                                   fix="use merge: true here, or make this the last stage")
+            if stage.requantize != "round" and not stage.merge:
+                raise RecipeError(f"stage {index + 1} (recover): option 'requantize' = {stage.requantize!r} applies "
+                                  "to merged layers, and 'merge' is False (the adapters are saved, nothing is "
+                                  "re-quantized)", fix="use merge: true, or drop requantize")
             pruned_before_recover.update(pruned)
             pruned = {}  # iterative schedules: a layer may be pruned again after recovery
             continue

@@ -17,12 +17,18 @@ class GridRule(ColumnRule):
     change which columns share a scale. Otherwise (the GPTQ reference default) a group is fitted on the
     up-to-date weights when the sweep reaches its first column, groups being contiguous in sweep order.
     clip_weighted: weight the clip search by the Hessian diagonal.
+
+    grid: a fixed grid ``(scale [out, groups], zero [out, groups], g_idx [in])`` in the original column order (e.g. a
+    stored ``QuantResult``'s): nothing is fitted, the sweep only chooses the codes on it (re-quantizing a layer whose
+    weights changed, keeping its scales, zeros and group index).
     """
 
-    def __init__(self, spec: GridSpec, static_groups: bool = True, clip_weighted: bool = False):
+    def __init__(self, spec: GridSpec, static_groups: bool = True, clip_weighted: bool = False,
+                 grid: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         self.spec = spec
-        self.static_groups = static_groups or spec.group_size == -1
+        self.static_groups = static_groups or spec.group_size == -1 or grid is not None
         self.clip_weighted = clip_weighted
+        self.grid = grid
 
     def start(self, sweep: Sweep) -> None:
         weight = sweep.weight
@@ -31,7 +37,17 @@ class GridRule(ColumnRule):
         self.codes = torch.empty(rows, columns, dtype=torch.uint8, device=weight.device)
         perm = sweep.perm
         inverse = None if perm is None else torch.argsort(perm)
-        if self.static_groups:
+        if self.grid is not None:
+            scale, zero, g_idx = self.grid
+            if (scale.shape != zero.shape or scale.shape[0] != rows or tuple(g_idx.shape) != (columns,)
+                    or int(g_idx.min()) < 0 or int(g_idx.max()) >= scale.shape[1]):
+                raise ValueError(f"fixed grid (scale {tuple(scale.shape)}, zero {tuple(zero.shape)}, g_idx "
+                                 f"{tuple(g_idx.shape)}) does not fit a [{rows}, {columns}] weight")
+            self.scale = scale.to(weight.device, torch.float32)
+            self.zero = zero.to(weight.device, torch.float32)
+            self.g_idx = g_idx.to(weight.device, torch.long)
+            sweep_groups = self.g_idx if perm is None else self.g_idx[perm]
+        elif self.static_groups:
             original = weight if perm is None else weight[:, inverse]
             diag = None
             if self.clip_weighted:

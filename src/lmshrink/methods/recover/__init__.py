@@ -75,7 +75,8 @@ def run_recovery(model: nn.Module, tokenizer, teacher: nn.Module, adapter, phase
 
     Updates ``engine_result`` in place (``results`` to the merged weights, ``layers``/``seconds`` with later engine
     passes; each merged layer's record gets ``recover_rel_weight_change``). Returns the recover records and the PEFT
-    adapter files of a final ``merge: false`` stage. With ``checkpoint`` (the engine's work folder), each recover
+    adapter files of a final ``merge: false`` stage (``calibration``, the engine's windows, also gives the Hessians of
+    ``requantize: gptq`` merges). With ``checkpoint`` (the engine's work folder), each recover
     stage saves its progress in ``<work folder>/recover-<n>``, and ``resume`` continues from it.
     """
     from ...engine.loop import Engine
@@ -88,7 +89,7 @@ def run_recovery(model: nn.Module, tokenizer, teacher: nn.Module, adapter, phase
                          data_dir=data_dir, device=device, progress=progress, max_context=max_context,
                          adapter_out=files, state_dir=state_dir,
                          state_key=f"{checkpoint.key}-recover-{number}" if checkpoint is not None else "",
-                         resume=resume)
+                         resume=resume, calibration=calibration)
         records.append(record)
         if "merge" in record:
             _note_weight_change(engine_result.layers, record["merge"]["rel_weight_change"], number)

@@ -362,7 +362,7 @@ def load_state(folder: Path, key: str, peft_model, optimizer: torch.optim.Optimi
 def recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage, results: dict, *,
             default_data: str, data_dir=None, device: str | torch.device = "cpu", progress: bool = True,
             max_context: int | None = None, adapter_out: dict | None = None, state_dir: Path | None = None,
-            state_key: str = "", resume: bool = False) -> dict:
+            state_key: str = "", resume: bool = False, calibration: torch.Tensor | None = None) -> dict:
     """Train LoRA adapters on ``model`` (the compressed student, changed in place) to match ``teacher``; merge them
     (updating ``results``) or, with ``merge: false``, put their PEFT files into ``adapter_out`` (file name -> bytes)
     and leave the student's weights as they were. Returns the stage's record.
@@ -370,6 +370,7 @@ def recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage
     With ``state_dir``, the adapters, optimizer and counters are saved there every ``save_every`` steps and when
     training ends (tagged with ``state_key``); with ``resume``, a state found there is continued from, giving the
     same result as an uninterrupted run (unless ``max_seconds`` is set: time-based decisions are not reproducible).
+    ``calibration`` (token ids ``[windows, seqlen]``): the windows whose Hessians ``requantize: gptq`` uses.
     """
     from tqdm.auto import tqdm
 
@@ -487,7 +488,8 @@ def recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage
         "memory": memory,
     }
     if stage.merge:
-        merged_model, record["merge"] = lora.merge(peft_model, names, results, masks)
+        merged_model, record["merge"] = lora.merge(peft_model, names, results, masks, stage.requantize,
+                                                   calibration=calibration, device=device)
         record["held_out_after_merge"] = held_out_metrics(merged_model, teacher, eval_ids, stage.batch, device,
                                                           chunk_tokens=stage.chunk_tokens, teacher_hidden=cached)
     else:

@@ -7,8 +7,9 @@ of PEFT's low-rank path, so the function trained is exactly the one the masked m
 would be cut off at merge time). The mask is kept as bool (1 byte a weight) and the dense ``[out, in]`` update exists
 only while one layer's forward or backward runs (``MaskedLoraFunction`` recomputes it in backward instead of keeping
 it in the autograd graph until then). Quantized layers train against their dequantized weights (frozen, QLoRA-style);
-merging rounds ``base + delta`` onto the layer's stored grid (same scales, zeros and group index: round to nearest,
-not a new GPTQ pass), so an update smaller than half a grid step on a weight does not survive the merge.
+merging puts ``base + delta`` back onto the layer's stored grid (same scales, zeros and group index): by default by
+rounding to nearest, so an update smaller than half a grid step on a weight does not survive the merge; with
+``requantize="gptq"`` the codes are chosen by a GPTQ sweep on the merged model's calibration Hessians (``requant``).
 """
 
 from __future__ import annotations
@@ -158,18 +159,48 @@ def load_adapter(model: nn.Module, folder: str | Path):
     return PeftModel.from_pretrained(model, str(folder), is_trainable=False).eval()
 
 
+REQUANTIZE = {
+    "round": "round to nearest onto each layer's stored grid",
+    "gptq": "GPTQ onto each layer's stored grid (Hessians of the merged model's inputs on the calibration windows)",
+}
+
+
+def _relative_change(merged: torch.Tensor, weight: torch.Tensor) -> float:
+    return float((merged.to(weight.device) - weight).norm() / weight.norm().clamp_min(1e-12))
+
+
+def _on_grid(result: QuantResult, codes: torch.Tensor, requantize: str, extra: dict | None = None
+             ) -> tuple[QuantResult, torch.Tensor, int]:
+    """``result`` with new ``codes`` on its grid (scales, zeros, group index unchanged), its dequantized weights and
+    the number of codes changed."""
+    merged = dequantize(codes, result.scale, result.zero, result.group_index())
+    changed = int((codes != result.codes).sum())
+    info = {**(result.info or {}), "recovered": True, "recover_requantize": requantize,
+            "recover_codes_changed": changed / codes.numel(), **(extra or {})}
+    if info.get("pattern"):
+        info["sparsity"] = float((merged == 0).sum()) / merged.numel()
+    return dataclasses.replace(result, codes=codes, weight=merged, info=info), merged, changed
+
+
 @torch.no_grad()
-def merge(peft_model, names: list[str], results: dict, masks: dict[str, torch.Tensor]) -> tuple[nn.Module, dict]:
+def merge(peft_model, names: list[str], results: dict, masks: dict[str, torch.Tensor], requantize: str = "round",
+          calibration: torch.Tensor | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Fold the adapters into the weights, update ``results`` (name -> PruneResult / QuantResult) to the merged
     weights, remove the adapters; returns the plain model and a record of what the merge kept and changed.
 
     Pruned layers: ``base + mask_keep * delta`` (exact zeros and N:M pattern kept). Quantized layers: ``base + delta``
-    rounded onto the stored grid (scales, zeros, group index unchanged). Other layers: ``base + delta``. The record's
-    ``rel_weight_change`` is, per layer, ``||W_merged - W_before|| / ||W_before||`` of the weights actually stored.
+    (masked if pruned) put back onto the stored grid (scales, zeros, group index unchanged), by ``requantize``:
+    ``"round"`` rounds each weight to nearest; ``"gptq"`` chooses the codes with the GPTQ sweep on the Hessians of
+    the merged model's inputs on ``calibration`` (token ids ``[windows, seqlen]``; see ``requant``). Other layers:
+    ``base + delta``. The record's ``rel_weight_change`` is, per layer, ``||W_merged - W_before|| / ||W_before||`` of
+    the weights actually stored; ``quantized_codes_changed`` the fraction of codes that changed.
     """
+    if requantize not in REQUANTIZE:
+        raise LmshrinkError(f"requantize={requantize!r} is not known", fix=f"use one of: {', '.join(REQUANTIZE)}")
     changed_codes = total_codes = 0
     delta_norms: list[float] = []
     change: dict[str, float] = {}  # name -> ||merged - before|| / ||before|| (after masking and re-quantization)
+    pending: dict[str, tuple[torch.Tensor, QuantResult, torch.Tensor | None]] = {}  # gptq: float merged weights
     for name in names:
         module = lora_layer(peft_model, name)
         base = module.base_layer
@@ -188,23 +219,41 @@ def merge(peft_model, names: list[str], results: dict, masks: dict[str, torch.Te
             if name in masks:
                 merged = merged.masked_fill(masks[name].to(merged.device), 0.0)
             merged = merged.cpu()
-            g_idx = result.group_index()
-            codes = quantize(merged, result.scale, result.zero, result.spec.maxq, g_idx)
-            changed = int((codes != result.codes).sum())
-            changed_codes += changed
-            total_codes += codes.numel()
-            merged = dequantize(codes, result.scale, result.zero, g_idx)
-            info = {**(result.info or {}), "recovered": True, "recover_codes_changed": changed / codes.numel()}
-            if info.get("pattern"):
-                info["sparsity"] = float((merged == 0).sum()) / merged.numel()
-            results[name] = dataclasses.replace(result, codes=codes, weight=merged, info=info)
-        change[name] = float((merged.to(weight.device) - weight).norm() / weight.norm().clamp_min(1e-12))
+            if requantize == "gptq":  # solved below, block by block on the merged model
+                pending[name] = (merged, result, masks[name].cpu() if name in masks else None)
+            else:
+                codes = quantize(merged, result.scale, result.zero, result.spec.maxq, result.group_index())
+                results[name], merged, changed = _on_grid(result, codes, requantize)
+                changed_codes += changed
+                total_codes += codes.numel()
+        change[name] = _relative_change(merged, weight)
         set_linear_weight(base, merged)
     model = peft_model.unload()
+    errors: dict[str, list[float]] = {"rel_output_error": [], "rel_output_error_round": []}
+    if pending:
+        if calibration is None:
+            raise LmshrinkError("requantize: 'gptq' needs the calibration windows to collect the layers' Hessians",
+                                fix="pass calibration= to merge (compress passes its calibration windows)")
+        from .requant import requantize_gptq
+
+        solved = requantize_gptq(model, pending, calibration, device=device)
+        for name, (codes, info) in solved.items():
+            extra = {f"recover_{k}": v for k, v in info.items()}
+            old = pending[name][1]
+            results[name], merged, changed = _on_grid(old, codes, requantize, extra)
+            change[name] = _relative_change(merged, dequantize(old.codes, old.scale, old.zero, old.group_index()))
+            changed_codes += changed
+            total_codes += codes.numel()
+            for key in errors:
+                errors[key].append(info[key])
     record = {"layers": len(names), "mean_rel_delta_norm": sum(delta_norms) / len(delta_norms),
               "rel_weight_change": change,
               "quantized_codes_changed": changed_codes / total_codes if total_codes else None,
-              "requantization": "round to nearest onto each layer's stored grid" if total_codes else None}
+              "requantization": REQUANTIZE[requantize] if total_codes else None}
+    if errors["rel_output_error"]:  # per-layer means, on the calibration windows, against the merged float weights
+        record["mean_rel_output_error"] = sum(errors["rel_output_error"]) / len(errors["rel_output_error"])
+        record["mean_rel_output_error_round"] = (sum(errors["rel_output_error_round"])
+                                                 / len(errors["rel_output_error_round"]))
     return model, record
 
 
