@@ -90,15 +90,17 @@ def evaluate(model: LoadedModel | str | torch.nn.Module, *, ppl: str | list[str]
     return record
 
 
-EXPORT_FORMATS = ("gguf", "gptq")
+EXPORT_FORMATS = ("gguf", "gptq", "onnx")
 
 
 def export(folder: str | Path, to: str, output: str | Path, *, overwrite: bool = False,
-           source_gguf: str | Path | None = None, dense_type: str = "f16") -> dict[str, Any]:
+           source_gguf: str | Path | None = None, dense_type: str = "f16", check: bool = True) -> dict[str, Any]:
     """Export a compressed folder (written by ``compress``) to another runtime's format; returns a JSON-ready report.
 
     ``to="gguf"``: one .gguf file for llama.cpp (Q4_0 / Q4_1 / Q8_0 blocks mapped from the codes; ``source_gguf``
-    and ``dense_type`` apply). ``to="gptq"``: a GPTQ v1 folder (AutoGPTQ / gptqmodel / vLLM).
+    and ``dense_type`` apply). ``to="gptq"``: a GPTQ v1 folder (AutoGPTQ / gptqmodel / vLLM). ``to="onnx"``: a folder
+    with ``model.onnx`` (``input_ids -> logits``, no key/value cache), each quantized Linear an ONNX Runtime
+    MatMulNBits node; ``check`` runs it in onnxruntime against lmshrink's model (needs ``pip install lmshrink[onnx]``).
     """
     if to == "gguf":
         from .formats.gguf_export import export_gguf
@@ -108,4 +110,8 @@ def export(folder: str | Path, to: str, output: str | Path, *, overwrite: bool =
         from .formats.gptq_export import export_gptq
 
         return export_gptq(folder, output, overwrite=overwrite)
+    if to == "onnx":
+        from .formats.onnx_export import export_onnx
+
+        return export_onnx(folder, output, overwrite=overwrite, check=check)
     raise LmshrinkError(f"export format {to!r} is not supported", fix=f"use one of: {', '.join(EXPORT_FORMATS)}")

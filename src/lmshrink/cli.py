@@ -60,6 +60,7 @@ _EXPORT_EXAMPLES = """examples:
   lmshrink export out/smollm2-w4g32-sym --to gguf -o smollm2-q4_0.gguf   # symmetric g32 -> Q4_0, code for code
   lmshrink export out/smollm2-w4g32 --to gguf -o smollm2-q4_1.gguf       # asymmetric g32 -> Q4_1
   lmshrink export out/smollm2-w4g128 --to gptq -o out/gptq               # GPTQ v1 folder (vLLM, gptqmodel)
+  lmshrink export out/smollm2-w4g32 --to onnx -o out/onnx                # ONNX, MatMulNBits (onnxruntime)
 """
 
 
@@ -150,17 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--json", action="store_true", help="print the full JSON record on stdout")
     bn.add_argument("--quiet", action="store_true", help="no progress lines")
 
-    ex = sub.add_parser("export", help="export a compressed folder to GGUF (llama.cpp) or GPTQ v1",
+    ex = sub.add_parser("export", help="export a compressed folder to GGUF (llama.cpp), GPTQ v1 or ONNX",
                         description="Export a folder written by `lmshrink compress`: GGUF with Q4_0/Q4_1/Q8_0 blocks "
-                        "mapped from the codes (llama family), or a GPTQ v1 checkpoint folder.",
+                        "mapped from the codes (llama family), a GPTQ v1 checkpoint folder, or an ONNX model whose "
+                        "quantized Linear layers are ONNX Runtime MatMulNBits nodes (input_ids -> logits, no "
+                        "key/value cache; needs pip install lmshrink[onnx]).",
                         epilog=_EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     ex.add_argument("folder", help="compressed model folder")
-    ex.add_argument("--to", required=True, choices=("gguf", "gptq"), help="target format")
-    ex.add_argument("-o", "--output", required=True, help="output .gguf file (gguf) or folder (gptq)")
+    ex.add_argument("--to", required=True, choices=("gguf", "gptq", "onnx"), help="target format")
+    ex.add_argument("-o", "--output", required=True, help="output .gguf file (gguf) or folder (gptq, onnx)")
     ex.add_argument("--source-gguf", help="gguf: the GGUF the model came from, for metadata and tokenizer "
                     "(default: the one named in lmshrink.json, if present)")
     ex.add_argument("--dense-type", choices=("f16", "f32", "q8_0"), default="f16",
                     help="gguf: type of 2-D tensors left dense, e.g. embeddings (default: f16)")
+    ex.add_argument("--no-check", action="store_true",
+                    help="onnx: skip running the exported model in onnxruntime against lmshrink's model")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output")
     ex.add_argument("--json", action="store_true", help="print the full JSON report on stdout")
     return parser
@@ -381,7 +386,7 @@ def _cmd_export(args) -> int:
     from .api import export
 
     report = export(args.folder, args.to, args.output, overwrite=args.overwrite, source_gguf=args.source_gguf,
-                    dense_type=args.dense_type)
+                    dense_type=args.dense_type, check=not args.no_check)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -391,6 +396,14 @@ def _cmd_export(args) -> int:
               f"layers mapped code for code (max weight change from float16 scales "
               f"{report['max_abs_change_exact']:.2e}), {report['requantized_layers']} re-quantized; metadata from "
               f"{report['metadata_from']}")
+    elif args.to == "onnx":
+        check = report.get("check", "skipped (--no-check)")
+        if "max_abs_logit_diff" in report:
+            check += (f": max |logit difference| from lmshrink's model {report['max_abs_logit_diff']:.2e} (logits up "
+                      f"to {report['max_abs_logit']:.2f})")
+        print(f"wrote {report['output']} ({report['bytes'] / 2**20:.1f} MiB): {report['matmul_nbits_nodes']} "
+              f"MatMulNBits nodes ({'/'.join(map(str, report['bits']))}-bit, blocks "
+              f"{'/'.join(map(str, report['block_sizes']))}); input_ids -> logits, no key/value cache; check: {check}")
     else:
         print(f"wrote {report['output']}: GPTQ v1, {report['layers']} layers, {report['bits']}-bit, group "
               f"{report['group_size']}, sym={report['sym']}, desc_act={report['desc_act']}; max relative scale "
