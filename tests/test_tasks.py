@@ -72,10 +72,15 @@ def test_shared_context_cache_equals_full_sequences_and_runs_fewer_tokens(tiny, 
     """Choices scored on the context's key/value cache give the full-sequence scores (and the direct computation),
     and the model sees fewer tokens; one-token answers, truncated requests and unshared contexts mix in."""
     model, tok = tiny
-    contexts = ["Question: which method needs no calibration data?\nAnswer:", "Question: what is 2:4 sparsity?\nAnswer:"]
+    background = "Post-training compression makes a trained model smaller without training it again. "
+    contexts = [background + "Question: which method needs no calibration data?\nAnswer:",
+                background + "Question: what is 2:4 sparsity?\nAnswer:"]
     choices = [" magnitude pruning", " Wanda", " SparseGPT with a long explanation of the mask", " GPTQ", " yes"]
-    requests = [(c, ch) for c in contexts for ch in choices] + [("A lone context", " and its only continuation"),
-                                                                 ("yes or", " no"), ("yes or", " maybe")]
+    # also: a context too short to be worth sharing (its choices run as full sequences), a lone request, and
+    # one-token answers (identical inputs, one forward)
+    requests = [(c, ch) for c in contexts for ch in choices] + [
+        ("Goal:", " a long answer that is much longer than its goal"), ("Goal:", " another long answer, longer still"),
+        ("A lone context", " and its only continuation"), ("yes or", " no"), ("yes or", " maybe")]
     seen = []
     hook = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"].numel()),
                                            with_kwargs=True)
@@ -93,6 +98,12 @@ def test_shared_context_cache_equals_full_sequences_and_runs_fewer_tokens(tiny, 
         expected, expected_greedy = direct_loglikelihood(model, tok, ctx, cont)
         assert score == pytest.approx(expected, abs=1e-4) and greedy == expected_greedy
     assert shared_tokens < full_tokens  # each shared context runs once instead of once per choice
+    # which contexts were shared: only the two long ones
+    from lmshrink.eval.tasks.scoring import _worth_sharing
+    for ctx, members in [(contexts[0], requests[:5]), ("Goal:", requests[10:12])]:
+        pairs = [encode_pair(tok, c, ch) for c, ch in members]
+        prepared = [(tuple((c + k)[:-1]), k) for c, k in pairs]
+        assert _worth_sharing(tuple(pairs[0][0]), prepared) == (ctx != "Goal:")
 
 
 def test_left_truncation_to_max_length(tiny):
