@@ -178,7 +178,8 @@ class RecoverStage(StageBase):
     Cost on CPU (estimated from the passes, not measured on the real model): one step of ``batch`` x ``seqlen``
     tokens is a teacher forward, a student forward, its backward (about two forwards) and, with
     ``gradient_checkpointing``, a second student forward of each block: about 5 forward passes' worth (4 without
-    checkpointing). On SmolLM2-135M at about 200 tokens/s forward (2 cores), a default step (4 x 512 tokens) takes
+    checkpointing; one fewer with ``teacher_cache: topk``, whose teacher runs over the training windows once, before
+    training). On SmolLM2-135M at about 200 tokens/s forward (2 cores), a default step (4 x 512 tokens) takes
     roughly 50 s, so the default 200 steps take nearly 3 hours; ``max_seconds`` gives the stage a fixed wall-time
     budget instead (e.g. 1800 for 30 minutes, about 35 default steps; the learning rate then decays over that time).
     """
@@ -192,6 +193,18 @@ class RecoverStage(StageBase):
         "the MSE between student and teacher block outputs divided by the teacher's variance; kl+mse: KL plus "
         "hidden_weight times that MSE")
     hidden_weight: float = Field(1.0, ge=0, description="weight of the per-block hidden-state MSE in 'kl+mse'")
+    teacher_cache: Literal["none", "topk"] = Field(
+        "none", description="none: the teacher's logits are computed on the fly at every step (its decoder blocks "
+        "stay in memory); topk: before training the teacher runs once over every training window, its teacher_topk "
+        "largest log-probabilities (at the stage temperature) and their token ids per position are written to disk "
+        "(the output's work folder, else a temporary folder), its decoder blocks are freed, and the KL is taken over "
+        "the k cached tokens plus one 'rest' bucket (a lower bound of the full KL, equal to it when k is the "
+        "vocabulary size; the held-out KL stays exact); loss 'kl' only, and not for models whose logits are "
+        "changed after the output head (logit soft-capping)")
+    teacher_topk: int = Field(64, ge=1, le=65536, description="tokens per position kept by teacher_cache 'topk' "
+                              "(capped at the vocabulary size; disk: about 6 bytes per token per position of each "
+                              "of the min(steps x batch, 4096) training windows, all written before training, also "
+                              "when max_seconds ends it sooner)")
     lm_weight: float = Field(0.0, ge=0, description="weight of the student's next-token cross-entropy added to KL")
     temperature: float = Field(1.0, gt=0, le=100, description="softmax temperature of both distributions in the "
                                "KL (the loss is scaled by temperature**2)")
@@ -232,6 +245,16 @@ class RecoverStage(StageBase):
     @classmethod
     def _targets(cls, value):
         return [value] if isinstance(value, str) else value
+
+    @field_validator("teacher_cache")
+    @classmethod
+    def _teacher_cache(cls, value: str, info) -> str:
+        loss = info.data.get("loss", "kl")
+        if value == "topk" and loss != "kl":
+            raise ValueError(f"loss {loss!r} compares the teacher's block outputs, which the top-k cache does not "
+                             "keep: use loss 'kl' with teacher_cache 'topk', or teacher_cache 'none' with "
+                             f"loss {loss!r}")
+        return value
 
     def selects(self, name: str) -> bool:
         if "all-linear" in self.targets:
@@ -398,6 +421,11 @@ def check_recipe(recipe: Recipe, layers: list[tuple[str, int]]) -> None:
                 raise RecipeError(f"stage {index + 1} (recover): option 'requantize' = {stage.requantize!r} applies "
                                   "to merged layers, and 'merge' is False (the adapters are saved, nothing is "
                                   "re-quantized)", fix="use merge: true, or drop requantize")
+            if stage.teacher_cache == "topk" and stage.max_seconds:
+                windows = min(stage.steps * stage.batch, 4096)
+                warnings.warn(f"stage {index + 1} (recover): teacher_cache 'topk' runs the teacher over all {windows} "
+                              f"training windows (steps x batch, at most 4096) before training, and that time counts "
+                              f"in max_seconds = {stage.max_seconds:g}: set steps to what the budget allows")
             pruned_before_recover.update(pruned)
             pruned = {}  # iterative schedules: a layer may be pruned again after recovery
             continue

@@ -6,6 +6,16 @@ a cosine learning-rate decay. The text's documents are split once (seeded): held
 windows, the others the training windows, so the held-out KL and perplexity are measured on text the adapters were
 not trained on. Training stops early when the held-out KL has not improved for ``patience`` evaluations, and the
 best adapters are kept.
+
+With ``teacher_cache: topk`` the teacher runs once before training over every training window, its k largest
+log-probabilities per position (at the temperature) and their token ids go to disk (``teacher_cache.py``), and
+``run_recovery`` then frees its decoder blocks. The KL is then an approximation taken over k + 1 outcomes: the k
+cached tokens, and one "rest" bucket holding the teacher's remaining mass ``1 - sum(top k)`` against the student's
+mass outside those k tokens. That is the KL between the two distributions with the tokens outside the teacher's top
+k merged into one outcome: never more than the full KL (merging outcomes cannot increase a KL), equal to it when k is
+the vocabulary size, and close to it when the teacher's mass outside its top k is small. Its gradient moves the
+student's total mass outside the top k towards the teacher's, without matching how it is spread over those tokens.
+The held-out KL and perplexities stay exact (from the teacher's cached held-out hidden states).
 """
 
 from __future__ import annotations
@@ -15,9 +25,11 @@ import json
 import math
 import random
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +43,7 @@ from ...models.adapters import get_adapter, iter_linears
 from ...recipe import RecoverStage
 from . import lora
 from .memory import memory_report
+from .teacher_cache import TopKCache, check_released, open_cache, write_cache
 
 HELD_OUT_MAX_FRACTION = 0.5
 
@@ -78,6 +91,120 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ids
     if lm_weight:
         loss = loss + lm_weight * F.cross_entropy(s.reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1))
     return loss
+
+
+def topk_kl(student_logits: torch.Tensor, t_logp: torch.Tensor, t_ids: torch.Tensor) -> torch.Tensor:
+    """Per position ``KL(teacher || student)`` over k + 1 outcomes (the k cached tokens and the rest):
+    ``student_logits`` ``[..., vocab]`` (already divided by the temperature), ``t_logp`` ``[..., k + 1]`` (the teacher's top-k
+    log-probabilities, then the log of its remaining mass) and ``t_ids`` ``[..., k]``. When k is the vocabulary size
+    the rest bucket is empty and left out, and this is the full KL."""
+    s_logp = F.log_softmax(student_logits, dim=-1)
+    k = t_ids.shape[-1]
+    lq = s_logp.gather(-1, t_ids)
+    lp = t_logp[..., :k]
+    if k < s_logp.shape[-1]:
+        rest = s_logp.scatter(-1, t_ids, float("-inf")).logsumexp(-1, keepdim=True)  # log(1 - sum q[top k])
+        lq = torch.cat([lq, rest], -1)
+        lp = t_logp
+    p = lp.exp()
+    return torch.where(p > 0, p * (lp - lq), 0.0).sum(-1)
+
+
+def topk_distill_loss(student_logits: torch.Tensor, t_logp: torch.Tensor, t_ids: torch.Tensor, ids: torch.Tensor,
+                      temperature: float, lm_weight: float, kl_weight: float = 1.0) -> torch.Tensor:
+    """``distill_loss`` with the teacher given by its top-k cache (``t_logp`` ``[batch, seqlen - 1, k + 1]``, ``t_ids``
+    ``[batch, seqlen - 1, k]``, at ``temperature``): the KL over k + 1 outcomes of ``topk_kl``, from full logits (the
+    reference; training uses ``topk_head_distill_loss``)."""
+    s = student_logits[:, :-1].float()
+    loss = s.new_zeros(())
+    if kl_weight:
+        loss = loss + kl_weight * topk_kl(s / temperature, t_logp, t_ids).mean() * temperature ** 2
+    if lm_weight:
+        loss = loss + lm_weight * F.cross_entropy(s.reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1))
+    return loss
+
+
+class _HeadTopK(torch.autograd.Function):
+    """``topk_distill_loss`` from the student's final hidden states and (frozen) output head, in chunks of ``chunk``
+    positions, with the gradient with respect to the hidden states computed in forward (in place, a few
+    ``[chunk, vocab]`` buffers at a time, nothing vocabulary-wide kept for backward).
+
+    With ``z`` the student's log-probabilities at temperature T, ``q = exp(z)``, the teacher's bucket masses ``p``
+    (k tokens, then the rest R) and ``P = sum(p)``, the KL's derivative with respect to ``z_v`` is ``P q_v - p_v`` for a
+    top-k token and ``q_v (P - p_R / Q_R)`` for the others (``Q_R``: the student's mass outside the top k); the
+    loss's, with respect to the student's logits, is T times that."""
+
+    @staticmethod
+    def forward(ctx, s_hidden, weight, bias, t_logp, t_ids, ids, temperature, kl_weight, lm_weight, chunk):
+        size = s_hidden.shape[-1]
+        sh = s_hidden[:, :-1].reshape(-1, size)
+        tl = t_logp.reshape(-1, t_logp.shape[-1]).float()
+        ti = t_ids.reshape(-1, t_ids.shape[-1])
+        k = ti.shape[-1]
+        target = ids[:, 1:].reshape(-1)
+        n = sh.shape[0]
+        grad_rows = torch.empty_like(sh) if ctx.needs_input_grad[0] else None
+        total = 0.0
+        for i in range(0, n, chunk):
+            s = F.linear(sh[i:i + chunk], weight, bias).float()
+            g = None
+            if lm_weight:
+                logp = F.log_softmax(s, dim=-1)
+                rows = torch.arange(len(s), device=s.device)
+                total += lm_weight * -float(logp[rows, target[i:i + chunk]].sum())
+                g = logp.exp_()
+                g[rows, target[i:i + chunk]] -= 1
+                g.mul_(lm_weight)
+                del logp
+            if kl_weight:
+                top_ids = ti[i:i + chunk]
+                z = s.div_(temperature)
+                z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # the student's log-probabilities
+                lq = z.gather(-1, top_ids)
+                rest = k < z.shape[-1]
+                lp = tl[i:i + chunk] if rest else tl[i:i + chunk, :k]
+                if rest:
+                    z.scatter_(-1, top_ids, float("-inf"))
+                    lq_rest = torch.logsumexp(z, dim=-1, keepdim=True)
+                    z.scatter_(-1, top_ids, lq)
+                    lq = torch.cat([lq, lq_rest], -1)
+                p = lp.exp()
+                total += kl_weight * temperature ** 2 * float(torch.where(p > 0, p * (lp - lq), 0.0).sum())
+                if grad_rows is not None:
+                    mass = p.sum(-1, keepdim=True)
+                    q = z.exp_()
+                    if rest:  # p_R / Q_R, its exponent capped (a float32 overflow only where q_v is ~0 anyway)
+                        q.mul_(mass - (lp[:, -1:] - lq[:, -1:]).clamp_(max=80).exp_())
+                    else:
+                        q.mul_(mass)
+                    q.scatter_(-1, top_ids, mass * lq[:, :k].exp() - p[:, :k])
+                    kl_grad = q.mul_(kl_weight * temperature)  # d(T^2 KL)/d(student logits)
+                    g = kl_grad if g is None else g.add_(kl_grad)
+                del z, lq, p
+            if grad_rows is not None:
+                if g is None:
+                    grad_rows[i:i + chunk] = 0
+                else:
+                    grad_rows[i:i + chunk] = (g.div_(n)).to(weight.dtype) @ weight
+            del s, g
+        if grad_rows is not None:
+            grad = torch.zeros_like(s_hidden)
+            grad[:, :-1] = grad_rows.reshape(s_hidden.shape[0], -1, size)
+            ctx.save_for_backward(grad)
+        return s_hidden.new_tensor(total / n, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_out.to(grad.dtype),) + (None,) * 9
+
+
+def topk_head_distill_loss(s_hidden: torch.Tensor, s_head: nn.Linear, t_logp: torch.Tensor, t_ids: torch.Tensor,
+                           ids: torch.Tensor, temperature: float, lm_weight: float, kl_weight: float = 1.0,
+                           chunk: int = 256) -> torch.Tensor:
+    """``topk_distill_loss`` of ``s_head(s_hidden)``, in chunks of ``chunk`` positions (the head must be frozen)."""
+    return _HeadTopK.apply(s_hidden, s_head.weight, s_head.bias, t_logp, t_ids, ids, temperature, kl_weight,
+                           lm_weight, chunk)
 
 
 class _HeadDistill(torch.autograd.Function):
@@ -229,8 +356,18 @@ def checkpointed_blocks(blocks: list[nn.Module]):
 
 
 def step_loss(student: _Forward, teacher: _Forward, ids: torch.Tensor, stage: RecoverStage, head: bool,
-              teacher_out=None) -> torch.Tensor:
-    """The training loss of ``stage`` on ``ids`` (KL and/or per-block hidden MSE, plus the LM loss)."""
+              topk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The training loss of ``stage`` on ``ids`` (KL and/or per-block hidden MSE, plus the LM loss); with ``topk``
+    (the teacher's cached ``(logp, ids)`` of these windows) the KL over k + 1 outcomes, and the teacher does not
+    run."""
+    if topk is not None:
+        if stage.loss != "kl":
+            raise LmshrinkError(f"recover stage, option 'loss' = {stage.loss!r}: the top-k teacher cache has no "
+                                "block outputs to compare", fix="use loss: kl with teacher_cache: topk")
+        if head:
+            return topk_head_distill_loss(student.hidden(ids), student.head, *topk, ids, stage.temperature,
+                                          stage.lm_weight, 1.0, stage.chunk_tokens)
+        return topk_distill_loss(student.logits(ids), *topk, ids, stage.temperature, stage.lm_weight)
     kl_weight = 1.0 if stage.loss in ("kl", "kl+mse") else 0.0
     mse_weight = {"kl": 0.0, "mse": 1.0, "kl+mse": stage.hidden_weight}[stage.loss]
     need_head = bool(kl_weight or stage.lm_weight)
@@ -254,15 +391,18 @@ def step_loss(student: _Forward, teacher: _Forward, ids: torch.Tensor, stage: Re
 
 @torch.no_grad()
 def held_out_metrics(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, batch: int, device, *,
-                     chunk_tokens: int = 256, teacher_hidden: list[torch.Tensor] | None = None) -> dict:
+                     chunk_tokens: int = 256, teacher_hidden: list[torch.Tensor] | None = None,
+                     head: bool | None = None) -> dict:
     """Mean KL(teacher || student) at temperature 1, student and teacher perplexity on the held-out windows.
 
     Computed from the final hidden states and the output heads in chunks of ``chunk_tokens`` positions when the
     heads allow it (else from full logits); ``teacher_hidden`` (the teacher's final hidden states of each batch,
-    from an earlier call's ``teacher_hidden_states``) saves the teacher's forward passes.
+    from an earlier call's ``teacher_hidden_states``) saves the teacher's forward passes. ``head``: whether that path
+    is valid, when already known (with ``teacher_hidden``, the teacher's blocks then never run).
     """
     s_fwd, t_fwd = _Forward(student), _Forward(teacher)
-    head = _head_path(s_fwd, t_fwd, ids=ids[:1].to(device))
+    if head is None:
+        head = _head_path(s_fwd, t_fwd, ids=ids[:1].to(device))
     kl_sum = nll = nll_t = 0.0
     positions = 0
     for b, i in enumerate(range(0, len(ids), batch)):
@@ -359,25 +499,19 @@ def load_state(folder: Path, key: str, peft_model, optimizer: torch.optim.Optimi
     return meta
 
 
-def recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage, results: dict, *,
-            default_data: str, data_dir=None, device: str | torch.device = "cpu", progress: bool = True,
-            max_context: int | None = None, adapter_out: dict | None = None, state_dir: Path | None = None,
-            state_key: str = "", resume: bool = False, calibration: torch.Tensor | None = None) -> dict:
-    """Train LoRA adapters on ``model`` (the compressed student, changed in place) to match ``teacher``; merge them
-    (updating ``results``) or, with ``merge: false``, put their PEFT files into ``adapter_out`` (file name -> bytes)
-    and leave the student's weights as they were. Returns the stage's record.
+class StageWindows(NamedTuple):
+    """A recover stage's text split and token windows (``stage_windows``)."""
 
-    With ``state_dir``, the adapters, optimizer and counters are saved there every ``save_every`` steps and when
-    training ends (tagged with ``state_key``); with ``resume``, a state found there is continued from, giving the
-    same result as an uninterrupted run (unless ``max_seconds`` is set: time-based decisions are not reproducible).
-    ``calibration`` (token ids ``[windows, seqlen]``): the windows whose Hessians ``requantize: gptq`` uses.
-    """
-    from tqdm.auto import tqdm
+    data_name: str
+    train_src: TextSource
+    held_src: TextSource
+    train_ids: torch.Tensor
+    eval_ids: torch.Tensor
 
-    started = time.perf_counter()
-    device = torch.device(device)
-    torch.manual_seed(stage.seed)
-    names = [n for n, _ in iter_linears(model) if stage.selects(n)]
+
+def stage_windows(stage: RecoverStage, tokenizer, default_data: str, data_dir=None,
+                  max_context: int | None = None) -> StageWindows:
+    """The training and held-out windows of ``stage`` (the same for the same options and text: seeded)."""
     data_name = stage.data or default_data
     source = load_text(data_name, "train", data_dir)
     train_src, held_src = split_documents(source, tokenizer, stage.eval_windows * stage.seqlen * 2, stage.seed)
@@ -388,22 +522,120 @@ def recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage
     except LmshrinkError as exc:
         raise LmshrinkError(f"recover stage, option 'seqlen' = {stage.seqlen} / 'data' = {data_name!r}: {exc}",
                             fix="use a shorter seqlen or a text with longer documents") from exc
-    eval_ids = held.input_ids[: stage.eval_windows]
+    return StageWindows(data_name, train_src, held_src, train.input_ids, held.input_ids[: stage.eval_windows])
+
+
+def teacher_cache_key(stage: RecoverStage, windows: StageWindows, state_key: str = "") -> str:
+    """What a top-k teacher cache was written for: the run (``state_key``), the windows, k and the temperature."""
+    from ...engine.checkpoint import fingerprint
+
+    return fingerprint("teacher-topk", state_key, stage.teacher_topk, stage.temperature, windows.train_ids,
+                       windows.eval_ids)
+
+
+def prepare_teacher_cache(teacher: nn.Module, stage: RecoverStage, windows: StageWindows, folder: Path, key: str, *,
+                          reuse: bool = False, device: str | torch.device = "cpu",
+                          progress: bool = False) -> TopKCache:
+    """The top-k cache of ``teacher`` for ``stage`` in ``folder``: the complete one found there for ``key`` when
+    ``reuse`` (a resumed run), else written now (the teacher runs once over every training and held-out window)."""
+    if reuse and (found := open_cache(folder, key)) is not None:
+        return found
+    device = torch.device(device)
+    fwd = _Forward(teacher)
+    check_released(fwd.blocks, "option 'teacher_cache' = 'topk'")
+    teacher.to(device).eval().requires_grad_(False)
+    if not _head_path(fwd, ids=windows.eval_ids[:1].to(device)):
+        raise LmshrinkError("recover stage, option 'teacher_cache' = 'topk': this model's logits are not its output "
+                            "head applied to its final hidden states (e.g. logit soft-capping or scaling), which the "
+                            "top-k cache and its held-out evaluation rely on",
+                            fix="use teacher_cache: none for this model")
+    return write_cache(folder, key, fwd.hidden, fwd.head, windows.train_ids, windows.eval_ids, stage.teacher_topk,
+                       stage.temperature, stage.batch, stage.chunk_tokens, device, progress)
+
+
+def recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage, results: dict, *,
+            default_data: str, data_dir=None, device: str | torch.device = "cpu", progress: bool = True,
+            max_context: int | None = None, adapter_out: dict | None = None, state_dir: Path | None = None,
+            state_key: str = "", resume: bool = False, teacher_cache: TopKCache | None = None,
+            calibration: torch.Tensor | None = None) -> dict:
+    """Train LoRA adapters on ``model`` (the compressed student, changed in place) to match ``teacher``; merge them
+    (updating ``results``) or, with ``merge: false``, put their PEFT files into ``adapter_out`` (file name -> bytes)
+    and leave the student's weights as they were. Returns the stage's record.
+
+    With ``state_dir``, the adapters, optimizer and counters are saved there every ``save_every`` steps and when
+    training ends (tagged with ``state_key``); with ``resume``, a state found there is continued from, giving the
+    same result as an uninterrupted run (unless ``max_seconds`` is set: time-based decisions are not reproducible).
+    ``calibration`` (token ids ``[windows, seqlen]``): the windows whose Hessians ``requantize: gptq`` uses.
+
+    With ``teacher_cache: topk``, ``teacher_cache`` is the stage's cache (``prepare_teacher_cache``; the teacher's
+    blocks may then be freed already). Without it, the cache is written here: beside ``state_dir``
+    (``<state_dir>-teacher-topk``, reused on ``resume``) or in a temporary folder removed at the end; the teacher's
+    blocks are not freed then (its caller owns it: ``run_recovery`` frees them).
+    """
+    if stage.teacher_cache == "topk" and teacher_cache is None:
+        windows = stage_windows(stage, tokenizer, default_data, data_dir, max_context)
+        key = teacher_cache_key(stage, windows, state_key)
+        with contextlib.ExitStack() as stack:
+            if state_dir is not None:
+                folder = state_dir.with_name(state_dir.name + "-teacher-topk")
+            else:
+                folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lmshrink-teacher-"))) / "topk"
+            teacher_cache = prepare_teacher_cache(teacher, stage, windows, folder, key, reuse=resume, device=device,
+                                                  progress=progress)
+            return _recover(model, teacher, tokenizer, stage, results, default_data=default_data, data_dir=data_dir,
+                            device=device, progress=progress, max_context=max_context, adapter_out=adapter_out,
+                            state_dir=state_dir, state_key=state_key, resume=resume, teacher_cache=teacher_cache,
+                            calibration=calibration)
+    return _recover(model, teacher, tokenizer, stage, results, default_data=default_data, data_dir=data_dir,
+                    device=device, progress=progress, max_context=max_context, adapter_out=adapter_out,
+                    state_dir=state_dir, state_key=state_key, resume=resume, teacher_cache=teacher_cache,
+                    calibration=calibration)
+
+
+def _recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage, results: dict, *,
+             default_data: str, data_dir, device, progress: bool, max_context: int | None, adapter_out: dict | None,
+             state_dir: Path | None, state_key: str, resume: bool, teacher_cache: TopKCache | None,
+             calibration: torch.Tensor | None = None) -> dict:
+    from tqdm.auto import tqdm
+
+    # the stage's clock (max_seconds) includes the writing of its teacher cache, as other data preparation
+    started = time.perf_counter() - (teacher_cache.seconds if teacher_cache is not None else 0.0)
+    device = torch.device(device)
+    torch.manual_seed(stage.seed)
+    names = [n for n, _ in iter_linears(model) if stage.selects(n)]
+    windows = stage_windows(stage, tokenizer, default_data, data_dir, max_context)
+    data_name, train_src, held_src = windows.data_name, windows.train_src, windows.held_src
+    train_ids, eval_ids = windows.train_ids, windows.eval_ids
     masks = {n: m for n in names if (m := lora.pruned_mask(results.get(n))) is not None}
 
-    teacher.to(device).eval().requires_grad_(False)
+    teach = _Forward(teacher)
+    if teacher_cache is None:
+        check_released(teach.blocks, "option 'teacher_cache' = 'none'")
+        teacher.to(device).eval().requires_grad_(False)
+    elif teacher_cache.meta["key"] != teacher_cache_key(stage, windows, state_key):  # (its blocks never run here)
+        raise LmshrinkError(f"the top-k teacher cache in {teacher_cache.folder} was written for other windows or "
+                            "options than this recover stage's",
+                            fix=f"delete {teacher_cache.folder} and run again")
     model.to(device).eval()
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]  # PEFT freezes them; restored at the end
     peft_model = lora.attach(model, names, stage.rank, stage.alpha, masks)
     params = lora.trainable_parameters(peft_model)
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
-    student, teach = _Forward(peft_model), _Forward(teacher)
-    head = _head_path(student, teach, ids=eval_ids[:1].to(device))
-    cached = teacher_hidden_states(teacher, eval_ids, stage.batch, device) if head else None
+    student = _Forward(peft_model)
+    if teacher_cache is None:
+        head = _head_path(student, teach, ids=eval_ids[:1].to(device))
+        cached = teacher_hidden_states(teacher, eval_ids, stage.batch, device) if head else None
+    else:  # the cache was written only for a teacher whose logits are head(final hidden states)
+        head = _head_path(student, ids=eval_ids[:1].to(device))
+        if not head:
+            raise LmshrinkError("recover stage, option 'teacher_cache' = 'topk': the student's logits are not its "
+                                "output head applied to its final hidden states",
+                                fix="use teacher_cache: none for this model")
+        cached = teacher_cache.held_out_hidden(stage.batch, device)
 
     def evaluate() -> dict:
         return held_out_metrics(peft_model, teacher, eval_ids, stage.batch, device, chunk_tokens=stage.chunk_tokens,
-                                teacher_hidden=cached)
+                                teacher_hidden=cached, head=head)
 
     saved = load_state(state_dir, state_key, peft_model, optimizer) if resume and state_dir is not None else None
     if saved is not None:
@@ -445,9 +677,11 @@ def recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage
             step += 1
             for group in optimizer.param_groups:
                 group["lr"] = stage.lr * _lr_factor(stage, step, elapsed())
-            index = torch.arange((step - 1) * stage.batch, step * stage.batch) % len(train.input_ids)
-            ids = train.input_ids[index].to(device)
-            loss = step_loss(student, teach, ids, stage, head)
+            index = torch.arange((step - 1) * stage.batch, step * stage.batch) % len(train_ids)
+            ids = train_ids[index].to(device)
+            topk = teacher_cache.windows(index, device) if teacher_cache is not None else None
+            loss = step_loss(student, teach, ids, stage, head, topk=topk)
+            del topk
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -478,20 +712,23 @@ def recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage
     record = {
         "stage": stage.model_dump(), "layers": len(names), "pruned_layers": len(masks), "data": {
             "dataset": data_name, "training_documents": len(train_src.documents),
-            "held_out_documents": len(held_src.documents), "training_windows": len(train.input_ids),
+            "held_out_documents": len(held_src.documents), "training_windows": len(train_ids),
             "held_out_windows": len(eval_ids), "seqlen": stage.seqlen,
             "split": "seeded by whole documents (held-out documents never train)"},
         "steps_run": step, "best_step": best_step, "stopped_early": stopped_by == "early_stopping",
         "stopped_by": stopped_by, "max_seconds": stage.max_seconds, "resumed_from_step": resumed_from,
-        "loss_path": "chunked output head" if head else "full logits",
+        "loss_path": ("chunked output head" if head else "full logits") + (
+            ", top-k teacher cache" if teacher_cache is not None else ""),
         "held_out_before": before, "held_out_after": after, "history": history, "train_seconds": train_seconds,
         "memory": memory,
+        "teacher_cache": teacher_cache.record() if teacher_cache is not None else {"mode": "none"},
     }
     if stage.merge:
         merged_model, record["merge"] = lora.merge(peft_model, names, results, masks, stage.requantize,
                                                    calibration=calibration, device=device)
         record["held_out_after_merge"] = held_out_metrics(merged_model, teacher, eval_ids, stage.batch, device,
-                                                          chunk_tokens=stage.chunk_tokens, teacher_hidden=cached)
+                                                          chunk_tokens=stage.chunk_tokens, teacher_hidden=cached,
+                                                          head=head)
     else:
         files = lora.adapter_files(peft_model, masks)
         if adapter_out is not None:
