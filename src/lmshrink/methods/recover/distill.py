@@ -124,6 +124,29 @@ def topk_distill_loss(student_logits: torch.Tensor, t_logp: torch.Tensor, t_ids:
     return loss
 
 
+def _lm_term(logits: torch.Tensor, target: torch.Tensor, lm_weight: float) -> tuple[float, torch.Tensor]:
+    """``lm_weight`` x the summed next-token cross-entropy of ``logits`` (float32 ``[positions, vocab]``) and its
+    gradient with respect to them (the chunked head losses below compute gradients in forward)."""
+    logp = F.log_softmax(logits, dim=-1)
+    rows = torch.arange(len(logits), device=logits.device)
+    loss = lm_weight * -float(logp[rows, target].sum())
+    grad = logp.exp_()
+    grad[rows, target] -= 1
+    return loss, grad.mul_(lm_weight)
+
+
+def _rows_grad(grad_logits: torch.Tensor | None, n: int, weight: torch.Tensor) -> torch.Tensor | float:
+    """A chunk's gradient with respect to its hidden-state rows (mean over ``n`` positions), 0 without a loss term."""
+    return 0 if grad_logits is None else grad_logits.div_(n).to(weight.dtype) @ weight
+
+
+def _save_hidden_grad(ctx, s_hidden: torch.Tensor, grad_rows: torch.Tensor) -> None:
+    """Keep the gradient for backward: ``grad_rows`` at every position but the last (which predicts nothing)."""
+    grad = torch.zeros_like(s_hidden)
+    grad[:, :-1] = grad_rows.reshape(s_hidden.shape[0], -1, s_hidden.shape[-1])
+    ctx.save_for_backward(grad)
+
+
 class _HeadTopK(torch.autograd.Function):
     """``topk_distill_loss`` from the student's final hidden states and (frozen) output head, in chunks of ``chunk``
     positions, with the gradient with respect to the hidden states computed in forward (in place, a few
@@ -149,13 +172,8 @@ class _HeadTopK(torch.autograd.Function):
             s = F.linear(sh[i:i + chunk], weight, bias).float()
             g = None
             if lm_weight:
-                logp = F.log_softmax(s, dim=-1)
-                rows = torch.arange(len(s), device=s.device)
-                total += lm_weight * -float(logp[rows, target[i:i + chunk]].sum())
-                g = logp.exp_()
-                g[rows, target[i:i + chunk]] -= 1
-                g.mul_(lm_weight)
-                del logp
+                loss, g = _lm_term(s, target[i:i + chunk], lm_weight)
+                total += loss
             if kl_weight:
                 top_ids = ti[i:i + chunk]
                 z = s.div_(temperature)
@@ -182,15 +200,10 @@ class _HeadTopK(torch.autograd.Function):
                     g = kl_grad if g is None else g.add_(kl_grad)
                 del z, lq, p
             if grad_rows is not None:
-                if g is None:
-                    grad_rows[i:i + chunk] = 0
-                else:
-                    grad_rows[i:i + chunk] = (g.div_(n)).to(weight.dtype) @ weight
+                grad_rows[i:i + chunk] = _rows_grad(g, n, weight)
             del s, g
         if grad_rows is not None:
-            grad = torch.zeros_like(s_hidden)
-            grad[:, :-1] = grad_rows.reshape(s_hidden.shape[0], -1, size)
-            ctx.save_for_backward(grad)
+            _save_hidden_grad(ctx, s_hidden, grad_rows)
         return s_hidden.new_tensor(total / n, dtype=torch.float32)
 
     @staticmethod
@@ -227,13 +240,8 @@ class _HeadDistill(torch.autograd.Function):
             s = F.linear(sh[i:i + chunk], s_weight, s_bias).float()
             g = None
             if lm_weight:
-                logp = F.log_softmax(s, dim=-1)
-                rows = torch.arange(len(s), device=s.device)
-                total += lm_weight * -float(logp[rows, target[i:i + chunk]].sum())
-                g = logp.exp_()
-                g[rows, target[i:i + chunk]] -= 1
-                g.mul_(lm_weight)
-                del logp
+                loss, g = _lm_term(s, target[i:i + chunk], lm_weight)
+                total += loss
             if kl_weight:
                 t = F.linear(th[i:i + chunk], t_weight, t_bias).float().div_(temperature)
                 t_logp = t.sub_(torch.logsumexp(t, dim=-1, keepdim=True))
@@ -245,13 +253,11 @@ class _HeadDistill(torch.autograd.Function):
                 kl_grad = s_logp.exp_().sub_(p_t).mul_(kl_weight * temperature)  # d(T^2 KL)/d(student logits)
                 g = kl_grad if g is None else g.add_(kl_grad)
                 del p_t
-            if grad_rows is not None and g is not None:
-                grad_rows[i:i + chunk] = (g.div_(n)).to(s_weight.dtype) @ s_weight
+            if grad_rows is not None:
+                grad_rows[i:i + chunk] = _rows_grad(g, n, s_weight)
             del s, g
         if grad_rows is not None:
-            grad = torch.zeros_like(s_hidden)
-            grad[:, :-1] = grad_rows.reshape(s_hidden.shape[0], -1, size)
-            ctx.save_for_backward(grad)
+            _save_hidden_grad(ctx, s_hidden, grad_rows)
         return s_hidden.new_tensor(total / n, dtype=torch.float32)
 
     @staticmethod
