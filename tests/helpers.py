@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import random
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
@@ -52,3 +53,13 @@ def write_calibration_text(path, sentence: str = "Quantization rounds weights to
     """A small plain-text calibration file (six paragraphs of a repeated sentence) at ``path``."""
     path.write_text((f"The quick brown fox jumps over the lazy dog. {sentence} " * 12 + "\n\n") * 6)
     return path
+
+
+def write_word_paragraphs(path, words: str, paragraphs: int = 30, length: int = 80, seed: int = 0):
+    """``paragraphs`` documents of ``length`` words drawn at random (seeded) from ``words`` at ``path``: enough
+    distinct documents for training and held-out splits."""
+    rng = random.Random(seed)
+    vocabulary = words.split()
+    path.write_text("\n\n".join(" ".join(rng.choice(vocabulary) for _ in range(length)) for _ in range(paragraphs)))
+    return path
+

@@ -5,13 +5,12 @@ schedules end at the last sparsity, and bad options fail naming the option."""
 
 import contextlib
 import json
-import random
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import tiny_llama, tiny_tokenizer
+from helpers import save_tiny_llama, tiny_llama, tiny_tokenizer, write_word_paragraphs
 from lmshrink import compress, load_model
 from lmshrink.methods.recover import (adapter_files, attach, held_out_metrics, load_adapter, lora_delta, merge,
                                       split_documents, split_phases)
@@ -27,21 +26,14 @@ RECOVER = {"method": "recover", "steps": 12, "seqlen": 32, "batch": 4, "lr": 3e-
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-recover")
-    tiny_llama(num_hidden_layers=2, hidden_size=64, intermediate_size=128).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-recover"))
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     """30 paragraphs (documents) of random words: enough for training and held-out documents."""
-    rng = random.Random(0)
-    words = ("the quick brown fox jumps over lazy dog pruning sets some weights to zero model quality grid a "
-             "language keeps most of their").split()
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(80)) for _ in range(30)))
-    return path
+    return write_word_paragraphs(tmp_path_factory.mktemp("text") / "text.txt", ("the quick brown fox jumps over lazy dog pruning sets some weights to zero model quality grid a "
+             "language keeps most of their"))
 
 
 def _compress(tiny_dir, text_file, stages, out=None, **kw):

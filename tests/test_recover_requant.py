@@ -4,12 +4,11 @@ grids (scale, zero, g_idx) do not move, pruned zeros stay zero, the record says 
 naming the option, and a compressed checkpoint with such a merge reloads with the merged weights."""
 
 import copy
-import random
 
 import pytest
 import torch
 
-from helpers import tiny_llama, tiny_tokenizer
+from helpers import save_tiny_llama, tiny_llama, write_word_paragraphs
 from lmshrink import compress, load_model
 from lmshrink.methods.quant import gptq_quantize, rtn_quantize
 from lmshrink.methods.recover import attach, lora_delta, merge
@@ -158,19 +157,12 @@ def test_requantize_option_validates():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-requant")
-    tiny_llama(num_hidden_layers=2, hidden_size=64, intermediate_size=128).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-requant"))
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    rng = random.Random(0)
-    words = "the quick brown fox jumps over lazy dog grid codes scale zero merge round keeps most of their".split()
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(80)) for _ in range(30)))
-    return path
+    return write_word_paragraphs(tmp_path_factory.mktemp("text") / "text.txt", "the quick brown fox jumps over lazy dog grid codes scale zero merge round keeps most of their")
 
 
 def test_compress_w4_recover_gptq_requantize_saves_a_checkpoint_that_reloads(tiny_dir, text_file, tmp_path):

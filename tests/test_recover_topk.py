@@ -5,13 +5,12 @@ as without the cache), frees the teacher's blocks and removes its temporary cach
 options that need the teacher's hidden states are refused naming the option."""
 
 import json
-import random
 import weakref
 
 import pytest
 import torch
 
-from helpers import tiny_llama, tiny_tokenizer
+from helpers import save_tiny_llama, tiny_llama, write_word_paragraphs
 from lmshrink import compress, load_model
 from lmshrink.methods.recover import (distill_loss, snapshot_teacher, topk_distill_loss, topk_head_distill_loss,
                                       topk_kl)
@@ -25,20 +24,13 @@ RECOVER = {"method": "recover", "steps": 12, "seqlen": 32, "batch": 4, "lr": 3e-
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-topk")
-    tiny_llama(num_hidden_layers=2, hidden_size=64, intermediate_size=128).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-topk"))
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    rng = random.Random(0)
-    words = ("the quick brown fox jumps over lazy dog pruning sets some weights to zero model quality grid a "
-             "language keeps most of their").split()
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(80)) for _ in range(30)))
-    return path
+    return write_word_paragraphs(tmp_path_factory.mktemp("text") / "text.txt", ("the quick brown fox jumps over lazy dog pruning sets some weights to zero model quality grid a "
+             "language keeps most of their"))
 
 
 def _compress(tiny_dir, text_file, stages, out=None, **kw):
