@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -78,3 +79,71 @@ def test_bench_cli_prints_the_table_and_refuses_bad_input(folders, record, capsy
     assert "not a compressed checkpoint" in capsys.readouterr().err
     with pytest.raises(LmshrinkError, match="must be positive"):
         bench([str(base)], trials=0)
+
+
+# -- llama.cpp rows (--llama-cpp) ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gguf_file(folders):
+    from lmshrink.formats.gguf_export import export_gguf
+
+    _, compressed = folders
+    path = compressed.parent / "w4g32.gguf"
+    export_gguf(compressed, path, dense_type="f32")
+    return path
+
+
+def test_gguf_size_counts_the_block_matrices_in_their_quantized_bytes(folders, gguf_file):
+    from lmshrink.eval.bench import gguf_size
+
+    model = tiny_llama(num_hidden_layers=2)
+    linear = sum(linear_weight(module).numel() for _, module in iter_linears(model))
+    size = gguf_size(str(gguf_file))
+    assert size["linear_weights"] == linear
+    # asymmetric 4-bit groups of 32 -> Q4_1 blocks: a float16 scale and min plus 16 bytes of codes per 32 weights
+    assert size["linear_weight_bytes"] == linear * 20 // 32
+    # embeddings (float32 here) and norms are counted in the totals only
+    assert size["parameters"] == sum(p.numel() for p in model.parameters())
+    assert size["weight_bytes"] > size["linear_weight_bytes"]
+
+
+def test_llama_cpp_rows_are_refused_clearly_without_the_file_or_the_package(folders, gguf_file, monkeypatch, capsys):
+    import importlib.util
+
+    import lmshrink.api
+
+    base, _ = folders
+    with pytest.raises(LmshrinkError, match="no such file"):
+        bench([str(base)], llama_cpp=[str(base / "missing.gguf")])
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llama_cpp" else real_find_spec(name, *a))
+    with pytest.raises(LmshrinkError, match="llama-cpp-python is not installed") as err:
+        bench([str(base)], llama_cpp=[str(gguf_file)])
+    assert "GGML_AMX_INT8=OFF" in err.value.fix
+    monkeypatch.undo()
+    with pytest.raises(LmshrinkError, match="no model to benchmark"):
+        bench([], llama_cpp=[])
+    calls = []
+    monkeypatch.setattr(lmshrink.api, "bench", lambda models, **kwargs: calls.append((models, kwargs)) or {})
+    main(["bench", str(base), "--llama-cpp", str(gguf_file), "--llama-cpp", "b.gguf", "--json"])
+    assert calls[0][0] == [str(base)] and calls[0][1]["llama_cpp"] == [str(gguf_file), "b.gguf"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama-cpp-python is not installed (optional extra llama-cpp; it compiles for about "
+                           "10 minutes)")
+def test_llama_cpp_row_runs_the_same_prompt_beside_the_packed_model(folders, gguf_file):
+    base, compressed = folders
+    record = bench([str(compressed)], llama_cpp=[str(gguf_file)], prompt_tokens=16, new_tokens=4, trials=2,
+                   warmup=1, threads=1, progress=False)
+    packed, cpp = record["models"]
+    assert packed["runtime"] == "packed" and cpp["runtime"] == "llama.cpp"
+    assert cpp["model"]["kind"] == "gguf" and cpp["prompt_source"] == packed["prompt_source"]
+    assert len(cpp["trials"]) == 2 and len(cpp["tokens"]) == 5
+    for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s"):
+        assert cpp[key] > 0
+    assert all(0 <= token < 300 for token in cpp["tokens"])
+    assert cpp["linear_bytes_vs_fp16"] == pytest.approx(20 / 64)
+    assert "llama-cpp-python" in record["protocol"]["llama_cpp"]

@@ -54,6 +54,8 @@ _BENCH_EXAMPLES = """examples:
   # the base model against its 4-bit compressed folder (run packed), one thread
   lmshrink bench smollm2-135m out/smollm2-w4g32 --prompt-tokens 256 --new-tokens 64 --threads 1
   lmshrink bench smollm2-135m out/smollm2-w4g32 --trials 9 --json > bench.json
+  # add the GGUF export run by llama.cpp (pip install 'lmshrink[llama-cpp]') as the bar to chase
+  lmshrink bench smollm2-135m out/smollm2-w4g32 --llama-cpp out/smollm2-w4g32.gguf --threads 1
 """
 
 _EXPORT_EXAMPLES = """examples:
@@ -138,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Benchmark models side by side in one run: each in its own worker process, "
                         "trials interleaved, medians reported. Compressed folders run packed (int4/int8 kernels).",
                         epilog=_BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bn.add_argument("models", nargs="+", help="model sources; ratios are relative to the first")
+    bn.add_argument("models", nargs="*", help="model sources; ratios are relative to the first row")
     bn.add_argument("--prompt-tokens", type=int, default=256, help="prompt length (default: 256)")
     bn.add_argument("--new-tokens", type=int, default=64, help="tokens decoded after the prompt (default: 64)")
     bn.add_argument("--trials", type=int, default=5, help="timed trials per model (default: 5)")
@@ -148,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: compressed folders packed, others dense (default)")
     bn.add_argument("--dtype", default="float32", help="dtype of everything not packed (default: float32)")
     bn.add_argument("--seed", type=int, default=0, help="seed of the random prompt (default: 0)")
+    bn.add_argument("--llama-cpp", action="append", default=[], metavar="GGUF",
+                    help="also run this GGUF file in llama.cpp (llama-cpp-python), same threads and prompt ids as "
+                         "the first model; repeatable")
     bn.add_argument("--json", action="store_true", help="print the full JSON record on stdout")
     bn.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -351,7 +356,7 @@ def _cmd_bench(args) -> int:
 
     record = bench(args.models, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, trials=args.trials,
                    warmup=args.warmup, threads=args.threads, runtime=args.runtime, dtype=args.dtype, seed=args.seed,
-                   progress=not args.quiet)
+                   llama_cpp=args.llama_cpp, progress=not args.quiet)
     if args.json:
         print(json.dumps(record, indent=2))
         return 0
@@ -379,6 +384,8 @@ def _cmd_bench(args) -> int:
                   f"trial(s) discarded. machine: {m['cpu']} ({m['cpu_capability']}, {m['cpus']} CPUs, load average "
                   f"{m['load_average_at_end'][0]:.2f} at the end), torch {m['torch']}. linear = Linear layers in the "
                   "decoder blocks; greedy = first: leading generated tokens equal to the first model's")
+    if "llama_cpp" in p:
+        console.print(f"llama.cpp rows: {p['llama_cpp']}; their linear = the 2-D tensors of the GGUF's blocks")
     return 0
 
 

@@ -9,6 +9,9 @@ forward passes with the KV cache. Time to first token = the prefill pass plus th
 prompt tokens / that time; decode tokens/s = new tokens / the time of the single-token passes. One warm-up trial
 per model is discarded; the medians over the trials are reported with every trial's value. Peak RSS is reported
 for the whole process (loading included) and, where Linux allows resetting the counter, for the trials only.
+
+GGUF files given with ``llama_cpp=`` (``--llama-cpp``) run the same trials in llama.cpp (llama-cpp-python, an
+optional extra) with the same thread count and the first row's prompt ids: the bar for lmshrink's own CPU runtime.
 """
 
 from __future__ import annotations
@@ -56,8 +59,11 @@ def _linear_bytes(model) -> dict[str, int]:
     return {"linear_weight_bytes": total, "linear_weights": weights}
 
 
-def _prompt(tokenizer, vocab_size: int, tokens: int, seed: int):
-    """``tokens`` prompt ids: the packaged held-out Wikipedia text from a seeded offset, else seeded random ids."""
+def _prompt(encode, vocab_size: int, tokens: int, seed: int):
+    """``tokens`` prompt ids: the packaged held-out Wikipedia text from a seeded offset, else seeded random ids.
+
+    ``encode(text)`` gives the text's token ids (a list or a 1-D tensor), without special tokens.
+    """
     import torch
 
     generator = torch.Generator().manual_seed(seed)
@@ -65,7 +71,7 @@ def _prompt(tokenizer, vocab_size: int, tokens: int, seed: int):
         from lmshrink.data import load_text
 
         source = load_text("enwiki-sample", "eval")
-        ids = tokenizer(source.joined(), add_special_tokens=False, return_tensors="pt").input_ids
+        ids = torch.as_tensor(encode(source.joined()), dtype=torch.long).reshape(1, -1)
         if ids.shape[1] > tokens:
             start = int(torch.randint(0, ids.shape[1] - tokens, (1,), generator=generator))
             return ids[:, start:start + tokens], f"enwiki-sample eval text, {tokens} tokens from a seeded offset"
@@ -97,8 +103,6 @@ def _peak_rss_since_reset() -> int | None:
 
 class _Runner:
     def __init__(self, source: str, runtime: str, dtype: str, prompt_tokens: int, new_tokens: int, seed: int):
-        import torch
-
         from lmshrink.eval.size import model_size
         from lmshrink.models import load_model
 
@@ -107,8 +111,10 @@ class _Runner:
         self.load_seconds = time.perf_counter() - start
         self.model = self.loaded.model
         self.rss_after_load = _rss_bytes()
-        self.prompt, self.prompt_source = _prompt(self.loaded.tokenizer, int(self.model.config.vocab_size),
-                                                  prompt_tokens, seed)
+        tokenizer = self.loaded.tokenizer
+        self.prompt, self.prompt_source = _prompt(
+            lambda text: tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids,
+            int(self.model.config.vocab_size), prompt_tokens, seed)
         self.new_tokens = new_tokens
         params = inspect.signature(self.model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -139,6 +145,95 @@ class _Runner:
                 "decode_tokens_per_s": self.new_tokens / (end - first), "tokens": tokens}
 
 
+LLAMA_CPP = "llama.cpp"
+LLAMA_CPP_INSTALL = ("CMAKE_ARGS=-DGGML_AMX_INT8=OFF pip install 'lmshrink[llama-cpp]' (llama-cpp-python compiles "
+                     "for about 10 minutes; the flag avoids its AMX backend, which crashes on some Xeons)")
+
+
+def gguf_size(path: str) -> dict[str, int]:
+    """Parameters and bytes of a GGUF file's tensors; ``linear_*``: the 2-D tensors of its blocks (``blk.N.*``)."""
+    from gguf import GGUFReader
+
+    size = {"parameters": 0, "weight_bytes": 0, "linear_weight_bytes": 0, "linear_weights": 0}
+    for tensor in GGUFReader(path).tensors:
+        size["parameters"] += int(tensor.n_elements)
+        size["weight_bytes"] += int(tensor.n_bytes)
+        if tensor.name.startswith("blk.") and len(tensor.shape) == 2:
+            size["linear_weight_bytes"] += int(tensor.n_bytes)
+            size["linear_weights"] += int(tensor.n_elements)
+    return size
+
+
+class _LlamaCppRunner:
+    """The trial of ``_Runner`` (the prompt in one call, then one token per call, greedy) run by llama.cpp."""
+
+    def __init__(self, path: str, threads: int, prompt_tokens: int, new_tokens: int, seed: int,
+                 prompt_ids: list[int] | None = None, prompt_source: str | None = None):
+        import torch
+
+        try:
+            import llama_cpp
+        except ImportError as exc:
+            raise LmshrinkError("llama-cpp-python is not installed, so the llama.cpp row cannot run",
+                                fix=LLAMA_CPP_INSTALL) from exc
+        start = time.perf_counter()
+        try:
+            self.llm = llama_cpp.Llama(path, n_ctx=prompt_tokens + new_tokens + 16, n_batch=max(512, prompt_tokens),
+                                       n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise LmshrinkError(f"llama.cpp could not load {path}: {exc}",
+                                fix="pass a GGUF file written by `lmshrink export --to gguf` (or llama.cpp's tools) "
+                                    "for a model family llama.cpp supports") from exc
+        self.load_seconds = time.perf_counter() - start
+        self.rss_after_load = _rss_bytes()
+        self.n_vocab = int(self.llm.n_vocab())
+        self.version = llama_cpp.__version__
+        if prompt_ids is not None:
+            if max(prompt_ids) >= self.n_vocab:
+                raise LmshrinkError(f"{path}: the first model's prompt has token id {max(prompt_ids)}, the GGUF's "
+                                    f"vocabulary has {self.n_vocab} tokens",
+                                    fix="benchmark the GGUF beside the model it was exported from (same tokenizer)")
+            self.prompt = torch.tensor([prompt_ids], dtype=torch.long)
+            self.prompt_source = prompt_source or "the first model's prompt ids"
+        else:
+            self.prompt, self.prompt_source = _prompt(
+                lambda text: self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False),
+                self.n_vocab, prompt_tokens, seed)
+        self.new_tokens = new_tokens
+        self.threads = threads
+        self.path = path
+        self.size = gguf_size(path)
+
+    def model_info(self) -> dict[str, Any]:
+        return {"source": self.path, "kind": "gguf", "path": os.path.abspath(self.path), "runtime": LLAMA_CPP,
+                "llama_cpp_python": self.version, "vocab_size": self.n_vocab,
+                "parameters": self.size["parameters"]}
+
+    def _next_token(self) -> int:
+        import numpy as np
+
+        # the logits of the last position evaluated (llama-cpp-python keeps none itself without logits_all)
+        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.n_vocab,))
+        return int(logits.argmax())
+
+    def trial(self) -> dict[str, Any]:
+        llm = self.llm
+        start = time.perf_counter()
+        llm.reset()  # the next eval drops the whole KV cache
+        llm.eval(self.prompt[0].tolist())
+        token = self._next_token()
+        first = time.perf_counter()
+        tokens = [token]
+        for _ in range(self.new_tokens):
+            llm.eval([token])
+            token = self._next_token()
+            tokens.append(token)
+        end = time.perf_counter()
+        ttft = first - start
+        return {"ttft_s": ttft, "prefill_tokens_per_s": self.prompt.shape[1] / ttft,
+                "decode_tokens_per_s": self.new_tokens / (end - first), "tokens": tokens}
+
+
 def _worker_main(argv: list[str]) -> int:
     """Worker loop: load the model, then answer one JSON line per command read from stdin."""
     import torch
@@ -146,14 +241,20 @@ def _worker_main(argv: list[str]) -> int:
     args = json.loads(argv[0])
     torch.set_num_threads(args["threads"])
     try:
-        runner = _Runner(args["source"], args["runtime"], args["dtype"], args["prompt_tokens"], args["new_tokens"],
-                         args["seed"])
+        if args["runtime"] == LLAMA_CPP:
+            runner = _LlamaCppRunner(args["source"], args["threads"], args["prompt_tokens"], args["new_tokens"],
+                                     args["seed"], args.get("prompt_ids"), args.get("prompt_source"))
+            model_info, threads = runner.model_info(), runner.threads
+        else:
+            runner = _Runner(args["source"], args["runtime"], args["dtype"], args["prompt_tokens"],
+                             args["new_tokens"], args["seed"])
+            model_info, threads = runner.loaded.info.to_dict(), torch.get_num_threads()
     except LmshrinkError as err:
         print(json.dumps({"error": err.message, "fix": err.fix}), flush=True)
         return 0
-    info = {"ready": True, "model": runner.loaded.info.to_dict(), "load_seconds": runner.load_seconds,
-            "rss_after_load_bytes": runner.rss_after_load, "size": runner.size, "threads": torch.get_num_threads(),
-            "prompt_source": runner.prompt_source,
+    info = {"ready": True, "model": model_info, "load_seconds": runner.load_seconds,
+            "rss_after_load_bytes": runner.rss_after_load, "size": runner.size, "threads": threads,
+            "prompt_source": runner.prompt_source, "prompt_ids": runner.prompt[0].tolist(),
             "peak_rss_loading_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     runner.peak_reset = _reset_peak_rss()
     print(json.dumps(info), flush=True)
@@ -226,18 +327,29 @@ def _cpu_name() -> str:
 
 def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, trials: int = 5, warmup: int = 1,
           threads: int = 1, runtime: str = "auto", dtype: str = "float32", seed: int = 0,
-          progress: bool = True) -> dict[str, Any]:
+          llama_cpp: list[str] | tuple[str, ...] = (), progress: bool = True) -> dict[str, Any]:
     """Benchmark ``models`` side by side (see the module docstring for the protocol); returns a JSON-ready record.
 
     runtime: ``auto`` (compressed folders packed, other models dense), ``packed`` or ``dense`` for every model.
-    Ratios are relative to the first model.
+    llama_cpp: GGUF files run by llama.cpp (llama-cpp-python), as rows after ``models``, with the same threads and
+    the first model's prompt ids. Ratios are relative to the first row.
     """
     import torch
 
     from lmshrink.runtime.qlinear import DEFAULT_KERNEL_MAX_ROWS
 
-    if not models:
+    models, llama_cpp = list(models), list(llama_cpp or ())
+    if not models and not llama_cpp:
         raise LmshrinkError("no model to benchmark", fix="name one or more models, e.g. smollm2-135m out/model")
+    for path in llama_cpp:
+        if not os.path.isfile(path):
+            raise LmshrinkError(f"--llama-cpp {path}: no such file",
+                                fix="pass a GGUF file, e.g. one written by `lmshrink export DIR --to gguf -o x.gguf`")
+    if llama_cpp:
+        import importlib.util
+
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise LmshrinkError("llama-cpp-python is not installed, so --llama-cpp cannot run", fix=LLAMA_CPP_INSTALL)
     if prompt_tokens < 1 or new_tokens < 1 or trials < 1 or warmup < 0 or threads < 1:
         raise LmshrinkError(f"prompt_tokens={prompt_tokens}, new_tokens={new_tokens}, trials={trials}, "
                             f"warmup={warmup}, threads={threads}: all must be positive (warmup may be 0)",
@@ -255,15 +367,20 @@ def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, 
                                         "by lmshrink compress")
     workers: list[_Worker] = []
     rows: list[dict[str, Any]] = []
+    prompt: dict[str, Any] = {}  # the first row's prompt ids, given to the llama.cpp rows
     try:
-        for source, chosen in zip(models, runtimes):
+        for source, chosen in list(zip(models, runtimes)) + [(path, LLAMA_CPP) for path in llama_cpp]:
             spec = dict(source=source, runtime=chosen, dtype=dtype, threads=threads,
                         prompt_tokens=prompt_tokens, new_tokens=new_tokens, seed=seed)
+            if chosen == LLAMA_CPP:
+                spec.update(prompt)
             worker = _Worker(spec)
             workers.append(worker)
             info = worker.read(f"loading {source}")
             if "error" in info:
                 raise LmshrinkError(f"{source}: {info['error']}", fix=info.get("fix"))
+            ids = info.pop("prompt_ids")
+            prompt = prompt or {"prompt_ids": ids, "prompt_source": info["prompt_source"]}
             rows.append({"source": source, "runtime": spec["runtime"], **info, "trials": []})
             if progress:
                 print(f"bench: loaded {source} ({spec['runtime']}) in {info['load_seconds']:.1f}s", file=sys.stderr)
@@ -304,6 +421,9 @@ def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, 
         "decoding": "greedy, KV cache, one token per forward pass",
         "statistic": "median over trials; trials interleaved across models, one worker process per model",
         "kernel_max_rows": DEFAULT_KERNEL_MAX_ROWS,
+        **({"llama_cpp": "llama-cpp-python " + rows[-1]["model"]["llama_cpp_python"] + ": n_threads and "
+                         "n_threads_batch = threads, the prompt in one eval call, the argmax of the last position's "
+                         "logits; the GGUF is memory-mapped (its RSS counts the pages read)"} if llama_cpp else {}),
         "machine": {"cpu": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(), "torch": torch.__version__},
     }
