@@ -7,6 +7,10 @@ Protocol: calibration = 16 windows x 512 tokens drawn (seed 0) from ../shared/da
 
     python bench/layer_error.py [--block 5] [--layers self_attn.q_proj mlp.down_proj] [--windows 16]
     python bench/layer_error.py --variants refit --layers self_attn.q_proj self_attn.o_proj mlp.up_proj mlp.down_proj
+    python bench/layer_error.py --variants joint --layers self_attn.q_proj self_attn.o_proj mlp.up_proj mlp.down_proj
+
+``--variants joint``: SparseGPT 50% alone, joint 50% + quantization (one sweep, plain or act-order column order),
+the SparseGPT mask then act-order GPTQ keeping it (same Hessian), and GPTQ alone, each grid with group 128.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from lmshrink.methods.prune import gptq_keep_mask, sparsegpt_prune
 from lmshrink.methods.quant import gptq_quantize, rtn_quantize
 from lmshrink.methods.quant.refit import refit_scales
 from lmshrink.methods.solver import HessianAccumulator, output_error
@@ -55,9 +60,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--heldout", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--variants", choices=["methods", "options", "refit"], default="methods",
+    parser.add_argument("--variants", choices=["methods", "options", "refit", "joint"], default="methods",
                         help="methods: RTN vs GPTQ variants; options: clip weighting and damping of act-order+static; "
-                             "refit: least-squares scales after the sweep")
+                             "refit: least-squares scales after the sweep; joint: SparseGPT 50%% with quantization")
     parser.add_argument("--cache", type=Path, default=None, help="reuse/store the Hessians in this .pt file")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -104,7 +109,18 @@ def main() -> None:
         ("gptq act+static", lambda w, h, s: gptq_quantize(w, h, s)),
         ("gptq act+static + refit scales", refitted),
     ]
-    variants = {"methods": methods, "options": options, "refit": refit}[args.variants]
+    def mask_then_gptq(w, h, s):
+        pruned = sparsegpt_prune(w, h, 0.5)
+        return gptq_keep_mask(pruned.weight, h, pruned.mask, s, act_order=True)
+
+    joint = [
+        ("sparsegpt 50% alone (no grid)", lambda w, h, s: sparsegpt_prune(w, h, 0.5)),
+        ("joint 50% + grid", lambda w, h, s: sparsegpt_prune(w, h, 0.5, spec=s)),
+        ("joint 50% + grid, act-order", lambda w, h, s: sparsegpt_prune(w, h, 0.5, spec=s, act_order=True)),
+        ("sparsegpt mask, then act-order gptq", mask_then_gptq),
+        ("gptq act+static alone", lambda w, h, s: gptq_quantize(w, h, s)),
+    ]
+    variants = {"methods": methods, "options": options, "refit": refit, "joint": joint}[args.variants]
     modules = dict(model.named_modules())
     print(f"| layer | grid | variant | rel err calib | rel err held-out | seconds |")
     print("|---|---|---|---|---|---|")
@@ -119,7 +135,8 @@ def main() -> None:
                     result = fn(weight, calib[name], spec)
                     seconds = time.perf_counter() - t0
                     held = output_error(weight, result.weight, heldout[name])
-                    print(f"| {name.split('layers.')[1]} | {grid} | {label} | {result.rel_output_error:.5f} | "
+                    calib_error = output_error(weight, result.weight, calib[name])  # against the original weight
+                    print(f"| {name.split('layers.')[1]} | {grid} | {label} | {calib_error:.5f} | "
                           f"{held:.5f} | {seconds:.2f} |", flush=True)
 
 

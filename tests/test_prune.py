@@ -135,6 +135,29 @@ def test_joint_codes_decode_to_zero_exactly_where_pruned(pattern):
     assert result.info["sparsity"] >= 0.5 and result.info["pruned_fraction"] == 0.5
 
 
+def test_sparsegpt_act_order_keeps_exact_sparsity_and_codes():
+    """act_order sweeps columns by decreasing Hessian diagonal: masks, codes and weights come back in the original
+    column order (the exact-zero and decode checks fail if a permutation is left in), and the static group grids
+    are the ones fitted on the original column groups."""
+    weight, x, hessian = _layer(rows=64, cols=128, tokens=1024)
+    spec = GridSpec(bits=4, group_size=32)
+    plain = sparsegpt_prune(weight, hessian, 0.5, block_size=32, spec=spec)
+    ordered = sparsegpt_prune(weight, hessian, 0.5, block_size=32, spec=spec, act_order=True)
+    assert ordered.info["act_order"] and not plain.info["act_order"]
+    assert torch.equal(ordered.scale, plain.scale) and torch.equal(ordered.zero, plain.zero)
+    decoded = dequantize(ordered.codes, ordered.scale, ordered.zero, ordered.group_index())
+    assert torch.equal(decoded, ordered.weight)
+    assert ordered.info["pruned_fraction"] == 0.5 and ordered.info["sparsity"] >= 0.5
+    assert ordered.rel_output_error == pytest.approx(output_error(weight, ordered.weight, hessian), rel=1e-4)
+    pruned = sparsegpt_prune(weight, hessian, 0.5, block_size=32, act_order=True)
+    assert int(pruned.mask.sum()) == weight.numel() // 2 and bool((pruned.weight[pruned.mask] == 0).all())
+    assert bool((pruned.weight[~pruned.mask] != 0).all())
+    with pytest.raises(ValueError, match="original order"):
+        sparsegpt_prune(weight, hessian, 0.5, "2:4", act_order=True)
+    with pytest.raises(RecipeError, match="act_order"):
+        load_recipe([{"method": "sparsegpt", "pattern": "2:4", "act_order": True}])
+
+
 def test_gptq_keeps_a_fixed_mask():
     weight, _, hessian = _layer()
     pruned = sparsegpt_prune(weight, hessian, 0.5, block_size=16)

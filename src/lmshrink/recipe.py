@@ -159,6 +159,15 @@ class SparseGPTStage(PruneStage, GridOptions):
     block_size: int = Field(128, ge=1, description="columns per mask-selection and lazy-update block")
     bits: Literal[2, 3, 4, 8] | None = Field(None, description="joint mode: also quantize kept weights to this many "
                                              "bits in the same sweep")
+    act_order: bool = Field(False, description="sweep the columns by decreasing Hessian diagonal (unstructured "
+                            "patterns only; joint-mode group grids stay fitted on the original column groups)")
+
+    @model_validator(mode="after")
+    def _act_order_needs_unstructured(self):
+        if self.act_order and self.pattern != "unstructured":
+            raise ValueError(f"act_order: true with pattern {self.pattern!r}: an N:M mask needs the columns in their "
+                             "original order; set act_order: false")
+        return self
 
     def grid(self):
         """The joint-mode grid, or None when ``bits`` is not set."""

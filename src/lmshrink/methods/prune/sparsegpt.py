@@ -99,21 +99,25 @@ def _quant_result(rule: SparseRule, result, spec: GridSpec, info: dict) -> Quant
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: str = "unstructured",
                     damp_percent: float = 0.01, block_size: int = 128, spec: GridSpec | None = None,
-                    cholesky_dtype: torch.dtype = torch.float32) -> PruneResult | QuantResult:
+                    cholesky_dtype: torch.dtype = torch.float32, act_order: bool = False) -> PruneResult | QuantResult:
     """Prune ``weight`` (``[out, in]``) with SparseGPT given the layer's Hessian ``X^T X`` (``[in, in]``, fp32).
 
     ``pattern``: ``"unstructured"`` (``sparsity`` of the layer, mask chosen per ``block_size`` columns) or
     ``"N:M"``. With ``spec`` (joint mode) the kept weights are also quantized in the same sweep (grids per group
     fitted on the original weights, static groups) and a QuantResult is returned whose codes decode to exact zeros
-    where pruned; otherwise a PruneResult.
+    where pruned; otherwise a PruneResult. ``act_order`` (unstructured only) sweeps the columns by decreasing Hessian
+    diagonal; the mask is then chosen per block of ``block_size`` columns in that order, and joint-mode group grids
+    stay fitted on the original column groups.
     """
     n, m = parse_pattern(pattern)
     target = n / m if m else sparsity
     grid = None if spec is None else GridRule(spec, static_groups=True, clip_weighted=True)
     rule = SparseRule(sparsity=target, pattern=pattern, grid=grid)
-    result = solve_columns(weight, hessian, rule, damp_percent=damp_percent, block_size=block_size, act_order=False,
-                           cholesky_dtype=cholesky_dtype)
-    info = {"method": "sparsegpt", "pattern": pattern, "target_sparsity": target}
+    if act_order and m:
+        raise ValueError(f"act_order with pattern {pattern}: an N:M mask needs the columns in their original order")
+    result = solve_columns(weight, hessian, rule, damp_percent=damp_percent, block_size=block_size,
+                           act_order=act_order, cholesky_dtype=cholesky_dtype)
+    info = {"method": "sparsegpt", "pattern": pattern, "target_sparsity": target, "act_order": act_order}
     if grid is not None:
         return _quant_result(rule, result, spec, {**info, "joint": True})
     mask = rule.original_mask(result.perm)
