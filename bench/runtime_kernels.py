@@ -1,7 +1,8 @@
 """Per-layer speed of QuantLinear paths vs a dense fp32 Linear, by number of rows (the kernel_max_rows choice).
 
-For SmolLM2-135M's Linear shapes and a w4g32 / w8 grid: the packed kernel path (int4 / int8, bf16 activations),
-the dequantize-per-call path, and a dense fp32 ``F.linear`` on the same weights. Each timing is the median of
+For SmolLM2-135M's Linear shapes and a w4g32 / w8 grid: torch's packed kernel path (int4 / int8, bf16 activations),
+lmshrink's AVX2 int4 kernel (``int4_avx2``, float32 activations; 4-bit only, where it builds), the
+dequantize-per-call path, and a dense fp32 ``F.linear`` on the same weights. Each timing is the median of
 ``--repeats`` interleaved repetitions of ``--inner`` calls. Prints one markdown table; timings are for this machine
 and the stated number of threads only.
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from lmshrink.quant.grids import GridSpec
 from lmshrink.methods.quant import rtn_quantize
-from lmshrink.runtime import QuantLinear
+from lmshrink.runtime import QuantLinear, cpu_kernels
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # (out, in): q/o, k/v, gate/up, down
 
@@ -39,17 +40,32 @@ def main() -> None:
     print(f"threads {args.threads}, cpu capability {torch.backends.cpu.get_cpu_capability()}, torch "
           f"{torch.__version__}, load average {os.getloadavg()[0]:.2f} at start, grid {spec.bits}-bit group "
           f"{spec.group_size}; median of {args.repeats} interleaved repeats of {args.inner} calls, microseconds")
-    print("| out x in | rows | packed kernel | dequantize + matmul | dense fp32 | kernel / dense |")
-    print("|---|---|---|---|---|---|")
+    avx2 = args.bits == 4 and cpu_kernels.available()
+    print(f"AVX2 int4 kernel: {cpu_kernels.kernel_status()}")
+    print("| out x in | rows | torch kernel | avx2 kernel | dequantize + matmul | dense fp32 | torch / dense "
+          "| avx2 / dense | avx2 / torch |")
+    print("|---|---|---|---|---|---|---|---|---|")
     generator = torch.Generator().manual_seed(0)
     for out_features, in_features in SHAPES:
         result = rtn_quantize(torch.randn(out_features, in_features, generator=generator) * 0.05, spec)
-        kernel = QuantLinear.from_result(result, kernel_max_rows=1 << 30)
+        previous = os.environ.get(cpu_kernels.ENV_VAR)
+        os.environ[cpu_kernels.ENV_VAR] = "0"  # torch's kernel for this one
+        try:
+            kernel = QuantLinear.from_result(result, kernel_max_rows=1 << 30)
+        finally:
+            if previous is None:
+                del os.environ[cpu_kernels.ENV_VAR]
+            else:
+                os.environ[cpu_kernels.ENV_VAR] = previous
+        own = QuantLinear.from_result(result, kernel_max_rows=1 << 30) if avx2 else None
+        assert own is None or own.kind == "int4_avx2", own
         dequant = QuantLinear.from_result(result, kernel_max_rows=0)
         dense = result.weight.clone()
         for rows in rows_list:
             x = torch.randn(rows, in_features, generator=generator)
             calls = {"kernel": lambda: kernel(x), "dequant": lambda: dequant(x), "dense": lambda: F.linear(x, dense)}
+            if own is not None:
+                calls["avx2"] = lambda: own(x)
             times: dict[str, list[float]] = {k: [] for k in calls}
             with torch.inference_mode():
                 for f in calls.values():
@@ -61,8 +77,15 @@ def main() -> None:
                             f()
                         times[key].append((time.perf_counter() - start) / args.inner * 1e6)
             med = {k: statistics.median(v) for k, v in times.items()}
-            print(f"| {out_features} x {in_features} | {rows} | {med['kernel']:.0f} | {med['dequant']:.0f} | "
-                  f"{med['dense']:.0f} | {med['kernel'] / med['dense']:.2f} |", flush=True)
+            if own is not None:
+                own_cols = (f"{med['avx2']:.0f}", f"{med['avx2'] / med['dense']:.2f}",
+                            f"{med['avx2'] / med['kernel']:.2f}")
+            else:
+                own_cols = ("-", "-", "-")
+            print(f"| {out_features} x {in_features} | {rows} | {med['kernel']:.0f} | {own_cols[0]} | "
+                  f"{med['dequant']:.0f} | {med['dense']:.0f} | {med['kernel'] / med['dense']:.2f} | {own_cols[1]} | "
+                  f"{own_cols[2]} |", flush=True)
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
 if __name__ == "__main__":

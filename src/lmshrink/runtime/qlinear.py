@@ -28,6 +28,8 @@ from torch import nn
 
 from lmshrink.quant.grids import QuantResult, dequantize
 
+from . import cpu_kernels
+
 INT4_GROUPS = (256, 128, 64, 32)
 KERNEL_DTYPE = torch.bfloat16
 # Rows up to which the packed kernel beats decoding the weight + a dense matmul: bench/runtime_kernels.py on
@@ -69,6 +71,14 @@ def unpack_int4pack(packed: torch.Tensor, out_features: int, in_features: int) -
     return rows.contiguous()
 
 
+def _avx2_fits(result: QuantResult) -> bool:
+    """Whether lmshrink's AVX2 kernel (cpu_kernels) takes this grid: groups of a multiple of 32 columns or per row."""
+    in_features = result.codes.shape[1]
+    width = result.spec.group_width(in_features)
+    bpg = cpu_kernels.blocks_per_group(in_features, width)
+    return bpg is not None and result.scale.shape[1] == -(-in_features // (bpg * cpu_kernels.BLOCK))
+
+
 def _contiguous_groups(result: QuantResult) -> bool:
     if result.g_idx is None:
         return True
@@ -108,7 +118,9 @@ class QuantLinear(nn.Module):
         kind = "dequantize"
         if kernels and _contiguous_groups(result):
             group = int4_group(in_features, group_width)
-            if (spec.bits <= 4 and group is not None and out_features % 16 == 0
+            if spec.bits <= 4 and _avx2_fits(result) and cpu_kernels.available():
+                kind = "int4_avx2"
+            elif (spec.bits <= 4 and group is not None and out_features % 16 == 0
                     and _has_op("_weight_int4pack_mm_for_cpu")):
                 kind = "int4"
             elif result.scale.shape[1] == 1 and _has_op("_weight_int8pack_mm"):
@@ -139,6 +151,15 @@ class QuantLinear(nn.Module):
             # an unknown kernel layout: keep our own copy of the codes for the dequantized path
             self.register_buffer("codes", codes.to(torch.uint8))
 
+    def _init_int4_avx2(self, result: QuantResult) -> None:
+        packed = cpu_kernels.pack(result.codes, result.scale, result.zero,
+                                  result.spec.group_width(self.in_features))
+        self.group = packed.blocks_per_group * cpu_kernels.BLOCK
+        self._groups = packed.groups
+        self.register_buffer("packed", packed.codes)
+        self.register_buffer("group_scale", packed.scales)
+        self.register_buffer("group_zero", packed.zeros)
+
     def _init_int8(self, result: QuantResult) -> None:
         half = 1 << (result.spec.bits - 1)
         scale = result.scale.float()[:, 0]
@@ -157,6 +178,9 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight this module computes with, decoded to ``dtype`` ``[out, in]``."""
+        if self.kind == "int4_avx2":
+            return cpu_kernels.dequantize_packed(self.packed, self.group_scale, self.group_zero, self.in_features,
+                                                 self.group // cpu_kernels.BLOCK).to(dtype)
         if self.kind == "int4":
             codes = self.codes if not self._int4_codes_layout_known else unpack_int4pack(
                 self.packed, self.out_features, self.in_features)
@@ -174,6 +198,13 @@ class QuantLinear(nn.Module):
         return dequantize(self.codes, self.scale, self.zero, self.g_idx).to(dtype)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "int4_avx2":
+            bias = self.bias if self.bias is not None and self.bias.dtype == torch.float32 else None
+            y = cpu_kernels.int4_linear(x.to(torch.float32), self.packed, self.group_scale, self.group_zero, bias,
+                                        self._groups, self.group // cpu_kernels.BLOCK)
+            if self.bias is not None and bias is None:
+                y = y + self.bias.float()
+            return y.to(x.dtype)
         xk = x.to(KERNEL_DTYPE)
         if self.kind == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk, self.packed, self.group, self.scales_and_zeros)
@@ -188,7 +219,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.kind != "dequantize" and x2.device.type == "cpu" and x2.shape[0] <= self.kernel_max_rows:
             y = self._kernel(x2)
-            if self.bias is not None:
+            if self.bias is not None and self.kind != "int4_avx2":
                 y = y + self.bias.to(y.dtype)
         else:
             weight = self._dense
@@ -200,7 +231,7 @@ class QuantLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        group = f", group={self.group}" if self.kind == "int4" else ""
+        group = f", group={self.group}" if self.kind in ("int4", "int4_avx2") else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"kind={self.kind}{group}, bias={self.bias is not None}, kernel_max_rows={self.kernel_max_rows}")
 
