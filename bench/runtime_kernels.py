@@ -3,8 +3,9 @@
 For SmolLM2-135M's Linear shapes and a w4g32 / w8 grid: torch's packed kernel path (int4 / int8, bf16 activations),
 lmshrink's AVX2 int4 kernel (``int4_avx2``, float32 activations; 4-bit only, where it builds), the
 dequantize-per-call path, and a dense fp32 ``F.linear`` on the same weights. Each timing is the median of
-``--repeats`` interleaved repetitions of ``--inner`` calls. Prints one markdown table; timings are for this machine
-and the stated number of threads only.
+``--repeats`` interleaved repetitions of ``--inner`` calls, in wall-clock time or (``--clock cpu``) the process's
+CPU time, which leaves out the time other processes hold the cores on a shared machine. Prints one markdown table;
+timings are for this machine and the stated number of threads only.
 
     python bench/runtime_kernels.py --threads 1
 """
@@ -33,13 +34,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--inner", type=int, default=10)
     parser.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                        help="wall: time.perf_counter; cpu: time.process_time (CPU time of all threads)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = GridSpec(bits=4, group_size=32) if args.bits == 4 else GridSpec(bits=8, group_size=-1, symmetric=True)
     rows_list = [int(r) for r in args.rows.split(",")]
     print(f"threads {args.threads}, cpu capability {torch.backends.cpu.get_cpu_capability()}, torch "
           f"{torch.__version__}, load average {os.getloadavg()[0]:.2f} at start, grid {spec.bits}-bit group "
-          f"{spec.group_size}; median of {args.repeats} interleaved repeats of {args.inner} calls, microseconds")
+          f"{spec.group_size}; median of {args.repeats} interleaved repeats of {args.inner} calls, microseconds of "
+          f"{'wall-clock' if args.clock == 'wall' else 'process CPU'} time")
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     avx2 = args.bits == 4 and cpu_kernels.available()
     print(f"AVX2 int4 kernel: {cpu_kernels.kernel_status()}")
     print("| out x in | rows | torch kernel | avx2 kernel | dequantize + matmul | dense fp32 | torch / dense "
@@ -72,10 +77,10 @@ def main() -> None:
                     f()
                 for _ in range(args.repeats):
                     for key, f in calls.items():
-                        start = time.perf_counter()
+                        start = clock()
                         for _ in range(args.inner):
                             f()
-                        times[key].append((time.perf_counter() - start) / args.inner * 1e6)
+                        times[key].append((clock() - start) / args.inner * 1e6)
             med = {k: statistics.median(v) for k, v in times.items()}
             if own is not None:
                 own_cols = (f"{med['avx2']:.0f}", f"{med['avx2'] / med['dense']:.2f}",

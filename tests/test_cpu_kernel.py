@@ -70,6 +70,12 @@ def test_kernel_within_the_fp32_bound(out_features, in_features, group_size, bit
     result = _result(out_features, in_features, bits, group_size, symmetric, seed=out_features + bits)
     packed = cpu_kernels.pack(result.codes, result.scale, result.zero, result.spec.group_width(in_features))
     assert torch.equal(cpu_kernels.unpack_codes(packed.codes, in_features), result.codes)
+    # both decoders give the grid's weight bit for bit
+    bpg = packed.blocks_per_group
+    assert torch.equal(cpu_kernels.dequantize_packed(packed.codes, packed.scales, packed.zeros, in_features, bpg),
+                       result.weight)
+    assert torch.equal(cpu_kernels.int4_dequantize(packed.codes, packed.scales, packed.zeros, in_features,
+                                                   packed.groups, bpg), result.weight)
     generator = torch.Generator().manual_seed(in_features)
     bias = torch.randn(out_features, generator=generator) * 0.1
     for rows in (1, 2, 3, 4, 5, 8, 11):

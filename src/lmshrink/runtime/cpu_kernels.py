@@ -161,7 +161,15 @@ def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zero
     return _module.int4_linear(x, codes, scales, zeros, empty, groups, bpg)
 
 
+def int4_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int, groups: int,
+                    bpg: int) -> torch.Tensor:
+    """float32 ``[N, K]`` weight through the compiled kernel: the same values as ``dequantize_packed``, faster."""
+    if _module is None and not available():
+        raise RuntimeError(f"the AVX2 int4 kernel is not available: {kernel_status()}")
+    return _module.int4_dequantize(codes, scales, zeros, in_features, groups, bpg)
+
+
 _EMPTY = torch.empty(0)
 
 __all__ = ["available", "kernel_status", "pack", "pack_codes", "unpack_codes", "dequantize_packed", "int4_linear",
-           "blocks_per_group", "PackedInt4", "ENV_VAR"]
+           "int4_dequantize", "blocks_per_group", "PackedInt4", "ENV_VAR"]

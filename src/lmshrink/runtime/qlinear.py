@@ -1,6 +1,16 @@
 """QuantLinear: a Linear layer that executes its quantized codes (packed int4 / int8 CPU kernels, or dequantize).
 
-Kernels (private ATen ops of torch 2.13, which lmshrink pins; ``tests/test_runtime.py`` covers them):
+Kernels (``tests/test_runtime.py`` and ``tests/test_cpu_kernel.py`` cover them):
+
+* ``int4_avx2``: lmshrink's own AVX2 + FMA kernel (``cpu_kernels.py``, C++ in ``csrc/int4_avx2.cpp``, compiled on
+  first use and cached; ``LMSHRINK_CPU_KERNEL=0`` turns it off, ``cpu_kernels.kernel_status()`` says why it is not
+  used). Chosen first for 2/3/4-bit grids whose contiguous groups are a multiple of 32 columns (or one per row), any
+  ``N`` and ``K``. It keeps the codes (32 per 16 bytes), a float32 scale and a uint8 zero point per group (5.25 bits
+  per weight at group 32) and computes ``x @ ((q - zero) * scale).T`` in float32 with FMA: float32 activations in
+  and out, no bf16 rounding, so it differs from ``F.linear`` on ``dequantized_weight()`` (the grid's weight bit for
+  bit) only in summation order. Faster than ``int4`` for 1-8 rows on an AVX2 CPU (``bench/runtime_kernels.py``).
+
+The private ATen ops of torch 2.13, which lmshrink pins, where the AVX2 kernel is not available or does not fit:
 
 * ``int4``: ``aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)`` computes
   ``x @ W.T`` with ``W[n, k] = (q[n, k] - 8) * scale[g, n] + offset[g, n]`` for codes ``q`` in 0..15 packed by
@@ -90,8 +100,8 @@ def _contiguous_groups(result: QuantResult) -> bool:
 class QuantLinear(nn.Module):
     """``y = x @ W.T + b`` where ``W`` is held as quantized codes (see the module docstring for the kernels).
 
-    Build it with ``QuantLinear.from_result(result, bias)``. ``kind`` says which kernel it runs: ``int4``, ``int8`` or
-    ``dequantize``. Outputs are in the input's dtype.
+    Build it with ``QuantLinear.from_result(result, bias)``. ``kind`` says which kernel it runs: ``int4_avx2``,
+    ``int4``, ``int8`` or ``dequantize``. Outputs are in the input's dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, kind: str, *, bias: torch.Tensor | None = None,
@@ -179,8 +189,14 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight this module computes with, decoded to ``dtype`` ``[out, in]``."""
         if self.kind == "int4_avx2":
-            return cpu_kernels.dequantize_packed(self.packed, self.group_scale, self.group_zero, self.in_features,
-                                                 self.group // cpu_kernels.BLOCK).to(dtype)
+            bpg = self.group // cpu_kernels.BLOCK
+            if cpu_kernels.available():
+                weight = cpu_kernels.int4_dequantize(self.packed, self.group_scale, self.group_zero, self.in_features,
+                                                     self._groups, bpg)
+            else:
+                weight = cpu_kernels.dequantize_packed(self.packed, self.group_scale, self.group_zero,
+                                                       self.in_features, bpg)
+            return weight.to(dtype)
         if self.kind == "int4":
             codes = self.codes if not self._int4_codes_layout_known else unpack_int4pack(
                 self.packed, self.out_features, self.in_features)

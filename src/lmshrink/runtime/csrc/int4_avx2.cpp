@@ -167,6 +167,56 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   return y;
 }
 
+// The float32 weight [N, K] = (q - zero) * scale of the same layout (a subtraction, then a product, as
+// lmshrink.quant.grids.dequantize computes it: bit for bit the same values).
+torch::Tensor int4_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros, int64_t K,
+                              int64_t groups, int64_t blocks_per_group) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt16 && codes.is_contiguous() &&
+                  codes.size(1) % 8 == 0,
+              "int4_dequantize: codes must be contiguous int16 [N, blocks*8]");
+  const int64_t N = codes.size(0), B = codes.size(1) / 8;
+  TORCH_CHECK(K <= B * 32 && K > (B - 1) * 32, "int4_dequantize: ", K, " columns, the codes hold ", B * 32);
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.size(0) == N &&
+                  scales.size(1) == groups && zeros.scalar_type() == torch::kUInt8 && zeros.is_contiguous() &&
+                  zeros.size(0) == N && zeros.size(1) == groups,
+              "int4_dequantize: scales float32 and zeros uint8 must be contiguous [N, groups]");
+  TORCH_CHECK(blocks_per_group > 0 && groups * blocks_per_group >= B && (groups - 1) * blocks_per_group < B,
+              "int4_dequantize: ", groups, " groups of ", blocks_per_group, " blocks do not cover ", B, " blocks");
+  auto out = torch::empty({N, K}, scales.options());
+  const uint16_t* cp = reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>());
+  const float* sp = scales.data_ptr<float>();
+  const uint8_t* zp = zeros.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t full = K / 32;  // blocks entirely inside K
+  const __m256i mask = _mm256_set1_epi32(15);
+  at::parallel_for(0, N, std::max<int64_t>(1, (int64_t{1} << 16) / (B * 32)), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint16_t* c = cp + n * B * 8;
+      float* o = op + n * K;
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t g = b / blocks_per_group;
+        const float sc = sp[n * groups + g], zf = static_cast<float>(zp[n * groups + g]);
+        if (b < full) {
+          const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + b * 8)));
+          const __m256 sv = _mm256_set1_ps(sc), zv = _mm256_set1_ps(zf);
+          for (int i = 0; i < 4; ++i) {
+            const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 4 * i), mask));
+            _mm256_storeu_ps(o + b * 32 + 8 * i, _mm256_mul_ps(_mm256_sub_ps(q, zv), sv));
+          }
+        } else {
+          for (int64_t k = b * 32; k < K; ++k) {
+            const int64_t j = k - b * 32;
+            const int q = (c[b * 8 + (j & 7)] >> (4 * (j >> 3))) & 15;
+            o[k] = (static_cast<float>(q) - zf) * sc;
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear, "y = x @ W.T for lmshrink's 4-bit AVX2 layout (see int4_avx2.cpp)");
+  m.def("int4_dequantize", &int4_dequantize, "the float32 weight (q - zero) * scale of that layout");
 }
