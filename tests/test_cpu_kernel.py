@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from lmshrink.methods.quant import rtn_quantize
 from lmshrink.quant.grids import GridSpec, dequantize
 from lmshrink.runtime import QuantLinear, cpu_kernels
+from lmshrink.runtime.qlinear import AVX2_KERNEL_MAX_ROWS, DEFAULT_KERNEL_MAX_ROWS
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(),
                                   reason=f"AVX2 int4 kernel unavailable: {cpu_kernels.kernel_status()}")
@@ -126,6 +127,7 @@ def test_quant_linear_int4_avx2(bits, group_size, symmetric, out_features, in_fe
     module = QuantLinear.from_result(result, bias, kernel_max_rows=8)
     assert module.kind == "int4_avx2"
     assert "kind=int4_avx2" in repr(module)
+    assert QuantLinear.from_result(result).kernel_max_rows == AVX2_KERNEL_MAX_ROWS  # its measured crossover
     # the decoded weight is the grid's weight, bit for bit
     assert torch.equal(module.dequantized_weight(), result.weight)
     with torch.inference_mode():
@@ -157,7 +159,7 @@ def test_disabled_by_the_environment_variable(monkeypatch):
     assert cpu_kernels.kernel_status() == f"disabled by {cpu_kernels.ENV_VAR}=0"
     result = _result(32, 64, 4, 32, False)
     module = QuantLinear.from_result(result)
-    assert module.kind == "int4"  # torch's kernel, as before
+    assert module.kind == "int4" and module.kernel_max_rows == DEFAULT_KERNEL_MAX_ROWS  # torch's kernel, as before
     x = torch.randn(1, 64)
     with torch.inference_mode():
         y = module(x)

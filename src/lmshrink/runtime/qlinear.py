@@ -26,7 +26,8 @@ The private ATen ops of torch 2.13, which lmshrink pins, where the AVX2 kernel i
   refuse) keeps the uint8 codes and decodes the weight for each call.
 
 The kernels pay off for few rows (decoding one token); for long prompts a dense matmul on the decoded weight is
-faster, so ``forward`` switches on the number of rows (``kernel_max_rows``, measured by ``bench/runtime_kernels.py``).
+faster, so ``forward`` switches on the number of rows (``kernel_max_rows``, by default the crossover of each kind
+measured by ``bench/runtime_kernels.py``: 16 rows for ``int4_avx2``, 64 for torch's kernels).
 The decoded weight is computed per call unless ``cache_dense=True`` (faster prefill, but it keeps a dense copy).
 """
 
@@ -43,9 +44,13 @@ from . import cpu_kernels
 INT4_GROUPS = (256, 128, 64, 32)
 KERNEL_DTYPE = torch.bfloat16
 # Rows up to which the packed kernel beats decoding the weight + a dense matmul: bench/runtime_kernels.py on
-# SmolLM2's shapes, w4g32, 1 thread, AVX2 (shared machine): the kernel was faster up to 64 rows (about equal at 64
-# for 576x576 and 192x576) and 1.5x slower at 256.
+# SmolLM2's shapes, w4g32, 1 thread, AVX2 (shared machine): torch's int4 kernel was faster up to 64 rows (about equal
+# at 64 for 576x576 and 192x576) and 1.5x slower at 256. lmshrink's int4_avx2 (whose weight decodes in C++, so the
+# dense path is cheaper) crosses over between 8 and 32 rows (bench/results/runtime_kernels_avx2_threads1.md).
 DEFAULT_KERNEL_MAX_ROWS = 64
+AVX2_KERNEL_MAX_ROWS = 16
+KERNEL_MAX_ROWS = {"int4_avx2": AVX2_KERNEL_MAX_ROWS, "int4": DEFAULT_KERNEL_MAX_ROWS, "int8": DEFAULT_KERNEL_MAX_ROWS,
+                   "dequantize": DEFAULT_KERNEL_MAX_ROWS}
 
 
 def _has_op(name: str) -> bool:
@@ -105,10 +110,11 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, kind: str, *, bias: torch.Tensor | None = None,
-                 kernel_max_rows: int = DEFAULT_KERNEL_MAX_ROWS, cache_dense: bool = False):
+                 kernel_max_rows: int | None = None, cache_dense: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.kind = in_features, out_features, kind
-        self.kernel_max_rows = kernel_max_rows
+        self.kernel_max_rows = KERNEL_MAX_ROWS.get(kind, DEFAULT_KERNEL_MAX_ROWS) if kernel_max_rows is None \
+            else kernel_max_rows
         self.cache_dense = cache_dense
         self.group = 0
         self.bits = 0
@@ -120,8 +126,12 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_result(cls, result: QuantResult, bias: torch.Tensor | None = None, *, kernels: bool = True,
-                    kernel_max_rows: int = DEFAULT_KERNEL_MAX_ROWS, cache_dense: bool = False) -> "QuantLinear":
-        """A QuantLinear for ``result`` (codes, scale, zero, g_idx, spec); ``kernels=False`` forces ``dequantize``."""
+                    kernel_max_rows: int | None = None, cache_dense: bool = False) -> "QuantLinear":
+        """A QuantLinear for ``result`` (codes, scale, zero, g_idx, spec); ``kernels=False`` forces ``dequantize``.
+
+        ``kernel_max_rows``: calls with more rows decode the weight and use ``F.linear``; None takes the measured
+        crossover of the chosen kind (``KERNEL_MAX_ROWS``).
+        """
         out_features, in_features = (int(v) for v in result.codes.shape)
         spec = result.spec
         group_width = spec.group_width(in_features)
@@ -264,4 +274,4 @@ def packed_bytes(module: nn.Module) -> int:
 
 
 __all__ = ["QuantLinear", "unpack_int4pack", "int4_group", "packed_bytes", "DEFAULT_KERNEL_MAX_ROWS",
-           "INT4_GROUPS", "KERNEL_DTYPE"]
+           "AVX2_KERNEL_MAX_ROWS", "KERNEL_MAX_ROWS", "INT4_GROUPS", "KERNEL_DTYPE"]
