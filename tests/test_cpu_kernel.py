@@ -170,3 +170,16 @@ def test_status_explains_itself():
     status = cpu_kernels.kernel_status()
     assert status == "ready" or status.startswith(("not built:", "disabled by"))
     assert cpu_kernels.available() == (status == "ready")
+
+
+@needs_kernel
+def test_kernel_takes_any_leading_dimensions():
+    result = _result(24, 96, 4, 32, False)
+    packed = cpu_kernels.pack(result.codes, result.scale, result.zero, 32)
+    x = torch.randn(2, 3, 96)
+    args = (packed.codes, packed.scales, packed.zeros, None, packed.groups, 1)
+    y = cpu_kernels.int4_linear(x, *args)
+    assert y.shape == (2, 3, 24)
+    assert torch.equal(y.reshape(6, 24), cpu_kernels.int4_linear(x.reshape(6, 96), *args))
+    assert cpu_kernels.int4_linear(torch.randn(0, 96), *args).shape == (0, 24)
+    assert cpu_kernels.ready()

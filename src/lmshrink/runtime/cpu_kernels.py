@@ -79,6 +79,20 @@ def available() -> bool:
     return _module is not None
 
 
+def ready() -> bool:
+    """Whether the compiled kernel is loaded in this process (building it if not tried yet), whatever the env var.
+
+    QuantLinear reads ``LMSHRINK_CPU_KERNEL`` when it builds a layer (``available()``); a layer built for this kernel
+    checks ``ready()`` per call and decodes its weight instead where the kernel cannot be loaded (e.g. unpickled on
+    another machine).
+    """
+    if _status is None and _module is None:
+        with _lock:
+            if _status is None:
+                _build()
+    return _module is not None
+
+
 def kernel_status() -> str:
     """Why the kernel is or is not used: 'ready', 'disabled by LMSHRINK_CPU_KERNEL=0', 'not built: ...'."""
     if _disabled():
@@ -154,22 +168,21 @@ def dequantize_packed(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 
 def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 bias: torch.Tensor | None, groups: int, bpg: int) -> torch.Tensor:
-    """float32 ``x [M, K] @ W.T (+ bias)`` -> ``[M, N]`` through the compiled kernel (``available()`` must be True)."""
-    if _module is None and not available():
+    """float32 ``x [..., K] @ W.T (+ bias)`` -> ``[..., N]`` through the compiled kernel (built on first use)."""
+    if not ready():
         raise RuntimeError(f"the AVX2 int4 kernel is not available: {kernel_status()}")
-    empty = bias if bias is not None else _EMPTY
-    return _module.int4_linear(x, codes, scales, zeros, empty, groups, bpg)
+    return _module.int4_linear(x, codes, scales, zeros, _EMPTY if bias is None else bias, groups, bpg)
 
 
 def int4_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int, groups: int,
                     bpg: int) -> torch.Tensor:
     """float32 ``[N, K]`` weight through the compiled kernel: the same values as ``dequantize_packed``, faster."""
-    if _module is None and not available():
+    if not ready():
         raise RuntimeError(f"the AVX2 int4 kernel is not available: {kernel_status()}")
     return _module.int4_dequantize(codes, scales, zeros, in_features, groups, bpg)
 
 
 _EMPTY = torch.empty(0)
 
-__all__ = ["available", "kernel_status", "pack", "pack_codes", "unpack_codes", "dequantize_packed", "int4_linear",
+__all__ = ["available", "ready", "kernel_status", "pack", "pack_codes", "unpack_codes", "dequantize_packed", "int4_linear",
            "int4_dequantize", "blocks_per_group", "PackedInt4", "ENV_VAR"]

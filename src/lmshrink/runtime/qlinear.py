@@ -176,6 +176,7 @@ class QuantLinear(nn.Module):
                                   result.spec.group_width(self.in_features))
         self.group = packed.blocks_per_group * cpu_kernels.BLOCK
         self._groups = packed.groups
+        self._blocks_per_group = packed.blocks_per_group
         self.register_buffer("packed", packed.codes)
         self.register_buffer("group_scale", packed.scales)
         self.register_buffer("group_zero", packed.zeros)
@@ -200,7 +201,7 @@ class QuantLinear(nn.Module):
         """The weight this module computes with, decoded to ``dtype`` ``[out, in]``."""
         if self.kind == "int4_avx2":
             bpg = self.group // cpu_kernels.BLOCK
-            if cpu_kernels.available():
+            if cpu_kernels.ready():
                 weight = cpu_kernels.int4_dequantize(self.packed, self.group_scale, self.group_zero, self.in_features,
                                                      self._groups, bpg)
             else:
@@ -241,9 +242,16 @@ class QuantLinear(nn.Module):
         return y.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.kind == "int4_avx2" and x.dtype == torch.float32 and x.device.type == "cpu"
+                and x.numel() <= self.kernel_max_rows * self.in_features and x.shape[-1] == self.in_features
+                and (self.bias is None or self.bias.dtype == torch.float32) and cpu_kernels.ready()):
+            # the decode fast path: one call, [..., K] -> [..., N], bias added by the kernel
+            return cpu_kernels.int4_linear(x, self.packed, self.group_scale, self.group_zero, self.bias,
+                                           self._groups, self._blocks_per_group)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.kind != "dequantize" and x2.device.type == "cpu" and x2.shape[0] <= self.kernel_max_rows:
+        if (self.kind != "dequantize" and x2.device.type == "cpu" and x2.shape[0] <= self.kernel_max_rows
+                and (self.kind != "int4_avx2" or cpu_kernels.ready())):
             y = self._kernel(x2)
             if self.bias is not None and self.kind != "int4_avx2":
                 y = y + self.bias.to(y.dtype)

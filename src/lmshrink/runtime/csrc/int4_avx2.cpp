@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -111,14 +112,15 @@ void run_rows(const Args& a, int64_t m0, int64_t mr, int64_t n0, int64_t n1) {
 
 }  // namespace
 
-// x [M, K] float32; codes int16 [N, B*8]; scales float32 [N, G]; zeros uint8 [N, G]; bias float32 [N] or empty.
+// x [..., K] float32; codes int16 [N, B*8]; scales float32 [N, G]; zeros uint8 [N, G]; bias float32 [N] or empty.
+// Returns [..., N] float32.
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros,
                           torch::Tensor bias, int64_t groups, int64_t blocks_per_group) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
-              "int4_linear: x must be a 2-D float32 CPU tensor");
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
+              "int4_linear: x must be a float32 CPU tensor");
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt16 && codes.is_contiguous(),
               "int4_linear: codes must be contiguous int16 [N, blocks*8]");
-  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
+  const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0, N = codes.size(0);
   TORCH_CHECK(codes.size(1) % 8 == 0, "int4_linear: codes width must be a multiple of 8");
   const int64_t B = codes.size(1) / 8;
   TORCH_CHECK(K <= B * 32 && K > (B - 1) * 32, "int4_linear: x has ", K, " columns, the codes hold ", B * 32);
@@ -135,14 +137,16 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   TORCH_CHECK(!has_bias || (bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == N),
               "int4_linear: bias must be contiguous float32 [N]");
 
-  // activations: pre-scaled copy (x * 16^-i for code position i of a block, zero past K) and per-group sums
+  // activations: pre-scaled copy (x * 16^-i for code position i of a block, zero past K) and per-group sums, in
+  // buffers this thread keeps between calls
   auto xc = x.contiguous();
-  auto xp = torch::zeros({M, B * 32}, x.options());
-  auto xg = torch::zeros({M, G8}, x.options());
+  thread_local std::vector<float> xp_buf, xg_buf;
+  xp_buf.assign(static_cast<size_t>(M * B * 32), 0.0f);
+  xg_buf.assign(static_cast<size_t>(M * G8), 0.0f);
   {
     const float* src = xc.data_ptr<float>();
-    float* dst = xp.data_ptr<float>();
-    float* gs = xg.data_ptr<float>();
+    float* dst = xp_buf.data();
+    float* gs = xg_buf.data();
     static const float pos_scale[4] = {1.0f, 1.0f / 16, 1.0f / 256, 1.0f / 4096};
     const int64_t gw = blocks_per_group * 32;
     for (int64_t m = 0; m < M; ++m) {
@@ -155,9 +159,11 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
       }
     }
   }
-  auto y = torch::empty({M, N}, x.options());
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  auto y = torch::empty(out_shape, x.options());
   Args a{reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>()), scales.data_ptr<float>(),
-         zeros.data_ptr<uint8_t>(), xp.data_ptr<float>(), xg.data_ptr<float>(),
+         zeros.data_ptr<uint8_t>(), xp_buf.data(), xg_buf.data(),
          has_bias ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), N, B, groups, G8, blocks_per_group};
   // rows of W in chunks worth at least ~64K weights each
   const int64_t grain = std::max<int64_t>(8, (int64_t{1} << 16) / (B * 32));
