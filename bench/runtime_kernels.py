@@ -1,9 +1,11 @@
 """Per-layer speed of QuantLinear paths vs a dense fp32 Linear, by number of rows (the kernel_max_rows choice).
 
-For SmolLM2-135M's Linear shapes and a w4g32 / w8 grid: the packed kernel path (int4 / int8, bf16 activations),
-the dequantize-per-call path, and a dense fp32 ``F.linear`` on the same weights. Each timing is the median of
-``--repeats`` interleaved repetitions of ``--inner`` calls. Prints one markdown table; timings are for this machine
-and the stated number of threads only.
+For SmolLM2-135M's Linear shapes and a w4g32 / w8 grid: torch's packed kernel path (int4 / int8, bf16 activations),
+lmshrink's AVX2 int4 kernel (``int4_avx2``, float32 activations; 4-bit only, where it builds), the
+dequantize-per-call path, and a dense fp32 ``F.linear`` on the same weights. Each timing is the median of
+``--repeats`` interleaved repetitions of ``--inner`` calls, in wall-clock time or (``--clock cpu``) the process's
+CPU time, which leaves out the time other processes hold the cores on a shared machine. Prints one markdown table;
+timings are for this machine and the stated number of threads only.
 
     python bench/runtime_kernels.py --threads 1
 """
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 
 from lmshrink.quant.grids import GridSpec
 from lmshrink.methods.quant import rtn_quantize
-from lmshrink.runtime import QuantLinear
+from lmshrink.runtime import QuantLinear, cpu_kernels
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # (out, in): q/o, k/v, gate/up, down
 
@@ -32,37 +34,63 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--inner", type=int, default=10)
     parser.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                        help="wall: time.perf_counter; cpu: time.process_time (CPU time of all threads)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = GridSpec(bits=4, group_size=32) if args.bits == 4 else GridSpec(bits=8, group_size=-1, symmetric=True)
     rows_list = [int(r) for r in args.rows.split(",")]
     print(f"threads {args.threads}, cpu capability {torch.backends.cpu.get_cpu_capability()}, torch "
           f"{torch.__version__}, load average {os.getloadavg()[0]:.2f} at start, grid {spec.bits}-bit group "
-          f"{spec.group_size}; median of {args.repeats} interleaved repeats of {args.inner} calls, microseconds")
-    print("| out x in | rows | packed kernel | dequantize + matmul | dense fp32 | kernel / dense |")
-    print("|---|---|---|---|---|---|")
+          f"{spec.group_size}; median of {args.repeats} interleaved repeats of {args.inner} calls, microseconds of "
+          f"{'wall-clock' if args.clock == 'wall' else 'process CPU'} time")
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    avx2 = args.bits == 4 and cpu_kernels.available()
+    print(f"AVX2 int4 kernel: {cpu_kernels.kernel_status()}")
+    print("| out x in | rows | torch kernel | avx2 kernel | dequantize + matmul | dense fp32 | torch / dense "
+          "| avx2 / dense | avx2 / torch |")
+    print("|---|---|---|---|---|---|---|---|---|")
     generator = torch.Generator().manual_seed(0)
     for out_features, in_features in SHAPES:
         result = rtn_quantize(torch.randn(out_features, in_features, generator=generator) * 0.05, spec)
-        kernel = QuantLinear.from_result(result, kernel_max_rows=1 << 30)
+        previous = os.environ.get(cpu_kernels.ENV_VAR)
+        os.environ[cpu_kernels.ENV_VAR] = "0"  # torch's kernel for this one
+        try:
+            kernel = QuantLinear.from_result(result, kernel_max_rows=1 << 30)
+        finally:
+            if previous is None:
+                del os.environ[cpu_kernels.ENV_VAR]
+            else:
+                os.environ[cpu_kernels.ENV_VAR] = previous
+        own = QuantLinear.from_result(result, kernel_max_rows=1 << 30) if avx2 else None
+        assert own is None or own.kind == "int4_avx2", own
         dequant = QuantLinear.from_result(result, kernel_max_rows=0)
         dense = result.weight.clone()
         for rows in rows_list:
             x = torch.randn(rows, in_features, generator=generator)
             calls = {"kernel": lambda: kernel(x), "dequant": lambda: dequant(x), "dense": lambda: F.linear(x, dense)}
+            if own is not None:
+                calls["avx2"] = lambda: own(x)
             times: dict[str, list[float]] = {k: [] for k in calls}
             with torch.inference_mode():
                 for f in calls.values():
                     f()
                 for _ in range(args.repeats):
                     for key, f in calls.items():
-                        start = time.perf_counter()
+                        start = clock()
                         for _ in range(args.inner):
                             f()
-                        times[key].append((time.perf_counter() - start) / args.inner * 1e6)
+                        times[key].append((clock() - start) / args.inner * 1e6)
             med = {k: statistics.median(v) for k, v in times.items()}
-            print(f"| {out_features} x {in_features} | {rows} | {med['kernel']:.0f} | {med['dequant']:.0f} | "
-                  f"{med['dense']:.0f} | {med['kernel'] / med['dense']:.2f} |", flush=True)
+            if own is not None:
+                own_cols = (f"{med['avx2']:.0f}", f"{med['avx2'] / med['dense']:.2f}",
+                            f"{med['avx2'] / med['kernel']:.2f}")
+            else:
+                own_cols = ("-", "-", "-")
+            print(f"| {out_features} x {in_features} | {rows} | {med['kernel']:.0f} | {own_cols[0]} | "
+                  f"{med['dequant']:.0f} | {med['dense']:.0f} | {med['kernel'] / med['dense']:.2f} | {own_cols[1]} | "
+                  f"{own_cols[2]} |", flush=True)
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
 if __name__ == "__main__":

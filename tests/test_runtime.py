@@ -11,7 +11,24 @@ from lmshrink.formats import save_quantized
 from lmshrink.methods.quant import gptq_quantize, rtn_quantize
 from lmshrink.models.adapters import iter_linears, linear_weight, set_linear_weight
 from lmshrink.quant.grids import GridSpec
-from lmshrink.runtime import QuantLinear, load_packed, replace_linears, unpack_int4pack
+from lmshrink.runtime import QuantLinear, cpu_kernels, load_packed, replace_linears, unpack_int4pack
+
+
+@pytest.fixture
+def torch_int4(monkeypatch):
+    """Layers built inside the test use torch's int4 kernel, not lmshrink's AVX2 one (tests/test_cpu_kernel.py)."""
+    monkeypatch.setenv(cpu_kernels.ENV_VAR, "0")
+
+
+@pytest.fixture(params=["torch-int4", "avx2"])
+def int4_kind(request, monkeypatch):
+    """Run a test with each 4-bit kernel: the kind 4-bit layers get (skipped where the AVX2 kernel cannot build)."""
+    if request.param == "torch-int4":
+        monkeypatch.setenv(cpu_kernels.ENV_VAR, "0")
+        return "int4"
+    if not cpu_kernels.available():
+        pytest.skip(f"AVX2 int4 kernel unavailable: {cpu_kernels.kernel_status()}")
+    return "int4_avx2"
 
 
 def _result(out_features, in_features, seed=0, **spec):
@@ -51,7 +68,8 @@ KERNEL_CASES = [
 
 @pytest.mark.parametrize("bits,group_size,symmetric,out_features,in_features,kind", KERNEL_CASES)
 @pytest.mark.parametrize("rows", [1, 3, 37])
-def test_quant_linear_matches_dense_dequantized(bits, group_size, symmetric, out_features, in_features, kind, rows):
+def test_quant_linear_matches_dense_dequantized(bits, group_size, symmetric, out_features, in_features, kind, rows,
+                                                torch_int4):
     result = _result(out_features, in_features, seed=bits * 1000 + group_size, bits=bits, group_size=group_size,
                      symmetric=symmetric)
     bias = torch.randn(out_features) * 0.1
@@ -76,7 +94,7 @@ def test_quant_linear_matches_dense_dequantized(bits, group_size, symmetric, out
         assert torch.equal(module(x3).reshape(rows, -1), actual)
 
 
-def test_kernel_and_dequantized_paths_agree():
+def test_kernel_and_dequantized_paths_agree(torch_int4):
     result = _result(64, 256, bits=4, group_size=32, symmetric=False)
     x = torch.randn(2, 256)
     kernel = QuantLinear.from_result(result, kernel_max_rows=8)
@@ -108,12 +126,15 @@ def test_act_order_permuted_groups_fall_back_to_dequantize():
         torch.testing.assert_close(module(x), F.linear(x, result.weight), rtol=1e-5, atol=1e-5)
 
 
-def test_packed_bytes_are_a_quarter_of_fp16_plus_scales():
+def test_packed_bytes_are_a_quarter_of_fp16_plus_scales(int4_kind):
     result = _result(256, 512, bits=4, group_size=128, symmetric=False)
     module = QuantLinear.from_result(result)
+    assert module.kind == int4_kind
     nbytes = sum(t.numel() * t.element_size() for t in module.buffers())
-    # 4-bit codes + a bf16 scale and offset per 128 weights
-    assert nbytes == 256 * 512 // 2 + 256 * (512 // 128) * 2 * 2
+    if int4_kind == "int4":  # 4-bit codes + a bf16 scale and offset per 128 weights
+        assert nbytes == 256 * 512 // 2 + 256 * (512 // 128) * 2 * 2
+    else:  # 4-bit codes + a float32 scale and a uint8 zero point per 128 weights
+        assert nbytes == 256 * 512 // 2 + 256 * (512 // 128) * (4 + 1)
 
 
 def _compressed_tiny(spec, seed=0):
@@ -128,12 +149,12 @@ def _compressed_tiny(spec, seed=0):
 
 @pytest.mark.parametrize("spec", [GridSpec(bits=4, group_size=32), GridSpec(bits=4, group_size=32, symmetric=True),
                                   GridSpec(bits=8, group_size=-1, symmetric=True)], ids=["w4g32", "w4g32-sym", "w8"])
-def test_packed_model_logits_close_to_the_dense_dequantized_model(tmp_path, spec):
+def test_packed_model_logits_close_to_the_dense_dequantized_model(tmp_path, spec, int4_kind):
     model, results = _compressed_tiny(spec)
     out = save_quantized(model, tiny_tokenizer(), results, tmp_path / "out")
     packed, tokenizer, kinds = load_packed(out)
     assert set(kinds) == set(results)
-    assert set(kinds.values()) == {"int8" if spec.bits == 8 else "int4"}
+    assert set(kinds.values()) == {"int8" if spec.bits == 8 else int4_kind}
     assert all(isinstance(packed.get_submodule(n), QuantLinear) for n in results)
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -149,10 +170,13 @@ def test_packed_model_logits_close_to_the_dense_dequantized_model(tmp_path, spec
     scale = expected.abs().max().item()
     assert (prefill - expected).abs().max().item() < 0.01 * scale
     assert (stepped - expected).abs().max().item() < 0.02 * scale
+    if int4_kind == "int4_avx2" and spec.bits == 4:  # float32 activations: the same model up to summation order
+        assert (prefill - expected).abs().max().item() < 1e-4 * scale
+        assert (stepped - expected).abs().max().item() < 1e-4 * scale
     assert torch.equal(stepped.argmax(-1), expected.argmax(-1))
 
 
-def test_replace_linears_in_memory_and_load_model_runtime_packed(tmp_path):
+def test_replace_linears_in_memory_and_load_model_runtime_packed(tmp_path, int4_kind):
     import lmshrink
 
     model, results = _compressed_tiny(GridSpec(bits=4, group_size=32))
@@ -162,7 +186,8 @@ def test_replace_linears_in_memory_and_load_model_runtime_packed(tmp_path):
     assert isinstance(loaded.model.get_submodule("model.layers.0.mlp.down_proj"), QuantLinear)
     in_memory = tiny_llama(seed=0, num_hidden_layers=2)
     kinds = replace_linears(in_memory, results)
-    assert set(kinds.values()) == {"int4"}
+    assert set(kinds.values()) == {int4_kind}
+    assert loaded.info.extra["packed_layers"] == {int4_kind: len(results)}
     ids = torch.randint(0, 300, (1, 1))
     with torch.inference_mode():
         torch.testing.assert_close(in_memory(ids).logits, loaded.model(ids).logits, rtol=1e-4, atol=1e-4)

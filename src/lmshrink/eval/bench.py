@@ -336,7 +336,7 @@ def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, 
     """
     import torch
 
-    from lmshrink.runtime.qlinear import DEFAULT_KERNEL_MAX_ROWS
+    from lmshrink.runtime.qlinear import KERNEL_MAX_ROWS
 
     models, llama_cpp = list(models), list(llama_cpp or ())
     if not models and not llama_cpp:
@@ -420,7 +420,7 @@ def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, 
         "threads": threads, "dtype": dtype, "seed": seed, "prompt": f"{rows[0]['prompt_source']}, batch 1",
         "decoding": "greedy, KV cache, one token per forward pass",
         "statistic": "median over trials; trials interleaved across models, one worker process per model",
-        "kernel_max_rows": DEFAULT_KERNEL_MAX_ROWS,
+        "kernel_max_rows": dict(KERNEL_MAX_ROWS),
         **({"llama_cpp": "llama-cpp-python " + rows[-1]["model"]["llama_cpp_python"] + ": n_threads and "
                          "n_threads_batch = threads, the prompt in one eval call, the argmax of the last position's "
                          "logits; the GGUF is memory-mapped (its RSS counts the pages read)"} if llama_cpp else {}),

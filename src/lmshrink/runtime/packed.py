@@ -10,7 +10,7 @@ from torch import nn
 from lmshrink.errors import LmshrinkError
 from lmshrink.quant.grids import QuantResult
 
-from .qlinear import DEFAULT_KERNEL_MAX_ROWS, QuantLinear
+from .qlinear import QuantLinear
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -20,7 +20,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def replace_linears(model: nn.Module, results: dict[str, QuantResult], *, kernels: bool = True,
-                    kernel_max_rows: int = DEFAULT_KERNEL_MAX_ROWS, cache_dense: bool = False) -> dict[str, str]:
+                    kernel_max_rows: int | None = None, cache_dense: bool = False) -> dict[str, str]:
     """Replace each ``nn.Linear`` named in ``results`` by a QuantLinear built from its codes; returns name -> kind.
 
     The Linear's own weight is dropped (it may be on the meta device); its bias is kept.
@@ -62,7 +62,7 @@ def _release_freed_memory() -> None:
 
 
 def load_packed(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-                kernels: bool = True, kernel_max_rows: int = DEFAULT_KERNEL_MAX_ROWS, cache_dense: bool = False):
+                kernels: bool = True, kernel_max_rows: int | None = None, cache_dense: bool = False):
     """(model, tokenizer, kinds) for a compressed-tensors folder written by lmshrink, quantized layers packed.
 
     Everything outside the quantized layers is loaded in ``dtype``; no dense copy of a quantized weight is kept.

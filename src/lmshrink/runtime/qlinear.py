@@ -1,6 +1,17 @@
 """QuantLinear: a Linear layer that executes its quantized codes (packed int4 / int8 CPU kernels, or dequantize).
 
-Kernels (private ATen ops of torch 2.13, which lmshrink pins; ``tests/test_runtime.py`` covers them):
+Kernels (``tests/test_runtime.py`` and ``tests/test_cpu_kernel.py`` cover them):
+
+* ``int4_avx2``: lmshrink's own AVX2 + FMA kernel (``cpu_kernels.py``, C++ in ``csrc/int4_avx2.cpp``, compiled on
+  first use and cached; ``LMSHRINK_CPU_KERNEL=0`` turns it off, ``cpu_kernels.kernel_status()`` says why it is not
+  used). Chosen first for 2/3/4-bit grids whose contiguous groups are a multiple of 32 columns (or one per row), any
+  ``N`` and ``K``. It keeps the codes (32 per 16 bytes), a float32 scale and a uint8 zero point per group (5.25 bits
+  per weight at group 32) and computes ``x @ ((q - zero) * scale).T`` in float32 with FMA: float32 activations in
+  and out, no bf16 rounding, so it differs from ``F.linear`` on ``dequantized_weight()`` (the grid's weight bit for
+  bit) only in summation order. Faster than ``int4`` for 1-8 rows on an AVX2 CPU (0.51-0.81x its CPU time per layer,
+  ``bench/results/runtime_kernels_avx2_threads1.md``).
+
+The private ATen ops of torch 2.13, which lmshrink pins, where the AVX2 kernel is not available or does not fit:
 
 * ``int4``: ``aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)`` computes
   ``x @ W.T`` with ``W[n, k] = (q[n, k] - 8) * scale[g, n] + offset[g, n]`` for codes ``q`` in 0..15 packed by
@@ -16,7 +27,8 @@ Kernels (private ATen ops of torch 2.13, which lmshrink pins; ``tests/test_runti
   refuse) keeps the uint8 codes and decodes the weight for each call.
 
 The kernels pay off for few rows (decoding one token); for long prompts a dense matmul on the decoded weight is
-faster, so ``forward`` switches on the number of rows (``kernel_max_rows``, measured by ``bench/runtime_kernels.py``).
+faster, so ``forward`` switches on the number of rows (``kernel_max_rows``, by default the crossover of each kind
+measured by ``bench/runtime_kernels.py``: 16 rows for ``int4_avx2``, 64 for torch's kernels).
 The decoded weight is computed per call unless ``cache_dense=True`` (faster prefill, but it keeps a dense copy).
 """
 
@@ -28,12 +40,18 @@ from torch import nn
 
 from lmshrink.quant.grids import QuantResult, dequantize
 
+from . import cpu_kernels
+
 INT4_GROUPS = (256, 128, 64, 32)
 KERNEL_DTYPE = torch.bfloat16
 # Rows up to which the packed kernel beats decoding the weight + a dense matmul: bench/runtime_kernels.py on
-# SmolLM2's shapes, w4g32, 1 thread, AVX2 (shared machine): the kernel was faster up to 64 rows (about equal at 64
-# for 576x576 and 192x576) and 1.5x slower at 256.
+# SmolLM2's shapes, w4g32, 1 thread, AVX2 (shared machine): torch's int4 kernel was faster up to 64 rows (about equal
+# at 64 for 576x576 and 192x576) and 1.5x slower at 256. lmshrink's int4_avx2 (whose weight decodes in C++, so the
+# dense path is cheaper) crosses over between 8 and 32 rows (bench/results/runtime_kernels_avx2_threads1.md).
 DEFAULT_KERNEL_MAX_ROWS = 64
+AVX2_KERNEL_MAX_ROWS = 16
+KERNEL_MAX_ROWS = {"int4_avx2": AVX2_KERNEL_MAX_ROWS, "int4": DEFAULT_KERNEL_MAX_ROWS, "int8": DEFAULT_KERNEL_MAX_ROWS,
+                   "dequantize": DEFAULT_KERNEL_MAX_ROWS}
 
 
 def _has_op(name: str) -> bool:
@@ -69,6 +87,14 @@ def unpack_int4pack(packed: torch.Tensor, out_features: int, in_features: int) -
     return rows.contiguous()
 
 
+def _avx2_fits(result: QuantResult) -> bool:
+    """Whether lmshrink's AVX2 kernel (cpu_kernels) takes this grid: groups of a multiple of 32 columns or per row."""
+    in_features = result.codes.shape[1]
+    width = result.spec.group_width(in_features)
+    bpg = cpu_kernels.blocks_per_group(in_features, width)
+    return bpg is not None and result.scale.shape[1] == -(-in_features // (bpg * cpu_kernels.BLOCK))
+
+
 def _contiguous_groups(result: QuantResult) -> bool:
     if result.g_idx is None:
         return True
@@ -80,15 +106,16 @@ def _contiguous_groups(result: QuantResult) -> bool:
 class QuantLinear(nn.Module):
     """``y = x @ W.T + b`` where ``W`` is held as quantized codes (see the module docstring for the kernels).
 
-    Build it with ``QuantLinear.from_result(result, bias)``. ``kind`` says which kernel it runs: ``int4``, ``int8`` or
-    ``dequantize``. Outputs are in the input's dtype.
+    Build it with ``QuantLinear.from_result(result, bias)``. ``kind`` says which kernel it runs: ``int4_avx2``,
+    ``int4``, ``int8`` or ``dequantize``. Outputs are in the input's dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, kind: str, *, bias: torch.Tensor | None = None,
-                 kernel_max_rows: int = DEFAULT_KERNEL_MAX_ROWS, cache_dense: bool = False):
+                 kernel_max_rows: int | None = None, cache_dense: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.kind = in_features, out_features, kind
-        self.kernel_max_rows = kernel_max_rows
+        self.kernel_max_rows = KERNEL_MAX_ROWS.get(kind, DEFAULT_KERNEL_MAX_ROWS) if kernel_max_rows is None \
+            else kernel_max_rows
         self.cache_dense = cache_dense
         self.group = 0
         self.bits = 0
@@ -100,15 +127,21 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_result(cls, result: QuantResult, bias: torch.Tensor | None = None, *, kernels: bool = True,
-                    kernel_max_rows: int = DEFAULT_KERNEL_MAX_ROWS, cache_dense: bool = False) -> "QuantLinear":
-        """A QuantLinear for ``result`` (codes, scale, zero, g_idx, spec); ``kernels=False`` forces ``dequantize``."""
+                    kernel_max_rows: int | None = None, cache_dense: bool = False) -> "QuantLinear":
+        """A QuantLinear for ``result`` (codes, scale, zero, g_idx, spec); ``kernels=False`` forces ``dequantize``.
+
+        ``kernel_max_rows``: calls with more rows decode the weight and use ``F.linear``; None takes the measured
+        crossover of the chosen kind (``KERNEL_MAX_ROWS``).
+        """
         out_features, in_features = (int(v) for v in result.codes.shape)
         spec = result.spec
         group_width = spec.group_width(in_features)
         kind = "dequantize"
         if kernels and _contiguous_groups(result):
             group = int4_group(in_features, group_width)
-            if (spec.bits <= 4 and group is not None and out_features % 16 == 0
+            if spec.bits <= 4 and _avx2_fits(result) and cpu_kernels.available():
+                kind = "int4_avx2"
+            elif (spec.bits <= 4 and group is not None and out_features % 16 == 0
                     and _has_op("_weight_int4pack_mm_for_cpu")):
                 kind = "int4"
             elif result.scale.shape[1] == 1 and _has_op("_weight_int8pack_mm"):
@@ -139,6 +172,16 @@ class QuantLinear(nn.Module):
             # an unknown kernel layout: keep our own copy of the codes for the dequantized path
             self.register_buffer("codes", codes.to(torch.uint8))
 
+    def _init_int4_avx2(self, result: QuantResult) -> None:
+        packed = cpu_kernels.pack(result.codes, result.scale, result.zero,
+                                  result.spec.group_width(self.in_features))
+        self.group = packed.blocks_per_group * cpu_kernels.BLOCK
+        self._groups = packed.groups
+        self._blocks_per_group = packed.blocks_per_group
+        self.register_buffer("packed", packed.codes)
+        self.register_buffer("group_scale", packed.scales)
+        self.register_buffer("group_zero", packed.zeros)
+
     def _init_int8(self, result: QuantResult) -> None:
         half = 1 << (result.spec.bits - 1)
         scale = result.scale.float()[:, 0]
@@ -157,6 +200,15 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight this module computes with, decoded to ``dtype`` ``[out, in]``."""
+        if self.kind == "int4_avx2":
+            bpg = self.group // cpu_kernels.BLOCK
+            if cpu_kernels.ready():
+                weight = cpu_kernels.int4_dequantize(self.packed, self.group_scale, self.group_zero, self.in_features,
+                                                     self._groups, bpg)
+            else:
+                weight = cpu_kernels.dequantize_packed(self.packed, self.group_scale, self.group_zero,
+                                                       self.in_features, bpg)
+            return weight.to(dtype)
         if self.kind == "int4":
             codes = self.codes if not self._int4_codes_layout_known else unpack_int4pack(
                 self.packed, self.out_features, self.in_features)
@@ -174,6 +226,13 @@ class QuantLinear(nn.Module):
         return dequantize(self.codes, self.scale, self.zero, self.g_idx).to(dtype)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "int4_avx2":
+            bias = self.bias if self.bias is not None and self.bias.dtype == torch.float32 else None
+            y = cpu_kernels.int4_linear(x.to(torch.float32), self.packed, self.group_scale, self.group_zero, bias,
+                                        self._groups, self.group // cpu_kernels.BLOCK)
+            if self.bias is not None and bias is None:
+                y = y + self.bias.float()
+            return y.to(x.dtype)
         xk = x.to(KERNEL_DTYPE)
         if self.kind == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk, self.packed, self.group, self.scales_and_zeros)
@@ -184,11 +243,18 @@ class QuantLinear(nn.Module):
         return y.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.kind == "int4_avx2" and x.dtype == torch.float32 and x.device.type == "cpu"
+                and x.numel() <= self.kernel_max_rows * self.in_features and x.shape[-1] == self.in_features
+                and (self.bias is None or self.bias.dtype == torch.float32) and cpu_kernels.ready()):
+            # the decode fast path: one call, [..., K] -> [..., N], bias added by the kernel
+            return cpu_kernels.int4_linear(x, self.packed, self.group_scale, self.group_zero, self.bias,
+                                           self._groups, self._blocks_per_group)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.kind != "dequantize" and x2.device.type == "cpu" and x2.shape[0] <= self.kernel_max_rows:
+        if (self.kind != "dequantize" and x2.device.type == "cpu" and x2.shape[0] <= self.kernel_max_rows
+                and (self.kind != "int4_avx2" or cpu_kernels.ready())):
             y = self._kernel(x2)
-            if self.bias is not None:
+            if self.bias is not None and self.kind != "int4_avx2":
                 y = y + self.bias.to(y.dtype)
         else:
             weight = self._dense
@@ -200,7 +266,7 @@ class QuantLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        group = f", group={self.group}" if self.kind == "int4" else ""
+        group = f", group={self.group}" if self.kind in ("int4", "int4_avx2") else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"kind={self.kind}{group}, bias={self.bias is not None}, kernel_max_rows={self.kernel_max_rows}")
 
@@ -217,4 +283,4 @@ def packed_bytes(module: nn.Module) -> int:
 
 
 __all__ = ["QuantLinear", "unpack_int4pack", "int4_group", "packed_bytes", "DEFAULT_KERNEL_MAX_ROWS",
-           "INT4_GROUPS", "KERNEL_DTYPE"]
+           "AVX2_KERNEL_MAX_ROWS", "KERNEL_MAX_ROWS", "INT4_GROUPS", "KERNEL_DTYPE"]

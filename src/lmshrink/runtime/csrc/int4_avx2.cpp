@@ -1,0 +1,228 @@
+// lmshrink: y = x @ W.T for 4-bit grouped weights, fp32 activations, AVX2 + FMA (built by cpu_kernels.py).
+//
+// Weight layout (packed by lmshrink.runtime.cpu_kernels.pack_codes):
+//   codes   int16 [N, B * 8], B = ceil(K / 32) blocks of 32 columns per row. Word l (0..7) of block b holds the codes
+//           of columns 32b + 8i + l in its bits 4i..4i+3 (i = 0..3); columns past K hold code 0.
+//   scales  float32 [N, G] and zeros uint8 [N, G]: group g covers blocks [g * bpg, (g + 1) * bpg) (the last one may
+//           be shorter). W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g].
+// Per row n: y = sum_g scale_g * (sum_{k in g} q_k x_k) - sum_g scale_g * zero_g * (sum_{k in g} x_k).
+// A block is widened to 8 lanes of 32 bits; code i of every lane is (lane & (15 << 4i)) = q * 16^i, an exact float,
+// so the activations are stored pre-multiplied by 16^-i (exact powers of two) instead of shifting the codes.
+// Everything is accumulated in float32 with FMA; only the summation order differs from a dense fp32 matmul.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+struct Args {
+  const uint16_t* codes;  // [N, B * 8]
+  const float* scales;    // [N, G]
+  const uint8_t* zeros;   // [N, G]
+  const float* xp;        // [M, B * 32] activations, pre-scaled per code position, zero past K
+  const float* xg;        // [M, G8] activation sums per group, zero past G
+  const float* bias;      // [N] or null
+  float* y;               // [M, N]
+  int64_t n_out, blocks, groups, groups8, bpg;
+};
+
+// MR rows of x (1..4) against output rows [n0, n1).
+template <int MR>
+void rows_kernel(const Args& a, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr int NA = MR <= 2 ? 2 : 1;  // partial sums per x row (shorter FMA chains when few rows)
+  const __m256i mask0 = _mm256_set1_epi32(0x000F), mask1 = _mm256_set1_epi32(0x00F0),
+                mask2 = _mm256_set1_epi32(0x0F00), mask3 = _mm256_set1_epi32(0xF000);
+  const int64_t xstride = a.blocks * 32;
+  const float* xrow[MR];
+  const float* xgrow[MR];
+  for (int m = 0; m < MR; ++m) {
+    xrow[m] = a.xp + (m0 + m) * xstride;
+    xgrow[m] = a.xg + (m0 + m) * a.groups8;
+  }
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* c = a.codes + n * a.blocks * 8;
+    const float* s = a.scales + n * a.groups;
+    const uint8_t* z = a.zeros + n * a.groups;
+    __m256 tot[MR];
+    for (int m = 0; m < MR; ++m) tot[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < a.groups; ++g) {
+      const int64_t b0 = g * a.bpg, b1 = std::min(b0 + a.bpg, a.blocks);
+      __m256 acc[MR][NA];
+      for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < NA; ++j) acc[m][j] = _mm256_setzero_ps();
+      for (int64_t b = b0; b < b1; ++b) {
+        const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + b * 8)));
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(v, mask0));
+        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(v, mask1));
+        const __m256 w2 = _mm256_cvtepi32_ps(_mm256_and_si256(v, mask2));
+        const __m256 w3 = _mm256_cvtepi32_ps(_mm256_and_si256(v, mask3));
+        for (int m = 0; m < MR; ++m) {
+          const float* xb = xrow[m] + b * 32;
+          acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), acc[m][0]);
+          acc[m][NA - 1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), acc[m][NA - 1]);
+          acc[m][0] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), acc[m][0]);
+          acc[m][NA - 1] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), acc[m][NA - 1]);
+        }
+      }
+      const __m256 sv = _mm256_broadcast_ss(s + g);
+      for (int m = 0; m < MR; ++m) {
+        const __m256 sum = NA == 2 ? _mm256_add_ps(acc[m][0], acc[m][NA - 1]) : acc[m][0];
+        tot[m] = _mm256_fmadd_ps(sv, sum, tot[m]);
+      }
+    }
+    // zero-point term: eight groups at a time, then the rest
+    __m256 zt[MR];
+    for (int m = 0; m < MR; ++m) zt[m] = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= a.groups; g += 8) {
+      const __m128i zb = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + g));
+      const __m256 sz = _mm256_mul_ps(_mm256_loadu_ps(s + g), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zb)));
+      for (int m = 0; m < MR; ++m) zt[m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xgrow[m] + g), zt[m]);
+    }
+    float zr[MR] = {};
+    for (; g < a.groups; ++g) {
+      const float sz = s[g] * static_cast<float>(z[g]);
+      for (int m = 0; m < MR; ++m) zr[m] += sz * xgrow[m][g];
+    }
+    const float bn = a.bias ? a.bias[n] : 0.0f;
+    for (int m = 0; m < MR; ++m) a.y[(m0 + m) * a.n_out + n] = (hsum(tot[m]) - (hsum(zt[m]) + zr[m])) + bn;
+  }
+}
+
+void run_rows(const Args& a, int64_t m0, int64_t mr, int64_t n0, int64_t n1) {
+  switch (mr) {
+    case 1: rows_kernel<1>(a, m0, n0, n1); break;
+    case 2: rows_kernel<2>(a, m0, n0, n1); break;
+    case 3: rows_kernel<3>(a, m0, n0, n1); break;
+    default: rows_kernel<4>(a, m0, n0, n1); break;
+  }
+}
+
+}  // namespace
+
+// x [..., K] float32; codes int16 [N, B*8]; scales float32 [N, G]; zeros uint8 [N, G]; bias float32 [N] or empty.
+// Returns [..., N] float32.
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros,
+                          torch::Tensor bias, int64_t groups, int64_t blocks_per_group) {
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
+              "int4_linear: x must be a float32 CPU tensor");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt16 && codes.is_contiguous(),
+              "int4_linear: codes must be contiguous int16 [N, blocks*8]");
+  const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0, N = codes.size(0);
+  TORCH_CHECK(codes.size(1) % 8 == 0, "int4_linear: codes width must be a multiple of 8");
+  const int64_t B = codes.size(1) / 8;
+  TORCH_CHECK(K <= B * 32 && K > (B - 1) * 32, "int4_linear: x has ", K, " columns, the codes hold ", B * 32);
+  TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() &&
+                  scales.size(0) == N && scales.size(1) == groups && groups > 0,
+              "int4_linear: scales must be contiguous float32 [N, groups]");
+  TORCH_CHECK(zeros.dim() == 2 && zeros.scalar_type() == torch::kUInt8 && zeros.is_contiguous() &&
+                  zeros.size(0) == N && zeros.size(1) == groups,
+              "int4_linear: zeros must be contiguous uint8 [N, groups]");
+  const int64_t G8 = (groups + 7) / 8 * 8;
+  TORCH_CHECK(blocks_per_group > 0 && groups * blocks_per_group >= B && (groups - 1) * blocks_per_group < B,
+              "int4_linear: ", groups, " groups of ", blocks_per_group, " blocks do not cover ", B, " blocks");
+  const bool has_bias = bias.numel() > 0;
+  TORCH_CHECK(!has_bias || (bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == N),
+              "int4_linear: bias must be contiguous float32 [N]");
+
+  // activations: pre-scaled copy (x * 16^-i for code position i of a block, zero past K) and per-group sums, in
+  // buffers this thread keeps between calls
+  auto xc = x.contiguous();
+  thread_local std::vector<float> xp_buf, xg_buf;
+  xp_buf.assign(static_cast<size_t>(M * B * 32), 0.0f);
+  xg_buf.assign(static_cast<size_t>(M * G8), 0.0f);
+  {
+    const float* src = xc.data_ptr<float>();
+    float* dst = xp_buf.data();
+    float* gs = xg_buf.data();
+    static const float pos_scale[4] = {1.0f, 1.0f / 16, 1.0f / 256, 1.0f / 4096};
+    const int64_t gw = blocks_per_group * 32;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = src + m * K;
+      float* pr = dst + m * B * 32;
+      float* gr = gs + m * G8;
+      for (int64_t k = 0; k < K; ++k) {
+        pr[k] = xr[k] * pos_scale[(k >> 3) & 3];
+        gr[k / gw] += xr[k];
+      }
+    }
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  auto y = torch::empty(out_shape, x.options());
+  Args a{reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>()), scales.data_ptr<float>(),
+         zeros.data_ptr<uint8_t>(), xp_buf.data(), xg_buf.data(),
+         has_bias ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), N, B, groups, G8, blocks_per_group};
+  // rows of W in chunks worth at least ~64K weights each
+  const int64_t grain = std::max<int64_t>(8, (int64_t{1} << 16) / (B * 32));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) run_rows(a, m0, std::min<int64_t>(4, M - m0), n0, n1);
+  });
+  return y;
+}
+
+// The float32 weight [N, K] = (q - zero) * scale of the same layout (a subtraction, then a product, as
+// lmshrink.quant.grids.dequantize computes it: bit for bit the same values).
+torch::Tensor int4_dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros, int64_t K,
+                              int64_t groups, int64_t blocks_per_group) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt16 && codes.is_contiguous() &&
+                  codes.size(1) % 8 == 0,
+              "int4_dequantize: codes must be contiguous int16 [N, blocks*8]");
+  const int64_t N = codes.size(0), B = codes.size(1) / 8;
+  TORCH_CHECK(K <= B * 32 && K > (B - 1) * 32, "int4_dequantize: ", K, " columns, the codes hold ", B * 32);
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.size(0) == N &&
+                  scales.size(1) == groups && zeros.scalar_type() == torch::kUInt8 && zeros.is_contiguous() &&
+                  zeros.size(0) == N && zeros.size(1) == groups,
+              "int4_dequantize: scales float32 and zeros uint8 must be contiguous [N, groups]");
+  TORCH_CHECK(blocks_per_group > 0 && groups * blocks_per_group >= B && (groups - 1) * blocks_per_group < B,
+              "int4_dequantize: ", groups, " groups of ", blocks_per_group, " blocks do not cover ", B, " blocks");
+  auto out = torch::empty({N, K}, scales.options());
+  const uint16_t* cp = reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>());
+  const float* sp = scales.data_ptr<float>();
+  const uint8_t* zp = zeros.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t full = K / 32;  // blocks entirely inside K
+  const __m256i mask = _mm256_set1_epi32(15);
+  at::parallel_for(0, N, std::max<int64_t>(1, (int64_t{1} << 16) / (B * 32)), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint16_t* c = cp + n * B * 8;
+      float* o = op + n * K;
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t g = b / blocks_per_group;
+        const float sc = sp[n * groups + g], zf = static_cast<float>(zp[n * groups + g]);
+        if (b < full) {
+          const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + b * 8)));
+          const __m256 sv = _mm256_set1_ps(sc), zv = _mm256_set1_ps(zf);
+          for (int i = 0; i < 4; ++i) {
+            const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 4 * i), mask));
+            _mm256_storeu_ps(o + b * 32 + 8 * i, _mm256_mul_ps(_mm256_sub_ps(q, zv), sv));
+          }
+        } else {
+          for (int64_t k = b * 32; k < K; ++k) {
+            const int64_t j = k - b * 32;
+            const int q = (c[b * 8 + (j & 7)] >> (4 * (j >> 3))) & 15;
+            o[k] = (static_cast<float>(q) - zf) * sc;
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int4_linear", &int4_linear, "y = x @ W.T for lmshrink's 4-bit AVX2 layout (see int4_avx2.cpp)");
+  m.def("int4_dequantize", &int4_dequantize, "the float32 weight (q - zero) * scale of that layout");
+}
