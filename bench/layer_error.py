@@ -122,7 +122,7 @@ def main() -> None:
     ]
     variants = {"methods": methods, "options": options, "refit": refit, "joint": joint}[args.variants]
     modules = dict(model.named_modules())
-    print(f"| layer | grid | variant | rel err calib | rel err held-out | seconds |")
+    print("| layer | grid | variant | rel err calib | rel err held-out | seconds |")
     print("|---|---|---|---|---|---|")
     for name in names:
         weight = modules[name].weight.detach().float()

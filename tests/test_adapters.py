@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GPTNeoXConfig
+from transformers import GPTNeoXConfig
 from transformers.pytorch_utils import Conv1D
 
 from lmshrink.errors import LmshrinkError, UnsupportedArchitectureError

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from helpers import tiny_llama, tiny_tokenizer
+from helpers import tiny_llama
 from tiny_families import FAMILIES, tiny_model
 from lmshrink.engine.capture import capture_block_inputs, run_block
 from lmshrink.engine.checkpoint import Checkpoint

@@ -169,8 +169,8 @@ def test_cli_offload_disk_writes_the_same_checkpoint(folders, calib, in_memory, 
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("stages:\n" + "".join(
-        f"  - method: gptq\n    bits: 4\n    group_size: 32\n    act_order: true\n    static_groups: true\n"
-        f"    clip_search: false\n" for _ in RECIPE))
+        "  - method: gptq\n    bits: 4\n    group_size: 32\n    act_order: true\n    static_groups: true\n"
+        "    clip_search: false\n" for _ in RECIPE))
     code = main(["compress", str(folders["single"]), "--recipe", str(recipe), "--calib", calib, "--nsamples", "4",
                  "--seqlen", "48", "--offload", "disk", "-o", str(tmp_path / "cli"), "--quiet"])
     assert code == 0, capsys.readouterr().err

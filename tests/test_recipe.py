@@ -1,5 +1,4 @@
 import pytest
-import yaml
 
 from lmshrink.recipe import PRESETS, GPTQStage, RecipeError, check_recipe, load_recipe, parse_recipe
 
