@@ -229,7 +229,7 @@ class QuantLinear(nn.Module):
         if self.kind == "int4_avx2":
             bias = self.bias if self.bias is not None and self.bias.dtype == torch.float32 else None
             y = cpu_kernels.int4_linear(x.to(torch.float32), self.packed, self.group_scale, self.group_zero, bias,
-                                        self._groups, self.group // cpu_kernels.BLOCK)
+                                        self._groups, self._blocks_per_group)
             if self.bias is not None and bias is None:
                 y = y + self.bias.float()
             return y.to(x.dtype)
