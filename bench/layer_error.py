@@ -9,7 +9,8 @@ Protocol: calibration = 16 windows x 512 tokens drawn (seed 0) from ../shared/da
     python bench/layer_error.py --variants refit --layers self_attn.q_proj self_attn.o_proj mlp.up_proj mlp.down_proj
     python bench/layer_error.py --variants joint --layers self_attn.q_proj self_attn.o_proj mlp.up_proj mlp.down_proj
 
-``--variants joint``: SparseGPT 50% alone, joint 50% + quantization (one sweep, plain or act-order column order),
+``--variants joint``: SparseGPT 50% alone, joint 50% + quantization (one sweep: groups fitted as the sweep reaches
+them on the kept weights, static groups fitted on the original weights, or act-order column order),
 the SparseGPT mask then act-order GPTQ keeping it (same Hessian), and GPTQ alone, each grid with group 128.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -65,7 +67,7 @@ def main() -> None:
                              "refit: least-squares scales after the sweep; joint: SparseGPT 50%% with quantization")
     parser.add_argument("--cache", type=Path, default=None, help="reuse/store the Hessians in this .pt file")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
     from lmshrink.models import load_model
     loaded = load_model("smollm2-135m")
@@ -115,7 +117,9 @@ def main() -> None:
 
     joint = [
         ("sparsegpt 50% alone (no grid)", lambda w, h, s: sparsegpt_prune(w, h, 0.5)),
-        ("joint 50% + grid", lambda w, h, s: sparsegpt_prune(w, h, 0.5, spec=s)),
+        ("joint 50% + grid (groups fitted on kept weights)", lambda w, h, s: sparsegpt_prune(w, h, 0.5, spec=s)),
+        ("joint 50% + grid, static groups (reference)",
+         lambda w, h, s: sparsegpt_prune(w, h, 0.5, spec=s, static_groups=True)),
         ("joint 50% + grid, act-order", lambda w, h, s: sparsegpt_prune(w, h, 0.5, spec=s, act_order=True)),
         ("sparsegpt mask, then act-order gptq", mask_then_gptq),
         ("gptq act+static alone", lambda w, h, s: gptq_quantize(w, h, s)),

@@ -152,6 +152,8 @@ def main() -> None:
                                stopped_by=rec.get("stopped_by"),
                                best_step=rec["best_step"], held_out_kl=(rec["held_out_before"]["kl"], final["kl"]),
                                codes_changed=rec.get("merge", {}).get("quantized_codes_changed"),
+                               held_out_kl_adapters=rec["held_out_after"]["kl"],
+                               merge_gain_kept=rec.get("merge", {}).get("gain_kept"),
                                gap_closed=(before - row["wikitext2"]) / (before - dense_ppl)
                                if before is not None and before != dense_ppl else None,
                                memory=rec["memory"])

@@ -105,12 +105,14 @@ def test_sparsegpt_beats_magnitude_and_wanda_on_output_error(pattern):
     assert sgpt.rel_output_error == pytest.approx(err(sgpt.weight), rel=1e-3)
 
 
-def test_solver_without_pruning_reproduces_gptq():
-    """The sparse rule with sparsity 0 and a grid is exactly GPTQ's rule: same codes, same weights."""
+@pytest.mark.parametrize("static", [False, True])
+def test_solver_without_pruning_reproduces_gptq(static):
+    """The sparse rule with sparsity 0 and a grid is exactly GPTQ's rule: same codes, same weights (groups fitted
+    during the sweep, or static ones fitted before it)."""
     weight, _, hessian = _layer()
     spec = GridSpec(bits=4, group_size=16)
-    gptq = gptq_quantize(weight, hessian, spec, act_order=False, static_groups=True)
-    joint = sparsegpt_prune(weight, hessian, 0.0, block_size=128, spec=spec)
+    gptq = gptq_quantize(weight, hessian, spec, act_order=False, static_groups=static)
+    joint = sparsegpt_prune(weight, hessian, 0.0, block_size=128, spec=spec, static_groups=static)
     assert torch.equal(joint.codes, gptq.codes) and torch.equal(joint.weight, gptq.weight)
     assert torch.equal(joint.scale, gptq.scale)
     # and GPTQ with an empty fixed mask (act-order, static groups) too
@@ -141,7 +143,7 @@ def test_sparsegpt_act_order_keeps_exact_sparsity_and_codes():
     are the ones fitted on the original column groups."""
     weight, x, hessian = _layer(rows=64, cols=128, tokens=1024)
     spec = GridSpec(bits=4, group_size=32)
-    plain = sparsegpt_prune(weight, hessian, 0.5, block_size=32, spec=spec)
+    plain = sparsegpt_prune(weight, hessian, 0.5, block_size=32, spec=spec, static_groups=True)
     ordered = sparsegpt_prune(weight, hessian, 0.5, block_size=32, spec=spec, act_order=True)
     assert ordered.info["act_order"] and not plain.info["act_order"]
     assert torch.equal(ordered.scale, plain.scale) and torch.equal(ordered.zero, plain.zero)

@@ -392,3 +392,34 @@ def test_max_seconds_stops_training_and_is_recorded(tiny_dir, text_file, tmp_pat
     saved = json.loads((tmp_path / "out" / "lmshrink.json").read_text())
     assert saved["recover"][0]["max_seconds"] == 20 and saved["recover"][0]["stopped_by"] == "max_seconds"
     assert "before recovery" in saved["summary"]["rel_output_error_measured"]
+
+
+@pytest.mark.parametrize("merged_kl, quantized, warns", [(0.44, True, True), (0.36, False, True), (0.34, True, False)])
+def test_merge_that_loses_the_held_out_gain_warns_and_names_the_fix(merged_kl, quantized, warns):
+    """KL 0.45 before, 0.25 with the adapters: a merged model at 0.44 keeps 5% of the gain (warn, and for quantized
+    layers under round-to-nearest suggest requantize: gptq), at 0.34 it keeps 55% (no warning)."""
+    from lmshrink.methods.recover.distill import _check_merge_kept_gain
+    from lmshrink.recipe import RecoverStage
+
+    record = {"held_out_after_merge": {"kl": merged_kl},
+              "merge": {"quantized_codes_changed": 0.0 if quantized else None}}
+    with warnings_recorder() as caught:
+        _check_merge_kept_gain(record, {"kl": 0.45}, {"kl": 0.25}, RecoverStage(method="recover"))
+    assert record["merge"]["gain_kept"] == pytest.approx((0.45 - merged_kl) / 0.2)
+    assert bool(caught) == warns and ("merge_warning" in record) == warns
+    if warns:
+        assert "merge: false" in record["merge_warning"]
+        assert ("requantize: gptq" in record["merge_warning"]) == quantized
+    # no gain to keep (the adapters did not help): nothing recorded, no warning
+    record = {"held_out_after_merge": {"kl": 0.45}, "merge": {}}
+    _check_merge_kept_gain(record, {"kl": 0.45}, {"kl": 0.45}, RecoverStage(method="recover"))
+    assert record == {"held_out_after_merge": {"kl": 0.45}, "merge": {}}
+
+
+@contextlib.contextmanager
+def warnings_recorder():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught

@@ -161,6 +161,9 @@ class SparseGPTStage(PruneStage, GridOptions):
                                              "bits in the same sweep")
     act_order: bool = Field(False, description="sweep the columns by decreasing Hessian diagonal (unstructured "
                             "patterns only; joint-mode group grids stay fitted on the original column groups)")
+    static_groups: bool = Field(False, description="joint mode: fit the group grids before the sweep on the original "
+                                "weights (the SparseGPT reference) instead of on the kept, up-to-date weights when "
+                                "the sweep reaches each group; act_order implies it")
 
     @model_validator(mode="after")
     def _act_order_needs_unstructured(self):

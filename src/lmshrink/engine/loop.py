@@ -156,9 +156,11 @@ def _solve(stage: StageBase, module: nn.Module, hessian: torch.Tensor | None) ->
             result = wanda_prune(weight, hessian, stage.sparsity, stage.pattern)
         else:
             result = sparsegpt_prune(weight, hessian, stage.sparsity, stage.pattern, damp_percent=stage.damp_percent,
-                                     block_size=stage.block_size, spec=stage.grid(), act_order=stage.act_order)
+                                     block_size=stage.block_size, spec=stage.grid(), act_order=stage.act_order,
+                                     static_groups=stage.static_groups)
             if isinstance(result, QuantResult):
-                result.info = {**result.info, "act_order": stage.act_order, "static_groups": True}
+                result.info = {**result.info, "act_order": stage.act_order,
+                               "static_groups": stage.static_groups or stage.act_order}
         mask = result.mask if isinstance(result, PruneResult) else result.weight == 0
         _PRUNED_MASKS[module] = (mask, stage.pattern)
         return result

@@ -50,6 +50,7 @@ class SparseRule(ColumnRule):
             self.mask = torch.zeros(rows, columns, dtype=torch.bool, device=sweep.weight.device)
         self.hinv_diag = sweep.hinv.diagonal()
         if self.grid is not None:
+            self.grid.fit_mask = self.mask  # dynamic groups fit on the kept weights (the mask fills as it is chosen)
             self.grid.start(sweep)
 
     def start_block(self, sweep: Sweep) -> None:
@@ -99,19 +100,23 @@ def _quant_result(rule: SparseRule, result, spec: GridSpec, info: dict) -> Quant
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: str = "unstructured",
                     damp_percent: float = 0.01, block_size: int = 128, spec: GridSpec | None = None,
-                    cholesky_dtype: torch.dtype = torch.float32, act_order: bool = False) -> PruneResult | QuantResult:
+                    cholesky_dtype: torch.dtype = torch.float32, act_order: bool = False,
+                    static_groups: bool = False) -> PruneResult | QuantResult:
     """Prune ``weight`` (``[out, in]``) with SparseGPT given the layer's Hessian ``X^T X`` (``[in, in]``, fp32).
 
     ``pattern``: ``"unstructured"`` (``sparsity`` of the layer, mask chosen per ``block_size`` columns) or
-    ``"N:M"``. With ``spec`` (joint mode) the kept weights are also quantized in the same sweep (grids per group
-    fitted on the original weights, static groups) and a QuantResult is returned whose codes decode to exact zeros
-    where pruned; otherwise a PruneResult. ``act_order`` (unstructured only) sweeps the columns by decreasing Hessian
-    diagonal; the mask is then chosen per block of ``block_size`` columns in that order, and joint-mode group grids
-    stay fitted on the original column groups.
+    ``"N:M"``. With ``spec`` (joint mode) the kept weights are also quantized in the same sweep and a QuantResult is
+    returned whose codes decode to exact zeros where pruned; otherwise a PruneResult. Joint-mode group grids are
+    fitted when the sweep reaches each group, on the up-to-date weights with the pruned ones (as far as the mask is
+    chosen by then: the whole group when it lies in one mask block) set to 0, so the error compensation that grows
+    the kept weights cannot push them off the grid; ``static_groups`` fits them before the sweep on the original
+    weights instead (the SparseGPT reference's choice, which on SmolLM2 clips the grown weights). ``act_order``
+    (unstructured only) sweeps the columns by decreasing Hessian diagonal; the mask is then chosen per block of
+    ``block_size`` columns in that order, and joint-mode groups are static (fitted on the original column groups).
     """
     n, m = parse_pattern(pattern)
     target = n / m if m else sparsity
-    grid = None if spec is None else GridRule(spec, static_groups=True, clip_weighted=True)
+    grid = None if spec is None else GridRule(spec, static_groups=static_groups or act_order, clip_weighted=True)
     rule = SparseRule(sparsity=target, pattern=pattern, grid=grid)
     if act_order and m:
         raise ValueError(f"act_order with pattern {pattern}: an N:M mask needs the columns in their original order")

@@ -16,7 +16,9 @@ class GridRule(ColumnRule):
     weights (dead inputs zeroed), groups being contiguous in the original column order, so act-order does not
     change which columns share a scale. Otherwise (the GPTQ reference default) a group is fitted on the
     up-to-date weights when the sweep reaches its first column, groups being contiguous in sweep order.
-    clip_weighted: weight the clip search by the Hessian diagonal.
+    clip_weighted: weight the clip search by the Hessian diagonal. fit_mask: optional bool ``[out, in]`` tensor in
+    sweep order (read when a dynamic group is fitted, so it may be filled during the sweep): weights marked in it are
+    fitted as 0 (joint prune + quantize: pruned weights become exact zeros, so only the kept ones shape the grid).
 
     grid: a fixed grid ``(scale [out, groups], zero [out, groups], g_idx [in])`` in the original column order (e.g. a
     stored ``QuantResult``'s): nothing is fitted, the sweep only chooses the codes on it (re-quantizing a layer whose
@@ -24,8 +26,10 @@ class GridRule(ColumnRule):
     """
 
     def __init__(self, spec: GridSpec, static_groups: bool = True, clip_weighted: bool = False,
-                 grid: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+                 grid: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 fit_mask: torch.Tensor | None = None):
         self.spec = spec
+        self.fit_mask = fit_mask
         self.static_groups = static_groups or spec.group_size == -1 or grid is not None
         self.clip_weighted = clip_weighted
         self.grid = grid
@@ -69,7 +73,10 @@ class GridRule(ColumnRule):
         if not self.static_groups and col % self.width == 0:
             end = min(col + self.width, sweep.columns)
             diag = sweep.hessian_diag[col:end] if self.clip_weighted else None
-            self.scale[:, group], self.zero[:, group] = fit_grid_float(sweep.current(col, end), self.spec, diag)
+            current = sweep.current(col, end)
+            if self.fit_mask is not None:
+                current = current.masked_fill(self.fit_mask[:, col:end], 0.0)
+            self.scale[:, group], self.zero[:, group] = fit_grid_float(current, self.spec, diag)
         scale = self.scale[:, group]
         zero = self.zero[:, group]
         codes = torch.clamp(torch.round(w / scale) + zero, 0, self.spec.maxq)
