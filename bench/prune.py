@@ -57,15 +57,26 @@ def _print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_p1_arguments(parser, DEFAULT_RECIPES)
+    parser.add_argument("--reuse-dense", metavar="JSON", help="take the dense row from an earlier --json run with the "
+                        "same P1 options instead of evaluating the base model again (the row is marked 'reused')")
     args = parser.parse_args()
     if print_saved_table(args, _print_table):
         return
     evaluate = evaluate_options(args)
     rows = []
-    dense = run_json(CLI + ["evaluate", args.model] + evaluate)
-    rows.append({"recipe": "dense fp32", "method": "-", "pattern": "-", "wikitext2": dense["perplexity"][0]["ppl"],
-                 "enwiki": dense["perplexity"][1]["ppl"], "kl": 0.0, "sparsity": dense["sparsity"]["overall"],
-                 "nm": dense["sparsity"]["nm_patterns"], "seconds": None})
+    if args.reuse_dense:
+        earlier = {r["recipe"]: r for r in json.loads(Path(args.reuse_dense).read_text())}
+        if "dense fp32" not in earlier:
+            parser.error(f"--reuse-dense {args.reuse_dense}: no 'dense fp32' row in it")
+        rows.append({**earlier["dense fp32"], "reused": args.reuse_dense})
+        environment = None
+    else:
+        dense = run_json(CLI + ["evaluate", args.model] + evaluate)
+        environment = dense["environment"]
+        rows.append({"recipe": "dense fp32", "method": "-", "pattern": "-",
+                     "wikitext2": dense["perplexity"][0]["ppl"], "enwiki": dense["perplexity"][1]["ppl"], "kl": 0.0,
+                     "sparsity": dense["sparsity"]["overall"], "nm": dense["sparsity"]["nm_patterns"],
+                     "seconds": None})
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         for recipe in args.recipes.split(","):
@@ -73,6 +84,7 @@ def main() -> None:
             record = run_json(CLI + ["compress", args.model, "--recipe", recipe, "-o", str(out)]
                               + compress_options(args))
             result = run_json(CLI + ["evaluate", str(out), "--kl-base", args.model] + evaluate)
+            environment = environment or result["environment"]
             method, pattern = _describe(record)
             rows.append({"recipe": recipe, "method": method, "pattern": pattern,
                          "wikitext2": result["perplexity"][0]["ppl"], "enwiki": result["perplexity"][1]["ppl"],
@@ -80,8 +92,9 @@ def main() -> None:
                          "nm": result["sparsity"]["nm_patterns"], "seconds": record["summary"]["seconds"],
                          "owl": (record.get("sparsity") or {}).get("owl_block_sparsity")})
             keep_row(args, rows, recipe)
-    print(f"{protocol_line(args)}; KL on WikiText-2; torch {dense['environment']['torch']}, "
-          f"{dense['environment']['threads']} threads")
+    reused = f"; dense row reused from {args.reuse_dense}" if args.reuse_dense else ""
+    print(f"{protocol_line(args)}; KL on WikiText-2; torch {environment['torch'] if environment else '?'}, "
+          f"{environment['threads'] if environment else '?'} threads{reused}")
     _print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
