@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmshrink.errors import LmshrinkError
+from lmshrink.errors import LmshrinkError, UnsupportedArchitectureError
 
 from . import cpu_kernels
 from .qlinear import QuantLinear
@@ -228,7 +228,7 @@ class FastDecoder:
             raise LmshrinkError(f"max_len={max_len}: the cache needs at least one position", fix="pass max_len >= 1")
         ok, reason = supported(model, max_len)
         if not ok:
-            raise LmshrinkError(f"cannot decode with the fast path: {reason}", fix=FIX)
+            raise UnsupportedArchitectureError(f"cannot decode with the fast path: {reason}", fix=FIX)
         config = model.config
         inner = model.model
         self.model, self.max_len = model, int(max_len)
