@@ -35,14 +35,16 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def record(folders):
     base, compressed = folders
-    # the only run that starts worker processes (each imports torch and transformers)
+    # the only run that starts worker processes (each imports torch and transformers); the default decode="both":
+    # an hf (transformers' forward) and a fast (FastDecoder) row per model
     return bench([str(base), str(compressed)], prompt_tokens=16, new_tokens=4, trials=2, warmup=1, threads=1,
                  progress=False)
 
 
 def test_bench_reports_both_models_side_by_side(record):
-    first, second = record["models"]
-    assert first["runtime"] == "dense" and second["runtime"] == "packed"
+    first, first_fast, second, second_fast = record["models"]
+    assert [(row["runtime"], row["decode"]) for row in record["models"]] == [
+        ("dense", "hf"), ("dense", "fast"), ("packed", "hf"), ("packed", "fast")]
     # 4-bit layers run lmshrink's AVX2 kernel where it builds, torch's int4 kernel elsewhere
     from lmshrink.runtime import cpu_kernels
 
@@ -58,7 +60,16 @@ def test_bench_reports_both_models_side_by_side(record):
         assert row["prompt_source"].startswith("enwiki-sample eval text")
         assert len(row["tokens"]) == 5
         assert row["threads"] == 1
+        assert row["decode_cpu_tokens_per_s"] > 0
     assert first["vs_first"]["decode_speedup"] == 1.0
+    # the same trial through both paths: the same prompt ids and, for the fp32 model, the same greedy tokens
+    assert first_fast["prompt_source"] == first["prompt_source"]
+    assert first_fast["tokens"] == first["tokens"] and first_fast["same_greedy_prefix_as_first"] == 5
+    assert second_fast["tokens"] == second["tokens"]
+    assert first_fast["size"] == first["size"] and second_fast["size"] == second["size"]
+    if avx2:
+        assert second_fast["fast_linears"]["qkv:int4_avx2:fused"] == 2
+    assert "fast" in record["protocol"]["decode_paths"] and "fast_skipped" not in record["protocol"]
     # torch's int4: 4-bit codes plus a bf16 scale and offset per 32 weights: 5 bits of 32 (fp32) -> 5/32 of the
     # fp32 bytes; the AVX2 kernel: a float32 scale and a uint8 zero point per 32 weights: 5.25 bits
     assert second["vs_first"]["linear_bytes_ratio"] == pytest.approx((5.25 if avx2 else 5) / 32)
@@ -76,14 +87,32 @@ def test_bench_cli_prints_the_table_and_refuses_bad_input(folders, record, capsy
     assert main(["bench", str(base), str(compressed), "--threads", "1", "--trials", "3", "--quiet"]) == 0
     assert calls[0][0] == [str(base), str(compressed)] and calls[0][1]["trials"] == 3
     out = capsys.readouterr().out
-    assert "decode tok/s" in out and "packed" in out
+    assert "decode tok/s" in out and "packed" in out and "fast" in out
+    assert calls[0][1]["decode"] == "both"
     assert main(["bench", str(base), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["models"][1]["runtime"] == "packed"
+    assert json.loads(capsys.readouterr().out)["models"][2]["runtime"] == "packed"
     monkeypatch.undo()
     assert main(["bench", str(base), "--runtime", "packed", "--quiet"]) == 2
     assert "not a compressed checkpoint" in capsys.readouterr().err
     with pytest.raises(LmshrinkError, match="must be positive"):
         bench([str(base)], trials=0)
+    with pytest.raises(LmshrinkError, match="decode='eager' is not known"):
+        bench([str(base)], decode="eager")
+
+
+def test_a_model_the_fast_path_refuses_keeps_its_hf_row(tmp_path):
+    from tiny_families import tiny_model
+
+    folder = tmp_path / "qwen3"
+    tiny_model("qwen3").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    record = bench([str(folder)], prompt_tokens=8, new_tokens=2, trials=1, warmup=0, threads=1, progress=False)
+    assert [row["decode"] for row in record["models"]] == ["hf"]
+    assert "model_type 'qwen3'" in record["protocol"]["fast_skipped"][str(folder)]
+    with pytest.raises(LmshrinkError, match="cannot decode with the fast path") as err:
+        bench([str(folder)], prompt_tokens=8, new_tokens=2, trials=1, warmup=0, threads=1, progress=False,
+              decode="fast")
+    assert "--decode hf" in err.value.fix
 
 
 # -- llama.cpp rows (--llama-cpp) ---------------------------------------------------------------------------------
@@ -142,8 +171,9 @@ def test_llama_cpp_rows_are_refused_clearly_without_the_file_or_the_package(fold
 def test_llama_cpp_row_runs_the_same_prompt_beside_the_packed_model(folders, gguf_file):
     base, compressed = folders
     record = bench([str(compressed)], llama_cpp=[str(gguf_file)], prompt_tokens=16, new_tokens=4, trials=2,
-                   warmup=1, threads=1, progress=False)
+                   warmup=1, threads=1, progress=False, decode="hf")
     packed, cpp = record["models"]
+    assert cpp["decode"] == "llama.cpp"
     assert packed["runtime"] == "packed" and cpp["runtime"] == "llama.cpp"
     assert cpp["model"]["kind"] == "gguf" and cpp["prompt_source"] == packed["prompt_source"]
     assert len(cpp["trials"]) == 2 and len(cpp["tokens"]) == 5

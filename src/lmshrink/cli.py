@@ -54,6 +54,8 @@ _BENCH_EXAMPLES = """examples:
   # the base model against its 4-bit compressed folder (run packed), one thread
   lmshrink bench smollm2-135m out/smollm2-w4g32 --prompt-tokens 256 --new-tokens 64 --threads 1
   lmshrink bench smollm2-135m out/smollm2-w4g32 --trials 9 --json > bench.json
+  # transformers' forward only (no rows of lmshrink's lean Llama-family decoder)
+  lmshrink bench smollm2-135m out/smollm2-w4g32 --decode hf
   # add the GGUF export run by llama.cpp (pip install 'lmshrink[llama-cpp]') as the bar to chase
   lmshrink bench smollm2-135m out/smollm2-w4g32 --llama-cpp out/smollm2-w4g32.gguf --threads 1
 """
@@ -150,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: compressed folders packed, others dense (default)")
     bn.add_argument("--dtype", default="float32", help="dtype of everything not packed (default: float32)")
     bn.add_argument("--seed", type=int, default=0, help="seed of the random prompt (default: 0)")
+    bn.add_argument("--decode", choices=("hf", "fast", "both"), default="both",
+                    help="decode path: hf = transformers' forward, fast = lmshrink's lean decoder (Llama-family, "
+                         "greedy, batch 1), both = an hf and a fast row per model (default); ratios are relative "
+                         "to the first row")
     bn.add_argument("--llama-cpp", action="append", default=[], metavar="GGUF",
                     help="also run this GGUF file in llama.cpp (llama-cpp-python), same threads and prompt ids as "
                          "the first model; repeatable")
@@ -356,7 +362,7 @@ def _cmd_bench(args) -> int:
 
     record = bench(args.models, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, trials=args.trials,
                    warmup=args.warmup, threads=args.threads, runtime=args.runtime, dtype=args.dtype, seed=args.seed,
-                   llama_cpp=args.llama_cpp, progress=not args.quiet)
+                   llama_cpp=args.llama_cpp, decode=args.decode, progress=not args.quiet)
     if args.json:
         print(json.dumps(record, indent=2))
         return 0
@@ -366,13 +372,16 @@ def _cmd_bench(args) -> int:
     p = record["protocol"]
     table = Table(title=f"bench: {p['prompt_tokens']}-token prompt, {p['new_tokens']} new tokens, {p['threads']} "
                         f"thread(s), median of {p['trials']} interleaved trials")
-    for col in ("model", "runtime", "prefill tok/s", "decode tok/s", "decode vs first", "TTFT ms", "peak RSS MiB",
-                "peak RSS running", "weights MiB", "linear MiB", "linear vs fp16", "greedy = first"):
-        table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
+    for col in ("model", "runtime", "decode", "prefill tok/s", "decode tok/s", "decode vs first",
+                "CPU-time decode vs first", "TTFT ms", "peak RSS MiB", "peak RSS running", "weights MiB",
+                "linear MiB", "linear vs fp16", "greedy = first"):
+        table.add_column(col, justify="left" if col in ("model", "runtime", "decode") else "right")
     for row in record["models"]:
         size = row["size"]
-        table.add_row(row["source"], row["runtime"], f"{row['prefill_tokens_per_s']:.1f}",
+        cpu = row["vs_first"].get("decode_cpu_speedup")
+        table.add_row(row["source"], row["runtime"], row.get("decode", "hf"), f"{row['prefill_tokens_per_s']:.1f}",
                       f"{row['decode_tokens_per_s']:.2f}", f"{row['vs_first']['decode_speedup']:.2f}x",
+                      "-" if cpu is None else f"{cpu:.2f}x",
                       f"{1000 * row['ttft_s']:.0f}", f"{row['peak_rss_bytes'] / 2**20:.0f}",
                       "-" if row.get("peak_rss_running_bytes") is None else f"{row['peak_rss_running_bytes'] / 2**20:.0f}",
                       f"{size['weight_bytes'] / 2**20:.1f}", f"{size['linear_weight_bytes'] / 2**20:.1f}",
@@ -383,7 +392,10 @@ def _cmd_bench(args) -> int:
     console.print(f"protocol: {p['prompt']}; {p['decoding']}; {p['statistic']}; {p['warmup_trials']} warm-up "
                   f"trial(s) discarded. machine: {m['cpu']} ({m['cpu_capability']}, {m['cpus']} CPUs, load average "
                   f"{m['load_average_at_end'][0]:.2f} at the end), torch {m['torch']}. linear = Linear layers in the "
-                  "decoder blocks; greedy = first: leading generated tokens equal to the first model's")
+                  "decoder blocks; greedy = first: leading generated tokens equal to the first row's; decode: hf = "
+                  "transformers' forward, fast = lmshrink's FastDecoder; CPU-time: the decode loop's process CPU time")
+    for source, reason in p.get("fast_skipped", {}).items():
+        console.print(f"no fast row for {source}: {reason}")
     if "llama_cpp" in p:
         console.print(f"llama.cpp rows: {p['llama_cpp']}; their linear = the 2-D tensors of the GGUF's blocks")
     return 0

@@ -10,6 +10,14 @@ prompt tokens / that time; decode tokens/s = new tokens / the time of the single
 per model is discarded; the medians over the trials are reported with every trial's value. Peak RSS is reported
 for the whole process (loading included) and, where Linux allows resetting the counter, for the trials only.
 
+Decode paths (``decode=``, ``--decode``): ``hf`` runs transformers' own forward with its cache (the model as users
+run it); ``fast`` runs lmshrink's lean decoder (``runtime/fastpath.py``: Llama-family models, greedy, batch 1, the
+same modules and weights, its own forward and preallocated cache) with the same trial structure; ``both`` (the
+default) gives every model an ``hf`` row and a ``fast`` row, so that the speed-up of the packed weights and that of
+the leaner forward are seen apart; ratios stay relative to the first row (the first model's ``hf`` row). Each trial
+also records the process CPU time of the decode loop (``decode_cpu_tokens_per_s``), steadier than wall time on a
+shared machine.
+
 GGUF files given with ``llama_cpp=`` (``--llama-cpp``) run the same trials in llama.cpp (llama-cpp-python, an
 optional extra) with the same thread count and the first row's prompt ids: the bar for lmshrink's own CPU runtime.
 """
@@ -27,7 +35,7 @@ import sys
 import time
 from typing import Any
 
-from lmshrink.errors import LmshrinkError
+from lmshrink.errors import LmshrinkError, UnsupportedArchitectureError
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,7 +110,8 @@ def _peak_rss_since_reset() -> int | None:
 
 
 class _Runner:
-    def __init__(self, source: str, runtime: str, dtype: str, prompt_tokens: int, new_tokens: int, seed: int):
+    def __init__(self, source: str, runtime: str, dtype: str, prompt_tokens: int, new_tokens: int, seed: int,
+                 decode: str = "hf", prompt_ids: list[int] | None = None, prompt_source: str | None = None):
         from lmshrink.eval.size import model_size
         from lmshrink.models import load_model
 
@@ -112,19 +121,38 @@ class _Runner:
         self.model = self.loaded.model
         self.rss_after_load = _rss_bytes()
         tokenizer = self.loaded.tokenizer
-        self.prompt, self.prompt_source = _prompt(
-            lambda text: tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids,
-            int(self.model.config.vocab_size), prompt_tokens, seed)
+        vocab = int(self.model.config.vocab_size)
+        if prompt_ids is not None:  # the prompt of the model's first row, so that its rows decode the same ids
+            import torch
+
+            if max(prompt_ids) >= vocab:
+                raise LmshrinkError(f"{source}: the given prompt has token id {max(prompt_ids)}, this "
+                                    f"model's vocabulary has {vocab} tokens",
+                                    fix="give prompt ids from this model's tokenizer")
+            self.prompt = torch.tensor([prompt_ids], dtype=torch.long)
+            self.prompt_source = prompt_source or "the first model's prompt ids"
+        else:
+            self.prompt, self.prompt_source = _prompt(
+                lambda text: tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids,
+                vocab, prompt_tokens, seed)
         self.new_tokens = new_tokens
         params = inspect.signature(self.model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.size = {**model_size(self.model), **_linear_bytes(self.model)}
+        self.decode = decode
+        self.decoder = None
+        if decode == "fast":
+            from lmshrink.runtime.fastpath import FastDecoder
+
+            self.decoder = FastDecoder(self.model, self.prompt.shape[1] + new_tokens)
 
     def _cache_of(self, output):
         return getattr(output, "cache", None) if self.cache_arg == "cache" else output.past_key_values
 
     def trial(self) -> dict[str, Any]:
+        if self.decoder is not None:
+            return self._fast_trial()
         import torch
 
         with torch.inference_mode():
@@ -132,6 +160,7 @@ class _Runner:
             output = self.model(self.prompt, use_cache=True, **self.keep)
             token = output.logits[:, -1].argmax(-1, keepdim=True)
             first = time.perf_counter()
+            first_cpu = time.process_time()
             cache = self._cache_of(output)
             tokens = [int(token)]
             for _ in range(self.new_tokens):
@@ -139,10 +168,30 @@ class _Runner:
                 cache = self._cache_of(output)
                 token = output.logits[:, -1].argmax(-1, keepdim=True)
                 tokens.append(int(token))
+            end_cpu = time.process_time()
             end = time.perf_counter()
+        return self._result(start, first, end, end_cpu - first_cpu, tokens)
+
+    def _fast_trial(self) -> dict[str, Any]:
+        """The same trial through FastDecoder: the prompt in one call, then one token per call, greedy."""
+        decoder = self.decoder
+        start = time.perf_counter()
+        token = decoder.prefill(self.prompt).argmax(-1)
+        first = time.perf_counter()
+        first_cpu = time.process_time()
+        tokens = [int(token)]
+        for _ in range(self.new_tokens):
+            token = decoder.step(token).argmax(-1)
+            tokens.append(int(token))
+        end_cpu = time.process_time()
+        end = time.perf_counter()
+        return self._result(start, first, end, end_cpu - first_cpu, tokens)
+
+    def _result(self, start: float, first: float, end: float, decode_cpu: float, tokens: list[int]) -> dict[str, Any]:
         ttft = first - start
         return {"ttft_s": ttft, "prefill_tokens_per_s": self.prompt.shape[1] / ttft,
-                "decode_tokens_per_s": self.new_tokens / (end - first), "tokens": tokens}
+                "decode_tokens_per_s": self.new_tokens / (end - first),
+                "decode_cpu_tokens_per_s": self.new_tokens / max(decode_cpu, 1e-9), "tokens": tokens}
 
 
 LLAMA_CPP = "llama.cpp"
@@ -223,15 +272,18 @@ class _LlamaCppRunner:
         llm.eval(self.prompt[0].tolist())
         token = self._next_token()
         first = time.perf_counter()
+        first_cpu = time.process_time()
         tokens = [token]
         for _ in range(self.new_tokens):
             llm.eval([token])
             token = self._next_token()
             tokens.append(token)
+        end_cpu = time.process_time()
         end = time.perf_counter()
         ttft = first - start
         return {"ttft_s": ttft, "prefill_tokens_per_s": self.prompt.shape[1] / ttft,
-                "decode_tokens_per_s": self.new_tokens / (end - first), "tokens": tokens}
+                "decode_tokens_per_s": self.new_tokens / (end - first),
+                "decode_cpu_tokens_per_s": self.new_tokens / max(end_cpu - first_cpu, 1e-9), "tokens": tokens}
 
 
 def _worker_main(argv: list[str]) -> int:
@@ -247,12 +299,17 @@ def _worker_main(argv: list[str]) -> int:
             model_info, threads = runner.model_info(), runner.threads
         else:
             runner = _Runner(args["source"], args["runtime"], args["dtype"], args["prompt_tokens"],
-                             args["new_tokens"], args["seed"])
+                             args["new_tokens"], args["seed"], args.get("decode", "hf"), args.get("prompt_ids"),
+                             args.get("prompt_source"))
             model_info, threads = runner.loaded.info.to_dict(), torch.get_num_threads()
     except LmshrinkError as err:
-        print(json.dumps({"error": err.message, "fix": err.fix}), flush=True)
+        print(json.dumps({"error": err.message, "fix": err.fix,
+                          "unsupported": isinstance(err, UnsupportedArchitectureError)}), flush=True)
         return 0
+    decoder = getattr(runner, "decoder", None)
     info = {"ready": True, "model": model_info, "load_seconds": runner.load_seconds,
+            "decode": LLAMA_CPP if args["runtime"] == LLAMA_CPP else args.get("decode", "hf"),
+            **({"fast_linears": decoder.linears} if decoder is not None else {}),
             "rss_after_load_bytes": runner.rss_after_load, "size": runner.size, "threads": threads,
             "prompt_source": runner.prompt_source, "prompt_ids": runner.prompt[0].tolist(),
             "peak_rss_loading_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
@@ -325,12 +382,18 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
+DECODE_PATHS = ("hf", "fast", "both")
+
+
 def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, trials: int = 5, warmup: int = 1,
           threads: int = 1, runtime: str = "auto", dtype: str = "float32", seed: int = 0,
-          llama_cpp: list[str] | tuple[str, ...] = (), progress: bool = True) -> dict[str, Any]:
+          llama_cpp: list[str] | tuple[str, ...] = (), decode: str = "both", progress: bool = True) -> dict[str, Any]:
     """Benchmark ``models`` side by side (see the module docstring for the protocol); returns a JSON-ready record.
 
     runtime: ``auto`` (compressed folders packed, other models dense), ``packed`` or ``dense`` for every model.
+    decode: ``hf`` (transformers' forward), ``fast`` (lmshrink's FastDecoder) or ``both`` (an ``hf`` and a ``fast``
+    row per model; a model the fast path does not support keeps its ``hf`` row, and ``protocol.fast_skipped`` says
+    why). Every row's ``decode`` names its path.
     llama_cpp: GGUF files run by llama.cpp (llama-cpp-python), as rows after ``models``, with the same threads and
     the first model's prompt ids. Ratios are relative to the first row.
     """
@@ -356,6 +419,8 @@ def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, 
                             fix="e.g. --prompt-tokens 256 --new-tokens 64 --trials 5 --threads 1")
     if runtime not in ("auto", "packed", "dense"):
         raise LmshrinkError(f"runtime={runtime!r} is not known", fix="use auto, packed or dense")
+    if decode not in DECODE_PATHS:
+        raise LmshrinkError(f"decode={decode!r} is not known", fix="use hf, fast or both")
     runtimes = [_runtime_for(source, runtime) for source in models]
     for source, chosen in zip(models, runtimes):
         if chosen == "packed":
@@ -368,22 +433,34 @@ def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, 
     workers: list[_Worker] = []
     rows: list[dict[str, Any]] = []
     prompt: dict[str, Any] = {}  # the first row's prompt ids, given to the llama.cpp rows
+    prompts: dict[str, dict[str, Any]] = {}  # each model's prompt ids, given to its fast row
+    paths = ["hf", "fast"] if decode == "both" else [decode]
+    jobs = [(source, chosen, path) for source, chosen in zip(models, runtimes) for path in paths]
+    jobs += [(path, LLAMA_CPP, LLAMA_CPP) for path in llama_cpp]
+    fast_skipped: dict[str, str] = {}
     try:
-        for source, chosen in list(zip(models, runtimes)) + [(path, LLAMA_CPP) for path in llama_cpp]:
+        for source, chosen, path in jobs:
             spec = dict(source=source, runtime=chosen, dtype=dtype, threads=threads,
-                        prompt_tokens=prompt_tokens, new_tokens=new_tokens, seed=seed)
-            if chosen == LLAMA_CPP:
-                spec.update(prompt)
+                        prompt_tokens=prompt_tokens, new_tokens=new_tokens, seed=seed, decode=path,
+                        **(prompt if chosen == LLAMA_CPP else prompts.get(source, {})))
             worker = _Worker(spec)
-            workers.append(worker)
             info = worker.read(f"loading {source}")
             if "error" in info:
+                worker.close()
+                if path == "fast" and decode == "both" and info.get("unsupported"):
+                    fast_skipped[source] = info["error"]  # its hf row stays; the record says why there is no fast one
+                    if progress:
+                        print(f"bench: no fast row for {source}: {info['error']}", file=sys.stderr)
+                    continue
                 raise LmshrinkError(f"{source}: {info['error']}", fix=info.get("fix"))
+            workers.append(worker)
             ids = info.pop("prompt_ids")
             prompt = prompt or {"prompt_ids": ids, "prompt_source": info["prompt_source"]}
+            prompts.setdefault(source, {"prompt_ids": ids, "prompt_source": info["prompt_source"]})
             rows.append({"source": source, "runtime": spec["runtime"], **info, "trials": []})
             if progress:
-                print(f"bench: loaded {source} ({spec['runtime']}) in {info['load_seconds']:.1f}s", file=sys.stderr)
+                print(f"bench: loaded {source} ({spec['runtime']}, decode {info['decode']}) in "
+                      f"{info['load_seconds']:.1f}s", file=sys.stderr)
         for number in range(warmup + trials):
             for worker, row in zip(workers, rows):
                 result = worker.ask("trial")
@@ -399,7 +476,7 @@ def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, 
             worker.close()
     base_tokens = rows[0]["trials"][0]["tokens"]
     for row in rows:
-        for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s"):
+        for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_cpu_tokens_per_s"):
             row[key] = statistics.median(t[key] for t in row["trials"])
         tokens = row["trials"][0]["tokens"]
         row["tokens"] = tokens
@@ -411,6 +488,7 @@ def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, 
     for row in rows:
         row["vs_first"] = {
             "decode_speedup": row["decode_tokens_per_s"] / base["decode_tokens_per_s"],
+            "decode_cpu_speedup": row["decode_cpu_tokens_per_s"] / base["decode_cpu_tokens_per_s"],
             "prefill_speedup": row["prefill_tokens_per_s"] / base["prefill_tokens_per_s"],
             "linear_bytes_ratio": row["size"]["linear_weight_bytes"] / base["size"]["linear_weight_bytes"],
         }
@@ -419,6 +497,11 @@ def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, 
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "trials": trials, "warmup_trials": warmup,
         "threads": threads, "dtype": dtype, "seed": seed, "prompt": f"{rows[0]['prompt_source']}, batch 1",
         "decoding": "greedy, KV cache, one token per forward pass",
+        "decode_paths": {"hf": "transformers' forward with its own cache (logits_to_keep=1)",
+                         "fast": "lmshrink FastDecoder: the model's modules and weights, its own forward, a "
+                                 "preallocated cache; q/k/v and gate/up fused for int4_avx2 layers"},
+        "decode_cpu": "process CPU time of the decode loop (all threads), beside its wall time",
+        **({"fast_skipped": fast_skipped} if fast_skipped else {}),
         "statistic": "median over trials; trials interleaved across models, one worker process per model",
         "kernel_max_rows": dict(KERNEL_MAX_ROWS),
         **({"llama_cpp": "llama-cpp-python " + rows[-1]["model"]["llama_cpp_python"] + ": n_threads and "

@@ -1,0 +1,409 @@
+"""A lean greedy decoder for Llama-family causal LMs (batch 1): the model's own modules and weights, its own forward.
+
+transformers' eager forward spends much of a one-token step outside the matrix products (per-layer module calls,
+cache classes, mask construction, keyword plumbing), comparable on SmolLM2-135M with one thread to the matrix
+products themselves.
+``FastDecoder`` runs the same computation with few Python-level operations per layer (about 30 dispatcher calls
+for one token, where each costs microseconds):
+
+* the KV cache is one preallocated tensor ``[layers, 2 (keys, values), kv_heads, max_len, head_dim]`` written in
+  place (keys and values of a new token in one copy);
+* rotary cos/sin come from the model's own rotary module, called once on positions ``0..max_len-1`` (so every
+  ``rope_scaling`` type whose frequencies do not depend on the sequence length is reproduced as transformers
+  computes it; ``dynamic`` and ``longrope`` are refused). For one token, q and k heads are rotated by one batched
+  product with ``diag(cos) + S * sin`` (``S``: the signed half swap of ``rotate_half``; v heads take the identity,
+  q heads also the attention scale), which leaves k and v laid out for the cache; the prompt uses
+  ``x * cos + swap_halves(x) * sin_signed``;
+* RMSNorm for one float32 row is ``addcmul(0, x, weight, value=rsqrt(mean(x^2) + eps))`` with the scalar computed in
+  Python from one ``dot``; ``torch.rms_norm`` for the prompt (transformers' formula in other dtypes);
+* GQA without copies: for one new token the ``heads`` queries are viewed as ``[kv_heads, heads/kv_heads, head_dim]``
+  against the ``[kv_heads, length, head_dim]`` cache (two ``bmm`` and a softmax; no mask: every cached position is
+  visible); the prompt runs in one causal ``scaled_dot_product_attention`` call with ``enable_gqa``;
+* q/k/v and gate/up run as one call each where all of them are QuantLinear layers of kind ``int4_avx2`` with the
+  same grid (their packed rows concatenated once; the layers' own buffers then view that tensor, so no copy stays
+  and the model keeps working), or plain ``nn.Linear`` layers when ``fuse_dense=True`` (a concatenated copy of
+  those weights: more memory, so off by default); ``int4_avx2`` layers are called through the compiled op directly,
+  and o_proj / down_proj take the residual as the kernel's bias (added last, the same float32 sum);
+* only the last position goes through the final norm and ``lm_head``.
+
+The results differ from transformers' only in float rounding (summation order, the fused rotation); the tests
+require logits within 1e-4 and the same greedy tokens.
+
+Supported: ``LlamaForCausalLM``, ``MistralForCausalLM`` and ``Qwen2ForCausalLM`` (q/k/v biases are part of the
+Linear layers) with SiLU MLPs, greedy, batch 1, up to ``max_len`` positions; sliding-window attention only where the
+window covers ``max_len`` (then it masks nothing). Everything else is refused with an LmshrinkError naming the model
+type and the fix (``--decode hf``, transformers' own forward). ``tests/test_fastpath.py`` checks the logits of the
+prompt and of every step against transformers' forward with its cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmshrink.errors import LmshrinkError, UnsupportedArchitectureError
+
+from . import cpu_kernels
+from .qlinear import QuantLinear
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+REFUSED_ROPE = ("dynamic", "longrope")  # frequencies depend on the sequence length
+FIX = ("use transformers' own forward instead: `lmshrink bench ... --decode hf` (Python: bench(..., decode='hf')), "
+       "or model.generate()")
+
+
+def _rope_type(model) -> str:
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    kind = getattr(rotary, "rope_type", None)
+    if kind is None:
+        params = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
+        kind = params.get("rope_type", params.get("type", "default"))
+    return str(kind)
+
+
+def _sliding_windows(config) -> list[int]:
+    """The sliding windows the model's layers use (empty when none)."""
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return []
+    if config.model_type == "qwen2":
+        layer_types = getattr(config, "layer_types", None) or []
+        if not getattr(config, "use_sliding_window", False) and "sliding_attention" not in layer_types:
+            return []
+        if layer_types and "sliding_attention" not in layer_types:
+            return []
+    return [int(window)]
+
+
+def supported(model: nn.Module, max_len: int | None = None) -> tuple[bool, str]:
+    """Whether ``FastDecoder`` runs ``model`` (with ``max_len`` positions, when given), and why not."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", type(model).__name__)
+    name = f"{type(model).__name__} (model_type {model_type!r})"
+    if model_type not in SUPPORTED_TYPES:
+        return False, (f"the fast decode path supports model types {', '.join(SUPPORTED_TYPES)}; this model is "
+                       f"{name}")
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if inner is None or layers is None or not hasattr(model, "lm_head") or not hasattr(inner, "rotary_emb"):
+        return False, f"{name} lacks the Llama layout (model.layers, model.rotary_emb, lm_head)"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return False, f"{name} uses the MLP activation {config.hidden_act!r}; the fast path computes SiLU"
+    rope = _rope_type(model)
+    if rope in REFUSED_ROPE:
+        return False, f"{name} uses rope type {rope!r}, whose frequencies change with the sequence length"
+    for index, layer in enumerate(layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        parts = [getattr(attn, p, None) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        parts += [getattr(mlp, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
+        if any(p is None for p in parts):
+            return False, f"{name}: layer {index} lacks one of q/k/v/o_proj or gate/up/down_proj"
+        for norm in (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)):
+            if norm is None or not type(norm).__name__.endswith("RMSNorm"):
+                return False, f"{name}: layer {index} has a norm that is not an RMSNorm"
+        if any(hasattr(attn, extra) for extra in ("q_norm", "k_norm")):
+            return False, f"{name}: layer {index} normalizes queries/keys (q_norm/k_norm), which the fast path lacks"
+    windows = _sliding_windows(config)
+    if windows and max_len is not None and max_len > min(windows):
+        return False, (f"{name} uses sliding-window attention (window {min(windows)}) and {max_len} positions "
+                       "were asked for; the fast path attends to every position, which matches only within the window")
+    return True, "supported"
+
+
+def _avx2_key(module: nn.Module):
+    """What must agree for QuantLinear layers to run as one int4_avx2 call (None where the module cannot)."""
+    if (isinstance(module, QuantLinear) and module.kind == "int4_avx2"
+            and (module.bias is None or module.bias.dtype == torch.float32)):
+        return (module.in_features, module._groups, module._blocks_per_group, module.packed.dtype,
+                tuple(module.packed.shape[1:]))
+    return None
+
+
+class _Int4:
+    """int4_avx2 QuantLinear layers on one input as one kernel call (one layer, or several whose rows are
+    concatenated: their buffers then become views of the concatenation, so no second copy stays)."""
+
+    def __init__(self, modules: list[QuantLinear]):
+        first = modules[0]
+        self.groups, self.bpg = first._groups, first._blocks_per_group
+        if len(modules) == 1:
+            self.packed, self.scale, self.zero, self.bias = first.packed, first.group_scale, first.group_zero, first.bias
+        else:
+            self._concatenate(modules)
+        self.kernel = cpu_kernels._module.int4_linear  # the compiled op itself: no Python wrapper per call
+        self.bias_arg = cpu_kernels._EMPTY if self.bias is None else self.bias
+
+    def _concatenate(self, modules: list[QuantLinear]) -> None:
+        self.packed = torch.cat([m.packed for m in modules])
+        self.scale = torch.cat([m.group_scale for m in modules])
+        self.zero = torch.cat([m.group_zero for m in modules])
+        self.bias = None
+        if any(m.bias is not None for m in modules):
+            self.bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in modules])
+        start = 0
+        for m in modules:
+            size = m.out_features
+            m.packed = self.packed[start:start + size]
+            m.group_scale = self.scale[start:start + size]
+            m.group_zero = self.zero[start:start + size]
+            if m.bias is not None:
+                m.bias = self.bias[start:start + size]
+            start += size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(x, self.packed, self.scale, self.zero, self.bias_arg, self.groups, self.bpg)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)`` for one row: the kernel adds the residual as its bias, last, so the sum is the
+        same float32 addition."""
+        if self.bias is not None:
+            return residual + self(x)
+        return self.kernel(x, self.packed, self.scale, self.zero, residual, self.groups, self.bpg)
+
+
+class _Dense:
+    """nn.Linear layers on one input as one ``F.linear`` call (several: a concatenated copy of their weights)."""
+
+    def __init__(self, modules: list[nn.Linear]):
+        if len(modules) == 1:
+            self.weight, self.bias = modules[0].weight, modules[0].bias
+            return
+        self.weight = torch.cat([m.weight.detach() for m in modules])
+        self.bias = None
+        if any(m.bias is not None for m in modules):
+            self.bias = torch.cat([m.bias.detach() if m.bias is not None
+                                   else torch.zeros(m.out_features, dtype=m.weight.dtype) for m in modules])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if self.bias is None and x.dim() == 1:
+            return torch.addmv(residual, self.weight, x)  # residual + W x in one call
+        return residual + F.linear(x, self.weight, self.bias)
+
+
+class _Modules:
+    """Any other layers: called as modules (several: their outputs concatenated)."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.modules = modules
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.modules) == 1:
+            return self.modules[0](x)
+        return torch.cat([m(x) for m in self.modules], dim=-1)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return residual + self(x)
+
+
+def _linear(modules: list[nn.Module], fuse: bool, fuse_dense: bool, fp32: bool):
+    """One callable computing ``cat([m(x) for m in modules], -1)`` for a one-row ``x`` (see the module docstring)."""
+    keys = [_avx2_key(m) for m in modules]
+    if fp32 and keys[0] is not None and all(k == keys[0] for k in keys) and cpu_kernels.ready():
+        if fuse or len(modules) == 1:
+            return _Int4(modules)
+    if all(type(m) is nn.Linear for m in modules):
+        if len(modules) == 1 or (fuse and fuse_dense and len({(m.weight.dtype, m.weight.device) for m in modules}) == 1):
+            return _Dense(modules)
+    return _Modules(modules)
+
+
+class FastDecoder:
+    """Greedy batch-1 decoding of a Llama-family ``model`` with a preallocated cache of ``max_len`` positions.
+
+    ``prefill(ids)`` starts a new sequence with the prompt ``ids`` (``[1, T]`` or ``[T]``) in one pass and returns the
+    last position's logits ``[1, vocab]``; ``step(token)`` appends one token (an int or a tensor holding one id) and
+    returns its logits ``[1, vocab]``; ``reset()`` empties the cache. The model is used in place (its modules and
+    weights; see the module docstring for the int4 buffers that become views). ``fuse=False`` runs every Linear
+    layer as its own call; ``fuse_dense=True`` also fuses plain ``nn.Linear`` q/k/v and gate/up (a concatenated copy
+    of their weights). ``linears`` says how the decode step runs each group (``int4_avx2``, ``dense``, ``modules``).
+    """
+
+    def __init__(self, model: nn.Module, max_len: int, *, fuse: bool = True, fuse_dense: bool = False):
+        if max_len < 1:
+            raise LmshrinkError(f"max_len={max_len}: the cache needs at least one position", fix="pass max_len >= 1")
+        ok, reason = supported(model, max_len)
+        if not ok:
+            raise UnsupportedArchitectureError(f"cannot decode with the fast path: {reason}", fix=FIX)
+        config = model.config
+        inner = model.model
+        self.model, self.max_len = model, int(max_len)
+        self.embedding = inner.embed_tokens.weight
+        dtype, device = self.embedding.dtype, self.embedding.device
+        self.dtype = dtype
+        first_attn = inner.layers[0].self_attn
+        self.head_dim = hd = int(first_attn.head_dim)
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads)
+        self.group = self.heads // self.kv_heads
+        self.scale = float(first_attn.scaling)
+        self.hidden = int(config.hidden_size)
+        self.intermediate = int(config.intermediate_size)
+        layers = inner.layers[: config.num_hidden_layers]
+        # keys and values of every layer, [layers, 2, kv_heads, max_len, head_dim]: one copy writes both per step
+        self.cache = torch.zeros(len(layers), 2, self.kv_heads, self.max_len, hd, dtype=dtype, device=device)
+        self.k_cache, self.v_cache = self.cache[:, 0], self.cache[:, 1]
+        with torch.no_grad():
+            positions = torch.arange(self.max_len, device=device).unsqueeze(0)
+            cos, sin = inner.rotary_emb(self.k_cache[0, 0, :1], positions)  # the model's own frequencies and scaling
+        self.half = hd // 2
+        sign = torch.ones(hd, dtype=dtype, device=device)
+        sign[: self.half] = -1
+        # rotate_half(x) * sin == swap_halves(x) * (sin with its first half negated)
+        self.cos = cos[0].to(dtype).reshape(self.max_len, 2, self.half).contiguous()
+        self.sin_signed = (sin[0].to(dtype) * sign).reshape(self.max_len, 2, self.half).contiguous()
+        # for one token: x @ M(pos) rotates a head (M = diag(cos) + swap-halves-and-negate-first * sin); q and k heads
+        # take M, v heads the identity, so one batched product rotates q and k and lays out k, v for the cache
+        self.swap = torch.zeros(hd, hd, dtype=dtype, device=device)
+        idx = torch.arange(self.half, device=device)
+        self.swap[idx + self.half, idx] = -1
+        self.swap[idx, idx + self.half] = 1
+        self.rotation = torch.eye(hd, dtype=dtype, device=device).repeat(self.heads + 2 * self.kv_heads, 1, 1)
+        self.cos_flat, self.sin_flat = cos[0].to(dtype).contiguous(), sin[0].to(dtype).contiguous()
+        self.fp32 = dtype == torch.float32
+        self.final_norm = (inner.norm.weight, float(inner.norm.variance_epsilon))
+        self.lm_head = model.lm_head
+        self.head = _linear([model.lm_head], False, False, self.fp32)
+        self.layers = []      # for the prompt: the modules themselves
+        self.step_layers = []  # for one token: kernels called directly, q/k/v and gate/up fused where possible
+        self.linears: dict[str, int] = {}
+        for index, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            norm1 = (layer.input_layernorm.weight, float(layer.input_layernorm.variance_epsilon))
+            norm2 = (layer.post_attention_layernorm.weight, float(layer.post_attention_layernorm.variance_epsilon))
+            k_cache, v_cache = self.k_cache[index], self.v_cache[index]
+            self.layers.append((norm1, norm2, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                mlp.gate_proj, mlp.up_proj, mlp.down_proj, k_cache, v_cache))
+            qkv = _linear([attn.q_proj, attn.k_proj, attn.v_proj], fuse, fuse_dense, self.fp32)
+            out = _linear([attn.o_proj], False, False, self.fp32)
+            gate_up = _linear([mlp.gate_proj, mlp.up_proj], fuse, fuse_dense, self.fp32)
+            down = _linear([mlp.down_proj], False, False, self.fp32)
+            for name, linear in (("qkv", qkv), ("o", out), ("gate_up", gate_up), ("down", down)):
+                kind = {_Int4: "int4_avx2", _Dense: "dense", _Modules: "modules"}[type(linear)]
+                key = f"{name}:{kind}" + (":fused" if name in ("qkv", "gate_up") and not isinstance(linear, _Modules)
+                                          else "")
+                self.linears[key] = self.linears.get(key, 0) + 1
+            self.step_layers.append((norm1[0], norm1[1], qkv, out.add, norm2[0], norm2[1], gate_up, down.add,
+                                     self.cache[index], k_cache, v_cache))
+        self.zero = torch.zeros(self.hidden, dtype=dtype, device=device)
+        self.length = 0
+
+    # -- pieces ------------------------------------------------------------------------------------------------
+
+    def _norm(self, x: torch.Tensor, norm) -> torch.Tensor:
+        weight, eps = norm
+        if self.fp32:
+            return torch.rms_norm(x, (self.hidden,), weight, eps)
+        h = x.float()  # transformers' formula: normalize in float32, round, then scale
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h.to(x.dtype)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of ``x [..., heads, head_dim]`` with cos/sin ``[..., 2, head_dim / 2]``."""
+        x = x.unflatten(-1, (2, self.half))
+        return torch.addcmul(x * cos, x.flip(-2), sin).flatten(-2)
+
+    def reset(self) -> None:
+        """Forget the sequence (the cache is overwritten by the next prefill)."""
+        self.length = 0
+
+    def _check_room(self, new: int) -> None:
+        if self.length + new > self.max_len:
+            raise LmshrinkError(f"the sequence would reach {self.length + new} positions; this FastDecoder holds "
+                                f"{self.max_len}", fix="build it with a larger max_len (prompt plus new tokens)")
+
+    # -- prompt ------------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, ids) -> torch.Tensor:
+        """Start a new sequence with ``ids`` in one pass; the last position's logits ``[1, vocab]``."""
+        ids = torch.as_tensor(ids)
+        if ids.dim() == 2:
+            if ids.shape[0] != 1:
+                raise LmshrinkError(f"the fast path decodes one sequence at a time; got a batch of {ids.shape[0]}",
+                                    fix="pass one sequence, or " + FIX)
+            ids = ids[0]
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise LmshrinkError(f"prompt ids of shape {tuple(ids.shape)}: expected [1, T] or [T] with T >= 1",
+                                fix="pass the tokenizer's input_ids for one prompt")
+        self.length = 0
+        n = ids.numel()
+        self._check_room(n)
+        heads, kv, hd = self.heads, self.kv_heads, self.head_dim
+        x = F.embedding(ids.to(self.embedding.device), self.embedding)  # [T, D]
+        cos, sin = self.cos[:n].unsqueeze(1), self.sin_signed[:n].unsqueeze(1)  # [T, 1, 2, hd/2]
+        for norm1, norm2, q_proj, k_proj, v_proj, o_proj, gate, up, down, k_cache, v_cache in self.layers:
+            h = self._norm(x, norm1)
+            q = self._rotate(q_proj(h).view(n, heads, hd), cos, sin).transpose(0, 1)  # [H, T, hd]
+            k = self._rotate(k_proj(h).view(n, kv, hd), cos, sin).transpose(0, 1)
+            v = v_proj(h).view(n, kv, hd).transpose(0, 1)
+            k_cache[:, :n] = k
+            v_cache[:, :n] = v
+            a = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=True,
+                                               scale=self.scale, enable_gqa=self.group > 1)
+            x = x + o_proj(a[0].transpose(0, 1).reshape(n, heads * hd))
+            h = self._norm(x, norm2)
+            x = x + down(F.silu(gate(h)) * up(h))
+        self.length = n
+        return self.lm_head(self._norm(x[-1:], self.final_norm))
+
+    # -- one token ---------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, token) -> torch.Tensor:
+        """Append one token (an int or a tensor holding one id); its logits ``[1, vocab]``."""
+        if self.length == 0:
+            raise LmshrinkError("step() before prefill(): the sequence is empty", fix="call prefill(prompt_ids) first")
+        token = torch.as_tensor(token, device=self.embedding.device)
+        if token.numel() != 1:
+            raise LmshrinkError(f"step() takes one token id, got a tensor of shape {tuple(token.shape)}",
+                                fix="pass the argmax of the last logits (batch 1), or " + FIX)
+        self._check_room(1)
+        pos = self.length
+        end = pos + 1
+        heads, kv, hd, group = self.heads, self.kv_heads, self.head_dim, self.group
+        rows = heads + 2 * kv
+        inter, hidden, scale = self.intermediate, self.hidden, self.scale
+        rotation = self.rotation
+        m = torch.diag(self.cos_flat[pos]).addcmul_(self.swap, self.sin_flat[pos])
+        rotation[heads: heads + kv] = m
+        rotation[:heads] = m.mul_(scale)  # the attention scale folded into the queries' rotation
+        fp32, zero = self.fp32, self.zero
+        x = F.embedding(token.reshape(1), self.embedding)[0]  # [D]: one row, kept 1-D
+        for w1, eps1, qkv_proj, out_add, w2, eps2, gate_up, down_add, cache, k_cache, v_cache in self.step_layers:
+            if fp32:  # RMSNorm in two calls: 0 + (rsqrt(mean(x^2) + eps) * x) * weight, the scalar in Python
+                h = torch.addcmul(zero, x, w1, value=1.0 / math.sqrt(float(torch.dot(x, x)) / hidden + eps1))
+            else:
+                h = self._norm(x, (w1, eps1))
+            # q (times the scale) and k rotated, v unchanged: [rows, 1, hd]; then k and v into the cache in one copy
+            qkv = torch.bmm(qkv_proj(h).view(rows, 1, hd), rotation)
+            cache.select(2, pos).copy_(qkv[heads:].view(2, kv, hd))
+            # GQA without copies: the queries of each kv head as rows [kv, group, hd] against its cache
+            w = torch.bmm(qkv[:heads].view(kv, group, hd), k_cache[:, :end].transpose(1, 2))
+            a = torch.bmm(torch.softmax(w, -1), v_cache[:, :end])
+            x = out_add(a.view(heads * hd), x)
+            if fp32:
+                h = torch.addcmul(zero, x, w2, value=1.0 / math.sqrt(float(torch.dot(x, x)) / hidden + eps2))
+            else:
+                h = self._norm(x, (w2, eps2))
+            gu = gate_up(h)
+            x = down_add(F.silu(gu[:inter]).mul_(gu[inter:]), x)
+        self.length = end
+        return self.head(self._norm(x, self.final_norm)).view(1, -1)
+
+    def generate(self, ids, new_tokens: int) -> list[int]:
+        """Greedy: the prompt, then ``new_tokens`` steps; the ``new_tokens + 1`` chosen ids (the first from the prompt)."""
+        token = self.prefill(ids).argmax(-1)
+        tokens = [int(token)]
+        for _ in range(new_tokens):
+            token = self.step(token).argmax(-1)
+            tokens.append(int(token))
+        return tokens
+
+
+__all__ = ["FastDecoder", "supported", "SUPPORTED_TYPES"]
