@@ -181,17 +181,40 @@ def test_engine_fp_target_records_and_first_group_matches_plain():
 
 
 def test_engine_fp_target_lowers_kl_to_the_base_model():
-    """On the calibration windows, the model compressed with fp_target is closer to the base model (KL of the
-    next-token distributions) than plain GPTQ, for each of three random tiny Llamas at 3 and 2 bits."""
+    """On the calibration windows, the model compressed with fp_target is much closer to the base model (KL of the
+    next-token distributions) than plain GPTQ, for three random tiny Llamas at 3 bits.
+
+    On these tiny models the gain on the calibration windows is large (about 15x lower KL, measured) partly because
+    512 calibration tokens for 128-256 inputs let W* fit the uncompressed outputs of those very tokens; on other
+    windows it was smaller (0.7-0.97x at 3 bits) and at 2 bits not always a gain, so held-out KL is not asserted.
+    """
     calib = _calib(n=8, seqlen=64)
     for seed in range(3):
         base = tiny_llama(seed=seed, num_hidden_layers=4, hidden_size=128, intermediate_size=256)
-        for bits in (3, 2):
-            plain_model, asym_model = copy.deepcopy(base), copy.deepcopy(base)
-            _run(plain_model, _gptq(bits=bits), calib=calib)
-            _run(asym_model, _gptq(bits=bits, fp_target=True), calib=calib)
-            plain_kl, asym_kl = _kl_to_base(base, plain_model, calib), _kl_to_base(base, asym_model, calib)
-            assert asym_kl < plain_kl, (seed, bits, plain_kl, asym_kl)
+        plain_model, asym_model = copy.deepcopy(base), copy.deepcopy(base)
+        _run(plain_model, _gptq(), calib=calib)
+        _run(asym_model, _gptq(fp_target=True), calib=calib)
+        plain_kl, asym_kl = _kl_to_base(base, plain_model, calib), _kl_to_base(base, asym_model, calib)
+        assert asym_kl < 0.5 * plain_kl, (seed, plain_kl, asym_kl)
+
+
+def test_streamed_fp_target_equals_in_memory(tmp_path):
+    """offload="disk": the copy of the one loaded block gives the same results as the in-memory run."""
+    from helpers import save_tiny_llama, write_calibration_text
+    from lmshrink import compress, load_model
+
+    folder = save_tiny_llama(tmp_path / "in", seed=3, num_hidden_layers=2)
+    calib = f"file:{write_calibration_text(tmp_path / 'calib.txt')}"
+    recipe = _gptq(bits=4, clip_search=False, fp_target=True)
+    kwargs = dict(calibration=calib, nsamples=4, seqlen=48, progress=False)
+    memory = compress(load_model(str(folder), progress=False), recipe, output=tmp_path / "mem", **kwargs)
+    streamed = compress(load_model(str(folder), progress=False, lazy_blocks=True), recipe, output=tmp_path / "disk",
+                        offload="disk", **kwargs)
+    assert memory["results"].keys() == streamed["results"].keys() and len(memory["results"]) == 2 * 7
+    for name, r in memory["results"].items():
+        other = streamed["results"][name]
+        assert torch.equal(r.codes, other.codes) and torch.equal(r.scale, other.scale)
+        assert r.rel_output_error == other.rel_output_error and r.info["fp_target"]
 
 
 def test_engine_fp_target_pass_reuse_is_bit_identical():
