@@ -24,7 +24,7 @@ _FP_TARGET_DESCRIPTION = (
     "asymmetric calibration: solve each layer to reproduce the uncompressed model's output on the uncompressed "
     "model's inputs, min ||W X - Q X~|| (X: the layer's inputs in the original model, X~: its inputs in the "
     "partly compressed model), instead of min ||(W - Q) X~||; keeps a second stream of hidden states through the "
-    "original blocks (about 2.3x the statistics work)")
+    "original blocks (about twice the engine's time)")
 
 
 class StageBase(BaseModel):

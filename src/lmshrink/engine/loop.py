@@ -80,14 +80,14 @@ class DriftStats:
 
 def _collect(block: nn.Module, modules: dict[str, nn.Module], hidden: list[torch.Tensor], args: tuple, kwargs: dict,
              device, stop_at: str | None, memo: PassMemo | None = None,
-             reference: tuple[nn.Module, list[torch.Tensor]] | None = None):
+             reference: tuple[nn.Module, list[torch.Tensor], PassMemo | None] | None = None):
     """Run the windows through ``block`` and accumulate each named module's input Hessian.
 
     ``stop_at``: the module after whose input the pass can stop (the rest of the block is not needed).
     ``memo``: reuses the work of earlier passes over the same windows (see ``replay``).
-    ``reference``: ``(original block, its input hidden states)`` for asymmetric calibration: each batch first runs
-    through the unmodified copy of the block on the uncompressed stream (stopping at ``stop_at``), keeping the
-    inputs of the same modules, and the pairs are accumulated into ``DriftStats``; the result is then
+    ``reference``: ``(original block, its input hidden states, its memo or None)`` for asymmetric calibration: each
+    batch first runs through the unmodified copy of the block on the uncompressed stream (stopping at ``stop_at``),
+    keeping the inputs of the same modules, and the pairs are accumulated into ``DriftStats``; the result is then
     ``(accumulators, drift)`` instead of ``accumulators``.
     """
     accumulators = {name: HessianAccumulator(linear_dims(m)[1], device=device) for name, m in modules.items()}
@@ -95,7 +95,7 @@ def _collect(block: nn.Module, modules: dict[str, nn.Module], hidden: list[torch
     handles = []
     reference_inputs: dict[str, torch.Tensor] = {}
     if reference is not None:
-        original, reference_hidden = reference
+        original, reference_hidden, reference_memo = reference
         if len(reference_hidden) != len(hidden):
             raise RuntimeError(f"{len(reference_hidden)} reference batches for {len(hidden)} calibration batches")
         drift = {name: DriftStats(CrossAccumulator(linear_dims(m)[1], device=device),
@@ -122,6 +122,8 @@ def _collect(block: nn.Module, modules: dict[str, nn.Module], hidden: list[torch
             for batch, h in enumerate(hidden):
                 if reference is not None:
                     reference_inputs.clear()
+                    if reference_memo is not None:
+                        reference_memo.set_batch(batch)
                     try:
                         run_block(original, reference_hidden[batch].to(device), args, kwargs)
                     except _StopForward:
@@ -206,8 +208,7 @@ def _solve(stage: StageBase, module: nn.Module, hessian: torch.Tensor | None,
         # rel_output_error becomes the asymmetric error ||W X - Q X~||^2 / ||W X||^2 (against the uncompressed
         # layer on the uncompressed inputs); the sweep's own error on its target is kept as *_local
         reference, cross = drift.reference.hessian.to(hessian.device), drift.cross.cross.to(hessian.device)
-        drift_only = asymmetric_output_error(original, original, reference, cross, hessian)
-        after = asymmetric_output_error(original, result.weight, reference, cross, hessian)
+        drift_only, after = asymmetric_output_error(original, result.weight, reference, cross, hessian)
         result.info = {**(result.info or {}), **drift_info, "fp_target": True,
                        "rel_output_error_local": result.rel_output_error,
                        "rel_output_error_drift_only": drift_only, "rel_output_error": after}
@@ -262,8 +263,8 @@ class Engine:
     uncompressed model's: both start from the captured block-0 inputs; each block is copied before any of its layers
     is solved, the copy gives the uncompressed inputs of the layers during those stages' statistics passes (paired
     token by token with the compressed inputs) and at the end of the block carries the uncompressed stream to the
-    next block. The stream is checkpointed with the compressed one. Pass reuse (``reuse_passes``) applies to the
-    compressed block as before; the copy is run without it (each such pass runs it up to the collected group).
+    next block. The stream is checkpointed with the compressed one. Pass reuse (``reuse_passes``) applies to both
+    the compressed block and the copy (same results, tested).
     In streamed mode the copy is of the one loaded block.
     """
 
@@ -400,7 +401,14 @@ class Engine:
             memo = PassMemo(block, all_groups, self._verified) if self.reuse_passes else None
             # the unmodified block, copied before the memo patches its containers and before any solve
             original = copy.deepcopy(block) if fp_target else None
-            with memo if memo is not None else contextlib.nullcontext():
+            # the copy never changes, so the memo's invalidation (as if the compressed block's groups changed) is
+            # only conservative there: its passes reuse work the same way
+            reference_memo = (PassMemo(original, all_groups, self._verified)
+                              if memo is not None and original is not None else None)
+            with contextlib.ExitStack() as memos:
+                for m in (memo, reference_memo):
+                    if m is not None:
+                        memos.enter_context(m)
                 for stage, groups in self._block_plan(index, block):
                     collect = _needs_hessian(stage)
                     sequential = getattr(stage, "true_sequential", False)
@@ -410,19 +418,21 @@ class Engine:
                         passes = [[g] for g in groups] if sequential else [groups]
                     for pass_groups in passes:
                         firsts = {g[0]: block.get_submodule(g[0]) for g in pass_groups}
-                        if memo is not None:  # without a pass too: the memo drops what these changes invalidate
-                            memo.begin_pass({group_of[g[0]] for g in pass_groups})
+                        for m in (memo, reference_memo):  # without a pass too: drop what these changes invalidate
+                            if m is not None:
+                                m.begin_pass({group_of[g[0]] for g in pass_groups})
                         asymmetric = collect and getattr(stage, "fp_target", False)
                         stats, drift = {}, {}
                         if asymmetric:
                             stats, drift = _collect(block, firsts, hidden, args, kwargs, self.device,
                                                     stop_at=pass_groups[-1][0], memo=memo,
-                                                    reference=(original, reference_hidden))
+                                                    reference=(original, reference_hidden, reference_memo))
                         elif collect:
                             stats = _collect(block, firsts, hidden, args, kwargs, self.device,
                                              stop_at=pass_groups[-1][0], memo=memo)
-                        if memo is not None:
-                            memo.end_pass()
+                        for m in (memo, reference_memo):
+                            if m is not None:
+                                m.end_pass()
                         for group in pass_groups:
                             hessian = stats[group[0]].hessian if collect else None
                             for name in group:
@@ -446,15 +456,16 @@ class Engine:
                                                            "fp_target_damp_retries")}})
                         del stats, drift
                 if forward_blocks:
-                    if memo is not None:
-                        memo.begin_pass(None)
+                    for m in (memo, reference_memo):
+                        if m is not None:
+                            m.begin_pass(None)
                     with torch.no_grad():
                         hidden = [_final_forward(block, b, h, args, kwargs, self.device, memo)
                                   for b, h in enumerate(hidden)]
                         if original is not None:
-                            reference_hidden = [run_block(original, h.to(self.device), args, kwargs).to("cpu")
-                                                for h in reference_hidden]
-            del original
+                            reference_hidden = [_final_forward(original, b, h, args, kwargs, self.device,
+                                                               reference_memo) for b, h in enumerate(reference_hidden)]
+            del original, reference_memo
             if self.streamer is not None:
                 self.streamer.release(block)
                 for result in block_results.values():

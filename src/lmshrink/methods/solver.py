@@ -150,19 +150,26 @@ def fp_target_weight(weight: torch.Tensor, cross: torch.Tensor, hessian: torch.T
 
 
 def asymmetric_output_error(weight: torch.Tensor, solved: torch.Tensor, reference_hessian: torch.Tensor,
-                            cross: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``||W X^T - Q X~^T||^2 / ||W X^T||^2`` from H = ``X^T X``, C = ``X^T X~``, H~ = ``X~^T X~`` (float64).
+                            cross: torch.Tensor, hessian: torch.Tensor) -> tuple[float, float]:
+    """``||W X^T - Q X~^T||^2 / ||W X^T||^2`` from H = ``X^T X``, C = ``X^T X~``, H~ = ``X~^T X~``.
 
-    The relative error of the compressed layer on the compressed model's inputs against the uncompressed layer on
-    the uncompressed model's inputs; with ``solved = weight`` it is the error due to input drift alone.
+    The relative error of the compressed layer (``solved`` Q) on the compressed model's inputs against the
+    uncompressed layer on the uncompressed model's inputs. Returns ``(drift only, with Q)``: the first is the same
+    error with Q = W (what the input drift alone costs). Products in fp32 (as ``output_error``), sums in fp64.
     """
-    w = weight.to(torch.float64)
-    q = solved.to(device=w.device, dtype=torch.float64)
-    den = ((w @ reference_hessian.to(w.device, torch.float64)) * w).sum()
-    num = den - 2.0 * ((w @ cross.to(w.device, torch.float64)) * q).sum() + (
-        (q @ hessian.to(w.device, torch.float64)) * q).sum()
-    num = max(float(num), 0.0)
-    return num / float(den) if den > 0 else num
+    w = weight.float()
+    q = solved.to(device=w.device, dtype=torch.float32)
+    wc = w @ cross.to(w.device, torch.float32)
+    h_t = hessian.to(w.device, torch.float32)
+    den = float(((w @ reference_hessian.to(w.device, torch.float32)) * w).sum(dtype=torch.float64))
+
+    def relative(other: torch.Tensor, other_h: torch.Tensor) -> float:
+        num = den - 2.0 * float((wc * other).sum(dtype=torch.float64)) + float(
+            (other_h * other).sum(dtype=torch.float64))
+        num = max(num, 0.0)
+        return num / den if den > 0 else num
+
+    return relative(w, w @ h_t), relative(q, q @ h_t)
 
 
 class Sweep:
