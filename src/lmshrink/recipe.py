@@ -20,6 +20,13 @@ class RecipeError(LmshrinkError):
     """A recipe that cannot run: unknown method, bad option, or options that contradict each other."""
 
 
+_FP_TARGET_DESCRIPTION = (
+    "asymmetric calibration: solve each layer to reproduce the uncompressed model's output on the uncompressed "
+    "model's inputs, min ||W X - Q X~|| (X: the layer's inputs in the original model, X~: its inputs in the "
+    "partly compressed model), instead of min ||(W - Q) X~||; keeps a second stream of hidden states through the "
+    "original blocks (about twice the engine's time)")
+
+
 class StageBase(BaseModel):
     """Options every stage has: which linear layers of the decoder blocks it touches."""
 
@@ -80,6 +87,7 @@ class GPTQStage(QuantStage):
     block_size: int = Field(128, ge=1, description="columns per lazy-update block")
     true_sequential: bool = Field(True, description="re-collect inputs after each group of layers is compressed")
     refit_scales: bool = Field(False, description="after the sweep, least-squares group scales for the chosen codes")
+    fp_target: bool = Field(False, description=_FP_TARGET_DESCRIPTION)
 
 
 class PruneStage(StageBase):
@@ -164,6 +172,7 @@ class SparseGPTStage(PruneStage, GridOptions):
     static_groups: bool = Field(False, description="joint mode: fit the group grids before the sweep on the original "
                                 "weights (the SparseGPT reference) instead of on the kept, up-to-date weights when "
                                 "the sweep reaches each group; act_order implies it")
+    fp_target: bool = Field(False, description=_FP_TARGET_DESCRIPTION)
 
     @model_validator(mode="after")
     def _act_order_needs_unstructured(self):
@@ -325,6 +334,10 @@ def _parse_stage(index: int, raw: Any) -> StageBase:
     method = raw.get("method")
     if method not in STAGES:
         raise RecipeError(f"{where}: unknown method {method!r}", fix=f"use one of: {', '.join(STAGES)}")
+    if "fp_target" in raw and "fp_target" not in STAGES[method].model_fields:
+        raise RecipeError(f"{where} ({method}): option 'fp_target' (asymmetric calibration) needs a solver that "
+                          f"updates the weights from the layer statistics, which {method} does not",
+                          fix="use fp_target on gptq or sparsegpt stages only")
     try:
         return STAGES[method].model_validate(raw)
     except ValidationError as exc:

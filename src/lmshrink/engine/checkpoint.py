@@ -38,7 +38,8 @@ def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
 
 class Checkpoint:
     """A work folder: ``state.json`` (fingerprint, finished blocks, layer records), ``block_NNNN.safetensors``
-    (the quantized layers of each finished block) and ``hidden.safetensors`` (the next block's inputs)."""
+    (the quantized layers of each finished block) and ``hidden.safetensors`` (the next block's inputs, and with
+    ``fp_target`` stages their uncompressed-model counterparts)."""
 
     def __init__(self, folder: Path, key: str):
         self.folder = folder
@@ -62,7 +63,9 @@ class Checkpoint:
         self.folder.mkdir(parents=True)
 
     def save_block(self, index: int, results: dict[str, QuantResult | PruneResult], hidden: list[torch.Tensor],
-                   state: dict) -> None:
+                   state: dict, reference_hidden: list[torch.Tensor] | None = None) -> None:
+        """Save block ``index``'s layers, the next block's inputs and the state. ``reference_hidden``: the next
+        block's inputs in the uncompressed model (asymmetric calibration, ``fp_target``), kept beside them."""
         tensors, meta = {}, {}
         for name, r in results.items():
             if isinstance(r, PruneResult):  # the compact form: mask and kept values
@@ -79,7 +82,10 @@ class Checkpoint:
             meta[name] = {"spec": r.spec.__dict__, "rel_output_error": r.rel_output_error, "info": r.info}
         _atomic_safetensors(self.folder / f"block_{index:04d}.safetensors", tensors,
                             {"layers": json.dumps(meta, default=str)})
-        _atomic_safetensors(self.folder / "hidden.safetensors", {"hidden": torch.cat(hidden)})
+        streams = {"hidden": torch.cat(hidden)}
+        if reference_hidden is not None:
+            streams["reference_hidden"] = torch.cat(reference_hidden)
+        _atomic_safetensors(self.folder / "hidden.safetensors", streams)
         atomic_write_text(self.folder / _STATE,
                           json.dumps({**state, "fingerprint": self.key, "finished_blocks": index + 1}, indent=1))
 
@@ -113,6 +119,14 @@ class Checkpoint:
     def load_hidden(self) -> torch.Tensor:
         """The saved inputs of the next block, ``[windows, seqlen, hidden]``."""
         return load_file(str(self.folder / "hidden.safetensors"))["hidden"]
+
+    def load_reference_hidden(self) -> torch.Tensor:
+        """The saved inputs of the next block in the uncompressed model (``fp_target`` runs)."""
+        streams = load_file(str(self.folder / "hidden.safetensors"))
+        if "reference_hidden" not in streams:
+            raise LmshrinkError(f"{self.folder} holds no uncompressed-model hidden states (fp_target)",
+                                fix=f"run again without --resume to start over, or delete {self.folder}")
+        return streams["reference_hidden"]
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -11,6 +11,7 @@ and a recipe of only such stages runs no block forward at all.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import resource
 import sys
@@ -25,7 +26,7 @@ from torch import nn
 from ..methods.quant.gptq import gptq_quantize
 from ..methods.quant.rtn import rtn_quantize
 from ..methods.prune import PruneResult, gptq_keep_mask, magnitude_prune, sparsegpt_prune, wanda_prune
-from ..methods.solver import HessianAccumulator
+from ..methods.solver import CrossAccumulator, HessianAccumulator, asymmetric_output_error, fp_target_weight
 from ..models.adapters import ModelAdapter, linear_dims, linear_weight, set_linear_weight
 from ..quant.grids import QuantResult
 from ..recipe import GPTQStage, MagnitudeStage, PruneStage, QuantStage, Recipe, StageBase, WandaStage
@@ -68,24 +69,65 @@ def _to_device(value, device):
     return value
 
 
+@dataclass
+class DriftStats:
+    """What asymmetric calibration (``fp_target``) needs of one linear group besides its Hessian ``X~^T X~``:
+    ``cross`` C = ``X^T X~`` and ``reference`` H = ``X^T X`` (X: the group's inputs in the uncompressed model)."""
+
+    cross: CrossAccumulator
+    reference: HessianAccumulator
+
+
 def _collect(block: nn.Module, modules: dict[str, nn.Module], hidden: list[torch.Tensor], args: tuple, kwargs: dict,
-             device, stop_at: str | None, memo: PassMemo | None = None) -> dict[str, HessianAccumulator]:
+             device, stop_at: str | None, memo: PassMemo | None = None,
+             reference: tuple[nn.Module, list[torch.Tensor], PassMemo | None] | None = None):
     """Run the windows through ``block`` and accumulate each named module's input Hessian.
 
     ``stop_at``: the module after whose input the pass can stop (the rest of the block is not needed).
     ``memo``: reuses the work of earlier passes over the same windows (see ``replay``).
+    ``reference``: ``(original block, its input hidden states, its memo or None)`` for asymmetric calibration: each
+    batch first runs through the unmodified copy of the block on the uncompressed stream (stopping at ``stop_at``),
+    keeping the inputs of the same modules, and the pairs are accumulated into ``DriftStats``; the result is then
+    ``(accumulators, drift)`` instead of ``accumulators``.
     """
     accumulators = {name: HessianAccumulator(linear_dims(m)[1], device=device) for name, m in modules.items()}
+    drift = None
     handles = []
+    reference_inputs: dict[str, torch.Tensor] = {}
+    if reference is not None:
+        original, reference_hidden, reference_memo = reference
+        if len(reference_hidden) != len(hidden):
+            raise RuntimeError(f"{len(reference_hidden)} reference batches for {len(hidden)} calibration batches")
+        drift = {name: DriftStats(CrossAccumulator(linear_dims(m)[1], device=device),
+                                  HessianAccumulator(linear_dims(m)[1], device=device)) for name, m in modules.items()}
+        for name in modules:
+            def keep(_module, args, _name=name):
+                reference_inputs[_name] = args[0].detach()
+                if _name == stop_at:
+                    raise _StopForward
+            handles.append(original.get_submodule(name).register_forward_pre_hook(keep))
     for name, module in modules.items():
         def hook(_module, args, _name=name):
-            accumulators[_name].add_batch(args[0].detach())
+            x = args[0].detach()
+            accumulators[_name].add_batch(x)
+            if drift is not None:
+                x_fp = reference_inputs.pop(_name)  # the same tokens in the uncompressed model
+                drift[_name].cross.add_batch(x_fp, x)
+                drift[_name].reference.add_batch(x_fp)
             if _name == stop_at:
                 raise _StopForward
         handles.append(module.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
             for batch, h in enumerate(hidden):
+                if reference is not None:
+                    reference_inputs.clear()
+                    if reference_memo is not None:
+                        reference_memo.set_batch(batch)
+                    try:
+                        run_block(original, reference_hidden[batch].to(device), args, kwargs)
+                    except _StopForward:
+                        pass
                 if memo is not None:
                     memo.set_batch(batch)
                 try:
@@ -95,7 +137,7 @@ def _collect(block: nn.Module, modules: dict[str, nn.Module], hidden: list[torch
     finally:
         for handle in handles:
             handle.remove()
-    return accumulators
+    return accumulators if drift is None else (accumulators, drift)
 
 
 def _on_cpu(result):
@@ -142,13 +184,40 @@ def _needs_hessian(stage: StageBase) -> bool:
     return not isinstance(stage, MagnitudeStage)
 
 
-def _solve(stage: StageBase, module: nn.Module, hessian: torch.Tensor | None) -> QuantResult | PruneResult:
+def _solve(stage: StageBase, module: nn.Module, hessian: torch.Tensor | None,
+           drift: DriftStats | None = None) -> QuantResult | PruneResult:
     """Solve one layer for ``stage``: a QuantResult for quantization (and joint SparseGPT), a PruneResult for pruning.
 
     A layer pruned by an earlier stage of this block keeps its zeros through GPTQ (mask-aware sweep) and RTN (0 is
-    always on the grid).
+    always on the grid). ``drift`` (stages with ``fp_target``): the sweep runs on the asymmetric target
+    ``W* = W (C + l I)(H~ + l I)^-1`` instead of W (``fp_target_weight``); W is the layer's weight as this stage
+    receives it (the original weight unless an earlier stage of the recipe changed it).
     """
     weight = linear_weight(module).detach().float().clone()
+    original = None
+    drift_info: dict = {}
+    if drift is not None:
+        original = weight
+        if drift.cross.identical:  # X~ == X on every token (e.g. block 0's first group): W* = W, skip the solve
+            drift_info = {"fp_target_identical_inputs": True}
+        else:
+            weight, drift_info = fp_target_weight(weight, drift.cross.cross.to(hessian.device), hessian,
+                                                  damp_percent=stage.damp_percent)
+    result = _solve_stage(stage, module, weight, hessian)
+    if drift is not None:
+        # rel_output_error becomes the asymmetric error ||W X - Q X~||^2 / ||W X||^2 (against the uncompressed
+        # layer on the uncompressed inputs); the sweep's own error on its target is kept as *_local
+        reference, cross = drift.reference.hessian.to(hessian.device), drift.cross.cross.to(hessian.device)
+        drift_only, after = asymmetric_output_error(original, result.weight, reference, cross, hessian)
+        result.info = {**(result.info or {}), **drift_info, "fp_target": True,
+                       "rel_output_error_local": result.rel_output_error,
+                       "rel_output_error_drift_only": drift_only, "rel_output_error": after}
+        result.rel_output_error = after
+    return result
+
+
+def _solve_stage(stage: StageBase, module: nn.Module, weight: torch.Tensor,
+                 hessian: torch.Tensor | None) -> QuantResult | PruneResult:
     if isinstance(stage, PruneStage):
         if isinstance(stage, MagnitudeStage):
             result = magnitude_prune(weight, stage.sparsity, stage.pattern, hessian=hessian)
@@ -191,6 +260,14 @@ class Engine:
     onto ``device`` when reached and dropped again when done, so the model is not compressed in place (its blocks
     end on meta) and the QuantResults carry codes, scales and zeros but an empty ``weight`` (``dequantize`` gives
     it), so memory holds one dense block at a time.
+
+    Stages with ``fp_target`` (asymmetric calibration) make the engine keep a second stream of hidden states, the
+    uncompressed model's: both start from the captured block-0 inputs; each block is copied before any of its layers
+    is solved, the copy gives the uncompressed inputs of the layers during those stages' statistics passes (paired
+    token by token with the compressed inputs) and at the end of the block carries the uncompressed stream to the
+    next block. The stream is checkpointed with the compressed one. Pass reuse (``reuse_passes``) applies to both
+    the compressed block and the copy (same results, tested).
+    In streamed mode the copy is of the one loaded block.
     """
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, recipe: Recipe, calibration: torch.Tensor,
@@ -282,6 +359,9 @@ class Engine:
         # a block's outputs are the next block's calibration inputs: not needed when no stage collects statistics
         # (e.g. magnitude-only recipes), and then left as they are
         forward_blocks = any(_needs_hessian(stage) for stage in self.recipe.stages)
+        # asymmetric calibration: the uncompressed model's hidden states, block by block (None when not asked for)
+        fp_target = any(getattr(stage, "fp_target", False) for stage in self.recipe.stages)
+        reference_hidden = list(hidden) if fp_target else None
         results: dict[str, QuantResult] = {}
         layers: list[dict] = []
         first = 0
@@ -304,6 +384,8 @@ class Engine:
                     if self.streamer is None:
                         _share_weights(self.model, loaded)
                 hidden = list(self.checkpoint.load_hidden().split(self.batch_size)) if first else hidden
+                if fp_target and first:
+                    reference_hidden = list(self.checkpoint.load_reference_hidden().split(self.batch_size))
         bar = tqdm(total=len(blocks), initial=first, desc="compress", unit="block", disable=not self.progress,
                    dynamic_ncols=True)
         for index in range(first, len(blocks)):
@@ -319,7 +401,16 @@ class Engine:
             all_groups = self.adapter.linear_groups(block)
             group_of = {name: i for i, group in enumerate(all_groups) for name in group}
             memo = PassMemo(block, all_groups, self._verified) if self.reuse_passes else None
-            with memo if memo is not None else contextlib.nullcontext():
+            # the unmodified block, copied before the memo patches its containers and before any solve
+            original = copy.deepcopy(block) if fp_target else None
+            # the copy never changes, so the memo's invalidation (as if the compressed block's groups changed) is
+            # only conservative there: its passes reuse work the same way
+            reference_memo = (PassMemo(original, all_groups, self._verified)
+                              if memo is not None and original is not None else None)
+            with contextlib.ExitStack() as memos:
+                for m in (memo, reference_memo):
+                    if m is not None:
+                        memos.enter_context(m)
                 for stage, groups in self._block_plan(index, block):
                     collect = _needs_hessian(stage)
                     sequential = getattr(stage, "true_sequential", False)
@@ -329,18 +420,27 @@ class Engine:
                         passes = [[g] for g in groups] if sequential else [groups]
                     for pass_groups in passes:
                         firsts = {g[0]: block.get_submodule(g[0]) for g in pass_groups}
-                        if memo is not None:  # without a pass too: the memo drops what these changes invalidate
-                            memo.begin_pass({group_of[g[0]] for g in pass_groups})
-                        stats = _collect(block, firsts, hidden, args, kwargs, self.device, stop_at=pass_groups[-1][0],
-                                         memo=memo) if collect else {}
-                        if memo is not None:
-                            memo.end_pass()
+                        for m in (memo, reference_memo):  # without a pass too: drop what these changes invalidate
+                            if m is not None:
+                                m.begin_pass({group_of[g[0]] for g in pass_groups})
+                        asymmetric = collect and getattr(stage, "fp_target", False)
+                        stats, drift = {}, {}
+                        if asymmetric:
+                            stats, drift = _collect(block, firsts, hidden, args, kwargs, self.device,
+                                                    stop_at=pass_groups[-1][0], memo=memo,
+                                                    reference=(original, reference_hidden, reference_memo))
+                        elif collect:
+                            stats = _collect(block, firsts, hidden, args, kwargs, self.device,
+                                             stop_at=pass_groups[-1][0], memo=memo)
+                        for m in (memo, reference_memo):
+                            if m is not None:
+                                m.end_pass()
                         for group in pass_groups:
                             hessian = stats[group[0]].hessian if collect else None
                             for name in group:
                                 module = block.get_submodule(name)
                                 t0 = time.perf_counter()
-                                result = _solve(stage, module, hessian)
+                                result = _solve(stage, module, hessian, drift.get(group[0]))
                                 set_linear_weight(module, result.weight.to(linear_weight(module).dtype))
                                 full = f"{prefix}.{index}.{name}"
                                 block_results[full] = _on_cpu(result) if self.device.type != "cpu" else result
@@ -353,14 +453,21 @@ class Engine:
                                                **{k: v for k, v in (result.info or {}).items()
                                                   if k in ("damp_percent", "damp", "damp_retries", "dead_columns",
                                                            "loss", "sparsity", "target_sparsity", "pattern",
-                                                           "refit_rows", "rel_output_error_before_refit")}})
-                        del stats
+                                                           "refit_rows", "rel_output_error_before_refit",
+                                                           "rel_output_error_local", "rel_output_error_drift_only",
+                                                           "fp_target_damp_retries")}})
+                        del stats, drift
                 if forward_blocks:
-                    if memo is not None:
-                        memo.begin_pass(None)
+                    for m in (memo, reference_memo):
+                        if m is not None:
+                            m.begin_pass(None)
                     with torch.no_grad():
                         hidden = [_final_forward(block, b, h, args, kwargs, self.device, memo)
                                   for b, h in enumerate(hidden)]
+                        if original is not None:
+                            reference_hidden = [_final_forward(original, b, h, args, kwargs, self.device,
+                                                               reference_memo) for b, h in enumerate(reference_hidden)]
+            del original, reference_memo
             if self.streamer is not None:
                 self.streamer.release(block)
                 for result in block_results.values():
@@ -376,7 +483,8 @@ class Engine:
                 bar.write(f"block {index + 1}/{len(blocks)} ({time.perf_counter() - block_start:.1f}s) "
                           f"rel. output error: {errors}")
             if self.checkpoint is not None:
-                self.checkpoint.save_block(index, block_results, hidden, {"layers": layers})
+                self.checkpoint.save_block(index, block_results, hidden, {"layers": layers},
+                                           reference_hidden=reference_hidden)
             bar.update(1)
             if self.on_block_done is not None:
                 self.on_block_done(index)

@@ -78,6 +78,100 @@ class HessianAccumulator:
         self._mirrored = False
 
 
+class CrossAccumulator:
+    """Accumulates ``C = (2 / nsamples) * sum_t x_t x~_t^T`` (``[in, in]``, fp32) over paired inputs of one layer.
+
+    ``x`` are the layer's inputs in the uncompressed model, ``x~`` its inputs in the partly compressed model on the
+    same calibration tokens, paired token by token (same shapes, same order). The scaling is the running average of
+    ``HessianAccumulator``, so ``C`` and a Hessian accumulated over the same batches have the same scale.
+    ``identical`` stays True while every pair was bitwise equal (then ``C`` equals ``X~^T X~`` up to rounding, and
+    the asymmetric target is the layer's own weight: see ``fp_target_weight``).
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None):
+        self.in_features = in_features
+        self.cross = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.nsamples = 0
+        self.tokens = 0
+        self.identical = True
+
+    def add_batch(self, x: torch.Tensor, x_tilde: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add paired inputs ``x`` (uncompressed model) and ``x_tilde`` (compressed): ``[batch, seq, in]`` or
+        ``[tokens, in]``, as ``HessianAccumulator.add_batch``; ``mask`` drops the same (padding) tokens of both."""
+        if x.shape != x_tilde.shape:
+            raise ValueError(f"paired inputs differ in shape: {tuple(x.shape)} vs {tuple(x_tilde.shape)}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input width {x.shape[-1]} != {self.in_features}")
+        self.identical = self.identical and bool(torch.equal(x, x_tilde))
+        batch = x.shape[0] if x.ndim == 3 else 1
+        rows = x.reshape(-1, self.in_features).to(device=self.cross.device, dtype=torch.float32)
+        rows_t = x_tilde.reshape(-1, self.in_features).to(device=self.cross.device, dtype=torch.float32)
+        if mask is not None:
+            keep = mask.reshape(-1).to(rows.device)
+            rows, rows_t = rows[keep], rows_t[keep]
+        self.cross.mul_(self.nsamples / (self.nsamples + batch))
+        self.nsamples += batch
+        self.tokens += rows.shape[0]
+        scale = 2.0 / self.nsamples
+        self.cross.addmm_(rows.t(), rows_t, alpha=scale)
+
+
+def fp_target_weight(weight: torch.Tensor, cross: torch.Tensor, hessian: torch.Tensor, damp_percent: float = 0.01,
+                     max_retries: int = 5) -> tuple[torch.Tensor, dict]:
+    """The least-squares target of asymmetric calibration: ``W* = W (C + l I)(H~ + l I)^-1``, in float64.
+
+    ``weight`` W: ``[out, in]``; ``cross`` C = ``X^T X~``; ``hessian`` H~ = ``X~^T X~`` (rows of X, X~ = tokens, the
+    accumulators' convention and scale). ``l`` is the GPTQ damping (``damp_percent`` of the mean diagonal of H~, dead
+    inputs counted as 1, as ``solve_columns`` does). W* minimises ``||W X^T - Q X~^T||^2 + l ||W - Q||^2`` over
+    unconstrained Q, and for any Q that objective equals its value at W* plus ``tr((Q - W*)(H~ + l I)(Q - W*)^T)``,
+    the damped objective the GPTQ/SparseGPT sweep minimises on W* with Hessian H~: the sweep on W* minimises the
+    asymmetric objective exactly. When X~ = X (C = H~) W* = W. Returns ``(W* as float32, info)``; damping is raised
+    10x if the factorisation fails, as in ``solve_columns``.
+    """
+    h = hessian.to(torch.float64).clone()
+    diag = h.diagonal()
+    diag[diag == 0] = 1.0
+    mean_diag = float(diag.mean())
+    w = weight.to(device=h.device, dtype=torch.float64)
+    # W* = W + W (C - H~)(H~ + l I)^-1 : the correction is exactly 0 when C == H~
+    rhs = (w @ (cross.to(torch.float64) - hessian.to(torch.float64))).t()
+    for retry in range(max_retries + 1):
+        damp = damp_percent * mean_diag
+        lower, info = torch.linalg.cholesky_ex(h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
+        if int(info) == 0:
+            target = w + torch.cholesky_solve(rhs, lower).t()
+            if bool(torch.isfinite(target).all()):
+                return target.to(torch.float32), {"fp_target_damp_percent": damp_percent,
+                                                  "fp_target_damp_retries": retry}
+        damp_percent *= 10.0
+    raise SolverError(
+        f"the layer Hessian is not positive definite even with damping {damp_percent / 10:g} of its mean diagonal "
+        "(asymmetric calibration target)", fix="use more calibration samples, or a larger damp_percent")
+
+
+def asymmetric_output_error(weight: torch.Tensor, solved: torch.Tensor, reference_hessian: torch.Tensor,
+                            cross: torch.Tensor, hessian: torch.Tensor) -> tuple[float, float]:
+    """``||W X^T - Q X~^T||^2 / ||W X^T||^2`` from H = ``X^T X``, C = ``X^T X~``, H~ = ``X~^T X~``.
+
+    The relative error of the compressed layer (``solved`` Q) on the compressed model's inputs against the
+    uncompressed layer on the uncompressed model's inputs. Returns ``(drift only, with Q)``: the first is the same
+    error with Q = W (what the input drift alone costs). Products in fp32 (as ``output_error``), sums in fp64.
+    """
+    w = weight.float()
+    q = solved.to(device=w.device, dtype=torch.float32)
+    wc = w @ cross.to(w.device, torch.float32)
+    h_t = hessian.to(w.device, torch.float32)
+    den = float(((w @ reference_hessian.to(w.device, torch.float32)) * w).sum(dtype=torch.float64))
+
+    def relative(other: torch.Tensor, other_h: torch.Tensor) -> float:
+        num = den - 2.0 * float((wc * other).sum(dtype=torch.float64)) + float(
+            (other_h * other).sum(dtype=torch.float64))
+        num = max(num, 0.0)
+        return num / den if den > 0 else num
+
+    return relative(w, w @ h_t), relative(q, q @ h_t)
+
+
 class Sweep:
     """What a ``ColumnRule`` may look at during the sweep (all in sweep order, i.e. after any permutation).
 
