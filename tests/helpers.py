@@ -63,3 +63,14 @@ def write_word_paragraphs(path, words: str, paragraphs: int = 30, length: int = 
     path.write_text("\n\n".join(" ".join(rng.choice(vocabulary) for _ in range(length)) for _ in range(paragraphs)))
     return path
 
+
+
+def assert_same_run(full, resumed, full_model, resumed_model) -> None:
+    """Two engine runs gave bit-identical results (codes, grids, weights) and left bit-identical models."""
+    assert full.results.keys() == resumed.results.keys()
+    for name, r in full.results.items():
+        other = resumed.results[name]
+        assert torch.equal(r.codes, other.codes) and torch.equal(r.scale, other.scale)
+        assert torch.equal(r.zero, other.zero) and torch.equal(r.weight, other.weight)
+    for (n1, p1), (n2, p2) in zip(full_model.state_dict().items(), resumed_model.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)

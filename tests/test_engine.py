@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from helpers import tiny_llama
+from helpers import assert_same_run, tiny_llama
 from tiny_families import FAMILIES, tiny_model
 from lmshrink.engine.capture import capture_block_inputs, run_block
 from lmshrink.engine.checkpoint import Checkpoint
@@ -101,13 +101,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     resumed_model = copy.deepcopy(base)  # a fresh process loads the untouched input model again
     resumed = _engine(resumed_model, GPTQ, checkpoint=Checkpoint(tmp_path / "ck", "key"), resume=True)
     assert resumed.resumed_from_block == 2
-    assert full.results.keys() == resumed.results.keys()
-    for name, r in full.results.items():
-        other = resumed.results[name]
-        assert torch.equal(r.codes, other.codes) and torch.equal(r.scale, other.scale)
-        assert torch.equal(r.zero, other.zero) and torch.equal(r.weight, other.weight)
-    for (n1, p1), (n2, p2) in zip(full_model.state_dict().items(), resumed_model.state_dict().items()):
-        assert n1 == n2 and torch.equal(p1, p2)
+    assert_same_run(full, resumed, full_model, resumed_model)
 
 
 def test_resume_refuses_progress_of_another_run(tmp_path):

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from helpers import tiny_llama
+from helpers import assert_same_run, tiny_llama
 from lmshrink.engine.checkpoint import Checkpoint
 from lmshrink.engine.loop import Engine
 from lmshrink.methods.quant import gptq_quantize
@@ -247,9 +247,4 @@ def test_engine_fp_target_resume_after_kill_is_bit_identical(tmp_path):
     resumed_model = copy.deepcopy(base)
     resumed = _run(resumed_model, recipe, checkpoint=Checkpoint(tmp_path / "ck", "key"), resume=True)
     assert resumed.resumed_from_block == 2
-    for name, r in full.results.items():
-        other = resumed.results[name]
-        assert torch.equal(r.codes, other.codes) and torch.equal(r.scale, other.scale)
-        assert torch.equal(r.zero, other.zero) and torch.equal(r.weight, other.weight)
-    for (n1, p1), (n2, p2) in zip(full_model.state_dict().items(), resumed_model.state_dict().items()):
-        assert n1 == n2 and torch.equal(p1, p2)
+    assert_same_run(full, resumed, full_model, resumed_model)

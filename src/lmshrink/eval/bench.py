@@ -88,6 +88,16 @@ def _prompt(encode, vocab_size: int, tokens: int, seed: int):
     return torch.randint(0, vocab_size, (1, tokens), generator=generator), "random token ids (seeded)"
 
 
+def _given_prompt(prompt_ids: list[int], vocab: int, what: str, fix: str, source: str | None):
+    """``(prompt [1, n], its description)`` from ids given by the caller (another row's prompt), checked against the
+    model's vocabulary size: an id out of range raises an LmshrinkError naming ``what`` and ``fix``."""
+    import torch
+
+    if max(prompt_ids) >= vocab:
+        raise LmshrinkError(f"{what} has token id {max(prompt_ids)}, the vocabulary has {vocab} tokens", fix=fix)
+    return torch.tensor([prompt_ids], dtype=torch.long), source or "the first model's prompt ids"
+
+
 def _reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS counter of this process (Linux); False where it cannot."""
     try:
@@ -123,14 +133,9 @@ class _Runner:
         tokenizer = self.loaded.tokenizer
         vocab = int(self.model.config.vocab_size)
         if prompt_ids is not None:  # the prompt of the model's first row, so that its rows decode the same ids
-            import torch
-
-            if max(prompt_ids) >= vocab:
-                raise LmshrinkError(f"{source}: the given prompt has token id {max(prompt_ids)}, this "
-                                    f"model's vocabulary has {vocab} tokens",
-                                    fix="give prompt ids from this model's tokenizer")
-            self.prompt = torch.tensor([prompt_ids], dtype=torch.long)
-            self.prompt_source = prompt_source or "the first model's prompt ids"
+            self.prompt, self.prompt_source = _given_prompt(
+                prompt_ids, vocab, f"{source}: the given prompt", "give prompt ids from this model's tokenizer",
+                prompt_source)
         else:
             self.prompt, self.prompt_source = _prompt(
                 lambda text: tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids,
@@ -218,8 +223,6 @@ class _LlamaCppRunner:
 
     def __init__(self, path: str, threads: int, prompt_tokens: int, new_tokens: int, seed: int,
                  prompt_ids: list[int] | None = None, prompt_source: str | None = None):
-        import torch
-
         try:
             import llama_cpp
         except ImportError as exc:
@@ -238,12 +241,9 @@ class _LlamaCppRunner:
         self.n_vocab = int(self.llm.n_vocab())
         self.version = llama_cpp.__version__
         if prompt_ids is not None:
-            if max(prompt_ids) >= self.n_vocab:
-                raise LmshrinkError(f"{path}: the first model's prompt has token id {max(prompt_ids)}, the GGUF's "
-                                    f"vocabulary has {self.n_vocab} tokens",
-                                    fix="benchmark the GGUF beside the model it was exported from (same tokenizer)")
-            self.prompt = torch.tensor([prompt_ids], dtype=torch.long)
-            self.prompt_source = prompt_source or "the first model's prompt ids"
+            self.prompt, self.prompt_source = _given_prompt(
+                prompt_ids, self.n_vocab, f"{path}: the first model's prompt (checked against the GGUF)",
+                "benchmark the GGUF beside the model it was exported from (same tokenizer)", prompt_source)
         else:
             self.prompt, self.prompt_source = _prompt(
                 lambda text: self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False),
