@@ -26,6 +26,27 @@ class SolverError(LmshrinkError):
     """The layer's Hessian could not be factorised even with raised damping."""
 
 
+def _flat_rows(x: torch.Tensor, width: int, device, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (``[batch, seq, in]`` or ``[tokens, in]``) as fp32 ``[tokens, in]`` rows on ``device``, masked tokens
+    dropped: the input rows both accumulators sum."""
+    if x.shape[-1] != width:
+        raise ValueError(f"input width {x.shape[-1]} != {width}")
+    rows = x.reshape(-1, width).to(device=device, dtype=torch.float32)
+    if mask is not None:
+        rows = rows[mask.reshape(-1).to(rows.device)]
+    return rows
+
+
+def _advance(acc, total: torch.Tensor, x: torch.Tensor, tokens: int) -> float:
+    """The running average's step: rescale ``total`` for the samples of ``x`` (the batch dimension of a 3-D input,
+    else one), count them on ``acc`` and return the factor ``2 / nsamples`` the new products take."""
+    batch = x.shape[0] if x.ndim == 3 else 1
+    total.mul_(acc.nsamples / (acc.nsamples + batch))
+    acc.nsamples += batch
+    acc.tokens += tokens
+    return 2.0 / acc.nsamples
+
+
 class HessianAccumulator:
     """Accumulates ``H = (2 / nsamples) * sum_t x_t x_t^T`` over calibration inputs of one linear layer, in fp32.
 
@@ -59,16 +80,8 @@ class HessianAccumulator:
         For ``nn.Linear`` and gpt2 ``Conv1D`` the input is what the forward pre-hook sees. ``mask`` (``[batch, seq]``
         or ``[tokens]``, bool) drops padding tokens.
         """
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input width {x.shape[-1]} != {self.in_features}")
-        batch = x.shape[0] if x.ndim == 3 else 1
-        rows = x.reshape(-1, self.in_features).to(device=self._h.device, dtype=torch.float32)
-        if mask is not None:
-            rows = rows[mask.reshape(-1).to(rows.device)]
-        self._h.mul_(self.nsamples / (self.nsamples + batch))
-        self.nsamples += batch
-        self.tokens += rows.shape[0]
-        rows = rows * math.sqrt(2.0 / self.nsamples)
+        rows = _flat_rows(x, self.in_features, self._h.device, mask)
+        rows = rows * math.sqrt(_advance(self, self._h, x, rows.shape[0]))
         if self._band >= self.in_features:
             self._h.addmm_(rows.t(), rows)
             return
@@ -100,20 +113,10 @@ class CrossAccumulator:
         ``[tokens, in]``, as ``HessianAccumulator.add_batch``; ``mask`` drops the same (padding) tokens of both."""
         if x.shape != x_tilde.shape:
             raise ValueError(f"paired inputs differ in shape: {tuple(x.shape)} vs {tuple(x_tilde.shape)}")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input width {x.shape[-1]} != {self.in_features}")
         self.identical = self.identical and bool(torch.equal(x, x_tilde))
-        batch = x.shape[0] if x.ndim == 3 else 1
-        rows = x.reshape(-1, self.in_features).to(device=self.cross.device, dtype=torch.float32)
-        rows_t = x_tilde.reshape(-1, self.in_features).to(device=self.cross.device, dtype=torch.float32)
-        if mask is not None:
-            keep = mask.reshape(-1).to(rows.device)
-            rows, rows_t = rows[keep], rows_t[keep]
-        self.cross.mul_(self.nsamples / (self.nsamples + batch))
-        self.nsamples += batch
-        self.tokens += rows.shape[0]
-        scale = 2.0 / self.nsamples
-        self.cross.addmm_(rows.t(), rows_t, alpha=scale)
+        rows = _flat_rows(x, self.in_features, self.cross.device, mask)
+        rows_t = _flat_rows(x_tilde, self.in_features, self.cross.device, mask)
+        self.cross.addmm_(rows.t(), rows_t, alpha=_advance(self, self.cross, x, rows.shape[0]))
 
 
 def fp_target_weight(weight: torch.Tensor, cross: torch.Tensor, hessian: torch.Tensor, damp_percent: float = 0.01,
