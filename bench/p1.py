@@ -88,3 +88,18 @@ def print_saved_table(args, print_table) -> bool:
     print(f"rows saved in {args.table_from} (the protocol is the one that run was given)")
     print_table(json.loads(Path(args.table_from).read_text()))
     return True
+
+
+def add_reuse_dense_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reuse-dense", metavar="JSON", help="take the dense row from an earlier --json run with the "
+                        "same P1 options instead of evaluating the base model again (the row is marked 'reused')")
+
+
+def reused_dense_row(parser: argparse.ArgumentParser, args) -> dict | None:
+    """The 'dense fp32' row of ``--reuse-dense JSON`` (marked with ``reused``), or None without that option."""
+    if not args.reuse_dense:
+        return None
+    earlier = {r["recipe"]: r for r in json.loads(Path(args.reuse_dense).read_text())}
+    if "dense fp32" not in earlier:
+        parser.error(f"--reuse-dense {args.reuse_dense}: no 'dense fp32' row in it")
+    return {**earlier["dense fp32"], "reused": args.reuse_dense}

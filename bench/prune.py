@@ -20,8 +20,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from p1 import (CLI, add_p1_arguments, compress_options, evaluate_options, keep_row, print_saved_table,
-                protocol_line, run_json)
+from p1 import (CLI, add_p1_arguments, add_reuse_dense_argument, compress_options, evaluate_options, keep_row,
+                print_saved_table, protocol_line, reused_dense_row, run_json)
 
 DEFAULT_RECIPES = ("magnitude50,wanda50,sparse50,owl-wanda50,owl-sparse50,magnitude-2:4,wanda-2:4,2:4,4:8,"
                    "sparse50-w4g128,sparse50-then-w4g128")
@@ -57,18 +57,15 @@ def _print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_p1_arguments(parser, DEFAULT_RECIPES)
-    parser.add_argument("--reuse-dense", metavar="JSON", help="take the dense row from an earlier --json run with the "
-                        "same P1 options instead of evaluating the base model again (the row is marked 'reused')")
+    add_reuse_dense_argument(parser)
     args = parser.parse_args()
     if print_saved_table(args, _print_table):
         return
     evaluate = evaluate_options(args)
     rows = []
-    if args.reuse_dense:
-        earlier = {r["recipe"]: r for r in json.loads(Path(args.reuse_dense).read_text())}
-        if "dense fp32" not in earlier:
-            parser.error(f"--reuse-dense {args.reuse_dense}: no 'dense fp32' row in it")
-        rows.append({**earlier["dense fp32"], "reused": args.reuse_dense})
+    reused = reused_dense_row(parser, args)
+    if reused is not None:
+        rows.append(reused)
         environment = None
     else:
         dense = run_json(CLI + ["evaluate", args.model] + evaluate)

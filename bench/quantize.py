@@ -26,8 +26,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from p1 import (CLI, add_p1_arguments, compress_options, evaluate_options, keep_row, print_saved_table,
-                protocol_line, run_json)
+from p1 import (CLI, add_p1_arguments, add_reuse_dense_argument, compress_options, evaluate_options, keep_row,
+                print_saved_table, protocol_line, reused_dense_row, run_json)
 
 _PACKED = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")
 
@@ -72,16 +72,23 @@ def _print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_p1_arguments(parser, "rtn-w4g128,w4g128,rtn-w3g128,w3g128")
+    add_reuse_dense_argument(parser)
     args = parser.parse_args()
     if print_saved_table(args, _print_table):
         return
     evaluate = evaluate_options(args)
     rows = []
-    dense = run_json(CLI + ["evaluate", args.model] + evaluate)
-    rows.append({"recipe": "dense fp32", "wikitext2": dense["perplexity"][0]["ppl"],
-                 "enwiki": dense["perplexity"][1]["ppl"], "kl": 0.0, "grid_bpw": 32.0, "stored_bpw": 32.0,
-                 "seconds": None, "cpu_seconds": None, "peak_rss_gib": None})
-    keep_row(args, rows, "dense")
+    reused = reused_dense_row(parser, args)
+    environment = None
+    if reused is not None:
+        rows.append(reused)
+    else:
+        dense = run_json(CLI + ["evaluate", args.model] + evaluate)
+        environment = dense["environment"]
+        rows.append({"recipe": "dense fp32", "wikitext2": dense["perplexity"][0]["ppl"],
+                     "enwiki": dense["perplexity"][1]["ppl"], "kl": 0.0, "grid_bpw": 32.0, "stored_bpw": 32.0,
+                     "seconds": None, "cpu_seconds": None, "peak_rss_gib": None})
+        keep_row(args, rows, "dense")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         for recipe in args.recipes.split(","):
@@ -89,6 +96,7 @@ def main() -> None:
             record = run_json(CLI + ["compress", args.model, "--recipe", recipe, "-o", str(out)]
                               + compress_options(args))
             result = run_json(CLI + ["evaluate", str(out), "--kl-base", args.model] + evaluate)
+            environment = environment or result["environment"]
             rows.append({"recipe": recipe, "wikitext2": result["perplexity"][0]["ppl"],
                          "enwiki": result["perplexity"][1]["ppl"], "kl": result["kl"]["kl_mean"],
                          "grid_bpw": _grid_bits(record), "stored_bpw": _stored_bits(out, record),
@@ -97,8 +105,9 @@ def main() -> None:
                          "peak_rss_gib": record["process_peak_rss_bytes"] / 2**30,
                          "engine_peak_rss_gib": record["summary"]["peak_rss_bytes"] / 2**30})
             keep_row(args, rows, recipe)
-    print(f"{protocol_line(args)}; KL on WikiText-2; torch {dense['environment']['torch']}, "
-          f"{dense['environment']['threads']} threads")
+    reused = f"; dense row reused from {args.reuse_dense}" if args.reuse_dense else ""
+    print(f"{protocol_line(args)}; KL on WikiText-2; torch {environment['torch'] if environment else '?'}, "
+          f"{environment['threads'] if environment else '?'} threads{reused}")
     _print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
