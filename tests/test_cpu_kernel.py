@@ -183,3 +183,63 @@ def test_kernel_takes_any_leading_dimensions():
     assert torch.equal(y.reshape(6, 24), cpu_kernels.int4_linear(x.reshape(6, 96), *args))
     assert cpu_kernels.int4_linear(torch.randn(0, 96), *args).shape == (0, 24)
     assert cpu_kernels.ready()
+
+
+# -- int8 activations (q8_0) and the q8_0 lm_head kernel ----------------------------------------------------------
+
+
+def test_activation_rounding_is_per_block_of_32():
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 70, generator=generator)
+    x[1, 32:64] = 0  # an all-zero block stays zero
+    rounded = cpu_kernels.quantize_activations_q8(x)
+    assert rounded.shape == x.shape
+    for start in range(0, 70, 32):
+        block, got = x[:, start:start + 32], rounded[:, start:start + 32]
+        d = block.abs().amax(dim=1, keepdim=True) / 127
+        assert torch.all((got - block).abs() <= d / 2 * (1 + 1e-6) + 1e-12)  # round to nearest
+        codes = torch.where(d > 0, got / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(got))
+        torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)  # on the grid of d
+        assert codes.abs().max() <= 127 + 1e-4
+    assert torch.all(rounded[1, 32:64] == 0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("out_features,in_features,group_size", SHAPES)
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_int8_activation_kernel_is_the_product_with_rounded_activations(out_features, in_features, group_size, rows):
+    result = _result(out_features, in_features, 4, group_size, False, seed=rows)
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(rows, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator)
+    packed = cpu_kernels.pack(result.codes, result.scale, result.zero, result.spec.group_width(in_features))
+    y = cpu_kernels.int4_linear_q8(x, packed.codes, packed.scales, packed.zeros, bias, packed.groups,
+                                   packed.blocks_per_group)
+    # exactly x^ @ W.T (+ b) up to float32 summation, x^ the rounded activations
+    _check(y, cpu_kernels.quantize_activations_q8(x), result, bias)
+    # and not the float32 product: the rounding is real (its error is far above the summation bound)
+    exact = cpu_kernels.int4_linear(x, packed.codes, packed.scales, packed.zeros, bias, packed.groups,
+                                    packed.blocks_per_group)
+    assert (y - exact).abs().max() > 1e-4
+
+
+@needs_kernel
+@pytest.mark.parametrize("out_features,in_features", [(100, 576), (7, 70), (33, 32), (5, 1)])
+def test_q8_linear_is_the_product_of_the_rounded_weight_and_activations(out_features, in_features):
+    generator = torch.Generator().manual_seed(in_features)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    x = torch.randn(2, in_features, generator=generator)
+    codes, scales = cpu_kernels.quantize_q8_rows(weight)
+    blocks = -(-in_features // 32)
+    assert codes.shape == (out_features, blocks * 32) and scales.shape == (out_features, blocks)
+    rounded_w = (codes.double().view(out_features, blocks, 32) * scales.double()[..., None]).view(out_features, -1)
+    rounded_w = rounded_w[:, :in_features]
+    assert (rounded_w - weight.double()).abs().max() <= scales.max() / 2 + 1e-7
+    rounded_x = cpu_kernels.quantize_activations_q8(x).double()
+    ref = rounded_x @ rounded_w.t()
+    y = cpu_kernels.q8_linear(x, codes, scales)
+    n = in_features + 2 * blocks + 8
+    bound = n * U / (1 - n * U) * (rounded_x.abs() @ rounded_w.abs().t())
+    assert y.shape == (2, out_features) and torch.all((y.double() - ref).abs() <= bound + 1e-30)
+    with pytest.raises(RuntimeError, match="columns"):
+        cpu_kernels.q8_linear(torch.randn(1, in_features + 40), codes, scales)

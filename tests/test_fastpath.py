@@ -186,10 +186,49 @@ def test_packed_model_matches_its_transformers_forward(packed_tiny):
         assert kinds == {"int4_avx2"}
         # q/k/v and gate/up run as one kernel call each, o and down as their own
         assert decoder.linears == {"qkv:int4_avx2:fused": 2, "o:int4_avx2": 2, "gate_up:int4_avx2:fused": 2,
-                                   "down:int4_avx2": 2}
+                                   "down:int4_avx2": 2, "lm_head:dense": 1}
         q_proj = packed.model.layers[0].self_attn.q_proj
         assert q_proj.packed.data_ptr() == decoder.step_layers[0][2].packed.data_ptr()  # a view, not a copy
     else:
         assert kinds == {"int4"} and decoder.linears["qkv:modules"] == 2
     with torch.inference_mode():  # the model itself still computes the same logits
         torch.testing.assert_close(packed(ids).logits, before, rtol=0, atol=0)
+
+
+def _teacher_forced(decoder, ids):
+    """Logits of every position of ``ids`` [1, T]: a one-token prefill, then one step per token."""
+    rows = [decoder.prefill(ids[:, :1])]
+    for token in ids[0, 1:].tolist():
+        rows.append(decoder.step(token))
+    return torch.cat(rows)
+
+
+def test_int8_activations_and_head_approximate_the_exact_path(packed_tiny):
+    packed, kind, _ = packed_tiny
+    if kind != "avx2":
+        pytest.skip("int8 activations run through the AVX2 kernel's int4 layers")
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(9))
+    exact = _teacher_forced(FastDecoder(packed, 32), ids)
+    for options, keys in (({"activations": "int8"}, {"qkv:int4_avx2_q8:fused": 2, "down:int4_avx2_q8": 2,
+                                                     "lm_head:dense": 1}),
+                          ({"head": "int8"}, {"qkv:int4_avx2:fused": 2, "lm_head:q8": 1}),
+                          ({"activations": "int8", "head": "int8"}, {"gate_up:int4_avx2_q8:fused": 2,
+                                                                     "lm_head:q8": 1})):
+        decoder = FastDecoder(packed, 32, **options)
+        assert keys.items() <= decoder.linears.items(), decoder.linears
+        got = _teacher_forced(decoder, ids)
+        relative = ((got - exact).norm() / exact.norm()).item()
+        # a real approximation (far above float32 rounding), and a close one: int8 keeps ~2 decimal digits
+        assert 1e-5 < relative < 0.03, f"{options}: relative logit error {relative}"
+    with pytest.raises(LmshrinkError, match="activations='int4' is not known"):
+        FastDecoder(packed, 32, activations="int4")
+    with pytest.raises(LmshrinkError, match="head='fp8' is not known"):
+        FastDecoder(packed, 32, head="fp8")
+
+
+def test_int8_options_refuse_a_model_that_is_not_float32():
+    model = tiny_llama(num_hidden_layers=1).to(torch.bfloat16)
+    with pytest.raises(LmshrinkError, match="float32 model") as err:
+        FastDecoder(model, 16, head="int8")
+    assert "head='model'" in err.value.fix
+    FastDecoder(model, 16)  # the exact path still takes it

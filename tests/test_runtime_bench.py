@@ -35,20 +35,24 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def record(folders):
     base, compressed = folders
-    # the only run that starts worker processes (each imports torch and transformers); the default decode="both":
-    # an hf (transformers' forward) and a fast (FastDecoder) row per model
+    # the only run that starts worker processes (each imports torch and transformers); decode="all": an hf
+    # (transformers' forward), a fast (FastDecoder) and a fast-q8 (FastDecoder, int8 activations and lm_head) row
+    # per model, the last only where the AVX2 kernel builds
     return bench([str(base), str(compressed)], prompt_tokens=16, new_tokens=4, trials=2, warmup=1, threads=1,
-                 progress=False)
+                 progress=False, decode="all")
 
 
 def test_bench_reports_both_models_side_by_side(record):
-    first, first_fast, second, second_fast = record["models"]
-    assert [(row["runtime"], row["decode"]) for row in record["models"]] == [
-        ("dense", "hf"), ("dense", "fast"), ("packed", "hf"), ("packed", "fast")]
     # 4-bit layers run lmshrink's AVX2 kernel where it builds, torch's int4 kernel elsewhere
     from lmshrink.runtime import cpu_kernels
 
     avx2 = cpu_kernels.available()
+    q8 = ["fast-q8"] if avx2 else []
+    assert [(row["runtime"], row["decode"]) for row in record["models"]] == [
+        (runtime, path) for runtime in ("dense", "packed") for path in ["hf", "fast"] + q8]
+    by_path = {(row["runtime"], row["decode"]): row for row in record["models"]}
+    first, first_fast = by_path["dense", "hf"], by_path["dense", "fast"]
+    second, second_fast = by_path["packed", "hf"], by_path["packed", "fast"]
     assert second["model"]["extra"]["packed_layers"] == {"int4_avx2" if avx2 else "int4": 14}
     for row in record["models"]:
         assert len(row["trials"]) == 2
@@ -69,7 +73,14 @@ def test_bench_reports_both_models_side_by_side(record):
     assert first_fast["size"] == first["size"] and second_fast["size"] == second["size"]
     if avx2:
         assert second_fast["fast_linears"]["qkv:int4_avx2:fused"] == 2
-    assert "fast" in record["protocol"]["decode_paths"] and "fast_skipped" not in record["protocol"]
+        q8_row = by_path["packed", "fast-q8"]
+        assert q8_row["fast_linears"]["qkv:int4_avx2_q8:fused"] == 2 and q8_row["fast_linears"]["lm_head:q8"] == 1
+        assert by_path["dense", "fast-q8"]["fast_linears"]["lm_head:q8"] == 1
+        assert len(q8_row["tokens"]) == 5 and q8_row["prompt_source"] == second["prompt_source"]
+        assert "fast_skipped" not in record["protocol"]
+    else:  # no kernel: the fast-q8 rows are skipped with the reason
+        assert all("AVX2" in reason for reason in record["protocol"]["fast_skipped"].values())
+    assert {"fast", "fast-q8"} <= set(record["protocol"]["decode_paths"])
     # torch's int4: 4-bit codes plus a bf16 scale and offset per 32 weights: 5 bits of 32 (fp32) -> 5/32 of the
     # fp32 bytes; the AVX2 kernel: a float32 scale and a uint8 zero point per 32 weights: 5.25 bits
     assert second["vs_first"]["linear_bytes_ratio"] == pytest.approx((5.25 if avx2 else 5) / 32)
@@ -90,7 +101,7 @@ def test_bench_cli_prints_the_table_and_refuses_bad_input(folders, record, capsy
     assert "decode tok/s" in out and "packed" in out and "fast" in out
     assert calls[0][1]["decode"] == "both"
     assert main(["bench", str(base), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["models"][2]["runtime"] == "packed"
+    assert json.loads(capsys.readouterr().out)["models"][-1]["runtime"] == "packed"
     monkeypatch.undo()
     assert main(["bench", str(base), "--runtime", "packed", "--quiet"]) == 2
     assert "not a compressed checkpoint" in capsys.readouterr().err

@@ -152,10 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: compressed folders packed, others dense (default)")
     bn.add_argument("--dtype", default="float32", help="dtype of everything not packed (default: float32)")
     bn.add_argument("--seed", type=int, default=0, help="seed of the random prompt (default: 0)")
-    bn.add_argument("--decode", choices=("hf", "fast", "both"), default="both",
+    bn.add_argument("--decode", choices=("hf", "fast", "fast-q8", "both", "all"), default="both",
                     help="decode path: hf = transformers' forward, fast = lmshrink's lean decoder (Llama-family, "
-                         "greedy, batch 1), both = an hf and a fast row per model (default); ratios are relative "
-                         "to the first row")
+                         "greedy, batch 1), fast-q8 = the lean decoder with int8 activations and an int8 lm_head "
+                         "(llama.cpp's approximations; cost: bench/decode_error.py), both = an hf and a fast row "
+                         "per model (default), all = hf, fast and fast-q8 rows; ratios are relative to the first row")
     bn.add_argument("--llama-cpp", action="append", default=[], metavar="GGUF",
                     help="also run this GGUF file in llama.cpp (llama-cpp-python), same threads and prompt ids as "
                          "the first model; repeatable")
@@ -393,7 +394,8 @@ def _cmd_bench(args) -> int:
                   f"trial(s) discarded. machine: {m['cpu']} ({m['cpu_capability']}, {m['cpus']} CPUs, load average "
                   f"{m['load_average_at_end'][0]:.2f} at the end), torch {m['torch']}. linear = Linear layers in the "
                   "decoder blocks; greedy = first: leading generated tokens equal to the first row's; decode: hf = "
-                  "transformers' forward, fast = lmshrink's FastDecoder; CPU-time: the decode loop's process CPU time")
+                  "transformers' forward, fast = lmshrink's FastDecoder, fast-q8 = the same with int8 activations "
+                  "and lm_head; CPU-time: the decode loop's process CPU time")
     for source, reason in p.get("fast_skipped", {}).items():
         console.print(f"no fast row for {source}: {reason}")
     if "llama_cpp" in p:

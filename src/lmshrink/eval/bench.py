@@ -14,7 +14,11 @@ Decode paths (``decode=``, ``--decode``): ``hf`` runs transformers' own forward 
 run it); ``fast`` runs lmshrink's lean decoder (``runtime/fastpath.py``: Llama-family models, greedy, batch 1, the
 same modules and weights, its own forward and preallocated cache) with the same trial structure; ``both`` (the
 default) gives every model an ``hf`` row and a ``fast`` row, so that the speed-up of the packed weights and that of
-the leaner forward are seen apart; ratios stay relative to the first row (the first model's ``hf`` row). Each trial
+the leaner forward are seen apart; ratios stay relative to the first row (the first model's ``hf`` row).
+``fast-q8`` is the fast path with the two approximations llama.cpp makes on CPU: the inputs of the int4 layers
+rounded to int8 per block of 32 columns and lm_head run from a q8_0 copy (``FastDecoder(activations="int8",
+head="int8")``; ``bench/decode_error.py`` measures what they cost in perplexity and KL); ``all`` adds a ``fast-q8``
+row to ``both``'s. Each trial
 also records the process CPU time of the decode loop (``decode_cpu_tokens_per_s``), steadier than wall time on a
 shared machine.
 
@@ -147,10 +151,10 @@ class _Runner:
         self.size = {**model_size(self.model), **_linear_bytes(self.model)}
         self.decode = decode
         self.decoder = None
-        if decode == "fast":
+        if decode in FAST_OPTIONS:
             from lmshrink.runtime.fastpath import FastDecoder
 
-            self.decoder = FastDecoder(self.model, self.prompt.shape[1] + new_tokens)
+            self.decoder = FastDecoder(self.model, self.prompt.shape[1] + new_tokens, **FAST_OPTIONS[decode])
 
     def _cache_of(self, output):
         return getattr(output, "cache", None) if self.cache_arg == "cache" else output.past_key_values
@@ -382,7 +386,9 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-DECODE_PATHS = ("hf", "fast", "both")
+DECODE_PATHS = ("hf", "fast", "fast-q8", "both", "all")
+PATHS_OF = {"both": ["hf", "fast"], "all": ["hf", "fast", "fast-q8"]}
+FAST_OPTIONS = {"fast": {}, "fast-q8": {"activations": "int8", "head": "int8"}}  # FastDecoder options per path
 
 
 def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, trials: int = 5, warmup: int = 1,
@@ -391,9 +397,10 @@ def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, 
     """Benchmark ``models`` side by side (see the module docstring for the protocol); returns a JSON-ready record.
 
     runtime: ``auto`` (compressed folders packed, other models dense), ``packed`` or ``dense`` for every model.
-    decode: ``hf`` (transformers' forward), ``fast`` (lmshrink's FastDecoder) or ``both`` (an ``hf`` and a ``fast``
-    row per model; a model the fast path does not support keeps its ``hf`` row, and ``protocol.fast_skipped`` says
-    why). Every row's ``decode`` names its path.
+    decode: ``hf`` (transformers' forward), ``fast`` (lmshrink's FastDecoder), ``fast-q8`` (FastDecoder with int8
+    activations and an int8 lm_head, approximations as llama.cpp makes them), ``both`` (an ``hf`` and a ``fast`` row
+    per model) or ``all`` (``hf``, ``fast`` and ``fast-q8`` rows); with ``both``/``all`` a model the fast path does
+    not support keeps its ``hf`` row, and ``protocol.fast_skipped`` says why. Every row's ``decode`` names its path.
     llama_cpp: GGUF files run by llama.cpp (llama-cpp-python), as rows after ``models``, with the same threads and
     the first model's prompt ids. Ratios are relative to the first row.
     """
@@ -420,7 +427,7 @@ def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, 
     if runtime not in ("auto", "packed", "dense"):
         raise LmshrinkError(f"runtime={runtime!r} is not known", fix="use auto, packed or dense")
     if decode not in DECODE_PATHS:
-        raise LmshrinkError(f"decode={decode!r} is not known", fix="use hf, fast or both")
+        raise LmshrinkError(f"decode={decode!r} is not known", fix="use one of " + ", ".join(DECODE_PATHS))
     runtimes = [_runtime_for(source, runtime) for source in models]
     for source, chosen in zip(models, runtimes):
         if chosen == "packed":
@@ -434,7 +441,7 @@ def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, 
     rows: list[dict[str, Any]] = []
     prompt: dict[str, Any] = {}  # the first row's prompt ids, given to the llama.cpp rows
     prompts: dict[str, dict[str, Any]] = {}  # each model's prompt ids, given to its fast row
-    paths = ["hf", "fast"] if decode == "both" else [decode]
+    paths = PATHS_OF.get(decode, [decode])
     jobs = [(source, chosen, path) for source, chosen in zip(models, runtimes) for path in paths]
     jobs += [(path, LLAMA_CPP, LLAMA_CPP) for path in llama_cpp]
     fast_skipped: dict[str, str] = {}
@@ -447,8 +454,8 @@ def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, 
             info = worker.read(f"loading {source}")
             if "error" in info:
                 worker.close()
-                if path == "fast" and decode == "both" and info.get("unsupported"):
-                    fast_skipped[source] = info["error"]  # its hf row stays; the record says why there is no fast one
+                if path != "hf" and decode in PATHS_OF and info.get("unsupported"):
+                    fast_skipped[source if path == "fast" else f"{source} ({path})"] = info["error"]  # its hf row stays; the record says why there is no fast one
                     if progress:
                         print(f"bench: no fast row for {source}: {info['error']}", file=sys.stderr)
                     continue
@@ -499,7 +506,10 @@ def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, 
         "decoding": "greedy, KV cache, one token per forward pass",
         "decode_paths": {"hf": "transformers' forward with its own cache (logits_to_keep=1)",
                          "fast": "lmshrink FastDecoder: the model's modules and weights, its own forward, a "
-                                 "preallocated cache; q/k/v and gate/up fused for int4_avx2 layers"},
+                                 "preallocated cache; q/k/v and gate/up fused for int4_avx2 layers",
+                         "fast-q8": "FastDecoder with llama.cpp's approximations: the int4 layers' inputs rounded "
+                                    "to int8 per block of 32 (activations='int8'), lm_head from a q8_0 copy "
+                                    "(head='int8'); their accuracy cost: bench/decode_error.py"},
         "decode_cpu": "process CPU time of the decode loop (all threads), beside its wall time",
         **({"fast_skipped": fast_skipped} if fast_skipped else {}),
         "statistic": "median over trials; trials interleaved across models, one worker process per model",

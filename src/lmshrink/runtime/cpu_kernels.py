@@ -182,7 +182,57 @@ def int4_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     return _module.int4_dequantize(codes, scales, zeros, in_features, groups, bpg)
 
 
+def int4_linear_q8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   bias: torch.Tensor | None, groups: int, bpg: int) -> torch.Tensor:
+    """``int4_linear`` with ``x`` rounded to int8 per block of 32 columns first (llama.cpp's q8_0 activations).
+
+    Each block of a row becomes ``d * xq`` with ``d = max|x| / 127`` and ``xq = round(x / d)`` (to nearest even);
+    the result is ``x^ @ W.T (+ bias)`` for that rounded ``x^``, up to float32 summation order
+    (``quantize_activations_q8`` computes ``x^``). Integer products (AVX2 ``maddubs``) instead of float ones.
+    """
+    if not ready():
+        raise RuntimeError(f"the AVX2 int4 kernel is not available: {kernel_status()}")
+    return _module.int4_linear_q8(x, codes, scales, zeros, _EMPTY if bias is None else bias, groups, bpg)
+
+
+def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
+    """The float32 ``x^`` that ``int4_linear_q8`` multiplies with: each block of 32 columns of each row rounded to
+    ``d * round(x / d)``, ``d = max|x| / 127`` (a reference for tests and error estimates)."""
+    k = x.shape[-1]
+    blocks = -(-k // BLOCK)
+    padded = torch.zeros(*x.shape[:-1], blocks * BLOCK, dtype=torch.float32)
+    padded[..., :k] = x.float()
+    view = padded.view(*x.shape[:-1], blocks, BLOCK)
+    amax = view.abs().amax(dim=-1, keepdim=True)
+    d = amax / 127.0
+    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    rounded = torch.round(view * inverse) * d
+    return rounded.reshape(*x.shape[:-1], blocks * BLOCK)[..., :k]
+
+
+def quantize_q8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight ``[N, K]`` as q8_0 blocks for ``q8_linear``: int8 codes ``[N, B*32]`` (zero past K) and float32 scales
+    ``[N, B]``, ``d = max|w| / 127`` per row and block of 32 columns, codes ``round(w / d)``."""
+    n, k = weight.shape
+    blocks = -(-k // BLOCK)
+    padded = torch.zeros(n, blocks * BLOCK, dtype=torch.float32)
+    padded[:, :k] = weight.detach().float()
+    view = padded.view(n, blocks, BLOCK)
+    amax = view.abs().amax(dim=-1)
+    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    codes = torch.round(view * inverse[..., None]).to(torch.int8).reshape(n, blocks * BLOCK).contiguous()
+    return codes, (amax / 127.0).contiguous()
+
+
+def q8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 ``x^ @ W^.T`` for q8_0 weight blocks (``quantize_q8_rows``) and ``x`` rounded to int8 per block of 32
+    as ``quantize_activations_q8`` computes it: llama.cpp's q8_0 x q8_0 product, 1.125 bytes per weight."""
+    if not ready():
+        raise RuntimeError(f"the AVX2 int4 kernel is not available: {kernel_status()}")
+    return _module.q8_linear(x, codes, scales)
+
+
 _EMPTY = torch.empty(0)
 
 __all__ = ["available", "ready", "kernel_status", "pack", "pack_codes", "unpack_codes", "dequantize_packed", "int4_linear",
-           "int4_dequantize", "blocks_per_group", "PackedInt4", "ENV_VAR"]
+           "int4_linear_q8", "quantize_activations_q8", "quantize_q8_rows", "q8_linear", "int4_dequantize", "blocks_per_group", "PackedInt4", "ENV_VAR"]

@@ -126,14 +126,15 @@ class _Int4:
     """int4_avx2 QuantLinear layers on one input as one kernel call (one layer, or several whose rows are
     concatenated: their buffers then become views of the concatenation, so no second copy stays)."""
 
-    def __init__(self, modules: list[QuantLinear]):
+    def __init__(self, modules: list[QuantLinear], int8_activations: bool = False):
         first = modules[0]
         self.groups, self.bpg = first._groups, first._blocks_per_group
         if len(modules) == 1:
             self.packed, self.scale, self.zero, self.bias = first.packed, first.group_scale, first.group_zero, first.bias
         else:
             self._concatenate(modules)
-        self.kernel = cpu_kernels._module.int4_linear  # the compiled op itself: no Python wrapper per call
+        # the compiled op itself: no Python wrapper per call
+        self.kernel = cpu_kernels._module.int4_linear_q8 if int8_activations else cpu_kernels._module.int4_linear
         self.bias_arg = cpu_kernels._EMPTY if self.bias is None else self.bias
 
     def _concatenate(self, modules: list[QuantLinear]) -> None:
@@ -186,6 +187,21 @@ class _Dense:
         return residual + F.linear(x, self.weight, self.bias)
 
 
+class _Q8:
+    """A float32 Linear without bias run from a q8_0 copy of its weight (``cpu_kernels.q8_linear``: int8 blocks of 32
+    with a float32 scale each, activations rounded the same way)."""
+
+    def __init__(self, module: nn.Linear):
+        self.codes, self.scales = cpu_kernels.quantize_q8_rows(module.weight)
+        self.kernel = cpu_kernels._module.q8_linear
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(x, self.codes, self.scales)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return residual + self(x)
+
+
 class _Modules:
     """Any other layers: called as modules (several: their outputs concatenated)."""
 
@@ -201,12 +217,12 @@ class _Modules:
         return residual + self(x)
 
 
-def _linear(modules: list[nn.Module], fuse: bool, fuse_dense: bool, fp32: bool):
+def _linear(modules: list[nn.Module], fuse: bool, fuse_dense: bool, fp32: bool, int8_activations: bool = False):
     """One callable computing ``cat([m(x) for m in modules], -1)`` for a one-row ``x`` (see the module docstring)."""
     keys = [_avx2_key(m) for m in modules]
     if fp32 and keys[0] is not None and all(k == keys[0] for k in keys) and cpu_kernels.ready():
         if fuse or len(modules) == 1:
-            return _Int4(modules)
+            return _Int4(modules, int8_activations)
     if all(type(m) is nn.Linear for m in modules):
         if len(modules) == 1 or (fuse and fuse_dense and len({(m.weight.dtype, m.weight.device) for m in modules}) == 1):
             return _Dense(modules)
@@ -221,12 +237,30 @@ class FastDecoder:
     returns its logits ``[1, vocab]``; ``reset()`` empties the cache. The model is used in place (its modules and
     weights; see the module docstring for the int4 buffers that become views). ``fuse=False`` runs every Linear
     layer as its own call; ``fuse_dense=True`` also fuses plain ``nn.Linear`` q/k/v and gate/up (a concatenated copy
-    of their weights). ``linears`` says how the decode step runs each group (``int4_avx2``, ``dense``, ``modules``).
+    of their weights). ``linears`` says how the decode step runs each group (``int4_avx2``, ``int4_avx2_q8``,
+    ``dense``, ``q8``, ``modules``).
+
+    Two approximations, both off by default, trade exactness for decode speed the way llama.cpp does:
+    ``activations="int8"`` rounds the input of every int4_avx2 layer in the decode step to int8 per block of 32
+    columns (``cpu_kernels.int4_linear_q8``, integer products); ``head="int8"`` runs a float32 ``lm_head`` (a plain
+    Linear without bias) from a q8_0 copy of its weight (int8 blocks of 32 columns with a float32 scale each, and
+    activations rounded the same way: ``cpu_kernels.q8_linear``; the copy costs 1.125 bytes per weight beside the
+    model's), for the prompt's last position and every step. Both need the AVX2 kernel and a float32 model; the
+    prompt's layers run as before.
     """
 
-    def __init__(self, model: nn.Module, max_len: int, *, fuse: bool = True, fuse_dense: bool = False):
+    ACTIVATIONS = ("float32", "int8")
+    HEADS = ("model", "int8")
+
+    def __init__(self, model: nn.Module, max_len: int, *, fuse: bool = True, fuse_dense: bool = False,
+                 activations: str = "float32", head: str = "model"):
         if max_len < 1:
             raise LmshrinkError(f"max_len={max_len}: the cache needs at least one position", fix="pass max_len >= 1")
+        if activations not in self.ACTIVATIONS:
+            raise LmshrinkError(f"activations={activations!r} is not known",
+                                fix=f"use one of {', '.join(self.ACTIVATIONS)}")
+        if head not in self.HEADS:
+            raise LmshrinkError(f"head={head!r} is not known", fix=f"use one of {', '.join(self.HEADS)}")
         ok, reason = supported(model, max_len)
         if not ok:
             raise UnsupportedArchitectureError(f"cannot decode with the fast path: {reason}", fix=FIX)
@@ -268,7 +302,20 @@ class FastDecoder:
         self.fp32 = dtype == torch.float32
         self.final_norm = (inner.norm.weight, float(inner.norm.variance_epsilon))
         self.lm_head = model.lm_head
-        self.head = _linear([model.lm_head], False, False, self.fp32)
+        self.activations, self.head_kind = activations, head
+        if activations != "float32" or head != "model":
+            if not (self.fp32 and cpu_kernels.ready()):
+                why = "the model is not float32" if not self.fp32 else f"AVX2 kernel: {cpu_kernels.kernel_status()}"
+                raise UnsupportedArchitectureError(f"activations={activations!r} / head={head!r} need lmshrink's AVX2 kernel and a "
+                                    f"float32 model ({why})", fix="use activations='float32', head='model'")
+        int8 = activations == "int8"
+        if head == "int8":
+            if type(model.lm_head) is not nn.Linear or model.lm_head.bias is not None:
+                raise UnsupportedArchitectureError(f"head='int8' takes a plain Linear lm_head without bias, not "
+                                    f"{type(model.lm_head).__name__}", fix="use head='model'")
+            self.head = _Q8(model.lm_head)
+        else:
+            self.head = _linear([model.lm_head], False, False, self.fp32, int8)
         self.layers = []      # for the prompt: the modules themselves
         self.step_layers = []  # for one token: kernels called directly, q/k/v and gate/up fused where possible
         self.linears: dict[str, int] = {}
@@ -279,17 +326,21 @@ class FastDecoder:
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
             self.layers.append((norm1, norm2, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
                                 mlp.gate_proj, mlp.up_proj, mlp.down_proj, k_cache, v_cache))
-            qkv = _linear([attn.q_proj, attn.k_proj, attn.v_proj], fuse, fuse_dense, self.fp32)
-            out = _linear([attn.o_proj], False, False, self.fp32)
-            gate_up = _linear([mlp.gate_proj, mlp.up_proj], fuse, fuse_dense, self.fp32)
-            down = _linear([mlp.down_proj], False, False, self.fp32)
+            qkv = _linear([attn.q_proj, attn.k_proj, attn.v_proj], fuse, fuse_dense, self.fp32, int8)
+            out = _linear([attn.o_proj], False, False, self.fp32, int8)
+            gate_up = _linear([mlp.gate_proj, mlp.up_proj], fuse, fuse_dense, self.fp32, int8)
+            down = _linear([mlp.down_proj], False, False, self.fp32, int8)
             for name, linear in (("qkv", qkv), ("o", out), ("gate_up", gate_up), ("down", down)):
-                kind = {_Int4: "int4_avx2", _Dense: "dense", _Modules: "modules"}[type(linear)]
+                kind = {_Int4: "int4_avx2_q8" if int8 else "int4_avx2", _Dense: "dense",
+                        _Modules: "modules"}[type(linear)]
                 key = f"{name}:{kind}" + (":fused" if name in ("qkv", "gate_up") and not isinstance(linear, _Modules)
                                           else "")
                 self.linears[key] = self.linears.get(key, 0) + 1
             self.step_layers.append((norm1[0], norm1[1], qkv, out.add, norm2[0], norm2[1], gate_up, down.add,
                                      self.cache[index], k_cache, v_cache))
+        head_kind = {_Int4: "int4_avx2_q8" if int8 else "int4_avx2", _Dense: "dense", _Q8: "q8",
+                     _Modules: "modules"}[type(self.head)]
+        self.linears[f"lm_head:{head_kind}"] = 1
         self.zero = torch.zeros(self.hidden, dtype=dtype, device=device)
         self.length = 0
 
@@ -350,7 +401,8 @@ class FastDecoder:
             h = self._norm(x, norm2)
             x = x + down(F.silu(gate(h)) * up(h))
         self.length = n
-        return self.lm_head(self._norm(x[-1:], self.final_norm))
+        head = self.head if self.head_kind == "int8" else self.lm_head
+        return head(self._norm(x[-1:], self.final_norm))
 
     # -- one token ---------------------------------------------------------------------------------------------
 

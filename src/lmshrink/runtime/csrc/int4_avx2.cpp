@@ -15,6 +15,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -222,7 +223,224 @@ torch::Tensor int4_dequantize(torch::Tensor codes, torch::Tensor scales, torch::
   return out;
 }
 
+// ---- int8 activations (the llama.cpp q8_0 scheme) ------------------------------------------------------------
+// Each row of x is rounded per block of 32 columns to int8 with one float32 scale (d = max|x| / 127, round to nearest
+// even): x^ = d * xq. A block's 32 codes (u8, 0..15) and its 32 xq (s8) meet in one maddubs + madd (16-bit pair sums
+// are at most 2 * 15 * 127, no saturation), and the block's 8 int32 lane sums are converted once and scaled by d.
+// The result is exactly x^ @ W.T up to float32 summation order, with the zero-point term taken from x^ too.
+// The codes keep int4_linear's layout; the activations are stored in the byte order that layout unpacks to:
+// (v & 0x0F0F) gives, per 16-bit word l, columns l and 16 + l; ((v >> 4) & 0x0F0F) columns 8 + l and 24 + l.
+
+namespace {
+
+struct ArgsQ8 {
+  const uint16_t* codes;  // [N, B * 8]
+  const float* scales;    // [N, G]
+  const uint8_t* zeros;   // [N, G]
+  const int8_t* xq;       // [M, B * 32] in the unpack order above
+  const float* xd;        // [M, B] block scales
+  const float* xg;        // [M, G8] per-group sums of x^ (zero past G)
+  const float* bias;      // [N] or null
+  float* y;               // [M, N]
+  int64_t n_out, blocks, groups, groups8, bpg;
+};
+
+template <int MR>
+void rows_kernel_q8(const ArgsQ8& a, int64_t m0, int64_t n0, int64_t n1) {
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* xrow[MR];
+  const float* drow[MR];
+  const float* xgrow[MR];
+  for (int m = 0; m < MR; ++m) {
+    xrow[m] = a.xq + (m0 + m) * a.blocks * 32;
+    drow[m] = a.xd + (m0 + m) * a.blocks;
+    xgrow[m] = a.xg + (m0 + m) * a.groups8;
+  }
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* c = a.codes + n * a.blocks * 8;
+    const float* s = a.scales + n * a.groups;
+    const uint8_t* z = a.zeros + n * a.groups;
+    __m256 tot[MR];
+    for (int m = 0; m < MR; ++m) tot[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < a.groups; ++g) {
+      const int64_t b0 = g * a.bpg, b1 = std::min(b0 + a.bpg, a.blocks);
+      __m256 acc[MR];
+      for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+      for (int64_t b = b0; b < b1; ++b) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + b * 8));
+        const __m256i w = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(v, nib)),
+                                                  _mm_and_si128(_mm_srli_epi16(v, 4), nib), 1);
+        for (int m = 0; m < MR; ++m) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow[m] + b * 32));
+          const __m256i sum = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_broadcast_ss(drow[m] + b), acc[m]);
+        }
+      }
+      const __m256 sv = _mm256_broadcast_ss(s + g);
+      for (int m = 0; m < MR; ++m) tot[m] = _mm256_fmadd_ps(sv, acc[m], tot[m]);
+    }
+    __m256 zt[MR];
+    for (int m = 0; m < MR; ++m) zt[m] = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= a.groups; g += 8) {
+      const __m128i zb = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + g));
+      const __m256 sz = _mm256_mul_ps(_mm256_loadu_ps(s + g), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zb)));
+      for (int m = 0; m < MR; ++m) zt[m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xgrow[m] + g), zt[m]);
+    }
+    float zr[MR] = {};
+    for (; g < a.groups; ++g) {
+      const float sz = s[g] * static_cast<float>(z[g]);
+      for (int m = 0; m < MR; ++m) zr[m] += sz * xgrow[m][g];
+    }
+    const float bn = a.bias ? a.bias[n] : 0.0f;
+    for (int m = 0; m < MR; ++m) a.y[(m0 + m) * a.n_out + n] = (hsum(tot[m]) - (hsum(zt[m]) + zr[m])) + bn;
+  }
+}
+
+void run_rows_q8(const ArgsQ8& a, int64_t m0, int64_t mr, int64_t n0, int64_t n1) {
+  switch (mr) {
+    case 1: rows_kernel_q8<1>(a, m0, n0, n1); break;
+    case 2: rows_kernel_q8<2>(a, m0, n0, n1); break;
+    case 3: rows_kernel_q8<3>(a, m0, n0, n1); break;
+    default: rows_kernel_q8<4>(a, m0, n0, n1); break;
+  }
+}
+
+// byte position p (0..31) of an unpacked block -> its column within the block
+inline int q8_column(int p) {
+  const int half = p >> 4, r = p & 15;
+  return (r >> 1) + 8 * (half + 2 * (r & 1));
+}
+
+}  // namespace
+
+// As int4_linear, with x rounded to int8 per block of 32 columns (see above). Returns [..., N] float32.
+torch::Tensor int4_linear_q8(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros,
+                             torch::Tensor bias, int64_t groups, int64_t blocks_per_group) {
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
+              "int4_linear_q8: x must be a float32 CPU tensor");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt16 && codes.is_contiguous(),
+              "int4_linear_q8: codes must be contiguous int16 [N, blocks*8]");
+  const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0, N = codes.size(0);
+  TORCH_CHECK(codes.size(1) % 8 == 0, "int4_linear_q8: codes width must be a multiple of 8");
+  const int64_t B = codes.size(1) / 8;
+  TORCH_CHECK(K <= B * 32 && K > (B - 1) * 32, "int4_linear_q8: x has ", K, " columns, the codes hold ", B * 32);
+  TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() &&
+                  scales.size(0) == N && scales.size(1) == groups && groups > 0,
+              "int4_linear_q8: scales must be contiguous float32 [N, groups]");
+  TORCH_CHECK(zeros.dim() == 2 && zeros.scalar_type() == torch::kUInt8 && zeros.is_contiguous() &&
+                  zeros.size(0) == N && zeros.size(1) == groups,
+              "int4_linear_q8: zeros must be contiguous uint8 [N, groups]");
+  TORCH_CHECK(blocks_per_group > 0 && groups * blocks_per_group >= B && (groups - 1) * blocks_per_group < B,
+              "int4_linear_q8: ", groups, " groups of ", blocks_per_group, " blocks do not cover ", B, " blocks");
+  const bool has_bias = bias.numel() > 0;
+  TORCH_CHECK(!has_bias || (bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == N),
+              "int4_linear_q8: bias must be contiguous float32 [N]");
+  const int64_t G8 = (groups + 7) / 8 * 8;
+  auto xc = x.contiguous();
+  thread_local std::vector<int8_t> xq_buf;
+  thread_local std::vector<float> xd_buf, xg_buf;
+  xq_buf.assign(static_cast<size_t>(M * B * 32), 0);
+  xd_buf.assign(static_cast<size_t>(M * B), 0.0f);
+  xg_buf.assign(static_cast<size_t>(M * G8), 0.0f);
+  {
+    const float* src = xc.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = src + m * K;
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t k0 = b * 32, width = std::min<int64_t>(32, K - k0);
+        float amax = 0.0f;
+        for (int64_t j = 0; j < width; ++j) amax = std::max(amax, std::fabs(xr[k0 + j]));
+        const float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int8_t* qb = xq_buf.data() + (m * B + b) * 32;
+        int sum = 0;
+        for (int p = 0; p < 32; ++p) {
+          const int j = q8_column(p);
+          const int q = j < width ? static_cast<int>(std::nearbyint(xr[k0 + j] * id)) : 0;
+          qb[p] = static_cast<int8_t>(q);
+          sum += q;
+        }
+        xd_buf[m * B + b] = d;
+        xg_buf[m * G8 + b / blocks_per_group] += d * static_cast<float>(sum);
+      }
+    }
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  auto y = torch::empty(out_shape, x.options());
+  ArgsQ8 a{reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>()), scales.data_ptr<float>(),
+           zeros.data_ptr<uint8_t>(), xq_buf.data(), xd_buf.data(), xg_buf.data(),
+           has_bias ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), N, B, groups, G8, blocks_per_group};
+  const int64_t grain = std::max<int64_t>(8, (int64_t{1} << 16) / (B * 32));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) run_rows_q8(a, m0, std::min<int64_t>(4, M - m0), n0, n1);
+  });
+  return y;
+}
+
+// y = x^ @ W^.T for a weight stored as q8_0 blocks (int8 codes [N, B * 32], zero past K, and one float32 scale per
+// row and block [N, B]: W^ = d_w * q) and x rounded the same way per block of 32 (x^ = d_x * xq, as int4_linear_q8
+// rounds it). Products of two signed bytes through maddubs(|q|, sign(xq, q)) (pair sums at most 2 * 127 * 127).
+torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales) {
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
+              "q8_linear: x must be a float32 CPU tensor");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt8 && codes.is_contiguous() &&
+                  codes.size(1) % 32 == 0,
+              "q8_linear: codes must be contiguous int8 [N, blocks*32]");
+  const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0, N = codes.size(0), B = codes.size(1) / 32;
+  TORCH_CHECK(K <= B * 32 && K > (B - 1) * 32, "q8_linear: x has ", K, " columns, the codes hold ", B * 32);
+  TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() &&
+                  scales.size(0) == N && scales.size(1) == B,
+              "q8_linear: scales must be contiguous float32 [N, blocks]");
+  auto xc = x.contiguous();
+  std::vector<int8_t> xq(static_cast<size_t>(M * B * 32), 0);
+  std::vector<float> xd(static_cast<size_t>(M * B), 0.0f);
+  const float* src = xc.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < B; ++b) {
+      const float* xr = src + m * K + b * 32;
+      const int64_t width = std::min<int64_t>(32, K - b * 32);
+      float amax = 0.0f;
+      for (int64_t j = 0; j < width; ++j) amax = std::max(amax, std::fabs(xr[j]));
+      const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+      for (int64_t j = 0; j < width; ++j)
+        xq[(m * B + b) * 32 + j] = static_cast<int8_t>(static_cast<int>(std::nearbyint(xr[j] * id)));
+      xd[m * B + b] = amax / 127.0f;
+    }
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  auto y = torch::empty(out_shape, x.options());
+  const int8_t* cp = codes.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const __m256i ones = _mm256_set1_epi16(1);
+  at::parallel_for(0, N, std::max<int64_t>(8, (int64_t{1} << 16) / (B * 32)), [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* xr = xq.data() + m * B * 32;
+      const float* dr = xd.data() + m * B;
+      for (int64_t n = n0; n < n1; ++n) {
+        const int8_t* c = cp + n * B * 32;
+        const float* s = sp + n * B;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t b = 0; b < B; ++b) {
+          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + b * 32));
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + b * 32));
+          const __m256i prod = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
+          const __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
+          acc = _mm256_fmadd_ps(sum, _mm256_set1_ps(s[b] * dr[b]), acc);
+        }
+        yp[m * N + n] = hsum(acc);
+      }
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear, "y = x @ W.T for lmshrink's 4-bit AVX2 layout (see int4_avx2.cpp)");
   m.def("int4_dequantize", &int4_dequantize, "the float32 weight (q - zero) * scale of that layout");
+  m.def("int4_linear_q8", &int4_linear_q8, "int4_linear with activations rounded to int8 per block of 32 (q8_0)");
+  m.def("q8_linear", &q8_linear, "y = x^ @ W^.T for q8_0 weight blocks and x rounded to int8 per block of 32");
 }
