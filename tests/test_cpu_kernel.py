@@ -243,3 +243,27 @@ def test_q8_linear_is_the_product_of_the_rounded_weight_and_activations(out_feat
     assert y.shape == (2, out_features) and torch.all((y.double() - ref).abs() <= bound + 1e-30)
     with pytest.raises(RuntimeError, match="columns"):
         cpu_kernels.q8_linear(torch.randn(1, in_features + 40), codes, scales)
+
+
+@needs_kernel
+@pytest.mark.parametrize("out_features,in_features,group_size", [(40, 200, 32), (37, 576, 128), (9, 70, -1)])
+def test_float16_scales_compute_exactly_what_float32_ones_do(out_features, in_features, group_size):
+    spec = GridSpec(bits=4, group_size=group_size, scale_dtype="float16")
+    generator = torch.Generator().manual_seed(2)
+    result = rtn_quantize(torch.randn(out_features, in_features, generator=generator) * 0.05, spec)
+    width = spec.group_width(in_features)
+    packed = cpu_kernels.pack(result.codes, result.scale, result.zero, width)
+    assert packed.scales.dtype == torch.float16  # exactly float16 values: kept in 2 bytes
+    wide = packed.scales.float()
+    x = torch.randn(3, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator)
+    for op in (cpu_kernels.int4_linear, cpu_kernels.int4_linear_q8):
+        half = op(x, packed.codes, packed.scales, packed.zeros, bias, packed.groups, packed.blocks_per_group)
+        full = op(x, packed.codes, wide, packed.zeros, bias, packed.groups, packed.blocks_per_group)
+        assert torch.equal(half, full)
+    weight = cpu_kernels.int4_dequantize(packed.codes, packed.scales, packed.zeros, in_features, packed.groups,
+                                         packed.blocks_per_group)
+    assert weight.dtype == torch.float32 and torch.equal(weight, result.weight)
+    # scales that float16 cannot hold exactly stay float32
+    other = cpu_kernels.pack(result.codes, result.scale.float() * (1 + 2.0**-20), result.zero, width)
+    assert other.scales.dtype == torch.float32

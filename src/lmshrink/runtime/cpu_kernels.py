@@ -2,7 +2,8 @@
 
 ``int4_linear(x, packed)`` computes ``x @ W.T`` in float32 for ``W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g]``,
 codes ``q`` in 0..15 (2, 3 and 4-bit grids), contiguous groups of any multiple of 32 columns (or one group per row),
-any ``K`` and ``N``. The C++ source is ``csrc/int4_avx2.cpp`` (layout and method described there): codes are widened
+any ``K`` and ``N``, group scales in float16 (where exact) or float32. The C++ source is ``csrc/int4_avx2.cpp``
+(layout and method described there): codes are widened
 and converted to float in registers, multiplied with float32 activations by FMA, each group's sum scaled once, and
 the zero points applied through per-group activation sums. No activation rounding: it differs from a float32 matmul
 on the dequantized weight only in summation order (``tests/test_cpu_kernel.py`` checks it against a float64
@@ -103,7 +104,9 @@ def kernel_status() -> str:
 
 @dataclass
 class PackedInt4:
-    """Weights in the kernel's layout: codes int16 ``[N, ceil(K/32)*8]``, scales float32 / zeros uint8 ``[N, G]``."""
+    """Weights in the kernel's layout: codes int16 ``[N, ceil(K/32)*8]``, scales ``[N, G]`` (float16 where every
+    scale is exactly a float16, as with the default ``scale_dtype: float16``; float32 otherwise), zeros uint8
+    ``[N, G]``."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -154,6 +157,9 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_wid
     if groups != -(-k // (bpg * BLOCK)):
         raise ValueError(f"{groups} groups of scales for {k} columns in groups of {bpg * BLOCK}")
     scales = scale.to(torch.float32).contiguous().clone()
+    half = scales.to(torch.float16)
+    if bool(torch.isfinite(half).all()) and torch.equal(half.to(torch.float32), scales):
+        scales = half  # exactly representable (e.g. the default scale_dtype float16): 2 bytes per group, same values
     zeros = zero.to(torch.uint8).contiguous().clone()
     return PackedInt4(pack_codes(codes), scales, zeros, k, groups, bpg)
 
@@ -163,7 +169,7 @@ def dequantize_packed(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     """float32 ``[N, K]`` ``(q - zero) * scale``, exactly as ``lmshrink.quant.grids.dequantize`` computes it."""
     q = unpack_codes(codes, in_features).float()
     origin = torch.arange(in_features) // (bpg * BLOCK)
-    return (q - zeros.float()[:, origin]) * scales[:, origin]
+    return (q - zeros.float()[:, origin]) * scales.float()[:, origin]
 
 
 def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -234,5 +240,6 @@ def q8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> tor
 
 _EMPTY = torch.empty(0)
 
-__all__ = ["available", "ready", "kernel_status", "pack", "pack_codes", "unpack_codes", "dequantize_packed", "int4_linear",
-           "int4_linear_q8", "quantize_activations_q8", "quantize_q8_rows", "q8_linear", "int4_dequantize", "blocks_per_group", "PackedInt4", "ENV_VAR"]
+__all__ = ["available", "ready", "kernel_status", "pack", "pack_codes", "unpack_codes", "dequantize_packed",
+           "int4_linear", "int4_linear_q8", "quantize_activations_q8", "quantize_q8_rows", "q8_linear",
+           "int4_dequantize", "blocks_per_group", "PackedInt4", "ENV_VAR"]

@@ -118,7 +118,7 @@ def _avx2_key(module: nn.Module):
     if (isinstance(module, QuantLinear) and module.kind == "int4_avx2"
             and (module.bias is None or module.bias.dtype == torch.float32)):
         return (module.in_features, module._groups, module._blocks_per_group, module.packed.dtype,
-                tuple(module.packed.shape[1:]))
+                tuple(module.packed.shape[1:]), module.group_scale.dtype)
     return None
 
 
@@ -306,8 +306,9 @@ class FastDecoder:
         if activations != "float32" or head != "model":
             if not (self.fp32 and cpu_kernels.ready()):
                 why = "the model is not float32" if not self.fp32 else f"AVX2 kernel: {cpu_kernels.kernel_status()}"
-                raise UnsupportedArchitectureError(f"activations={activations!r} / head={head!r} need lmshrink's AVX2 kernel and a "
-                                    f"float32 model ({why})", fix="use activations='float32', head='model'")
+                raise UnsupportedArchitectureError(
+                    f"activations={activations!r} / head={head!r} need lmshrink's AVX2 kernel and a float32 model "
+                    f"({why})", fix="use activations='float32', head='model'")
         int8 = activations == "int8"
         if head == "int8":
             if type(model.lm_head) is not nn.Linear or model.lm_head.bias is not None:

@@ -3,8 +3,8 @@
 // Weight layout (packed by lmshrink.runtime.cpu_kernels.pack_codes):
 //   codes   int16 [N, B * 8], B = ceil(K / 32) blocks of 32 columns per row. Word l (0..7) of block b holds the codes
 //           of columns 32b + 8i + l in its bits 4i..4i+3 (i = 0..3); columns past K hold code 0.
-//   scales  float32 [N, G] and zeros uint8 [N, G]: group g covers blocks [g * bpg, (g + 1) * bpg) (the last one may
-//           be shorter). W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g].
+//   scales  float32 or float16 [N, G] and zeros uint8 [N, G]: group g covers blocks [g * bpg, (g + 1) * bpg)
+//           (the last one may be shorter). W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g].
 // Per row n: y = sum_g scale_g * (sum_{k in g} q_k x_k) - sum_g scale_g * zero_g * (sum_{k in g} x_k).
 // A block is widened to 8 lanes of 32 bits; code i of every lane is (lane & (15 << 4i)) = q * 16^i, an exact float,
 // so the activations are stored pre-multiplied by 16^-i (exact powers of two) instead of shifting the codes.
@@ -28,19 +28,28 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// group scales are float32, or float16 (IEEE half, widened by F16C) when they are exactly representable
+inline float scale_at(const float* s, int64_t g) { return s[g]; }
+inline float scale_at(const uint16_t* s, int64_t g) { return _cvtsh_ss(s[g]); }
+inline __m256 scale8(const float* s) { return _mm256_loadu_ps(s); }
+inline __m256 scale8(const uint16_t* s) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+}
+
 struct Args {
   const uint16_t* codes;  // [N, B * 8]
-  const float* scales;    // [N, G]
+  const void* scales;     // [N, G] float32, or float16 when half
   const uint8_t* zeros;   // [N, G]
   const float* xp;        // [M, B * 32] activations, pre-scaled per code position, zero past K
   const float* xg;        // [M, G8] activation sums per group, zero past G
   const float* bias;      // [N] or null
   float* y;               // [M, N]
   int64_t n_out, blocks, groups, groups8, bpg;
+  bool half;
 };
 
-// MR rows of x (1..4) against output rows [n0, n1).
-template <int MR>
+// MR rows of x (1..4) against output rows [n0, n1); S: the scales' type.
+template <int MR, typename S>
 void rows_kernel(const Args& a, int64_t m0, int64_t n0, int64_t n1) {
   constexpr int NA = MR <= 2 ? 2 : 1;  // partial sums per x row (shorter FMA chains when few rows)
   const __m256i mask0 = _mm256_set1_epi32(0x000F), mask1 = _mm256_set1_epi32(0x00F0),
@@ -54,7 +63,7 @@ void rows_kernel(const Args& a, int64_t m0, int64_t n0, int64_t n1) {
   }
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* c = a.codes + n * a.blocks * 8;
-    const float* s = a.scales + n * a.groups;
+    const S* s = static_cast<const S*>(a.scales) + n * a.groups;
     const uint8_t* z = a.zeros + n * a.groups;
     __m256 tot[MR];
     for (int m = 0; m < MR; ++m) tot[m] = _mm256_setzero_ps();
@@ -77,7 +86,7 @@ void rows_kernel(const Args& a, int64_t m0, int64_t n0, int64_t n1) {
           acc[m][NA - 1] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), acc[m][NA - 1]);
         }
       }
-      const __m256 sv = _mm256_broadcast_ss(s + g);
+      const __m256 sv = _mm256_set1_ps(scale_at(s, g));
       for (int m = 0; m < MR; ++m) {
         const __m256 sum = NA == 2 ? _mm256_add_ps(acc[m][0], acc[m][NA - 1]) : acc[m][0];
         tot[m] = _mm256_fmadd_ps(sv, sum, tot[m]);
@@ -89,12 +98,12 @@ void rows_kernel(const Args& a, int64_t m0, int64_t n0, int64_t n1) {
     int64_t g = 0;
     for (; g + 8 <= a.groups; g += 8) {
       const __m128i zb = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + g));
-      const __m256 sz = _mm256_mul_ps(_mm256_loadu_ps(s + g), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zb)));
+      const __m256 sz = _mm256_mul_ps(scale8(s + g), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zb)));
       for (int m = 0; m < MR; ++m) zt[m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xgrow[m] + g), zt[m]);
     }
     float zr[MR] = {};
     for (; g < a.groups; ++g) {
-      const float sz = s[g] * static_cast<float>(z[g]);
+      const float sz = scale_at(s, g) * static_cast<float>(z[g]);
       for (int m = 0; m < MR; ++m) zr[m] += sz * xgrow[m][g];
     }
     const float bn = a.bias ? a.bias[n] : 0.0f;
@@ -102,18 +111,33 @@ void rows_kernel(const Args& a, int64_t m0, int64_t n0, int64_t n1) {
   }
 }
 
-void run_rows(const Args& a, int64_t m0, int64_t mr, int64_t n0, int64_t n1) {
+template <typename S>
+void run_rows_as(const Args& a, int64_t m0, int64_t mr, int64_t n0, int64_t n1) {
   switch (mr) {
-    case 1: rows_kernel<1>(a, m0, n0, n1); break;
-    case 2: rows_kernel<2>(a, m0, n0, n1); break;
-    case 3: rows_kernel<3>(a, m0, n0, n1); break;
-    default: rows_kernel<4>(a, m0, n0, n1); break;
+    case 1: rows_kernel<1, S>(a, m0, n0, n1); break;
+    case 2: rows_kernel<2, S>(a, m0, n0, n1); break;
+    case 3: rows_kernel<3, S>(a, m0, n0, n1); break;
+    default: rows_kernel<4, S>(a, m0, n0, n1); break;
   }
+}
+
+void run_rows(const Args& a, int64_t m0, int64_t mr, int64_t n0, int64_t n1) {
+  if (a.half) run_rows_as<uint16_t>(a, m0, mr, n0, n1);
+  else run_rows_as<float>(a, m0, mr, n0, n1);
+}
+
+bool check_scales(const torch::Tensor& scales, int64_t N, int64_t groups) {
+  TORCH_CHECK(scales.dim() == 2 && (scales.scalar_type() == torch::kFloat32 ||
+                                    scales.scalar_type() == torch::kFloat16) &&
+                  scales.is_contiguous() && scales.size(0) == N && scales.size(1) == groups && groups > 0,
+              "int4 kernel: scales must be contiguous float32 or float16 [N, groups]");
+  return scales.scalar_type() == torch::kFloat16;
 }
 
 }  // namespace
 
-// x [..., K] float32; codes int16 [N, B*8]; scales float32 [N, G]; zeros uint8 [N, G]; bias float32 [N] or empty.
+// x [..., K] float32; codes int16 [N, B*8]; scales float32 or float16 [N, G]; zeros uint8 [N, G]; bias float32 [N]
+// or empty.
 // Returns [..., N] float32.
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros,
                           torch::Tensor bias, int64_t groups, int64_t blocks_per_group) {
@@ -125,9 +149,7 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   TORCH_CHECK(codes.size(1) % 8 == 0, "int4_linear: codes width must be a multiple of 8");
   const int64_t B = codes.size(1) / 8;
   TORCH_CHECK(K <= B * 32 && K > (B - 1) * 32, "int4_linear: x has ", K, " columns, the codes hold ", B * 32);
-  TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() &&
-                  scales.size(0) == N && scales.size(1) == groups && groups > 0,
-              "int4_linear: scales must be contiguous float32 [N, groups]");
+  const bool half = check_scales(scales, N, groups);
   TORCH_CHECK(zeros.dim() == 2 && zeros.scalar_type() == torch::kUInt8 && zeros.is_contiguous() &&
                   zeros.size(0) == N && zeros.size(1) == groups,
               "int4_linear: zeros must be contiguous uint8 [N, groups]");
@@ -163,9 +185,9 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   auto y = torch::empty(out_shape, x.options());
-  Args a{reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>()), scales.data_ptr<float>(),
+  Args a{reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>()), scales.data_ptr(),
          zeros.data_ptr<uint8_t>(), xp_buf.data(), xg_buf.data(),
-         has_bias ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), N, B, groups, G8, blocks_per_group};
+         has_bias ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), N, B, groups, G8, blocks_per_group, half};
   // rows of W in chunks worth at least ~64K weights each
   const int64_t grain = std::max<int64_t>(8, (int64_t{1} << 16) / (B * 32));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
@@ -183,15 +205,16 @@ torch::Tensor int4_dequantize(torch::Tensor codes, torch::Tensor scales, torch::
               "int4_dequantize: codes must be contiguous int16 [N, blocks*8]");
   const int64_t N = codes.size(0), B = codes.size(1) / 8;
   TORCH_CHECK(K <= B * 32 && K > (B - 1) * 32, "int4_dequantize: ", K, " columns, the codes hold ", B * 32);
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.size(0) == N &&
-                  scales.size(1) == groups && zeros.scalar_type() == torch::kUInt8 && zeros.is_contiguous() &&
-                  zeros.size(0) == N && zeros.size(1) == groups,
-              "int4_dequantize: scales float32 and zeros uint8 must be contiguous [N, groups]");
+  const bool half = check_scales(scales, N, groups);
+  TORCH_CHECK(zeros.scalar_type() == torch::kUInt8 && zeros.is_contiguous() && zeros.size(0) == N &&
+                  zeros.size(1) == groups,
+              "int4_dequantize: zeros must be contiguous uint8 [N, groups]");
   TORCH_CHECK(blocks_per_group > 0 && groups * blocks_per_group >= B && (groups - 1) * blocks_per_group < B,
               "int4_dequantize: ", groups, " groups of ", blocks_per_group, " blocks do not cover ", B, " blocks");
-  auto out = torch::empty({N, K}, scales.options());
+  auto out = torch::empty({N, K}, scales.options().dtype(torch::kFloat32));
   const uint16_t* cp = reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>());
-  const float* sp = scales.data_ptr<float>();
+  const float* sp = half ? nullptr : scales.data_ptr<float>();
+  const uint16_t* hp = half ? reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()) : nullptr;
   const uint8_t* zp = zeros.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   const int64_t full = K / 32;  // blocks entirely inside K
@@ -202,7 +225,8 @@ torch::Tensor int4_dequantize(torch::Tensor codes, torch::Tensor scales, torch::
       float* o = op + n * K;
       for (int64_t b = 0; b < B; ++b) {
         const int64_t g = b / blocks_per_group;
-        const float sc = sp[n * groups + g], zf = static_cast<float>(zp[n * groups + g]);
+        const float sc = half ? _cvtsh_ss(hp[n * groups + g]) : sp[n * groups + g];
+        const float zf = static_cast<float>(zp[n * groups + g]);
         if (b < full) {
           const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + b * 8)));
           const __m256 sv = _mm256_set1_ps(sc), zv = _mm256_set1_ps(zf);
@@ -235,7 +259,7 @@ namespace {
 
 struct ArgsQ8 {
   const uint16_t* codes;  // [N, B * 8]
-  const float* scales;    // [N, G]
+  const void* scales;     // [N, G] float32, or float16 when half
   const uint8_t* zeros;   // [N, G]
   const int8_t* xq;       // [M, B * 32] in the unpack order above
   const float* xd;        // [M, B] block scales
@@ -243,9 +267,10 @@ struct ArgsQ8 {
   const float* bias;      // [N] or null
   float* y;               // [M, N]
   int64_t n_out, blocks, groups, groups8, bpg;
+  bool half;
 };
 
-template <int MR>
+template <int MR, typename S>
 void rows_kernel_q8(const ArgsQ8& a, int64_t m0, int64_t n0, int64_t n1) {
   const __m128i nib = _mm_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
@@ -259,7 +284,7 @@ void rows_kernel_q8(const ArgsQ8& a, int64_t m0, int64_t n0, int64_t n1) {
   }
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* c = a.codes + n * a.blocks * 8;
-    const float* s = a.scales + n * a.groups;
+    const S* s = static_cast<const S*>(a.scales) + n * a.groups;
     const uint8_t* z = a.zeros + n * a.groups;
     __m256 tot[MR];
     for (int m = 0; m < MR; ++m) tot[m] = _mm256_setzero_ps();
@@ -277,7 +302,7 @@ void rows_kernel_q8(const ArgsQ8& a, int64_t m0, int64_t n0, int64_t n1) {
           acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_broadcast_ss(drow[m] + b), acc[m]);
         }
       }
-      const __m256 sv = _mm256_broadcast_ss(s + g);
+      const __m256 sv = _mm256_set1_ps(scale_at(s, g));
       for (int m = 0; m < MR; ++m) tot[m] = _mm256_fmadd_ps(sv, acc[m], tot[m]);
     }
     __m256 zt[MR];
@@ -285,12 +310,12 @@ void rows_kernel_q8(const ArgsQ8& a, int64_t m0, int64_t n0, int64_t n1) {
     int64_t g = 0;
     for (; g + 8 <= a.groups; g += 8) {
       const __m128i zb = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + g));
-      const __m256 sz = _mm256_mul_ps(_mm256_loadu_ps(s + g), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zb)));
+      const __m256 sz = _mm256_mul_ps(scale8(s + g), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zb)));
       for (int m = 0; m < MR; ++m) zt[m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xgrow[m] + g), zt[m]);
     }
     float zr[MR] = {};
     for (; g < a.groups; ++g) {
-      const float sz = s[g] * static_cast<float>(z[g]);
+      const float sz = scale_at(s, g) * static_cast<float>(z[g]);
       for (int m = 0; m < MR; ++m) zr[m] += sz * xgrow[m][g];
     }
     const float bn = a.bias ? a.bias[n] : 0.0f;
@@ -298,13 +323,19 @@ void rows_kernel_q8(const ArgsQ8& a, int64_t m0, int64_t n0, int64_t n1) {
   }
 }
 
-void run_rows_q8(const ArgsQ8& a, int64_t m0, int64_t mr, int64_t n0, int64_t n1) {
+template <typename S>
+void run_rows_q8_as(const ArgsQ8& a, int64_t m0, int64_t mr, int64_t n0, int64_t n1) {
   switch (mr) {
-    case 1: rows_kernel_q8<1>(a, m0, n0, n1); break;
-    case 2: rows_kernel_q8<2>(a, m0, n0, n1); break;
-    case 3: rows_kernel_q8<3>(a, m0, n0, n1); break;
-    default: rows_kernel_q8<4>(a, m0, n0, n1); break;
+    case 1: rows_kernel_q8<1, S>(a, m0, n0, n1); break;
+    case 2: rows_kernel_q8<2, S>(a, m0, n0, n1); break;
+    case 3: rows_kernel_q8<3, S>(a, m0, n0, n1); break;
+    default: rows_kernel_q8<4, S>(a, m0, n0, n1); break;
   }
+}
+
+void run_rows_q8(const ArgsQ8& a, int64_t m0, int64_t mr, int64_t n0, int64_t n1) {
+  if (a.half) run_rows_q8_as<uint16_t>(a, m0, mr, n0, n1);
+  else run_rows_q8_as<float>(a, m0, mr, n0, n1);
 }
 
 // byte position p (0..31) of an unpacked block -> its column within the block
@@ -326,9 +357,7 @@ torch::Tensor int4_linear_q8(torch::Tensor x, torch::Tensor codes, torch::Tensor
   TORCH_CHECK(codes.size(1) % 8 == 0, "int4_linear_q8: codes width must be a multiple of 8");
   const int64_t B = codes.size(1) / 8;
   TORCH_CHECK(K <= B * 32 && K > (B - 1) * 32, "int4_linear_q8: x has ", K, " columns, the codes hold ", B * 32);
-  TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() &&
-                  scales.size(0) == N && scales.size(1) == groups && groups > 0,
-              "int4_linear_q8: scales must be contiguous float32 [N, groups]");
+  const bool half = check_scales(scales, N, groups);
   TORCH_CHECK(zeros.dim() == 2 && zeros.scalar_type() == torch::kUInt8 && zeros.is_contiguous() &&
                   zeros.size(0) == N && zeros.size(1) == groups,
               "int4_linear_q8: zeros must be contiguous uint8 [N, groups]");
@@ -369,9 +398,10 @@ torch::Tensor int4_linear_q8(torch::Tensor x, torch::Tensor codes, torch::Tensor
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   auto y = torch::empty(out_shape, x.options());
-  ArgsQ8 a{reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>()), scales.data_ptr<float>(),
+  ArgsQ8 a{reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>()), scales.data_ptr(),
            zeros.data_ptr<uint8_t>(), xq_buf.data(), xd_buf.data(), xg_buf.data(),
-           has_bias ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), N, B, groups, G8, blocks_per_group};
+           has_bias ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), N, B, groups, G8, blocks_per_group,
+           half};
   const int64_t grain = std::max<int64_t>(8, (int64_t{1} << 16) / (B * 32));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += 4) run_rows_q8(a, m0, std::min<int64_t>(4, M - m0), n0, n1);
