@@ -1,8 +1,10 @@
 """Per-layer speed of QuantLinear paths vs a dense fp32 Linear, by number of rows (the kernel_max_rows choice).
 
 For SmolLM2-135M's Linear shapes and a w4g32 / w8 grid: torch's packed kernel path (int4 / int8, bf16 activations),
-lmshrink's AVX2 int4 kernel (``int4_avx2``, float32 activations; 4-bit only, where it builds), the
-dequantize-per-call path, and a dense fp32 ``F.linear`` on the same weights. Each timing is the median of
+lmshrink's AVX2 int4 kernel (``int4_avx2``, float32 activations; 4-bit only, where it builds), the same kernel with
+activations rounded to int8 per block of 32 (``int4_linear_q8``, FastDecoder's ``activations="int8"``), the
+dequantize-per-call path, and a dense fp32 ``F.linear`` on the same weights. A last table compares SmolLM2's
+lm_head (49152 x 576) as a dense fp32 ``F.linear`` and as q8_0 blocks (``q8_linear``, FastDecoder's ``head="int8"``). Each timing is the median of
 ``--repeats`` interleaved repetitions of ``--inner`` calls, in wall-clock time or (``--clock cpu``) the process's
 CPU time, which leaves out the time other processes hold the cores on a shared machine. Prints one markdown table;
 timings are for this machine and the stated number of threads only.
@@ -47,9 +49,9 @@ def main() -> None:
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     avx2 = args.bits == 4 and cpu_kernels.available()
     print(f"AVX2 int4 kernel: {cpu_kernels.kernel_status()}")
-    print("| out x in | rows | torch kernel | avx2 kernel | dequantize + matmul | dense fp32 | torch / dense "
-          "| avx2 / dense | avx2 / torch |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| out x in | rows | torch kernel | avx2 kernel | avx2 int8 activations | dequantize + matmul | dense fp32 "
+          "| torch / dense | avx2 / dense | avx2 / torch | int8 act. / avx2 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     generator = torch.Generator().manual_seed(0)
     for out_features, in_features in SHAPES:
         result = rtn_quantize(torch.randn(out_features, in_features, generator=generator) * 0.05, spec)
@@ -71,6 +73,8 @@ def main() -> None:
             calls = {"kernel": lambda: kernel(x), "dequant": lambda: dequant(x), "dense": lambda: F.linear(x, dense)}
             if own is not None:
                 calls["avx2"] = lambda: own(x)
+                calls["q8"] = lambda: cpu_kernels.int4_linear_q8(x, own.packed, own.group_scale, own.group_zero, None,
+                                                                 own._groups, own._blocks_per_group)
             times: dict[str, list[float]] = {k: [] for k in calls}
             with torch.inference_mode():
                 for f in calls.values():
@@ -83,13 +87,28 @@ def main() -> None:
                         times[key].append((clock() - start) / args.inner * 1e6)
             med = {k: statistics.median(v) for k, v in times.items()}
             if own is not None:
-                own_cols = (f"{med['avx2']:.0f}", f"{med['avx2'] / med['dense']:.2f}",
-                            f"{med['avx2'] / med['kernel']:.2f}")
+                own_cols = (f"{med['avx2']:.0f}", f"{med['q8']:.0f}", f"{med['avx2'] / med['dense']:.2f}",
+                            f"{med['avx2'] / med['kernel']:.2f}", f"{med['q8'] / med['avx2']:.2f}")
             else:
-                own_cols = ("-", "-", "-")
-            print(f"| {out_features} x {in_features} | {rows} | {med['kernel']:.0f} | {own_cols[0]} | "
-                  f"{med['dequant']:.0f} | {med['dense']:.0f} | {med['kernel'] / med['dense']:.2f} | {own_cols[1]} | "
-                  f"{own_cols[2]} |", flush=True)
+                own_cols = ("-", "-", "-", "-", "-")
+            print(f"| {out_features} x {in_features} | {rows} | {med['kernel']:.0f} | {own_cols[0]} | {own_cols[1]} | "
+                  f"{med['dequant']:.0f} | {med['dense']:.0f} | {med['kernel'] / med['dense']:.2f} | {own_cols[2]} | "
+                  f"{own_cols[3]} | {own_cols[4]} |", flush=True)
+    if avx2:
+        head = torch.randn(49152, 576, generator=generator) * 0.05
+        codes, scales = cpu_kernels.quantize_q8_rows(head)
+        x = torch.randn(1, 576, generator=generator)
+        calls = {"dense": lambda: F.linear(x, head), "q8": lambda: cpu_kernels.q8_linear(x, codes, scales)}
+        times = {k: [] for k in calls}
+        for _ in range(args.repeats):
+            for key, f in calls.items():
+                start = clock()
+                for _ in range(max(1, args.inner // 5)):
+                    f()
+                times[key].append((clock() - start) / max(1, args.inner // 5) * 1e6)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print("\n| lm_head 49152 x 576, 1 row | dense fp32 | q8_0 (q8_linear) | q8_0 / dense |\n|---|---|---|---|")
+        print(f"| | {med['dense']:.0f} | {med['q8']:.0f} | {med['q8'] / med['dense']:.2f} |")
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
