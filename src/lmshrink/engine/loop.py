@@ -87,11 +87,11 @@ def _collect(block: nn.Module, modules: dict[str, nn.Module], hidden: list[torch
     ``memo``: reuses the work of earlier passes over the same windows (see ``replay``).
     ``reference``: ``(original block, its input hidden states, its memo or None)`` for asymmetric calibration: each
     batch first runs through the unmodified copy of the block on the uncompressed stream (stopping at ``stop_at``),
-    keeping the inputs of the same modules, and the pairs are accumulated into ``DriftStats``; the result is then
-    ``(accumulators, drift)`` instead of ``accumulators``.
+    keeping the inputs of the same modules, and the pairs are accumulated into ``DriftStats``.
+    Returns ``(accumulators, drift)``: ``drift`` maps each module to its ``DriftStats`` (empty without ``reference``).
     """
     accumulators = {name: HessianAccumulator(linear_dims(m)[1], device=device) for name, m in modules.items()}
-    drift = None
+    drift: dict[str, DriftStats] = {}
     handles = []
     reference_inputs: dict[str, torch.Tensor] = {}
     if reference is not None:
@@ -110,7 +110,7 @@ def _collect(block: nn.Module, modules: dict[str, nn.Module], hidden: list[torch
         def hook(_module, args, _name=name):
             x = args[0].detach()
             accumulators[_name].add_batch(x)
-            if drift is not None:
+            if drift:
                 x_fp = reference_inputs.pop(_name)  # the same tokens in the uncompressed model
                 drift[_name].cross.add_batch(x_fp, x)
                 drift[_name].reference.add_batch(x_fp)
@@ -137,7 +137,14 @@ def _collect(block: nn.Module, modules: dict[str, nn.Module], hidden: list[torch
     finally:
         for handle in handles:
             handle.remove()
-    return accumulators if drift is None else (accumulators, drift)
+    return accumulators, drift
+
+
+def _begin_pass(memos, changed) -> None:
+    """``begin_pass(changed)`` on each memo that exists (the compressed block's and the reference copy's)."""
+    for memo in memos:
+        if memo is not None:
+            memo.begin_pass(changed)
 
 
 def _on_cpu(result):
@@ -420,18 +427,14 @@ class Engine:
                         passes = [[g] for g in groups] if sequential else [groups]
                     for pass_groups in passes:
                         firsts = {g[0]: block.get_submodule(g[0]) for g in pass_groups}
-                        for m in (memo, reference_memo):  # without a pass too: drop what these changes invalidate
-                            if m is not None:
-                                m.begin_pass({group_of[g[0]] for g in pass_groups})
-                        asymmetric = collect and getattr(stage, "fp_target", False)
+                        # without a pass too: drop what these changes invalidate
+                        _begin_pass((memo, reference_memo), {group_of[g[0]] for g in pass_groups})
                         stats, drift = {}, {}
-                        if asymmetric:
+                        if collect:
+                            reference = ((original, reference_hidden, reference_memo)
+                                         if getattr(stage, "fp_target", False) else None)
                             stats, drift = _collect(block, firsts, hidden, args, kwargs, self.device,
-                                                    stop_at=pass_groups[-1][0], memo=memo,
-                                                    reference=(original, reference_hidden, reference_memo))
-                        elif collect:
-                            stats = _collect(block, firsts, hidden, args, kwargs, self.device,
-                                             stop_at=pass_groups[-1][0], memo=memo)
+                                                    stop_at=pass_groups[-1][0], memo=memo, reference=reference)
                         for m in (memo, reference_memo):
                             if m is not None:
                                 m.end_pass()
@@ -458,9 +461,7 @@ class Engine:
                                                            "fp_target_damp_retries")}})
                         del stats, drift
                 if forward_blocks:
-                    for m in (memo, reference_memo):
-                        if m is not None:
-                            m.begin_pass(None)
+                    _begin_pass((memo, reference_memo), None)
                     with torch.no_grad():
                         hidden = [_final_forward(block, b, h, args, kwargs, self.device, memo)
                                   for b, h in enumerate(hidden)]
