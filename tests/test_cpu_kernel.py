@@ -206,7 +206,7 @@ def test_activation_rounding_is_per_block_of_32():
 
 @needs_kernel
 @pytest.mark.parametrize("out_features,in_features,group_size", SHAPES)
-@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("rows", [1, 3, 5])
 def test_int8_activation_kernel_is_the_product_with_rounded_activations(out_features, in_features, group_size, rows):
     result = _result(out_features, in_features, 4, group_size, False, seed=rows)
     generator = torch.Generator().manual_seed(11)
