@@ -40,13 +40,37 @@ struct Args {
   const uint16_t* codes;  // [N, B * 8]
   const void* scales;     // [N, G] float32, or float16 when half
   const uint8_t* zeros;   // [N, G]
-  const float* xp;        // [M, B * 32] activations, pre-scaled per code position, zero past K
+  const float* xp;        // [M, B * 32] activations, pre-scaled per code position, zero past K (float32 kernel)
+  const int8_t* xq;       // [M, B * 32] activations rounded to int8, in the unpack order (int8 kernel, below)
+  const float* xd;        // [M, B] their block scales (int8 kernel)
   const float* xg;        // [M, G8] activation sums per group, zero past G
   const float* bias;      // [N] or null
   float* y;               // [M, N]
   int64_t n_out, blocks, groups, groups8, bpg;
   bool half;
 };
+
+// Row n of y for MR rows of x: sum_g scale_g * (group sums in tot) - the zero-point term (from the per-group
+// activation sums, eight groups at a time, then the rest) + bias.
+template <int MR, typename S>
+inline void finish_rows(const Args& a, const S* s, const uint8_t* z, const float* const* xgrow, const __m256* tot,
+                        int64_t m0, int64_t n) {
+  __m256 zt[MR];
+  for (int m = 0; m < MR; ++m) zt[m] = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= a.groups; g += 8) {
+    const __m128i zb = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + g));
+    const __m256 sz = _mm256_mul_ps(scale8(s + g), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zb)));
+    for (int m = 0; m < MR; ++m) zt[m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xgrow[m] + g), zt[m]);
+  }
+  float zr[MR] = {};
+  for (; g < a.groups; ++g) {
+    const float sz = scale_at(s, g) * static_cast<float>(z[g]);
+    for (int m = 0; m < MR; ++m) zr[m] += sz * xgrow[m][g];
+  }
+  const float bn = a.bias ? a.bias[n] : 0.0f;
+  for (int m = 0; m < MR; ++m) a.y[(m0 + m) * a.n_out + n] = (hsum(tot[m]) - (hsum(zt[m]) + zr[m])) + bn;
+}
 
 // MR rows of x (1..4) against output rows [n0, n1); S: the scales' type.
 template <int MR, typename S>
@@ -92,38 +116,75 @@ void rows_kernel(const Args& a, int64_t m0, int64_t n0, int64_t n1) {
         tot[m] = _mm256_fmadd_ps(sv, sum, tot[m]);
       }
     }
-    // zero-point term: eight groups at a time, then the rest
-    __m256 zt[MR];
-    for (int m = 0; m < MR; ++m) zt[m] = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 8 <= a.groups; g += 8) {
-      const __m128i zb = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + g));
-      const __m256 sz = _mm256_mul_ps(scale8(s + g), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zb)));
-      for (int m = 0; m < MR; ++m) zt[m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xgrow[m] + g), zt[m]);
-    }
-    float zr[MR] = {};
-    for (; g < a.groups; ++g) {
-      const float sz = scale_at(s, g) * static_cast<float>(z[g]);
-      for (int m = 0; m < MR; ++m) zr[m] += sz * xgrow[m][g];
-    }
-    const float bn = a.bias ? a.bias[n] : 0.0f;
-    for (int m = 0; m < MR; ++m) a.y[(m0 + m) * a.n_out + n] = (hsum(tot[m]) - (hsum(zt[m]) + zr[m])) + bn;
+    finish_rows<MR, S>(a, s, z, xgrow, tot, m0, n);
   }
 }
 
-template <typename S>
+// The int8-activation kernel (see int4_linear_q8 below for the rounding and the activation layout).
+template <int MR, typename S>
+void rows_kernel_q8(const Args& a, int64_t m0, int64_t n0, int64_t n1) {
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* xrow[MR];
+  const float* drow[MR];
+  const float* xgrow[MR];
+  for (int m = 0; m < MR; ++m) {
+    xrow[m] = a.xq + (m0 + m) * a.blocks * 32;
+    drow[m] = a.xd + (m0 + m) * a.blocks;
+    xgrow[m] = a.xg + (m0 + m) * a.groups8;
+  }
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* c = a.codes + n * a.blocks * 8;
+    const S* s = static_cast<const S*>(a.scales) + n * a.groups;
+    const uint8_t* z = a.zeros + n * a.groups;
+    __m256 tot[MR];
+    for (int m = 0; m < MR; ++m) tot[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < a.groups; ++g) {
+      const int64_t b0 = g * a.bpg, b1 = std::min(b0 + a.bpg, a.blocks);
+      __m256 acc[MR];
+      for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
+      for (int64_t b = b0; b < b1; ++b) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + b * 8));
+        const __m256i w = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(v, nib)),
+                                                  _mm_and_si128(_mm_srli_epi16(v, 4), nib), 1);
+        for (int m = 0; m < MR; ++m) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow[m] + b * 32));
+          const __m256i sum = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_broadcast_ss(drow[m] + b), acc[m]);
+        }
+      }
+      const __m256 sv = _mm256_set1_ps(scale_at(s, g));
+      for (int m = 0; m < MR; ++m) tot[m] = _mm256_fmadd_ps(sv, acc[m], tot[m]);
+    }
+    finish_rows<MR, S>(a, s, z, xgrow, tot, m0, n);
+  }
+}
+
+template <typename S, bool Q8, int MR>
+inline void rows(const Args& a, int64_t m0, int64_t n0, int64_t n1) {
+  if constexpr (Q8) rows_kernel_q8<MR, S>(a, m0, n0, n1);
+  else rows_kernel<MR, S>(a, m0, n0, n1);
+}
+
+template <typename S, bool Q8>
 void run_rows_as(const Args& a, int64_t m0, int64_t mr, int64_t n0, int64_t n1) {
   switch (mr) {
-    case 1: rows_kernel<1, S>(a, m0, n0, n1); break;
-    case 2: rows_kernel<2, S>(a, m0, n0, n1); break;
-    case 3: rows_kernel<3, S>(a, m0, n0, n1); break;
-    default: rows_kernel<4, S>(a, m0, n0, n1); break;
+    case 1: rows<S, Q8, 1>(a, m0, n0, n1); break;
+    case 2: rows<S, Q8, 2>(a, m0, n0, n1); break;
+    case 3: rows<S, Q8, 3>(a, m0, n0, n1); break;
+    default: rows<S, Q8, 4>(a, m0, n0, n1); break;
   }
 }
 
-void run_rows(const Args& a, int64_t m0, int64_t mr, int64_t n0, int64_t n1) {
-  if (a.half) run_rows_as<uint16_t>(a, m0, mr, n0, n1);
-  else run_rows_as<float>(a, m0, mr, n0, n1);
+// MR = mr (1..4) rows of x from m0 against output rows [n0, n1): float32 (q8 false) or int8 activations
+void run_rows(const Args& a, int64_t m0, int64_t mr, int64_t n0, int64_t n1, bool q8) {
+  if (a.half) {
+    if (q8) run_rows_as<uint16_t, true>(a, m0, mr, n0, n1);
+    else run_rows_as<uint16_t, false>(a, m0, mr, n0, n1);
+  } else {
+    if (q8) run_rows_as<float, true>(a, m0, mr, n0, n1);
+    else run_rows_as<float, false>(a, m0, mr, n0, n1);
+  }
 }
 
 bool check_scales(const torch::Tensor& scales, int64_t N, int64_t groups) {
@@ -134,6 +195,53 @@ bool check_scales(const torch::Tensor& scales, int64_t N, int64_t groups) {
   return scales.scalar_type() == torch::kFloat16;
 }
 
+struct Shape {
+  int64_t K, M, N, B, G8;
+  bool half, has_bias;
+};
+
+// The checks both int4 kernels make on their arguments (error messages start with ``name``).
+Shape check_linear(const char* name, const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                   const torch::Tensor& zeros, const torch::Tensor& bias, int64_t groups, int64_t blocks_per_group) {
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
+              name, ": x must be a float32 CPU tensor");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt16 && codes.is_contiguous(),
+              name, ": codes must be contiguous int16 [N, blocks*8]");
+  const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0, N = codes.size(0);
+  TORCH_CHECK(codes.size(1) % 8 == 0, name, ": codes width must be a multiple of 8");
+  const int64_t B = codes.size(1) / 8;
+  TORCH_CHECK(K <= B * 32 && K > (B - 1) * 32, name, ": x has ", K, " columns, the codes hold ", B * 32);
+  const bool half = check_scales(scales, N, groups);
+  TORCH_CHECK(zeros.dim() == 2 && zeros.scalar_type() == torch::kUInt8 && zeros.is_contiguous() &&
+                  zeros.size(0) == N && zeros.size(1) == groups,
+              name, ": zeros must be contiguous uint8 [N, groups]");
+  TORCH_CHECK(blocks_per_group > 0 && groups * blocks_per_group >= B && (groups - 1) * blocks_per_group < B,
+              name, ": ", groups, " groups of ", blocks_per_group, " blocks do not cover ", B, " blocks");
+  const bool has_bias = bias.numel() > 0;
+  TORCH_CHECK(!has_bias || (bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == N),
+              name, ": bias must be contiguous float32 [N]");
+  return Shape{K, M, N, B, (groups + 7) / 8 * 8, half, has_bias};
+}
+
+// y [..., N] from prepared activations: xp (float32 kernel) or xq + xd (int8 kernel), and the group sums xg.
+torch::Tensor launch(const Shape& sh, const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                     const torch::Tensor& zeros, const torch::Tensor& bias, int64_t groups, int64_t blocks_per_group,
+                     const float* xp, const int8_t* xq, const float* xd, const float* xg) {
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = sh.N;
+  auto y = torch::empty(out_shape, x.options());
+  Args a{reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>()), scales.data_ptr(), zeros.data_ptr<uint8_t>(),
+         xp, xq, xd, xg, sh.has_bias ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), sh.N, sh.B, groups,
+         sh.G8, blocks_per_group, sh.half};
+  const bool q8 = xq != nullptr;
+  // rows of W in chunks worth at least ~64K weights each
+  const int64_t grain = std::max<int64_t>(8, (int64_t{1} << 16) / (sh.B * 32));
+  at::parallel_for(0, sh.N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < sh.M; m0 += 4) run_rows(a, m0, std::min<int64_t>(4, sh.M - m0), n0, n1, q8);
+  });
+  return y;
+}
+
 }  // namespace
 
 // x [..., K] float32; codes int16 [N, B*8]; scales float32 or float16 [N, G]; zeros uint8 [N, G]; bias float32 [N]
@@ -141,24 +249,8 @@ bool check_scales(const torch::Tensor& scales, int64_t N, int64_t groups) {
 // Returns [..., N] float32.
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros,
                           torch::Tensor bias, int64_t groups, int64_t blocks_per_group) {
-  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
-              "int4_linear: x must be a float32 CPU tensor");
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt16 && codes.is_contiguous(),
-              "int4_linear: codes must be contiguous int16 [N, blocks*8]");
-  const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0, N = codes.size(0);
-  TORCH_CHECK(codes.size(1) % 8 == 0, "int4_linear: codes width must be a multiple of 8");
-  const int64_t B = codes.size(1) / 8;
-  TORCH_CHECK(K <= B * 32 && K > (B - 1) * 32, "int4_linear: x has ", K, " columns, the codes hold ", B * 32);
-  const bool half = check_scales(scales, N, groups);
-  TORCH_CHECK(zeros.dim() == 2 && zeros.scalar_type() == torch::kUInt8 && zeros.is_contiguous() &&
-                  zeros.size(0) == N && zeros.size(1) == groups,
-              "int4_linear: zeros must be contiguous uint8 [N, groups]");
-  const int64_t G8 = (groups + 7) / 8 * 8;
-  TORCH_CHECK(blocks_per_group > 0 && groups * blocks_per_group >= B && (groups - 1) * blocks_per_group < B,
-              "int4_linear: ", groups, " groups of ", blocks_per_group, " blocks do not cover ", B, " blocks");
-  const bool has_bias = bias.numel() > 0;
-  TORCH_CHECK(!has_bias || (bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == N),
-              "int4_linear: bias must be contiguous float32 [N]");
+  const Shape sh = check_linear("int4_linear", x, codes, scales, zeros, bias, groups, blocks_per_group);
+  const int64_t K = sh.K, M = sh.M, B = sh.B, G8 = sh.G8;
 
   // activations: pre-scaled copy (x * 16^-i for code position i of a block, zero past K) and per-group sums, in
   // buffers this thread keeps between calls
@@ -182,18 +274,8 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
       }
     }
   }
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  auto y = torch::empty(out_shape, x.options());
-  Args a{reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>()), scales.data_ptr(),
-         zeros.data_ptr<uint8_t>(), xp_buf.data(), xg_buf.data(),
-         has_bias ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), N, B, groups, G8, blocks_per_group, half};
-  // rows of W in chunks worth at least ~64K weights each
-  const int64_t grain = std::max<int64_t>(8, (int64_t{1} << 16) / (B * 32));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < M; m0 += 4) run_rows(a, m0, std::min<int64_t>(4, M - m0), n0, n1);
-  });
-  return y;
+  return launch(sh, x, codes, scales, zeros, bias, groups, blocks_per_group, xp_buf.data(), nullptr, nullptr,
+                xg_buf.data());
 }
 
 // The float32 weight [N, K] = (q - zero) * scale of the same layout (a subtraction, then a product, as
@@ -254,89 +336,9 @@ torch::Tensor int4_dequantize(torch::Tensor codes, torch::Tensor scales, torch::
 // The result is exactly x^ @ W.T up to float32 summation order, with the zero-point term taken from x^ too.
 // The codes keep int4_linear's layout; the activations are stored in the byte order that layout unpacks to:
 // (v & 0x0F0F) gives, per 16-bit word l, columns l and 16 + l; ((v >> 4) & 0x0F0F) columns 8 + l and 24 + l.
+// (The kernel itself, rows_kernel_q8, sits beside int4_linear's above.)
 
 namespace {
-
-struct ArgsQ8 {
-  const uint16_t* codes;  // [N, B * 8]
-  const void* scales;     // [N, G] float32, or float16 when half
-  const uint8_t* zeros;   // [N, G]
-  const int8_t* xq;       // [M, B * 32] in the unpack order above
-  const float* xd;        // [M, B] block scales
-  const float* xg;        // [M, G8] per-group sums of x^ (zero past G)
-  const float* bias;      // [N] or null
-  float* y;               // [M, N]
-  int64_t n_out, blocks, groups, groups8, bpg;
-  bool half;
-};
-
-template <int MR, typename S>
-void rows_kernel_q8(const ArgsQ8& a, int64_t m0, int64_t n0, int64_t n1) {
-  const __m128i nib = _mm_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  const int8_t* xrow[MR];
-  const float* drow[MR];
-  const float* xgrow[MR];
-  for (int m = 0; m < MR; ++m) {
-    xrow[m] = a.xq + (m0 + m) * a.blocks * 32;
-    drow[m] = a.xd + (m0 + m) * a.blocks;
-    xgrow[m] = a.xg + (m0 + m) * a.groups8;
-  }
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint16_t* c = a.codes + n * a.blocks * 8;
-    const S* s = static_cast<const S*>(a.scales) + n * a.groups;
-    const uint8_t* z = a.zeros + n * a.groups;
-    __m256 tot[MR];
-    for (int m = 0; m < MR; ++m) tot[m] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < a.groups; ++g) {
-      const int64_t b0 = g * a.bpg, b1 = std::min(b0 + a.bpg, a.blocks);
-      __m256 acc[MR];
-      for (int m = 0; m < MR; ++m) acc[m] = _mm256_setzero_ps();
-      for (int64_t b = b0; b < b1; ++b) {
-        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + b * 8));
-        const __m256i w = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(v, nib)),
-                                                  _mm_and_si128(_mm_srli_epi16(v, 4), nib), 1);
-        for (int m = 0; m < MR; ++m) {
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xrow[m] + b * 32));
-          const __m256i sum = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
-          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_broadcast_ss(drow[m] + b), acc[m]);
-        }
-      }
-      const __m256 sv = _mm256_set1_ps(scale_at(s, g));
-      for (int m = 0; m < MR; ++m) tot[m] = _mm256_fmadd_ps(sv, acc[m], tot[m]);
-    }
-    __m256 zt[MR];
-    for (int m = 0; m < MR; ++m) zt[m] = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 8 <= a.groups; g += 8) {
-      const __m128i zb = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + g));
-      const __m256 sz = _mm256_mul_ps(scale8(s + g), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zb)));
-      for (int m = 0; m < MR; ++m) zt[m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xgrow[m] + g), zt[m]);
-    }
-    float zr[MR] = {};
-    for (; g < a.groups; ++g) {
-      const float sz = scale_at(s, g) * static_cast<float>(z[g]);
-      for (int m = 0; m < MR; ++m) zr[m] += sz * xgrow[m][g];
-    }
-    const float bn = a.bias ? a.bias[n] : 0.0f;
-    for (int m = 0; m < MR; ++m) a.y[(m0 + m) * a.n_out + n] = (hsum(tot[m]) - (hsum(zt[m]) + zr[m])) + bn;
-  }
-}
-
-template <typename S>
-void run_rows_q8_as(const ArgsQ8& a, int64_t m0, int64_t mr, int64_t n0, int64_t n1) {
-  switch (mr) {
-    case 1: rows_kernel_q8<1, S>(a, m0, n0, n1); break;
-    case 2: rows_kernel_q8<2, S>(a, m0, n0, n1); break;
-    case 3: rows_kernel_q8<3, S>(a, m0, n0, n1); break;
-    default: rows_kernel_q8<4, S>(a, m0, n0, n1); break;
-  }
-}
-
-void run_rows_q8(const ArgsQ8& a, int64_t m0, int64_t mr, int64_t n0, int64_t n1) {
-  if (a.half) run_rows_q8_as<uint16_t>(a, m0, mr, n0, n1);
-  else run_rows_q8_as<float>(a, m0, mr, n0, n1);
-}
 
 // byte position p (0..31) of an unpacked block -> its column within the block
 inline int q8_column(int p) {
@@ -349,24 +351,8 @@ inline int q8_column(int p) {
 // As int4_linear, with x rounded to int8 per block of 32 columns (see above). Returns [..., N] float32.
 torch::Tensor int4_linear_q8(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros,
                              torch::Tensor bias, int64_t groups, int64_t blocks_per_group) {
-  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == torch::kFloat32 && x.device().is_cpu(),
-              "int4_linear_q8: x must be a float32 CPU tensor");
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt16 && codes.is_contiguous(),
-              "int4_linear_q8: codes must be contiguous int16 [N, blocks*8]");
-  const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0, N = codes.size(0);
-  TORCH_CHECK(codes.size(1) % 8 == 0, "int4_linear_q8: codes width must be a multiple of 8");
-  const int64_t B = codes.size(1) / 8;
-  TORCH_CHECK(K <= B * 32 && K > (B - 1) * 32, "int4_linear_q8: x has ", K, " columns, the codes hold ", B * 32);
-  const bool half = check_scales(scales, N, groups);
-  TORCH_CHECK(zeros.dim() == 2 && zeros.scalar_type() == torch::kUInt8 && zeros.is_contiguous() &&
-                  zeros.size(0) == N && zeros.size(1) == groups,
-              "int4_linear_q8: zeros must be contiguous uint8 [N, groups]");
-  TORCH_CHECK(blocks_per_group > 0 && groups * blocks_per_group >= B && (groups - 1) * blocks_per_group < B,
-              "int4_linear_q8: ", groups, " groups of ", blocks_per_group, " blocks do not cover ", B, " blocks");
-  const bool has_bias = bias.numel() > 0;
-  TORCH_CHECK(!has_bias || (bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == N),
-              "int4_linear_q8: bias must be contiguous float32 [N]");
-  const int64_t G8 = (groups + 7) / 8 * 8;
+  const Shape sh = check_linear("int4_linear_q8", x, codes, scales, zeros, bias, groups, blocks_per_group);
+  const int64_t K = sh.K, M = sh.M, B = sh.B, G8 = sh.G8;
   auto xc = x.contiguous();
   thread_local std::vector<int8_t> xq_buf;
   thread_local std::vector<float> xd_buf, xg_buf;
@@ -395,18 +381,8 @@ torch::Tensor int4_linear_q8(torch::Tensor x, torch::Tensor codes, torch::Tensor
       }
     }
   }
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  auto y = torch::empty(out_shape, x.options());
-  ArgsQ8 a{reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>()), scales.data_ptr(),
-           zeros.data_ptr<uint8_t>(), xq_buf.data(), xd_buf.data(), xg_buf.data(),
-           has_bias ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), N, B, groups, G8, blocks_per_group,
-           half};
-  const int64_t grain = std::max<int64_t>(8, (int64_t{1} << 16) / (B * 32));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < M; m0 += 4) run_rows_q8(a, m0, std::min<int64_t>(4, M - m0), n0, n1);
-  });
-  return y;
+  return launch(sh, x, codes, scales, zeros, bias, groups, blocks_per_group, nullptr, xq_buf.data(), xd_buf.data(),
+                xg_buf.data());
 }
 
 // y = x^ @ W^.T for a weight stored as q8_0 blocks (int8 codes [N, B * 32], zero past K, and one float32 scale per
