@@ -264,6 +264,9 @@ def test_float16_scales_compute_exactly_what_float32_ones_do(out_features, in_fe
     weight = cpu_kernels.int4_dequantize(packed.codes, packed.scales, packed.zeros, in_features, packed.groups,
                                          packed.blocks_per_group)
     assert weight.dtype == torch.float32 and torch.equal(weight, result.weight)
+    # the torch-only decoder (used off the CPU) gives the same weight
+    assert torch.equal(cpu_kernels.dequantize_packed(packed.codes, packed.scales, packed.zeros, in_features,
+                                                     packed.blocks_per_group), result.weight)
     # scales that float16 cannot hold exactly stay float32
     other = cpu_kernels.pack(result.codes, result.scale.float() * (1 + 2.0**-20), result.zero, width)
     assert other.scales.dtype == torch.float32

@@ -202,3 +202,22 @@ def test_runtime_packed_refuses_a_dense_folder(tmp_path):
     tiny_tokenizer().save_pretrained(tmp_path / "dense")
     with pytest.raises(LmshrinkError, match="not a compressed checkpoint"):
         lmshrink.load_model(str(tmp_path / "dense"), runtime="packed", progress=False)
+
+
+@pytest.mark.parametrize("kind_spec,disable_avx2", [
+    (dict(bits=4, group_size=32, scale_dtype="float16"), False),  # int4_avx2 where it builds
+    (dict(bits=4, group_size=32), True),                           # torch's int4
+    (dict(bits=8, group_size=-1, symmetric=True), False),          # int8
+    (dict(bits=8, group_size=32), False),                          # dequantize
+])
+def test_quant_linear_off_the_cpu_uses_torch_operations_only(kind_spec, disable_avx2, monkeypatch):
+    """On another device (CUDA for users; the meta device here, where no data exists) every kind decodes its weight
+    with torch operations instead of calling a CPU-only kernel on device memory."""
+    if disable_avx2:
+        monkeypatch.setenv(cpu_kernels.ENV_VAR, "0")
+    result = rtn_quantize(torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * 0.05,
+                          GridSpec(**kind_spec))
+    module = QuantLinear.from_result(result, bias=torch.randn(64)).to("meta")
+    for rows in (1, 40):
+        y = module(torch.empty(rows, 96, device="meta"))
+        assert y.shape == (rows, 64) and y.device.type == "meta"

@@ -140,7 +140,7 @@ def unpack_codes(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """Inverse of ``pack_codes``: uint8 codes ``[N, in_features]``."""
     n = packed.shape[0]
     words = packed.to(torch.int32).view(n, -1, 1, 8) & 0xFFFF
-    shifts = torch.tensor([0, 4, 8, 12], dtype=torch.int32).view(1, 1, 4, 1)
+    shifts = torch.tensor([0, 4, 8, 12], dtype=torch.int32, device=packed.device).view(1, 1, 4, 1)
     codes = (words >> shifts) & 15  # [n, b, i, l]
     return codes.reshape(n, -1)[:, :in_features].to(torch.uint8).contiguous()
 
@@ -166,9 +166,10 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_wid
 
 def dequantize_packed(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int,
                       bpg: int) -> torch.Tensor:
-    """float32 ``[N, K]`` ``(q - zero) * scale``, exactly as ``lmshrink.quant.grids.dequantize`` computes it."""
+    """float32 ``[N, K]`` ``(q - zero) * scale``, exactly as ``lmshrink.quant.grids.dequantize`` computes it (torch
+    operations only: any device)."""
     q = unpack_codes(codes, in_features).float()
-    origin = torch.arange(in_features) // (bpg * BLOCK)
+    origin = torch.arange(in_features, device=codes.device) // (bpg * BLOCK)
     return (q - zeros.float()[:, origin]) * scales.float()[:, origin]
 
 

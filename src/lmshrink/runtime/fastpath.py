@@ -115,7 +115,7 @@ def supported(model: nn.Module, max_len: int | None = None) -> tuple[bool, str]:
 
 def _avx2_key(module: nn.Module):
     """What must agree for QuantLinear layers to run as one int4_avx2 call (None where the module cannot)."""
-    if (isinstance(module, QuantLinear) and module.kind == "int4_avx2"
+    if (isinstance(module, QuantLinear) and module.kind == "int4_avx2" and module.packed.device.type == "cpu"
             and (module.bias is None or module.bias.dtype == torch.float32)):
         return (module.in_features, module._groups, module._blocks_per_group, module.packed.dtype,
                 tuple(module.packed.shape[1:]), module.group_scale.dtype)
@@ -304,11 +304,12 @@ class FastDecoder:
         self.lm_head = model.lm_head
         self.activations, self.head_kind = activations, head
         if activations != "float32" or head != "model":
-            if not (self.fp32 and cpu_kernels.ready()):
-                why = "the model is not float32" if not self.fp32 else f"AVX2 kernel: {cpu_kernels.kernel_status()}"
+            if not (self.fp32 and device.type == "cpu" and cpu_kernels.ready()):
+                why = ("the model is not float32" if not self.fp32 else f"the model is on {device}"
+                       if device.type != "cpu" else f"AVX2 kernel: {cpu_kernels.kernel_status()}")
                 raise UnsupportedArchitectureError(
                     f"activations={activations!r} / head={head!r} need lmshrink's AVX2 kernel and a float32 model "
-                    f"({why})", fix="use activations='float32', head='model'")
+                    f"on CPU ({why})", fix="use activations='float32', head='model'")
         int8 = activations == "int8"
         if head == "int8":
             if type(model.lm_head) is not nn.Linear or model.lm_head.bias is not None:

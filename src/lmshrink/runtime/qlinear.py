@@ -27,6 +27,10 @@ The private ATen ops of torch 2.13, which lmshrink pins, where the AVX2 kernel i
 * ``dequantize``: everything else (grouped 8-bit, act-order ``g_idx`` that is not contiguous, widths the kernels
   refuse) keeps the uint8 codes and decodes the weight for each call.
 
+Off the CPU (CUDA) none of these kernels runs: every kind decodes its weight with torch operations on the layer's
+device and uses ``F.linear`` (``cache_dense=True`` keeps the decoded weight). lmshrink ships no GPU kernel of its own
+and this path has been checked on the meta device only (``tests/test_runtime.py``), not on a GPU.
+
 The kernels pay off for few rows (decoding one token); for long prompts a dense matmul on the decoded weight is
 faster, so ``forward`` switches on the number of rows (``kernel_max_rows``, by default the crossover of each kind
 measured by ``bench/runtime_kernels.py``: 16 rows for ``int4_avx2``, 64 for torch's kernels).
@@ -203,7 +207,7 @@ class QuantLinear(nn.Module):
         """The weight this module computes with, decoded to ``dtype`` ``[out, in]``."""
         if self.kind == "int4_avx2":
             bpg = self.group // cpu_kernels.BLOCK
-            if cpu_kernels.ready():
+            if self.packed.device.type == "cpu" and cpu_kernels.ready():
                 weight = cpu_kernels.int4_dequantize(self.packed, self.group_scale, self.group_zero, self.in_features,
                                                      self._groups, bpg)
             else:
