@@ -455,9 +455,10 @@ def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, 
             if "error" in info:
                 worker.close()
                 if path != "hf" and decode in PATHS_OF and info.get("unsupported"):
-                    fast_skipped[source if path == "fast" else f"{source} ({path})"] = info["error"]  # its hf row stays; the record says why there is no fast one
+                    # its hf row stays; the record says why there is no fast (or fast-q8) one
+                    fast_skipped[source if path == "fast" else f"{source} ({path})"] = info["error"]
                     if progress:
-                        print(f"bench: no fast row for {source}: {info['error']}", file=sys.stderr)
+                        print(f"bench: no {path} row for {source}: {info['error']}", file=sys.stderr)
                     continue
                 raise LmshrinkError(f"{source}: {info['error']}", fix=info.get("fix"))
             workers.append(worker)

@@ -3,11 +3,11 @@
 ``int4_linear(x, packed)`` computes ``x @ W.T`` in float32 for ``W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g]``,
 codes ``q`` in 0..15 (2, 3 and 4-bit grids), contiguous groups of any multiple of 32 columns (or one group per row),
 any ``K`` and ``N``, group scales in float16 (where exact) or float32. The C++ source is ``csrc/int4_avx2.cpp``
-(layout and method described there): codes are widened
-and converted to float in registers, multiplied with float32 activations by FMA, each group's sum scaled once, and
-the zero points applied through per-group activation sums. No activation rounding: it differs from a float32 matmul
-on the dequantized weight only in summation order (``tests/test_cpu_kernel.py`` checks it against a float64
-reference within the float32 summation bound).
+(layout and method described there): codes are widened and converted to float in registers, multiplied with float32
+activations by FMA, each group's sum scaled once, and the zero points applied through per-group activation sums. No
+activation rounding: it differs from a float32 matmul on the dequantized weight only in summation order (``tests/test_cpu_kernel.py`` checks it against a float64
+reference within the float32 summation bound). ``int4_linear_q8`` is the opt-in variant that rounds the activations
+to int8 per block of 32 (llama.cpp's q8_0) and multiplies with integers; ``q8_linear`` runs a q8_0 weight.
 
 It is built with ``torch.utils.cpp_extension.load`` (needs ``ninja`` and a C++ compiler) with ``-O3 -mavx2 -mfma
 -mf16c``, only when ``/proc/cpuinfo`` lists avx2 and fma, into torch's extension cache (``TORCH_EXTENSIONS_DIR``,
@@ -202,33 +202,32 @@ def int4_linear_q8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, z
     return _module.int4_linear_q8(x, codes, scales, zeros, _EMPTY if bias is None else bias, groups, bpg)
 
 
+def _q8_blocks(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``t [..., K]`` zero-padded to blocks of 32 columns ``[..., B, 32]``, with each block's ``max|t|`` and
+    ``127 / max|t|`` (0 for an all-zero block), ``[..., B, 1]``: the q8_0 rounding's pieces."""
+    k = t.shape[-1]
+    blocks = -(-k // BLOCK)
+    padded = torch.zeros(*t.shape[:-1], blocks * BLOCK, dtype=torch.float32)
+    padded[..., :k] = t.detach().float()
+    view = padded.view(*t.shape[:-1], blocks, BLOCK)
+    amax = view.abs().amax(dim=-1, keepdim=True)
+    return view, amax, torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+
+
 def quantize_activations_q8(x: torch.Tensor) -> torch.Tensor:
     """The float32 ``x^`` that ``int4_linear_q8`` multiplies with: each block of 32 columns of each row rounded to
     ``d * round(x / d)``, ``d = max|x| / 127`` (a reference for tests and error estimates)."""
-    k = x.shape[-1]
-    blocks = -(-k // BLOCK)
-    padded = torch.zeros(*x.shape[:-1], blocks * BLOCK, dtype=torch.float32)
-    padded[..., :k] = x.float()
-    view = padded.view(*x.shape[:-1], blocks, BLOCK)
-    amax = view.abs().amax(dim=-1, keepdim=True)
-    d = amax / 127.0
-    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    rounded = torch.round(view * inverse) * d
-    return rounded.reshape(*x.shape[:-1], blocks * BLOCK)[..., :k]
+    view, amax, inverse = _q8_blocks(x)
+    rounded = torch.round(view * inverse) * (amax / 127.0)
+    return rounded.flatten(-2)[..., :x.shape[-1]]
 
 
 def quantize_q8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A weight ``[N, K]`` as q8_0 blocks for ``q8_linear``: int8 codes ``[N, B*32]`` (zero past K) and float32 scales
     ``[N, B]``, ``d = max|w| / 127`` per row and block of 32 columns, codes ``round(w / d)``."""
-    n, k = weight.shape
-    blocks = -(-k // BLOCK)
-    padded = torch.zeros(n, blocks * BLOCK, dtype=torch.float32)
-    padded[:, :k] = weight.detach().float()
-    view = padded.view(n, blocks, BLOCK)
-    amax = view.abs().amax(dim=-1)
-    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    codes = torch.round(view * inverse[..., None]).to(torch.int8).reshape(n, blocks * BLOCK).contiguous()
-    return codes, (amax / 127.0).contiguous()
+    view, amax, inverse = _q8_blocks(weight)
+    codes = torch.round(view * inverse).to(torch.int8).flatten(-2).contiguous()
+    return codes, (amax[..., 0] / 127.0).contiguous()
 
 
 def q8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

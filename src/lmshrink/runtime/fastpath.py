@@ -245,8 +245,8 @@ class FastDecoder:
     columns (``cpu_kernels.int4_linear_q8``, integer products); ``head="int8"`` runs a float32 ``lm_head`` (a plain
     Linear without bias) from a q8_0 copy of its weight (int8 blocks of 32 columns with a float32 scale each, and
     activations rounded the same way: ``cpu_kernels.q8_linear``; the copy costs 1.125 bytes per weight beside the
-    model's), for the prompt's last position and every step. Both need the AVX2 kernel and a float32 model; the
-    prompt's layers run as before.
+    model's), for the prompt's last position and every step. Both need the AVX2 kernel and a float32 model on CPU;
+    the prompt's layers run as before. ``bench/decode_error.py`` measures what they cost.
     """
 
     ACTIVATIONS = ("float32", "int8")
@@ -313,8 +313,9 @@ class FastDecoder:
         int8 = activations == "int8"
         if head == "int8":
             if type(model.lm_head) is not nn.Linear or model.lm_head.bias is not None:
-                raise UnsupportedArchitectureError(f"head='int8' takes a plain Linear lm_head without bias, not "
-                                    f"{type(model.lm_head).__name__}", fix="use head='model'")
+                raise UnsupportedArchitectureError(
+                    f"head='int8' takes a plain Linear lm_head without bias, not {type(model.lm_head).__name__}",
+                    fix="use head='model'")
             self.head = _Q8(model.lm_head)
         else:
             self.head = _linear([model.lm_head], False, False, self.fp32, int8)
