@@ -5,8 +5,8 @@ codes ``q`` in 0..15 (2, 3 and 4-bit grids), contiguous groups of any multiple o
 any ``K`` and ``N``, group scales in float16 (where exact) or float32. The C++ source is ``csrc/int4_avx2.cpp``
 (layout and method described there): codes are widened and converted to float in registers, multiplied with float32
 activations by FMA, each group's sum scaled once, and the zero points applied through per-group activation sums. No
-activation rounding: it differs from a float32 matmul on the dequantized weight only in summation order (``tests/test_cpu_kernel.py`` checks it against a float64
-reference within the float32 summation bound). ``int4_linear_q8`` is the opt-in variant that rounds the activations
+activation rounding: it differs from a float32 matmul on the dequantized weight only in summation order
+(``tests/test_cpu_kernel.py`` checks it against a float64 reference within the float32 summation bound). ``int4_linear_q8`` is the opt-in variant that rounds the activations
 to int8 per block of 32 (llama.cpp's q8_0) and multiplies with integers; ``q8_linear`` runs a q8_0 weight.
 
 It is built with ``torch.utils.cpp_extension.load`` (needs ``ninja`` and a C++ compiler) with ``-O3 -mavx2 -mfma
