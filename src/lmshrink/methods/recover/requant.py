@@ -92,7 +92,7 @@ def requantize_gptq(model: nn.Module, targets: dict[str, tuple[torch.Tensor, Qua
                 if not members:
                     continue
                 first = block.get_submodule(members[0])
-                stats = _collect(block, {members[0]: first}, hidden, args, kwargs, device, stop_at=members[0])
+                stats, _ = _collect(block, {members[0]: first}, hidden, args, kwargs, device, stop_at=members[0])
                 accumulator = stats[members[0]]
                 for name in members:
                     full = f"{prefix}.{index}.{name}"
