@@ -248,3 +248,32 @@ def test_engine_fp_target_resume_after_kill_is_bit_identical(tmp_path):
     resumed = _run(resumed_model, recipe, checkpoint=Checkpoint(tmp_path / "ck", "key"), resume=True)
     assert resumed.resumed_from_block == 2
     assert_same_run(full, resumed, full_model, resumed_model)
+
+
+def test_a_later_stage_aims_at_the_uncompressed_layer_not_at_the_earlier_stage():
+    """With fp_target the target is built from the uncompressed layer's weight (the block copy), whatever weight an
+    earlier stage of the recipe left in the layer: otherwise a stage after another fp_target stage corrects the drift
+    twice (P1 sparse50 then w4g128, both with fp_target: WikiText-2 perplexity 1358 before this)."""
+    from torch import nn
+
+    from lmshrink.engine.loop import DriftStats, _solve
+
+    weight, x, x_tilde = _drifted_layer(out=24, inp=64, samples=400, seed=3)
+    h, cross, h_tilde = _stats(x, x_tilde)
+    reference = HessianAccumulator(64)
+    reference.add_batch(x)
+    drift = DriftStats(cross, reference)
+    stage = parse_recipe(_gptq(bits=3, group_size=32, fp_target=True)).stages[0]
+
+    def layer(w):
+        module = nn.Linear(64, 24, bias=False)
+        module.weight.data.copy_(w)
+        return module
+
+    uncompressed = layer(weight)
+    earlier = layer(weight + 0.02 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(4)))
+    from_uncompressed = _solve(stage, layer(weight), h_tilde, drift)
+    later = _solve(stage, earlier, h_tilde, drift, uncompressed)
+    assert torch.equal(later.codes, from_uncompressed.codes) and torch.equal(later.weight, from_uncompressed.weight)
+    # without the block copy the earlier stage's weight would be the target's source: a different solution
+    assert not torch.equal(_solve(stage, earlier, h_tilde, drift).codes, later.codes)

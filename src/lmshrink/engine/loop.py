@@ -192,19 +192,24 @@ def _needs_hessian(stage: StageBase) -> bool:
 
 
 def _solve(stage: StageBase, module: nn.Module, hessian: torch.Tensor | None,
-           drift: DriftStats | None = None) -> QuantResult | PruneResult:
+           drift: DriftStats | None = None, uncompressed: nn.Module | None = None) -> QuantResult | PruneResult:
     """Solve one layer for ``stage``: a QuantResult for quantization (and joint SparseGPT), a PruneResult for pruning.
 
     A layer pruned by an earlier stage of this block keeps its zeros through GPTQ (mask-aware sweep) and RTN (0 is
     always on the grid). ``drift`` (stages with ``fp_target``): the sweep runs on the asymmetric target
-    ``W* = W (C + l I)(H~ + l I)^-1`` instead of W (``fp_target_weight``); W is the layer's weight as this stage
-    receives it (the original weight unless an earlier stage of the recipe changed it).
+    ``W* = W (C + l I)(H~ + l I)^-1`` instead of the layer's current weight (``fp_target_weight``), where W is the
+    weight of ``uncompressed`` (the same layer in the unmodified copy of the block): the target is the uncompressed
+    model's output, also for a stage that follows another one (prune, then GPTQ). Building it from the weight an
+    earlier stage left would aim at that stage's output on the uncompressed inputs instead, and when the earlier stage
+    had ``fp_target`` too, apply the drift correction twice (P1: sparse50 then w4g128, both with ``fp_target``, gave
+    WikiText-2 perplexity 1358 that way).
     """
     weight = linear_weight(module).detach().float().clone()
     original = None
     drift_info: dict = {}
     if drift is not None:
-        original = weight
+        original = weight if uncompressed is None else linear_weight(uncompressed).detach().float().clone()
+        weight = original
         if drift.cross.identical:  # X~ == X on every token (e.g. block 0's first group): W* = W, skip the solve
             drift_info = {"fp_target_identical_inputs": True}
         else:
@@ -443,7 +448,9 @@ class Engine:
                             for name in group:
                                 module = block.get_submodule(name)
                                 t0 = time.perf_counter()
-                                result = _solve(stage, module, hessian, drift.get(group[0]))
+                                layer_drift = drift.get(group[0])
+                                result = _solve(stage, module, hessian, layer_drift,
+                                                original.get_submodule(name) if layer_drift is not None else None)
                                 set_linear_weight(module, result.weight.to(linear_weight(module).dtype))
                                 full = f"{prefix}.{index}.{name}"
                                 block_results[full] = _on_cpu(result) if self.device.type != "cpu" else result
