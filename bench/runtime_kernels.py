@@ -29,6 +29,22 @@ from lmshrink.runtime import QuantLinear, cpu_kernels
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # (out, in): q/o, k/v, gate/up, down
 
 
+def _median_times(calls: dict, repeats: int, inner: int, clock) -> dict[str, float]:
+    """Microseconds per call of each of ``calls``: one warm-up call each, then the median of ``repeats`` interleaved
+    repetitions of ``inner`` calls."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    with torch.inference_mode():
+        for f in calls.values():
+            f()
+        for _ in range(repeats):
+            for key, f in calls.items():
+                start = clock()
+                for _ in range(inner):
+                    f()
+                times[key].append((clock() - start) / inner * 1e6)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
@@ -75,17 +91,7 @@ def main() -> None:
                 calls["avx2"] = lambda: own(x)
                 calls["q8"] = lambda: cpu_kernels.int4_linear_q8(x, own.packed, own.group_scale, own.group_zero, None,
                                                                  own._groups, own._blocks_per_group)
-            times: dict[str, list[float]] = {k: [] for k in calls}
-            with torch.inference_mode():
-                for f in calls.values():
-                    f()
-                for _ in range(args.repeats):
-                    for key, f in calls.items():
-                        start = clock()
-                        for _ in range(args.inner):
-                            f()
-                        times[key].append((clock() - start) / args.inner * 1e6)
-            med = {k: statistics.median(v) for k, v in times.items()}
+            med = _median_times(calls, args.repeats, args.inner, clock)
             if own is not None:
                 own_cols = (f"{med['avx2']:.0f}", f"{med['q8']:.0f}", f"{med['avx2'] / med['dense']:.2f}",
                             f"{med['avx2'] / med['kernel']:.2f}", f"{med['q8'] / med['avx2']:.2f}")
@@ -99,14 +105,7 @@ def main() -> None:
         codes, scales = cpu_kernels.quantize_q8_rows(head)
         x = torch.randn(1, 576, generator=generator)
         calls = {"dense": lambda: F.linear(x, head), "q8": lambda: cpu_kernels.q8_linear(x, codes, scales)}
-        times = {k: [] for k in calls}
-        for _ in range(args.repeats):
-            for key, f in calls.items():
-                start = clock()
-                for _ in range(max(1, args.inner // 5)):
-                    f()
-                times[key].append((clock() - start) / max(1, args.inner // 5) * 1e6)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = _median_times(calls, args.repeats, max(1, args.inner // 5), clock)
         print("\n| lm_head 49152 x 576, 1 row | dense fp32 | q8_0 (q8_linear) | q8_0 / dense |\n|---|---|---|---|")
         print(f"| | {med['dense']:.0f} | {med['q8']:.0f} | {med['q8'] / med['dense']:.2f} |")
     print(f"load average {os.getloadavg()[0]:.2f} at the end")

@@ -140,11 +140,11 @@ def _collect(block: nn.Module, modules: dict[str, nn.Module], hidden: list[torch
     return accumulators, drift
 
 
-def _begin_pass(memos, changed) -> None:
-    """``begin_pass(changed)`` on each memo that exists (the compressed block's and the reference copy's)."""
+def _for_memos(memos, method: str, *args) -> None:
+    """``memo.<method>(*args)`` on each memo that exists (the compressed block's and the reference copy's)."""
     for memo in memos:
         if memo is not None:
-            memo.begin_pass(changed)
+            getattr(memo, method)(*args)
 
 
 def _on_cpu(result):
@@ -204,12 +204,12 @@ def _solve(stage: StageBase, module: nn.Module, hessian: torch.Tensor | None,
     had ``fp_target`` too, apply the drift correction twice (P1: sparse50 then w4g128, both with ``fp_target``, gave
     WikiText-2 perplexity 1358 that way).
     """
-    weight = linear_weight(module).detach().float().clone()
+    source = uncompressed if drift is not None and uncompressed is not None else module
+    weight = linear_weight(source).detach().float().clone()
     original = None
     drift_info: dict = {}
     if drift is not None:
-        original = weight if uncompressed is None else linear_weight(uncompressed).detach().float().clone()
-        weight = original
+        original = weight
         if drift.cross.identical:  # X~ == X on every token (e.g. block 0's first group): W* = W, skip the solve
             drift_info = {"fp_target_identical_inputs": True}
         else:
@@ -433,16 +433,14 @@ class Engine:
                     for pass_groups in passes:
                         firsts = {g[0]: block.get_submodule(g[0]) for g in pass_groups}
                         # without a pass too: drop what these changes invalidate
-                        _begin_pass((memo, reference_memo), {group_of[g[0]] for g in pass_groups})
+                        _for_memos((memo, reference_memo), "begin_pass", {group_of[g[0]] for g in pass_groups})
                         stats, drift = {}, {}
                         if collect:
                             reference = ((original, reference_hidden, reference_memo)
                                          if getattr(stage, "fp_target", False) else None)
                             stats, drift = _collect(block, firsts, hidden, args, kwargs, self.device,
                                                     stop_at=pass_groups[-1][0], memo=memo, reference=reference)
-                        for m in (memo, reference_memo):
-                            if m is not None:
-                                m.end_pass()
+                        _for_memos((memo, reference_memo), "end_pass")
                         for group in pass_groups:
                             hessian = stats[group[0]].hessian if collect else None
                             for name in group:
@@ -468,7 +466,7 @@ class Engine:
                                                            "fp_target_damp_retries")}})
                         del stats, drift
                 if forward_blocks:
-                    _begin_pass((memo, reference_memo), None)
+                    _for_memos((memo, reference_memo), "begin_pass", None)
                     with torch.no_grad():
                         hidden = [_final_forward(block, b, h, args, kwargs, self.device, memo)
                                   for b, h in enumerate(hidden)]

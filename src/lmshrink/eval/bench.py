@@ -18,9 +18,8 @@ the leaner forward are seen apart; ratios stay relative to the first row (the fi
 ``fast-q8`` is the fast path with the two approximations llama.cpp makes on CPU: the inputs of the int4 layers
 rounded to int8 per block of 32 columns and lm_head run from a q8_0 copy (``FastDecoder(activations="int8",
 head="int8")``; ``bench/decode_error.py`` measures what they cost in perplexity and KL); ``all`` adds a ``fast-q8``
-row to ``both``'s. Each trial
-also records the process CPU time of the decode loop (``decode_cpu_tokens_per_s``), steadier than wall time on a
-shared machine.
+row to ``both``'s. Each trial also records the process CPU time of the decode loop (``decode_cpu_tokens_per_s``),
+steadier than wall time on a shared machine.
 
 GGUF files given with ``llama_cpp=`` (``--llama-cpp``) run the same trials in llama.cpp (llama-cpp-python, an
 optional extra) with the same thread count and the first row's prompt ids: the bar for lmshrink's own CPU runtime.

@@ -229,6 +229,13 @@ def _linear(modules: list[nn.Module], fuse: bool, fuse_dense: bool, fp32: bool, 
     return _Modules(modules)
 
 
+def _kind(linear, int8_activations: bool) -> str:
+    """How a ``_linear`` result runs, as ``FastDecoder.linears`` names it."""
+    if isinstance(linear, _Int4):
+        return "int4_avx2_q8" if int8_activations else "int4_avx2"
+    return {_Dense: "dense", _Q8: "q8", _Modules: "modules"}[type(linear)]
+
+
 class FastDecoder:
     """Greedy batch-1 decoding of a Llama-family ``model`` with a preallocated cache of ``max_len`` positions.
 
@@ -334,16 +341,13 @@ class FastDecoder:
             gate_up = _linear([mlp.gate_proj, mlp.up_proj], fuse, fuse_dense, self.fp32, int8)
             down = _linear([mlp.down_proj], False, False, self.fp32, int8)
             for name, linear in (("qkv", qkv), ("o", out), ("gate_up", gate_up), ("down", down)):
-                kind = {_Int4: "int4_avx2_q8" if int8 else "int4_avx2", _Dense: "dense",
-                        _Modules: "modules"}[type(linear)]
+                kind = _kind(linear, int8)
                 key = f"{name}:{kind}" + (":fused" if name in ("qkv", "gate_up") and not isinstance(linear, _Modules)
                                           else "")
                 self.linears[key] = self.linears.get(key, 0) + 1
             self.step_layers.append((norm1[0], norm1[1], qkv, out.add, norm2[0], norm2[1], gate_up, down.add,
                                      self.cache[index], k_cache, v_cache))
-        head_kind = {_Int4: "int4_avx2_q8" if int8 else "int4_avx2", _Dense: "dense", _Q8: "q8",
-                     _Modules: "modules"}[type(self.head)]
-        self.linears[f"lm_head:{head_kind}"] = 1
+        self.linears[f"lm_head:{_kind(self.head, int8)}"] = 1
         self.zero = torch.zeros(self.hidden, dtype=dtype, device=device)
         self.length = 0
 

@@ -7,9 +7,9 @@ Kernels (``tests/test_runtime.py`` and ``tests/test_cpu_kernel.py`` cover them):
   used). Chosen first for 2/3/4-bit grids whose contiguous groups are a multiple of 32 columns (or one per row), any
   ``N`` and ``K``. It keeps the codes (32 per 16 bytes), a scale and a uint8 zero point per group: the scale in
   float16 where all of a layer's scales are exactly float16 values (the default ``scale_dtype: float16``; 4.75 bits
-  per weight at group 32), else float32 (5.25 bits), and computes ``x @ ((q - zero) * scale).T`` in float32 with FMA: float32 activations in
-  and out, no bf16 rounding, so it differs from ``F.linear`` on ``dequantized_weight()`` (the grid's weight bit for
-  bit) only in summation order. Faster than ``int4`` for 1-8 rows on an AVX2 CPU (0.51-0.81x its CPU time per layer,
+  per weight at group 32), else float32 (5.25 bits), and computes ``x @ ((q - zero) * scale).T`` in float32 with
+  FMA: float32 activations in and out, no bf16 rounding, so it differs from ``F.linear`` on ``dequantized_weight()``
+  (the grid's weight bit for bit) only in summation order. Faster than ``int4`` for 1-8 rows on an AVX2 CPU (0.51-0.81x its CPU time per layer,
   ``bench/results/runtime_kernels_avx2_threads1.md``).
 
 The private ATen ops of torch 2.13, which lmshrink pins, where the AVX2 kernel is not available or does not fit:
