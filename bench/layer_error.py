@@ -9,6 +9,7 @@ Protocol: calibration = 16 windows x 512 tokens drawn (seed 0) from ../shared/da
     python bench/layer_error.py --variants refit --layers self_attn.q_proj self_attn.o_proj mlp.up_proj mlp.down_proj
     python bench/layer_error.py --variants joint --layers self_attn.q_proj self_attn.o_proj mlp.up_proj mlp.down_proj
 
+``--variants descent``: GPTQ (act-order + static groups), then 1/2/4/8 coordinate-descent passes over its codes.
 ``--variants joint``: SparseGPT 50% alone, joint 50% + quantization (one sweep: groups fitted as the sweep reaches
 them on the kept weights, static groups fitted on the original weights, or act-order column order),
 the SparseGPT mask then act-order GPTQ keeping it (same Hessian), and GPTQ alone, each grid with group 128.
@@ -26,6 +27,7 @@ import torch
 
 from lmshrink.methods.prune import gptq_keep_mask, sparsegpt_prune
 from lmshrink.methods.quant import gptq_quantize, rtn_quantize
+from lmshrink.methods.quant.refine import coordinate_descent
 from lmshrink.methods.quant.refit import refit_scales
 from lmshrink.methods.solver import HessianAccumulator, output_error
 from lmshrink.quant import GridSpec
@@ -62,9 +64,10 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--heldout", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--variants", choices=["methods", "options", "refit", "joint"], default="methods",
+    parser.add_argument("--variants", choices=["methods", "options", "refit", "joint", "descent"], default="methods",
                         help="methods: RTN vs GPTQ variants; options: clip weighting and damping of act-order+static; "
-                             "refit: least-squares scales after the sweep; joint: SparseGPT 50%% with quantization")
+                             "refit: least-squares scales after the sweep; joint: SparseGPT 50%% with quantization; "
+                             "descent: coordinate-descent passes over the codes after the sweep")
     parser.add_argument("--cache", type=Path, default=None, help="reuse/store the Hessians in this .pt file")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -124,7 +127,17 @@ def main() -> None:
         ("sparsegpt mask, then act-order gptq", mask_then_gptq),
         ("gptq act+static alone", lambda w, h, s: gptq_quantize(w, h, s)),
     ]
-    variants = {"methods": methods, "options": options, "refit": refit, "joint": joint}[args.variants]
+    def descended(passes):
+        def run(w, h, s):
+            result = gptq_quantize(w, h, s)
+            coordinate_descent(result, w, h, passes)
+            return result
+        return run
+
+    descent = [("gptq act+static", lambda w, h, s: gptq_quantize(w, h, s))]
+    descent += [(f"gptq act+static + {n} descent passes", descended(n)) for n in (1, 2, 4, 8)]
+    variants = {"methods": methods, "options": options, "refit": refit, "joint": joint,
+                "descent": descent}[args.variants]
     modules = dict(model.named_modules())
     print("| layer | grid | variant | rel err calib | rel err held-out | seconds |")
     print("|---|---|---|---|---|---|")

@@ -87,6 +87,8 @@ class GPTQStage(QuantStage):
     block_size: int = Field(128, ge=1, description="columns per lazy-update block")
     true_sequential: bool = Field(True, description="re-collect inputs after each group of layers is compressed")
     refit_scales: bool = Field(False, description="after the sweep, least-squares group scales for the chosen codes")
+    descent_passes: int = Field(0, ge=0, le=100, description="after the sweep, this many coordinate-descent passes "
+                                "over the codes on the fixed grid (each keeps or lowers the layer's error)")
     fp_target: bool = Field(False, description=_FP_TARGET_DESCRIPTION)
 
 

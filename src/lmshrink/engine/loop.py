@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..methods.quant.gptq import gptq_quantize
+from ..methods.quant.refine import coordinate_descent
 from ..methods.quant.rtn import rtn_quantize
 from ..methods.prune import PruneResult, gptq_keep_mask, magnitude_prune, sparsegpt_prune, wanda_prune
 from ..methods.solver import CrossAccumulator, HessianAccumulator, asymmetric_output_error, fp_target_weight
@@ -257,6 +258,10 @@ def _solve_stage(stage: StageBase, module: nn.Module, weight: torch.Tensor,
                                    act_order=stage.act_order, static_groups=stage.static_groups,
                                    refit=stage.refit_scales)
         result.info = {**(result.info or {}), "act_order": stage.act_order, "static_groups": stage.static_groups}
+        if stage.descent_passes:
+            result.info.update(coordinate_descent(result, weight, hessian, stage.descent_passes,
+                                                  damp_percent=stage.damp_percent, block_size=stage.block_size,
+                                                  keep=mask))
     else:
         result = rtn_quantize(weight, spec, hessian=hessian)
         result.info = {**(result.info or {}), "act_order": False, "static_groups": False}
@@ -463,7 +468,8 @@ class Engine:
                                                            "loss", "sparsity", "target_sparsity", "pattern",
                                                            "refit_rows", "rel_output_error_before_refit",
                                                            "rel_output_error_local", "rel_output_error_drift_only",
-                                                           "fp_target_damp_retries")}})
+                                                           "fp_target_damp_retries", "cd_passes",
+                                                           "cd_changed_codes", "rel_output_error_before_cd")}})
                         del stats, drift
                 if forward_blocks:
                     _for_memos((memo, reference_memo), "begin_pass", None)
