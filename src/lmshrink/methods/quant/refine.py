@@ -47,7 +47,9 @@ def coordinate_descent(result: QuantResult, weight: torch.Tensor, hessian: torch
     target = w.masked_fill(dead[None, :], 0.0)  # the sweep zeroes dead inputs' weights before solving
     grad = h @ (target.t() - q)  # G^T = Hd E^T (Hd symmetric)
     fixed = (dead[:, None].expand(cols, rows) if keep is None else keep.t() | dead[:, None]).contiguous()
-    before = output_error(w, result.weight.float(), hessian.float())
+    before = result.rel_output_error  # the sweep's error on the same target and Hessian
+    if before is None:
+        before = output_error(w, result.weight.float(), hessian.float())
     inverse_diag = 1.0 / h.diagonal()
     changed_total, done = 0, 0
     for _ in range(passes):
