@@ -84,6 +84,19 @@ def test_kept_entries_do_not_change_and_descent_stops_when_nothing_moves():
     assert again["cd_passes"] == 1 and again["cd_changed_codes"] == 0
 
 
+def test_descent_uses_the_damping_the_sweep_finally_used():
+    weight, hessian = _layer(out=16, inp=64, samples=40)  # fewer samples than inputs: singular X^T X
+    hessian -= 0.3 * float(hessian.diagonal().mean()) * torch.eye(64)  # 1% and 10% damping fail: the sweep uses 100%
+    result = gptq_quantize(weight, hessian, GridSpec(bits=3, group_size=32))
+    assert result.info["damp_percent"] == pytest.approx(1.0)
+    before = _damped_objective(weight, result.weight, hessian, damp_percent=1.0)
+    summary = coordinate_descent(result, weight, hessian, passes=4)
+    assert summary["cd_damp_percent"] == pytest.approx(1.0)
+    assert summary["cd_changed_codes"] > 0
+    # with 1% damping this Hessian is indefinite and steps need not lower anything; with the sweep's 100% they do
+    assert _damped_objective(weight, result.weight, hessian, damp_percent=1.0) < before
+
+
 def test_engine_stage_option_descends_after_the_sweep_and_keeps_pruned_zeros():
     """``descent_passes`` on a GPTQ stage: block 0's first group (same inputs with and without the option) gets a
     lower error than the plain sweep; every layer records its passes; a pruned layer keeps exactly its zeros."""

@@ -259,9 +259,9 @@ def _solve_stage(stage: StageBase, module: nn.Module, weight: torch.Tensor,
                                    refit=stage.refit_scales)
         result.info = {**(result.info or {}), "act_order": stage.act_order, "static_groups": stage.static_groups}
         if stage.descent_passes:
+            # the damping the sweep finally used (raised there if its Cholesky factorisation failed)
             result.info.update(coordinate_descent(result, weight, hessian, stage.descent_passes,
-                                                  damp_percent=stage.damp_percent, block_size=stage.block_size,
-                                                  keep=mask))
+                                                  block_size=stage.block_size, keep=mask))
     else:
         result = rtn_quantize(weight, spec, hessian=hessian)
         result.info = {**(result.info or {}), "act_order": False, "static_groups": False}

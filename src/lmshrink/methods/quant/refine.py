@@ -21,15 +21,18 @@ from lmshrink.quant.grids import QuantResult, _expand
 
 
 def coordinate_descent(result: QuantResult, weight: torch.Tensor, hessian: torch.Tensor, passes: int,
-                       damp_percent: float = 0.01, block_size: int = 128,
+                       damp_percent: float | None = None, block_size: int = 128,
                        keep: torch.Tensor | None = None) -> dict:
     """Refine ``result``'s codes (and ``weight``) in place by ``passes`` coordinate-descent passes over the columns.
 
-    weight: the ``[out, in]`` target the sweep aimed at; hessian: the undamped ``X^T X``; damp_percent: the sweep's
-    damping (fraction of the mean diagonal; dead inputs count as 1, as in ``solve_columns``), so descent lowers the
-    objective the sweep minimised. keep: optional bool ``[out, in]``, entries held fixed. A pass that changes no code
+    weight: the ``[out, in]`` target the sweep aimed at; hessian: the undamped ``X^T X``; damp_percent: the damping
+    (fraction of the mean diagonal; dead inputs count as 1, as in ``solve_columns``); by default the one the sweep
+    finally used (``result.info["damp_percent"]``, raised there if the Cholesky factorisation failed; 0.01 if the
+    result does not say), so descent lowers the objective the sweep minimised. keep: optional bool ``[out, in]``, entries held fixed. A pass that changes no code
     ends the descent early. ``rel_output_error`` is recomputed on the undamped Hessian. Returns a summary.
     """
+    if damp_percent is None:
+        damp_percent = float((result.info or {}).get("damp_percent", 0.01))
     w = weight.float()
     rows, cols = w.shape
     h = hessian.float().clone()
@@ -84,4 +87,5 @@ def coordinate_descent(result: QuantResult, weight: torch.Tensor, hessian: torch
     result.codes = codes
     result.weight = q
     result.rel_output_error = output_error(w, q, hessian.float())
-    return {"cd_passes": done, "cd_changed_codes": changed_total, "rel_output_error_before_cd": before}
+    return {"cd_passes": done, "cd_changed_codes": changed_total, "cd_damp_percent": damp_percent,
+            "rel_output_error_before_cd": before}
