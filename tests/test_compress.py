@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from helpers import save_tiny_llama, write_calibration_text
 from lmshrink import compress, load_model
 from lmshrink.cli import main
+from lmshrink.errors import LmshrinkError
 from lmshrink.formats import load_quantized_results
 
 
@@ -86,4 +87,67 @@ def test_cli_bad_recipe_fails_before_loading(tmp_path, capsys):
 def test_output_inside_input_is_refused(tiny_dir, calib_file, capsys):
     code = main(["compress", str(tiny_dir), "--recipe", "rtn-w4g32", "--calib", f"file:{calib_file}",
                  "-o", str(tiny_dir / "sub"), "--quiet"])
-    assert code == 2 and "inside the input model" in capsys.readouterr().err
+    assert code == 2 and "overlaps the input model's folder" in capsys.readouterr().err
+
+
+def _compress_cli(source, calib_file, out, *extra):
+    return main(["compress", str(source), "--recipe", "rtn-w4g32", "--calib", f"file:{calib_file}", "--nsamples", "2",
+                 "--seqlen", "32", "-o", str(out), "--quiet", *extra])
+
+
+def test_output_that_contains_the_input_is_refused_before_any_work(tmp_path, calib_file, capsys):
+    source = save_tiny_llama(tmp_path / "work" / "model", num_hidden_layers=2)
+    before = _tree_digest(source)
+    assert _compress_cli(source, calib_file, tmp_path / "work") == 2
+    assert "overlaps the input model's folder" in capsys.readouterr().err
+    assert _tree_digest(source) == before and not (tmp_path / "work.partial").exists()
+
+
+def test_a_progress_folder_that_is_the_input_is_refused(tmp_path, calib_file, capsys):
+    source = save_tiny_llama(tmp_path / "model.partial", num_hidden_layers=2)
+    before = _tree_digest(source)
+    assert _compress_cli(source, calib_file, tmp_path / "model") == 2
+    assert "progress folder" in capsys.readouterr().err
+    assert _tree_digest(source) == before
+
+
+def test_output_that_is_a_file_is_refused(tiny_dir, calib_file, tmp_path, capsys):
+    (tmp_path / "out").write_text("not a folder")
+    assert _compress_cli(tiny_dir, calib_file, tmp_path / "out") == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_output_dot_is_the_current_folder(tiny_dir, calib_file, tmp_path, monkeypatch, capsys):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert _compress_cli(tiny_dir, calib_file, ".") == 0, capsys.readouterr().err
+    assert (tmp_path / "here" / "lmshrink.json").is_file() and not (tmp_path / "here.partial").exists()
+
+
+def test_resume_without_progress_does_not_replace_a_finished_output(tiny_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert _compress_cli(tiny_dir, calib_file, out, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "exists and is not empty" in err
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_resume_refuses_progress_made_on_other_weights(tmp_path, calib_file):
+    source = save_tiny_llama(tmp_path / "model", num_hidden_layers=3)
+
+    class Killed(Exception):
+        pass
+
+    def kill(index):
+        if index == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        compress(str(source), "rtn-w4g32", output=tmp_path / "out", calibration=f"file:{calib_file}", nsamples=2,
+                 seqlen=32, progress=False, on_block_done=kill)
+    save_tiny_llama(source, seed=1, num_hidden_layers=3)  # same folder, same layout, other weights
+    with pytest.raises(LmshrinkError, match="different run"):
+        compress(str(source), "rtn-w4g32", output=tmp_path / "out", calibration=f"file:{calib_file}", nsamples=2,
+                 seqlen=32, progress=False, resume=True)

@@ -8,6 +8,7 @@ from tiny_families import FAMILIES, tiny_model
 from lmshrink.engine.capture import capture_block_inputs, run_block
 from lmshrink.engine.checkpoint import Checkpoint
 from lmshrink.engine.loop import Engine
+from lmshrink.errors import LmshrinkError
 from lmshrink.models import get_adapter
 from lmshrink.quant.grids import dequantize
 from lmshrink.recipe import parse_recipe
@@ -102,6 +103,65 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     resumed = _engine(resumed_model, GPTQ, checkpoint=Checkpoint(tmp_path / "ck", "key"), resume=True)
     assert resumed.resumed_from_block == 2
     assert_same_run(full, resumed, full_model, resumed_model)
+
+
+def test_a_kill_between_the_hidden_states_and_the_state_file_still_resumes_bit_identically(tmp_path, monkeypatch):
+    from lmshrink.engine import checkpoint as checkpoint_module
+
+    base = tiny_llama(num_hidden_layers=3)
+    full_model = copy.deepcopy(base)
+    full = _engine(full_model, GPTQ)
+    write_state = checkpoint_module.atomic_write_text
+    calls = []
+
+    def killed_on_the_second_state(path, text):  # block 1's hidden states are on disk, its state.json is not
+        calls.append(path)
+        if len(calls) == 2:
+            raise _Killed
+        return write_state(path, text)
+
+    monkeypatch.setattr(checkpoint_module, "atomic_write_text", killed_on_the_second_state)
+    with pytest.raises(_Killed):
+        _engine(copy.deepcopy(base), GPTQ, checkpoint=Checkpoint(tmp_path / "ck", "key"))
+    monkeypatch.setattr(checkpoint_module, "atomic_write_text", write_state)
+    resumed_model = copy.deepcopy(base)
+    resumed = _engine(resumed_model, GPTQ, checkpoint=Checkpoint(tmp_path / "ck", "key"), resume=True)
+    assert resumed.resumed_from_block == 1
+    assert_same_run(full, resumed, full_model, resumed_model)
+    assert not (tmp_path / "ck").exists() or [p.name for p in (tmp_path / "ck").glob("hidden*")] == \
+        ["hidden_0003.safetensors"]
+
+
+def test_unreadable_saved_progress_fails_with_a_fix(tmp_path):
+    base = tiny_llama(num_hidden_layers=3)
+    with pytest.raises(_Killed):
+        _engine(copy.deepcopy(base), GPTQ, checkpoint=Checkpoint(tmp_path / "ck", "key"),
+                on_block_done=lambda index: (_ for _ in ()).throw(_Killed()) if index == 1 else None)
+    (tmp_path / "ck" / "block_0001.safetensors").write_bytes(b"truncated")
+    with pytest.raises(LmshrinkError, match="block_0001.safetensors from the saved progress cannot be read") as info:
+        _engine(copy.deepcopy(base), GPTQ, checkpoint=Checkpoint(tmp_path / "ck", "key"), resume=True)
+    assert "without --resume" in info.value.fix
+
+
+@pytest.mark.parametrize("stage", [{"method": "rtn", "bits": 4, "group_size": 32},
+                                   {"method": "wanda", "sparsity": 0.5},
+                                   {"method": "gptq", "bits": 4, "group_size": 32, "true_sequential": False}])
+def test_a_stage_that_selects_nothing_in_some_blocks_skips_them(stage):
+    model = tiny_llama(num_hidden_layers=2)
+    result = _engine(model, [{**stage, "targets": ["model.layers.0.*"]}])
+    assert sorted({name.split(".")[2] for name in result.results}) == ["0"] and len(result.results) == 7
+
+
+def test_refit_scales_runs_on_pruned_layers_and_keeps_their_zeros():
+    model = tiny_llama(num_hidden_layers=2)
+    result = _engine(model, [{"method": "magnitude", "sparsity": 0.5, "targets": ["*mlp*"]},
+                             {"method": "gptq", "bits": 3, "group_size": 32, "refit_scales": True}])
+    mlp = [layer for layer in result.layers if layer["method"] == "gptq" and ".mlp." in layer["name"]]
+    assert len(mlp) == 6 and all("refit_rows" in layer for layer in mlp)
+    assert sum(layer["refit_rows"] for layer in mlp) > 0
+    for layer in mlp:
+        weight = model.get_submodule(layer["name"]).weight
+        assert float((weight == 0).float().mean()) >= 0.5
 
 
 def test_resume_refuses_progress_of_another_run(tmp_path):

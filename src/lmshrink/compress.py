@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .data import calibration_windows, load_text
-from .engine.checkpoint import Checkpoint, fingerprint
+from .engine.checkpoint import Checkpoint, fingerprint, weights_digest
 from .engine.loop import Engine
 from .engine.offload import BlockStreamer
 from .errors import LmshrinkError
@@ -22,16 +22,30 @@ from .recipe import Recipe, check_recipe, load_recipe
 DEFAULT_CALIBRATION = "enwiki-sample"
 
 
-def _check_output(out_dir: Path, loaded: LoadedModel, overwrite: bool, resume: bool) -> None:
-    if loaded.info.path is not None:
-        source = Path(loaded.info.path).resolve()
-        target = out_dir.resolve()
-        if target == source or source in target.parents:
-            raise LmshrinkError(f"output {out_dir} would be written inside the input model {source}",
-                                fix="choose an output folder outside the input model's folder")
-    if out_dir.exists() and any(out_dir.iterdir()) and not (overwrite or resume):
+def _check_output(out_dir: Path, loaded: LoadedModel) -> tuple[Path, Path]:
+    """The resolved output folder and its checkpoint folder (``OUT.partial``), refused before any work when either
+    overlaps the input model's folder or the output is an existing file. Whether a non-empty output may be replaced
+    is decided once it is known whether ``--resume`` finds progress (``_check_replace``)."""
+    from .formats.atomic import _is_within, check_output_dir
+
+    protected = [Path(loaded.info.path).resolve()] if loaded.info.path is not None else []
+    target = check_output_dir(out_dir, overwrite=True, protected=protected)
+    if not target.name:
+        raise LmshrinkError(f"output {out_dir} is the file system root", fix="choose an output folder (-o)")
+    partial = target.with_name(target.name + ".partial")
+    for source in protected:
+        if _is_within(partial, source) or _is_within(source, partial):
+            raise LmshrinkError(f"the run's progress folder {partial} (removed when a run starts or ends) overlaps "
+                                f"the input model's folder {source}; the input is never modified",
+                                fix="choose an output folder whose name plus '.partial' is not the input's folder")
+    return target, partial
+
+
+def _check_replace(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise LmshrinkError(f"output folder {out_dir} exists and is not empty",
-                            fix="choose a new -o folder, or pass --overwrite to replace it")
+                            fix="choose a new -o folder, or pass --overwrite to replace it (--resume replaces it only "
+                                "when it finds this run's progress in the .partial folder beside it)")
 
 
 def _sparsity_summary(layers: list[dict]) -> dict[str, Any] | None:
@@ -103,19 +117,22 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
     notes = [str(w.message) for w in caught]
     for note in notes:
         print(f"lmshrink: warning: {note}", file=sys.stderr)
-    out_dir = Path(output) if output is not None else None
-    if out_dir is not None:
-        _check_output(out_dir, model, overwrite, resume)
+    out_dir = partial_dir = None
+    if output is not None:
+        out_dir, partial_dir = _check_output(Path(output), model)
     calib_name = calibration or DEFAULT_CALIBRATION
     source = load_text(calib_name, calibration_split, data_dir)  # enwiki-sample maps "train" to its calib split
     windows = calibration_windows(model.tokenizer, source, nsamples, seqlen, seed, model.info.max_context)
-    checkpoint = None
+    checkpoint, progress = None, None
     if out_dir is not None:
-        key = fingerprint(recipe.to_dict(), windows.protocol, model.info.to_dict(), windows.input_ids, device)
-        checkpoint = Checkpoint(out_dir.with_name(out_dir.name + ".partial"), key)
-        if resume and not checkpoint.folder.exists():
+        key = fingerprint(recipe.to_dict(), windows.protocol, model.info.to_dict(), windows.input_ids, device,
+                          weights_digest(model.model, model.weights))
+        checkpoint = Checkpoint(partial_dir, key)
+        progress = checkpoint.load() if resume else None  # refuses progress of another run
+        if resume and progress is None:
             print(f"lmshrink: nothing to resume in {checkpoint.folder}; starting from block 1",
                   file=sys.stderr)
+        _check_replace(out_dir, overwrite or progress is not None)
     streamer = BlockStreamer(model.model, model.weights, adapter.block_path(model.model)) if streamed else None
     # -- recovery (methods/recover): the engine runs the stages before the first recover stage; the recover
     # stages (and any compression stages after them) run on the whole model after it, against a copy of the
@@ -175,7 +192,7 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
             record["summary"]["sparse_storage"] = storage
         save_quantized(model.model, model.tokenizer, result.results, out_dir, ignore=ignore, input_dir=model.info.path,
                        extra_files={"lmshrink.json": json.dumps(record, indent=1, default=str)},
-                       overwrite=overwrite or resume,
+                       overwrite=overwrite or progress is not None,
                        source_tensors=model.weights.get if streamed else None, sparse_format=sparse_format)
         if adapter_files:  # a final recover stage with merge: false: the adapters in PEFT format beside the model
             from .formats.atomic import atomic_directory

@@ -30,20 +30,58 @@ def fingerprint(*parts) -> str:
     return digest.hexdigest()
 
 
+def weights_digest(model: torch.nn.Module, weights=None, samples: int = 4096) -> str:
+    """A digest of the model's weights for the resume key, so that progress made on other weights is refused.
+
+    Every parameter and buffer held in memory contributes its name, shape, dtype and ``samples`` evenly spaced
+    values; tensors left on disk (streamed blocks: ``weights`` is the model's ``SafetensorsWeights``) contribute
+    their first and last rows, read without loading the rest. Cheap even for large models; two models that differ
+    only where no sample looks are not told apart.
+    """
+    digest = hashlib.sha256()
+
+    def add(name: str, tensor: torch.Tensor) -> None:
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        values = flat[::step][:samples].to(device="cpu", dtype=torch.float32).contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(values.numpy().tobytes())
+
+    seen: set[int] = set()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.device.type == "meta" or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        add(name, tensor)
+    if weights is not None:
+        for name in sorted(weights.keys()):
+            add(name, weights.edge_rows(name))
+    return digest.hexdigest()
+
+
 def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as handle:  # on disk before the rename, as state.json is
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def _hidden_name(finished_blocks: int) -> str:
+    return f"hidden_{finished_blocks:04d}.safetensors"
 
 
 class Checkpoint:
     """A work folder: ``state.json`` (fingerprint, finished blocks, layer records), ``block_NNNN.safetensors``
-    (the quantized layers of each finished block) and ``hidden.safetensors`` (the next block's inputs, and with
-    ``fp_target`` stages their uncompressed-model counterparts)."""
+    (the quantized layers of each finished block) and ``hidden_NNNN.safetensors`` (the inputs of block NNNN, that
+    is the next block's after NNNN finished blocks, and with ``fp_target`` stages their uncompressed-model
+    counterparts). The hidden states are written under a new name before ``state.json`` names them, and the older
+    file is removed after, so a run killed at any point leaves a state whose files match it."""
 
     def __init__(self, folder: Path, key: str):
         self.folder = folder
         self.key = key
+        self.finished_blocks = 0
 
     def load(self) -> dict | None:
         """The saved state if this folder holds progress of the same run; None if it holds nothing."""
@@ -55,6 +93,7 @@ class Checkpoint:
             raise LmshrinkError(
                 f"{self.folder} holds progress of a different run (other model, recipe, calibration or options)",
                 fix=f"run again without --resume to start over, or delete {self.folder}")
+        self.finished_blocks = int(state["finished_blocks"])
         return state
 
     def start(self) -> None:
@@ -85,9 +124,13 @@ class Checkpoint:
         streams = {"hidden": torch.cat(hidden)}
         if reference_hidden is not None:
             streams["reference_hidden"] = torch.cat(reference_hidden)
-        _atomic_safetensors(self.folder / "hidden.safetensors", streams)
+        _atomic_safetensors(self.folder / _hidden_name(index + 1), streams)
         atomic_write_text(self.folder / _STATE,
                           json.dumps({**state, "fingerprint": self.key, "finished_blocks": index + 1}, indent=1))
+        self.finished_blocks = index + 1
+        for old in self.folder.glob("hidden*.safetensors"):
+            if old.name != _hidden_name(index + 1):
+                old.unlink(missing_ok=True)
 
     def load_block(self, index: int) -> dict[str, QuantResult | PruneResult]:
         from safetensors import safe_open
@@ -95,9 +138,9 @@ class Checkpoint:
         from ..quant.grids import GridSpec
 
         path = self.folder / f"block_{index:04d}.safetensors"
+        tensors = self._read(path)
         with safe_open(str(path), "pt") as handle:
             meta = json.loads(handle.metadata()["layers"])
-        tensors = load_file(str(path))
         results = {}
         for name, m in meta.items():
             if m.get("kind") == "prune":
@@ -116,13 +159,25 @@ class Checkpoint:
             results[name] = result
         return results
 
+    def _read(self, path: Path) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # missing, truncated or not safetensors
+            raise LmshrinkError(f"{path} from the saved progress cannot be read ({type(exc).__name__}: {exc})",
+                                fix=f"run again without --resume to start over, or delete {self.folder}") from exc
+
+    def _hidden_path(self) -> Path:
+        if not self.finished_blocks:  # not loaded yet: the state names the blocks finished
+            self.load()
+        return self.folder / _hidden_name(self.finished_blocks)
+
     def load_hidden(self) -> torch.Tensor:
         """The saved inputs of the next block, ``[windows, seqlen, hidden]``."""
-        return load_file(str(self.folder / "hidden.safetensors"))["hidden"]
+        return self._read(self._hidden_path())["hidden"]
 
     def load_reference_hidden(self) -> torch.Tensor:
         """The saved inputs of the next block in the uncompressed model (``fp_target`` runs)."""
-        streams = load_file(str(self.folder / "hidden.safetensors"))
+        streams = self._read(self._hidden_path())
         if "reference_hidden" not in streams:
             raise LmshrinkError(f"{self.folder} holds no uncompressed-model hidden states (fp_target)",
                                 fix=f"run again without --resume to start over, or delete {self.folder}")

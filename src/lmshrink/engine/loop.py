@@ -25,6 +25,7 @@ from torch import nn
 
 from ..methods.quant.gptq import gptq_quantize
 from ..methods.quant.refine import coordinate_descent
+from ..methods.quant.refit import refit_scales
 from ..methods.quant.rtn import rtn_quantize
 from ..methods.prune import PruneResult, gptq_keep_mask, magnitude_prune, sparsegpt_prune, wanda_prune
 from ..methods.solver import CrossAccumulator, HessianAccumulator, asymmetric_output_error, fp_target_weight
@@ -253,6 +254,8 @@ def _solve_stage(stage: StageBase, module: nn.Module, weight: torch.Tensor,
             result = gptq_keep_mask(weight, hessian, mask, spec, damp_percent=stage.damp_percent,
                                     block_size=stage.block_size, act_order=stage.act_order,
                                     static_groups=stage.static_groups)
+            if stage.refit_scales:  # a pruned weight's code is its zero point: 0 whatever the scale
+                result.info.update(refit_scales(result, weight, hessian))
         else:
             result = gptq_quantize(weight, hessian, spec, damp_percent=stage.damp_percent, block_size=stage.block_size,
                                    act_order=stage.act_order, static_groups=stage.static_groups,
@@ -431,8 +434,10 @@ class Engine:
                 for stage, groups in self._block_plan(index, block):
                     collect = _needs_hessian(stage)
                     sequential = getattr(stage, "true_sequential", False)
-                    if not collect:  # nothing to collect: the stage's layers are solved at once, without a pass
-                        passes = [groups] if groups else []
+                    if not groups:  # the stage selects nothing in this block
+                        passes = []
+                    elif not collect:  # nothing to collect: the stage's layers are solved at once, without a pass
+                        passes = [groups]
                     else:
                         passes = [[g] for g in groups] if sequential else [groups]
                     for pass_groups in passes:

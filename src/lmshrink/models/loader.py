@@ -363,6 +363,20 @@ class SafetensorsWeights:
             return handle.get_tensor(name)
 
 
+    def edge_rows(self, name: str) -> torch.Tensor:
+        """The first and last rows of tensor ``name`` (a 0-d or 1-d tensor whole), read without the rest."""
+        from safetensors import safe_open
+
+        if name not in self._files:
+            self.get(name)  # raises the error naming the tensor
+        with safe_open(str(self._files[name]), framework="pt") as handle:
+            part = handle.get_slice(name)
+            shape = part.get_shape()
+            if len(shape) < 2 or shape[0] <= 2:
+                return handle.get_tensor(name)
+            return torch.cat([part[0:1], part[shape[0] - 1:shape[0]]])
+
+
 class _MetaParameters:
     """While active, every parameter a module registers is moved to the meta device (buffers stay real, so
     non-persistent ones such as rotary ``inv_freq`` are computed as usual)."""
