@@ -189,3 +189,34 @@ def test_cli_export_gguf_and_gptq(tmp_path, capsys):
     assert '"bits": 4' in capsys.readouterr().out
     assert main(["export", str(folder), "--to", "gguf", "-o", str(tmp_path / "m.gguf")]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_bitmask_stored_pruned_layers_are_exported_as_dense_weights(tmp_path):
+    from safetensors import safe_open
+
+    from lmshrink.quant.sparse import PruneResult
+
+    spec = GridSpec(bits=4, group_size=32, symmetric=True, scale_dtype="float16")
+    model = tiny_llama(num_hidden_layers=2)
+    results = {}
+    for layer, module in iter_linears(model):
+        weight = linear_weight(module).float().clone()
+        if layer.endswith(("down_proj", "k_proj")):  # k_proj: its rows are permuted for llama.cpp too
+            threshold = weight.abs().median(dim=1, keepdim=True).values
+            result = PruneResult.from_weight(weight, weight.abs() <= threshold, target_sparsity=0.5)
+        else:
+            result = rtn_quantize(weight, spec)
+        set_linear_weight(module, result.weight)
+        results[layer] = result
+    folder = save_quantized(model, tiny_tokenizer(), results, tmp_path / "ct", sparse_format="bitmask")
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        assert "model.layers.0.mlp.down_proj.bitmask" in handle.keys()  # the case tested
+
+    export_gguf(folder, tmp_path / "m.gguf", dense_type="f32")
+    types = _types(tmp_path / "m.gguf")
+    assert not [name for name in types if not name.endswith(".weight")]  # no bitmask tensors copied through
+    for layer, result in results.items():
+        name = _gguf_name(layer)
+        decoded = read_gguf_weight(tmp_path / "m.gguf", name)
+        assert types[name] == ("F32" if layer.endswith(("down_proj", "k_proj")) else "Q4_0"), layer
+        assert np.array_equal(decoded, _ours_in_llama_cpp_order(layer, result.weight)), layer

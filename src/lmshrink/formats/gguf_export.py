@@ -14,7 +14,8 @@ exactly whenever groups are contiguous and every group boundary falls on a block
 fitted with ``scale_dtype='float16'`` (Q4_0, Q8_0) and otherwise changes the weights by at most a float16 rounding
 of the scale: the export reports it per layer. Anything else (grouped 8-bit with a zero point, act-order groups,
 group sizes that are not a multiple of 32) is re-quantized by the ``gguf`` package's quantizer with a printed
-warning stating the extra error. Tensors the recipe left dense are written as float16 (2-D) and float32 (1-D).
+warning stating the extra error. Tensors the recipe left dense are written as float16 (2-D) and float32 (1-D);
+pruned layers stored as bitmask + values (``--sparse-format bitmask``) are decoded and written as dense tensors.
 
 Llama-family names and layout follow llama.cpp's converter: ``gguf.TensorNameMap`` names, and the rows of
 ``q_proj``/``k_proj`` permuted per head (llama.cpp's rotary embedding pairs dimensions ``(i, i + d/2)`` the other way).
@@ -292,6 +293,7 @@ def export_gguf(folder: str | os.PathLike, output: str | os.PathLike, *, source_
     """
     gguf = _gguf()
     from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder, load_quantized_results
+    from lmshrink.formats.sparse_bitmask import decoded_bitmask_weights, dense_tensor_keys
     from lmshrink.models.loader import SafetensorsWeights
 
     folder, output = Path(folder), Path(output)
@@ -359,13 +361,14 @@ def export_gguf(folder: str | os.PathLike, output: str | os.PathLike, *, source_
         tensors.append((gguf_name(f"{name}.weight"), data, qtype))
     quantized_keys = {f"{name}.weight" for name in results}
     tied = bool(config.get("tie_word_embeddings"))
-    for key in weights.keys():
+    decoded = decoded_bitmask_weights(folder)  # pruned layers stored as bitmask + values: written as dense weights
+    for key in dense_tensor_keys(weights.keys(), decoded):
         if key in quantized_keys or key.endswith(("weight_packed", "weight_scale", "weight_zero_point",
                                                   "weight_shape", "weight_g_idx")):
             continue
         if tied and key == "lm_head.weight":
             continue
-        tensor = weights.get(key).float()
+        tensor = (decoded[key] if key in decoded else weights.get(key)).float()
         perm = None
         if tensor.ndim == 2:
             perm = permutation(key[: -len(".weight")], tensor.shape[0]) if key.endswith(".weight") else None
