@@ -220,3 +220,35 @@ def test_bitmask_stored_pruned_layers_are_exported_as_dense_weights(tmp_path):
         decoded = read_gguf_weight(tmp_path / "m.gguf", name)
         assert types[name] == ("F32" if layer.endswith(("down_proj", "k_proj")) else "Q4_0"), layer
         assert np.array_equal(decoded, _ours_in_llama_cpp_order(layer, result.weight)), layer
+
+
+def test_q_and_k_biases_are_permuted_like_their_weight_rows(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    spec = GridSpec(bits=4, group_size=32, symmetric=True, scale_dtype="float16")
+    model = tiny_llama(num_hidden_layers=1, attention_bias=True)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    results = {}
+    for layer, module in iter_linears(model):
+        result = rtn_quantize(linear_weight(module).float().clone(), spec)
+        set_linear_weight(module, result.weight)
+        results[layer] = result
+    folder = save_quantized(model, tiny_tokenizer(), results, tmp_path / "ct")
+    export_gguf(folder, tmp_path / "gguf" / "m.gguf", dense_type="f32")
+    attention = model.model.layers[0].self_attn
+    for proj, leaf, heads in ((attention.q_proj, "attn_q", HEADS), (attention.k_proj, "attn_k", KV_HEADS)):
+        bias = proj.bias.detach()
+        exported = read_gguf_weight(tmp_path / "gguf" / "m.gguf", f"blk.0.{leaf}.bias").reshape(-1)
+        assert np.array_equal(exported, bias[_row_permutation(bias.shape[0], heads)].numpy()), leaf
+    # transformers undoes llama.cpp's q/k layout (weights and biases) and gets the same model back; its GGUF config
+    # has no attention_bias (llama.cpp uses bias tensors when they are present), so it is passed
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "gguf"), gguf_file="m.gguf", dtype=torch.float32,
+                                                  attention_bias=True)
+    assert loaded.model.layers[0].self_attn.q_proj.bias is not None
+    ids = torch.randint(0, 300, (1, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)

@@ -18,7 +18,8 @@ warning stating the extra error. Tensors the recipe left dense are written as fl
 pruned layers stored as bitmask + values (``--sparse-format bitmask``) are decoded and written as dense tensors.
 
 Llama-family names and layout follow llama.cpp's converter: ``gguf.TensorNameMap`` names, and the rows of
-``q_proj``/``k_proj`` permuted per head (llama.cpp's rotary embedding pairs dimensions ``(i, i + d/2)`` the other way).
+``q_proj``/``k_proj`` (and their biases, with ``attention_bias``) permuted per head (llama.cpp's rotary embedding
+pairs dimensions ``(i, i + d/2)`` the other way).
 Metadata and tokenizer are copied from the GGUF file the model came from when there is one (the packaged SmolLM2 was
 one); otherwise they are built from config.json and a byte-level BPE tokenizer.json.
 """
@@ -369,9 +370,10 @@ def export_gguf(folder: str | os.PathLike, output: str | os.PathLike, *, source_
         if tied and key == "lm_head.weight":
             continue
         tensor = (decoded[key] if key in decoded else weights.get(key)).float()
+        module, _, leaf = key.rpartition(".")
         perm = None
-        if tensor.ndim == 2:
-            perm = permutation(key[: -len(".weight")], tensor.shape[0]) if key.endswith(".weight") else None
+        if (leaf, tensor.ndim) in (("weight", 2), ("bias", 1)):  # a q/k bias follows its weight's rows
+            perm = permutation(module, tensor.shape[0])
         if perm is not None:
             tensor = tensor[perm]
         array = tensor.numpy()
