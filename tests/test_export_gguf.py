@@ -252,3 +252,38 @@ def test_q_and_k_biases_are_permuted_like_their_weight_rows(tmp_path):
     ids = torch.randint(0, 300, (1, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_outputs_that_would_destroy_the_input_or_cannot_be_written_are_refused(tmp_path, capsys):
+    import hashlib
+
+    from lmshrink.cli import main
+
+    spec = GridSpec(bits=4, group_size=32, symmetric=True, scale_dtype="float16")
+    _, _, folder = _compressed(tmp_path, spec)
+    weights = folder / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    for output in (weights, folder, folder / "sub" / "m.gguf"):  # the input's weights, its folder, inside it
+        with pytest.raises(LmshrinkError, match="(is|inside) the input folder") as info:
+            export_gguf(folder, output, overwrite=True)
+        assert str(folder.parent / f"{folder.name}.gguf") in info.value.fix
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest and not (folder / "sub").exists()
+    (tmp_path / "somedir").mkdir()
+    for overwrite in (False, True):  # an existing folder is never the .gguf file, --overwrite or not
+        with pytest.raises(LmshrinkError, match="is a folder") as info:
+            export_gguf(folder, tmp_path / "somedir", overwrite=overwrite)
+        assert "overwrite" not in info.value.fix and str(tmp_path / "somedir" / "ct.gguf") in info.value.fix
+    export_gguf(folder, tmp_path / "m.gguf")
+    with pytest.raises(LmshrinkError, match="is a file, not a folder"):
+        export_gguf(folder, tmp_path / "m.gguf" / "x.gguf")
+    with pytest.raises(LmshrinkError, match="the source GGUF"):  # the file its metadata would be read from
+        export_gguf(folder, tmp_path / "m.gguf", source_gguf=tmp_path / "m.gguf", overwrite=True)
+    assert gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors
+    assert not [p for p in tmp_path.rglob("*partial*")]
+    # the CLI reports them as user errors (exit code 2) and leaves the input as it was
+    capsys.readouterr()
+    assert main(["export", str(folder), "--to", "gguf", "-o", str(weights), "--overwrite"]) == 2
+    assert "inside the input folder" in capsys.readouterr().err
+    assert main(["export", str(folder), "--to", "gguf", "-o", str(tmp_path / "somedir"), "--overwrite"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest

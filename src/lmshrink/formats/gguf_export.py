@@ -284,6 +284,29 @@ def _find_source_gguf(folder: Path) -> Path | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _check_output_file(output: Path, folder: Path, *, overwrite: bool) -> None:
+    """Refuse an ``output`` .gguf path that could destroy data or cannot be written: inside the input ``folder``
+    (e.g. its model.safetensors), an existing folder, below a file, or an existing file without ``overwrite``."""
+    path, source = output.resolve(), folder.resolve()
+    if path == source or source in path.parents:
+        beside = source.parent / f"{source.name}.gguf"
+        where = "is the input folder" if path == source else f"is inside the input folder {folder}"
+        raise LmshrinkError(f"output {output} {where}; the input is never modified",
+                            fix=f"write the .gguf outside the input folder, e.g. {beside}")
+    if path.is_dir():
+        raise LmshrinkError(f"output {output} is a folder; GGUF export writes one .gguf file",
+                            fix=f"name the file to write, e.g. {output / (source.name + '.gguf')}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LmshrinkError(f"output {output}: {parent} is a file, not a folder",
+                                    fix="choose an output path in a folder")
+            break
+    if path.exists() and not overwrite:
+        raise LmshrinkError(f"{output} exists",
+                            fix="choose another output file, or pass overwrite=True (CLI: --overwrite) to replace it")
+
+
 def export_gguf(folder: str | os.PathLike, output: str | os.PathLike, *, source_gguf: str | os.PathLike | None = None,
                 dense_type: str = "f16", overwrite: bool = False) -> dict[str, Any]:
     """Write the compressed folder ``folder`` as one GGUF file for llama.cpp; returns a JSON-ready report.
@@ -301,8 +324,7 @@ def export_gguf(folder: str | os.PathLike, output: str | os.PathLike, *, source_
     if not is_compressed_tensors_folder(folder):
         raise LmshrinkError(f"{folder} is not a compressed checkpoint folder",
                             fix="export a folder written by lmshrink compress")
-    if output.exists() and not overwrite:
-        raise LmshrinkError(f"{output} exists", fix="choose another output file, or pass --overwrite")
+    _check_output_file(output, folder, overwrite=overwrite)
     if dense_type not in ("f16", "f32", "q8_0"):
         raise LmshrinkError(f"dense_type={dense_type!r} is not supported", fix="use f16, f32 or q8_0")
     config = json.loads((folder / "config.json").read_text())
@@ -323,6 +345,9 @@ def export_gguf(folder: str | os.PathLike, output: str | os.PathLike, *, source_
     if source is not None:
         if not source.is_file():
             raise LmshrinkError(f"source GGUF {source} does not exist", fix="check the path")
+        if source.resolve() == output.resolve():
+            raise LmshrinkError(f"output {output} is the source GGUF the metadata is read from; it is never modified",
+                                fix="choose another output file")
         reader = gguf.GGUFReader(str(source))
         mismatch = _source_matches(reader, config, arch)
         if mismatch:
