@@ -189,3 +189,101 @@ def test_cli_export_gguf_and_gptq(tmp_path, capsys):
     assert '"bits": 4' in capsys.readouterr().out
     assert main(["export", str(folder), "--to", "gguf", "-o", str(tmp_path / "m.gguf")]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_bitmask_stored_pruned_layers_are_exported_as_dense_weights(tmp_path):
+    from safetensors import safe_open
+
+    from lmshrink.quant.sparse import PruneResult
+
+    spec = GridSpec(bits=4, group_size=32, symmetric=True, scale_dtype="float16")
+    model = tiny_llama(num_hidden_layers=2)
+    results = {}
+    for layer, module in iter_linears(model):
+        weight = linear_weight(module).float().clone()
+        if layer.endswith(("down_proj", "k_proj")):  # k_proj: its rows are permuted for llama.cpp too
+            threshold = weight.abs().median(dim=1, keepdim=True).values
+            result = PruneResult.from_weight(weight, weight.abs() <= threshold, target_sparsity=0.5)
+        else:
+            result = rtn_quantize(weight, spec)
+        set_linear_weight(module, result.weight)
+        results[layer] = result
+    folder = save_quantized(model, tiny_tokenizer(), results, tmp_path / "ct", sparse_format="bitmask")
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        assert "model.layers.0.mlp.down_proj.bitmask" in handle.keys()  # the case tested
+
+    export_gguf(folder, tmp_path / "m.gguf", dense_type="f32")
+    types = _types(tmp_path / "m.gguf")
+    assert not [name for name in types if not name.endswith(".weight")]  # no bitmask tensors copied through
+    for layer, result in results.items():
+        name = _gguf_name(layer)
+        decoded = read_gguf_weight(tmp_path / "m.gguf", name)
+        assert types[name] == ("F32" if layer.endswith(("down_proj", "k_proj")) else "Q4_0"), layer
+        assert np.array_equal(decoded, _ours_in_llama_cpp_order(layer, result.weight)), layer
+
+
+def test_q_and_k_biases_are_permuted_like_their_weight_rows(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    spec = GridSpec(bits=4, group_size=32, symmetric=True, scale_dtype="float16")
+    model = tiny_llama(num_hidden_layers=1, attention_bias=True)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    results = {}
+    for layer, module in iter_linears(model):
+        result = rtn_quantize(linear_weight(module).float().clone(), spec)
+        set_linear_weight(module, result.weight)
+        results[layer] = result
+    folder = save_quantized(model, tiny_tokenizer(), results, tmp_path / "ct")
+    export_gguf(folder, tmp_path / "gguf" / "m.gguf", dense_type="f32")
+    attention = model.model.layers[0].self_attn
+    for proj, leaf, heads in ((attention.q_proj, "attn_q", HEADS), (attention.k_proj, "attn_k", KV_HEADS)):
+        bias = proj.bias.detach()
+        exported = read_gguf_weight(tmp_path / "gguf" / "m.gguf", f"blk.0.{leaf}.bias").reshape(-1)
+        assert np.array_equal(exported, bias[_row_permutation(bias.shape[0], heads)].numpy()), leaf
+    # transformers undoes llama.cpp's q/k layout (weights and biases) and gets the same model back; its GGUF config
+    # has no attention_bias (llama.cpp uses bias tensors when they are present), so it is passed
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "gguf"), gguf_file="m.gguf", dtype=torch.float32,
+                                                  attention_bias=True)
+    assert loaded.model.layers[0].self_attn.q_proj.bias is not None
+    ids = torch.randint(0, 300, (1, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_outputs_that_would_destroy_the_input_or_cannot_be_written_are_refused(tmp_path, capsys):
+    import hashlib
+
+    from lmshrink.cli import main
+
+    spec = GridSpec(bits=4, group_size=32, symmetric=True, scale_dtype="float16")
+    _, _, folder = _compressed(tmp_path, spec)
+    weights = folder / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    for output in (weights, folder, folder / "sub" / "m.gguf"):  # the input's weights, its folder, inside it
+        with pytest.raises(LmshrinkError, match="(is|inside) the input folder") as info:
+            export_gguf(folder, output, overwrite=True)
+        assert str(folder.parent / f"{folder.name}.gguf") in info.value.fix
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest and not (folder / "sub").exists()
+    (tmp_path / "somedir").mkdir()
+    for overwrite in (False, True):  # an existing folder is never the .gguf file, --overwrite or not
+        with pytest.raises(LmshrinkError, match="is a folder") as info:
+            export_gguf(folder, tmp_path / "somedir", overwrite=overwrite)
+        assert "overwrite" not in info.value.fix and str(tmp_path / "somedir" / "ct.gguf") in info.value.fix
+    export_gguf(folder, tmp_path / "m.gguf")
+    with pytest.raises(LmshrinkError, match="is a file, not a folder"):
+        export_gguf(folder, tmp_path / "m.gguf" / "x.gguf")
+    with pytest.raises(LmshrinkError, match="the source GGUF"):  # the file its metadata would be read from
+        export_gguf(folder, tmp_path / "m.gguf", source_gguf=tmp_path / "m.gguf", overwrite=True)
+    assert gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors
+    assert not [p for p in tmp_path.rglob("*partial*")]
+    # the CLI reports them as user errors (exit code 2) and leaves the input as it was
+    capsys.readouterr()
+    assert main(["export", str(folder), "--to", "gguf", "-o", str(weights), "--overwrite"]) == 2
+    assert "inside the input folder" in capsys.readouterr().err
+    assert main(["export", str(folder), "--to", "gguf", "-o", str(tmp_path / "somedir"), "--overwrite"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest

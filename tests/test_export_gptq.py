@@ -92,3 +92,42 @@ def test_zero_point_zero_in_a_saved_folder_is_refused(tmp_path):
     with pytest.raises(LmshrinkError, match="zero point of 0"):
         export_gptq(folder, tmp_path / "gptq")
     assert not (tmp_path / "gptq").exists()
+
+
+def _pruned_down_proj_and_quantized(model, spec):
+    """Results for ``model``: every ``down_proj`` pruned to 50% (magnitude, not quantized), the rest quantized."""
+    from lmshrink.quant.sparse import PruneResult
+
+    results = {}
+    for layer, module in iter_linears(model):
+        weight = linear_weight(module).float().clone()
+        if layer.endswith("down_proj"):
+            threshold = weight.abs().median(dim=1, keepdim=True).values
+            result = PruneResult.from_weight(weight, weight.abs() <= threshold, target_sparsity=0.5)
+            set_linear_weight(module, result.weight)
+        else:
+            result = rtn_quantize(weight, spec)
+            set_linear_weight(module, result.weight)
+        results[layer] = result
+    return results
+
+
+def test_bitmask_stored_pruned_layers_are_exported_as_dense_weights(tmp_path):
+    spec = GridSpec(bits=4, group_size=32, symmetric=True, scale_dtype="float16")
+    model = tiny_llama(num_hidden_layers=1)
+    results = _pruned_down_proj_and_quantized(model, spec)
+    folder = save_quantized(model, tiny_tokenizer(), results, tmp_path / "ct", sparse_format="bitmask")
+    name = "model.layers.0.mlp.down_proj"
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        assert f"{name}.bitmask" in handle.keys() and f"{name}.weight" not in handle.keys()  # the case tested
+
+    export_gptq(folder, tmp_path / "gptq")
+    with safe_open(str(tmp_path / "gptq" / "model.safetensors"), framework="pt") as handle:
+        keys = set(handle.keys())
+        assert not [k for k in keys if k.endswith((".bitmask", ".compressed", ".row_offsets", ".shape"))]
+        assert f"{name}.weight" in keys
+        exported = handle.get_tensor(f"{name}.weight")
+    assert exported.dtype == torch.float16
+    assert torch.equal(exported, results[name].weight.to(torch.float16))  # zeros where pruned, the rest as kept
+    assert "sparsity_config" not in json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert set(load_gptq_results(tmp_path / "gptq")) == set(results) - {name}

@@ -14,10 +14,12 @@ exactly whenever groups are contiguous and every group boundary falls on a block
 fitted with ``scale_dtype='float16'`` (Q4_0, Q8_0) and otherwise changes the weights by at most a float16 rounding
 of the scale: the export reports it per layer. Anything else (grouped 8-bit with a zero point, act-order groups,
 group sizes that are not a multiple of 32) is re-quantized by the ``gguf`` package's quantizer with a printed
-warning stating the extra error. Tensors the recipe left dense are written as float16 (2-D) and float32 (1-D).
+warning stating the extra error. Tensors the recipe left dense are written as float16 (2-D) and float32 (1-D);
+pruned layers stored as bitmask + values (``--sparse-format bitmask``) are decoded and written as dense tensors.
 
 Llama-family names and layout follow llama.cpp's converter: ``gguf.TensorNameMap`` names, and the rows of
-``q_proj``/``k_proj`` permuted per head (llama.cpp's rotary embedding pairs dimensions ``(i, i + d/2)`` the other way).
+``q_proj``/``k_proj`` (and their biases, with ``attention_bias``) permuted per head (llama.cpp's rotary embedding
+pairs dimensions ``(i, i + d/2)`` the other way).
 Metadata and tokenizer are copied from the GGUF file the model came from when there is one (the packaged SmolLM2 was
 one); otherwise they are built from config.json and a byte-level BPE tokenizer.json.
 """
@@ -282,6 +284,29 @@ def _find_source_gguf(folder: Path) -> Path | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _check_output_file(output: Path, folder: Path, *, overwrite: bool) -> None:
+    """Refuse an ``output`` .gguf path that could destroy data or cannot be written: inside the input ``folder``
+    (e.g. its model.safetensors), an existing folder, below a file, or an existing file without ``overwrite``."""
+    path, source = output.resolve(), folder.resolve()
+    if path == source or source in path.parents:
+        beside = source.parent / f"{source.name}.gguf"
+        where = "is the input folder" if path == source else f"is inside the input folder {folder}"
+        raise LmshrinkError(f"output {output} {where}; the input is never modified",
+                            fix=f"write the .gguf outside the input folder, e.g. {beside}")
+    if path.is_dir():
+        raise LmshrinkError(f"output {output} is a folder; GGUF export writes one .gguf file",
+                            fix=f"name the file to write, e.g. {output / (source.name + '.gguf')}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LmshrinkError(f"output {output}: {parent} is a file, not a folder",
+                                    fix="choose an output path in a folder")
+            break
+    if path.exists() and not overwrite:
+        raise LmshrinkError(f"{output} exists",
+                            fix="choose another output file, or pass overwrite=True (CLI: --overwrite) to replace it")
+
+
 def export_gguf(folder: str | os.PathLike, output: str | os.PathLike, *, source_gguf: str | os.PathLike | None = None,
                 dense_type: str = "f16", overwrite: bool = False) -> dict[str, Any]:
     """Write the compressed folder ``folder`` as one GGUF file for llama.cpp; returns a JSON-ready report.
@@ -292,14 +317,14 @@ def export_gguf(folder: str | os.PathLike, output: str | os.PathLike, *, source_
     """
     gguf = _gguf()
     from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder, load_quantized_results
+    from lmshrink.formats.sparse_bitmask import decoded_bitmask_weights, dense_tensor_keys
     from lmshrink.models.loader import SafetensorsWeights
 
     folder, output = Path(folder), Path(output)
     if not is_compressed_tensors_folder(folder):
         raise LmshrinkError(f"{folder} is not a compressed checkpoint folder",
                             fix="export a folder written by lmshrink compress")
-    if output.exists() and not overwrite:
-        raise LmshrinkError(f"{output} exists", fix="choose another output file, or pass --overwrite")
+    _check_output_file(output, folder, overwrite=overwrite)
     if dense_type not in ("f16", "f32", "q8_0"):
         raise LmshrinkError(f"dense_type={dense_type!r} is not supported", fix="use f16, f32 or q8_0")
     config = json.loads((folder / "config.json").read_text())
@@ -320,6 +345,9 @@ def export_gguf(folder: str | os.PathLike, output: str | os.PathLike, *, source_
     if source is not None:
         if not source.is_file():
             raise LmshrinkError(f"source GGUF {source} does not exist", fix="check the path")
+        if source.resolve() == output.resolve():
+            raise LmshrinkError(f"output {output} is the source GGUF the metadata is read from; it is never modified",
+                                fix="choose another output file")
         reader = gguf.GGUFReader(str(source))
         mismatch = _source_matches(reader, config, arch)
         if mismatch:
@@ -359,16 +387,18 @@ def export_gguf(folder: str | os.PathLike, output: str | os.PathLike, *, source_
         tensors.append((gguf_name(f"{name}.weight"), data, qtype))
     quantized_keys = {f"{name}.weight" for name in results}
     tied = bool(config.get("tie_word_embeddings"))
-    for key in weights.keys():
+    decoded = decoded_bitmask_weights(folder)  # pruned layers stored as bitmask + values: written as dense weights
+    for key in dense_tensor_keys(weights.keys(), decoded):
         if key in quantized_keys or key.endswith(("weight_packed", "weight_scale", "weight_zero_point",
                                                   "weight_shape", "weight_g_idx")):
             continue
         if tied and key == "lm_head.weight":
             continue
-        tensor = weights.get(key).float()
+        tensor = (decoded[key] if key in decoded else weights.get(key)).float()
+        module, _, leaf = key.rpartition(".")
         perm = None
-        if tensor.ndim == 2:
-            perm = permutation(key[: -len(".weight")], tensor.shape[0]) if key.endswith(".weight") else None
+        if (leaf, tensor.ndim) in (("weight", 2), ("bias", 1)):  # a q/k bias follows its weight's rows
+            perm = permutation(module, tensor.shape[0])
         if perm is not None:
             tensor = tensor[perm]
         array = tensor.numpy()

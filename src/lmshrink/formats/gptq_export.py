@@ -12,7 +12,8 @@ The weight is ``(code - zero) * scale``, as in lmshrink. All layers share one ``
 checkpoints have one ``quantize_config.json``). A zero point of 0 cannot be stored in v1 (it would read back as
 ``2**b``) and is refused. Tensors that are not quantized are written in float16, the dtype GPTQ kernels run in, and
 scales are rounded to float16 (exact for grids fitted with ``scale_dtype='float16'``; the export reports the change
-otherwise).
+otherwise). Pruned layers stored as bitmask + values (``--sparse-format bitmask``) are decoded and written as their
+dense ``weight`` (GPTQ loaders read no bitmask storage).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 
 from lmshrink.errors import LmshrinkError
 from lmshrink.formats.atomic import atomic_directory
+from lmshrink.formats.sparse_bitmask import decoded_bitmask_weights, dense_tensor_keys
 from lmshrink.quant.grids import GridSpec, QuantResult, dequantize
 from lmshrink.quant.packing import (pack_gptq_qweight, pack_gptq_qzeros, unpack_gptq_qweight,
                                     unpack_gptq_qzeros)
@@ -84,10 +86,11 @@ def export_gptq(folder: str | os.PathLike, output: str | os.PathLike, *, overwri
         tensors[f"{name}.scales"] = scales.t().contiguous()
         tensors[f"{name}.g_idx"] = result.group_index().to(torch.int32).contiguous()
     quantized = {f"{name}.weight" for name in results}
-    for key in weights.keys():
+    decoded = decoded_bitmask_weights(folder)  # pruned layers stored as bitmask + values: written as dense weights
+    for key in dense_tensor_keys(weights.keys(), decoded):
         if key in quantized or key.endswith(_PACKED_SUFFIXES):
             continue
-        tensor = weights.get(key)
+        tensor = decoded[key] if key in decoded else weights.get(key)
         tensors[key] = tensor.to(torch.float16) if tensor.is_floating_point() else tensor
     quantize_config = {"bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": symmetric,
                        "static_groups": False, "true_sequential": True, "checkpoint_format": "gptq",

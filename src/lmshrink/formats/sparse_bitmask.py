@@ -32,7 +32,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -187,6 +187,30 @@ def iter_bitmask_layers(folder: str | os.PathLike) -> Iterator[tuple[str, torch.
         handles.clear()
 
 
+def decoded_bitmask_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """``name.weight`` -> the decoded dense weight (the checkpoint's dtype and orientation, zeros where pruned) of
+    every bitmask-stored layer of ``folder``; ``{}`` when the folder stores no weight as bitmask (dense storage).
+    For writers that copy a folder's tensors into another format: a stored ``name.weight`` is what they expect."""
+    if not is_bitmask_folder(folder):
+        return {}
+    return {f"{name}.weight": weight for name, weight, _, _ in iter_bitmask_layers(folder)}
+
+
+def dense_tensor_keys(keys: Iterable[str], decoded: dict[str, torch.Tensor]) -> list[str]:
+    """A checkpoint's tensor names ``keys`` as a dense checkpoint would hold them: the bitmask tensors (``KEYS``) of
+    each layer in ``decoded`` (``decoded_bitmask_weights``) replaced by its ``name.weight``, where they were."""
+    stored = {f"{weight_key[: -len('.weight')]}.{key}": weight_key for weight_key in decoded for key in KEYS}
+    out: list[str] = []
+    seen: set[str] = set()
+    for key in keys:
+        key = stored.get(key, key)
+        if key not in seen:
+            seen.add(key)
+            out.append(key)
+    out.extend(key for key in decoded if key not in seen)
+    return out
+
+
 def load_sparse_results(folder: str | os.PathLike):
     """The bitmask-stored layers of a folder as ``PruneResult`` (module name -> result): mask (True where pruned)
     ``[out, in]``, float32 weight and values, the pattern and target sparsity lmshrink recorded (``unstructured`` and
@@ -259,6 +283,6 @@ def load_bitmask_model(folder: str | os.PathLike, *, dtype: torch.dtype = torch.
     return model.eval()
 
 
-__all__ = ["CT_FORMAT", "SPARSE_FORMATS", "check_sparse_format", "decode", "encode", "encoded_bytes",
-           "fill_bitmask_weights", "is_bitmask_folder", "iter_bitmask_layers", "load_bitmask_model",
-           "load_sparse_results", "storage_summary"]
+__all__ = ["CT_FORMAT", "SPARSE_FORMATS", "check_sparse_format", "decode", "decoded_bitmask_weights",
+           "dense_tensor_keys", "encode", "encoded_bytes", "fill_bitmask_weights", "is_bitmask_folder",
+           "iter_bitmask_layers", "load_bitmask_model", "load_sparse_results", "storage_summary"]
