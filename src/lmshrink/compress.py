@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from . import __version__
 from .data import calibration_windows, load_text
 from .engine.checkpoint import Checkpoint, fingerprint, weights_digest
 from .engine.loop import Engine
@@ -126,7 +127,7 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
     checkpoint, progress = None, None
     if out_dir is not None:
         key = fingerprint(recipe.to_dict(), windows.protocol, model.info.to_dict(), windows.input_ids, device,
-                          weights_digest(model.model, model.weights))
+                          weights_digest(model.model, model.weights), {"lmshrink": __version__})
         checkpoint = Checkpoint(partial_dir, key)
         progress = checkpoint.load() if resume else None  # refuses progress of another run
         if resume and progress is None:
