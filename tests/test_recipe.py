@@ -71,3 +71,19 @@ def test_target_patterns():
     assert not stage.selects("model.layers.3.mlp.down_proj")
     assert not stage.selects("model.layers.3.self_attn.q_proj")
     assert not load_recipe("w4g128").stages[0].selects("lm_head")
+
+
+@pytest.mark.parametrize("stages, needles", [
+    ([{"gptq": 4}], ["stage 1 (gptq): the short form", "not int 4"]),
+    ([{"gptq": [4]}], ["stage 1 (gptq): the short form", "not list [4]"]),
+    ([{"rtn": {}}, {"gptq": "bits=4"}], ["stage 2 (gptq): the short form", "not str"]),
+    ([{"method": ["gptq"]}], ["stage 1: option 'method' = ['gptq'] is a list, not a method name"]),
+    ([{"method": "rtn"}, {"method": {"gptq": None}}], ["stage 2: option 'method'"]),
+    ([{"bits": 4}], ["stage 1: unknown method 'bits'"]),
+])
+def test_malformed_stages_are_recipe_errors_naming_the_stage(stages, needles):
+    with pytest.raises(RecipeError) as err:
+        parse_recipe({"stages": stages})
+    for needle in needles:
+        assert needle in err.value.message
+    assert "gptq" in err.value.fix

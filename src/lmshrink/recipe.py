@@ -332,8 +332,19 @@ def _parse_stage(index: int, raw: Any) -> StageBase:
         raise RecipeError(f"{where} is {type(raw).__name__}, not a mapping", fix="write each stage as `- method: ...`")
     if len(raw) == 1 and "method" not in raw:  # short form: `- gptq: {bits: 4}`
         (method, options), = raw.items()
+        if not isinstance(method, str) or method not in STAGES:
+            raise RecipeError(f"{where}: unknown method {method!r} (a one-key stage is the short form `- METHOD: "
+                              "{options}`)", fix=f"use one of: {', '.join(STAGES)}, or write `- method: ...`")
+        if options is not None and not isinstance(options, dict):
+            raise RecipeError(f"{where} ({method}): the short form `- {method}: ...` takes a mapping of options, "
+                              f"not {type(options).__name__} {options!r}",
+                              fix=f"write e.g. `- {method}: {{bits: 4}}`, or `- method: {method}` with one option "
+                                  "per line")
         raw = {"method": method, **(options or {})}
     method = raw.get("method")
+    if method is not None and not isinstance(method, str):
+        raise RecipeError(f"{where}: option 'method' = {method!r} is a {type(method).__name__}, not a method name",
+                          fix=f"write one method per stage, e.g. `- method: gptq` (methods: {', '.join(STAGES)})")
     if method not in STAGES:
         raise RecipeError(f"{where}: unknown method {method!r}", fix=f"use one of: {', '.join(STAGES)}")
     if "fp_target" in raw and "fp_target" not in STAGES[method].model_fields:
