@@ -129,3 +129,28 @@ def test_malformed_recipe_file_is_a_user_error(capsys, tmp_path, text, needle):
     path.write_text(text)
     code, _, err = _run(capsys, "recipes", "--show", str(path))
     _assert_user_error(code, err, needle)
+
+
+@pytest.mark.parametrize("threads", ["-1", "0"])
+def test_threads_below_one_are_refused(capsys, tiny_dir, tmp_path, threads):
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    code, _, err = _run(capsys, "evaluate", str(tiny_dir), "--ppl", f"file:{text}", "--seqlen", "16", "--limit", "1",
+                        "--threads", threads, "--quiet")
+    _assert_user_error(code, err, f"--threads {threads}", "N >= 1")
+
+
+def test_unusable_device_is_refused_before_loading(capsys, monkeypatch):
+    import torch
+
+    # on any machine: a torch built without CUDA, then one built with it but seeing no GPU
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    code, _, err = _run(capsys, "evaluate", "./no/such/model", "--device", "cuda", "--quiet")
+    _assert_user_error(code, err, "--device cuda", "built without CUDA", "--device cpu")
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = _run(capsys, "compress", "./no/such/model", "--recipe", "w4g128", "-o", "unused", "--device",
+                        "cuda:0", "--quiet")
+    _assert_user_error(code, err, "--device cuda:0", "no CUDA GPU", "--device cpu")
+    code, _, err = _run(capsys, "evaluate", "./no/such/model", "--device", "gpu", "--quiet")
+    _assert_user_error(code, err, "--device 'gpu'")
