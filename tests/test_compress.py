@@ -1,6 +1,7 @@
 """compress -> save -> load -> evaluate on a tiny model, through the CLI and the Python API."""
 
 import hashlib
+import importlib
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from lmshrink import compress, load_model
 from lmshrink.cli import main
 from lmshrink.errors import LmshrinkError
 from lmshrink.formats import load_quantized_results
+from lmshrink.recipe import RecipeError
 
 
 def _tree_digest(folder):
@@ -151,3 +153,56 @@ def test_resume_refuses_progress_made_on_other_weights(tmp_path, calib_file):
     with pytest.raises(LmshrinkError, match="different run"):
         compress(str(source), "rtn-w4g32", output=tmp_path / "out", calibration=f"file:{calib_file}", nsamples=2,
                  seqlen=32, progress=False, resume=True)
+
+
+class _NoEngine:
+    """Stands in for the engine: a test using it fails if the compression starts."""
+
+    def __init__(self, *args, **kwargs):
+        raise AssertionError("the compression started")
+
+
+def test_what_saving_would_refuse_is_refused_before_compressing(tiny_dir, calib_file, tmp_path, capsys, monkeypatch):
+    """--dtype bfloat16 with a preset (float16 scales) and a group size with no storable divisor fail at once, with
+    fixes in recipe and CLI terms, not after the whole compression at save time."""
+    monkeypatch.setattr(importlib.import_module("lmshrink.compress"), "Engine", _NoEngine)
+    code = main(["compress", str(tiny_dir), "--recipe", "rtn-w4g32", "--calib", f"file:{calib_file}", "--nsamples",
+                 "2", "--seqlen", "32", "--dtype", "bfloat16", "-o", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "stage 1 (rtn): option 'scale_dtype' = 'float16'" in err and "bfloat16" in err
+    assert "scale_dtype: bfloat16" in err and "--dtype float32" in err and "GridSpec" not in err
+    odd = save_tiny_llama(tmp_path / "odd", num_hidden_layers=1, hidden_size=36, intermediate_size=70,
+                          num_attention_heads=2, num_key_value_heads=1)
+    with pytest.raises(RecipeError, match="input widths 36, 70") as caught:
+        compress(str(odd), {"stages": [{"method": "rtn", "group_size": 12, "scale_dtype": "float32"}]},
+                 output=tmp_path / "g12", calibration=f"file:{calib_file}", nsamples=2, seqlen=32, progress=False)
+    assert "(36, 70)" in caught.value.fix
+    assert not (tmp_path / "g12").exists() and not (tmp_path / "g12.partial").exists()
+
+
+def test_check_before_compressing_agrees_with_the_writer(tmp_path, calib_file):
+    """Two stages on one grid share the writer's stored group size: each stage alone is storable (gcd(240, 272) =
+    16, gcd(240, 360) = 120), together not (gcd 8). check_recipe refuses what save_quantized refuses, and without an
+    output the compression runs."""
+    from lmshrink.formats.compressed_tensors import save_quantized
+    from lmshrink.errors import LmshrinkError
+
+    source = save_tiny_llama(tmp_path / "src", num_hidden_layers=1, hidden_size=272, intermediate_size=360,
+                             num_attention_heads=2, num_key_value_heads=1)
+    recipe = {"stages": [{"method": "rtn", "group_size": 240, "scale_dtype": "float32",
+                          "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]},
+                         {"method": "rtn", "group_size": 240, "scale_dtype": "float32", "targets": ["down_proj"]}]}
+    with pytest.raises(RecipeError, match=r"stages 1, 2 \(rtn\): option 'group_size' = 240"):
+        compress(str(source), recipe, output=tmp_path / "out", calibration=f"file:{calib_file}", nsamples=2,
+                 seqlen=32, progress=False)
+    loaded = load_model(str(source), progress=False)
+    record = compress(loaded, recipe, calibration=f"file:{calib_file}", nsamples=2, seqlen=32, progress=False)
+    with pytest.raises(LmshrinkError, match="does not divide") as caught:
+        save_quantized(loaded.model, loaded.tokenizer, record["results"], tmp_path / "out")
+    assert "(272, 360)" in caught.value.fix  # every width of the grid, not one
+    # per stage, each alone is saved
+    for index, stage in enumerate(recipe["stages"]):
+        loaded = load_model(str(source), progress=False)
+        compress(loaded, {"stages": [stage]}, output=tmp_path / f"stage{index}",
+                 calibration=f"file:{calib_file}", nsamples=2, seqlen=32, progress=False)

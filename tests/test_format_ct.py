@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import warnings
 
 import pytest
@@ -14,6 +16,7 @@ from helpers import tiny_llama, tiny_tokenizer
 from lmshrink.errors import LmshrinkError
 from lmshrink.formats import is_compressed_tensors_folder, load_quantized_results, save_quantized
 from lmshrink.formats import compressed_tensors as ct_format
+from lmshrink.formats.atomic import atomic_write_bytes, atomic_write_text
 from lmshrink.methods.quant import gptq_quantize, rtn_quantize
 from lmshrink.models.adapters import iter_linears, linear_weight, set_linear_weight
 from lmshrink.quant.grids import GridSpec
@@ -288,3 +291,21 @@ def test_group_size_with_a_tiny_common_divisor_is_refused(tmp_path):
     with pytest.raises(LmshrinkError, match="does not divide its 72 input columns"):
         save_quantized(model, None, results, tmp_path / "out")
     assert ct_format.FORMAT == "pack-quantized"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_file_writes_get_the_umask_permissions(tmp_path, umask):
+    """Like a plain write (0o666 less the umask), not mkstemp's 0600 (e.g. a resume state other users can read)."""
+    previous = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "state.json", "{}")
+        atomic_write_bytes(tmp_path / "blob.bin", b"\0")
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    expected = stat.S_IMODE((tmp_path / "plain.json").stat().st_mode)
+    assert expected == 0o666 & ~umask
+    for name in ("state.json", "blob.bin"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
+    assert (tmp_path / "state.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blob.bin", "plain.json", "state.json"]

@@ -432,6 +432,41 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise LmshrinkError(f"--threads {threads}: the number of CPU threads must be 1 or more",
+                            fix="use --threads N with N >= 1, or leave --threads out for torch's choice")
+
+
+def _check_device(device: str | None) -> None:
+    """Refuse a device torch cannot use here before any model is loaded (torch would fail later, mid-way)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise LmshrinkError(f"--device {device!r} is not a device name torch knows ({exc})",
+                            fix="use --device cpu (the default), or cuda / cuda:N on a machine with an NVIDIA GPU"
+                            ) from None
+    if parsed.type != "cuda":
+        return
+    if not torch.backends.cuda.is_built():
+        raise LmshrinkError(f"--device {device}: this torch ({torch.__version__}) is built without CUDA support",
+                            fix="use --device cpu (the default), or install a CUDA build of torch "
+                                "(https://pytorch.org/get-started/locally/) on a machine with an NVIDIA GPU")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise LmshrinkError(f"--device {device}: torch sees no CUDA GPU on this machine (driver missing, or "
+                            "CUDA_VISIBLE_DEVICES hides them)",
+                            fix="use --device cpu (the default), or check `nvidia-smi` and CUDA_VISIBLE_DEVICES")
+    if parsed.index is not None and parsed.index >= count:
+        raise LmshrinkError(f"--device {device}: there is no CUDA GPU {parsed.index}; torch sees {count} "
+                            f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})",
+                            fix=f"use --device cuda:N with N < {count}, or --device cuda")
+
+
 _COMMANDS = {"models": _cmd_models, "recipes": _cmd_recipes, "compress": _cmd_compress, "evaluate": _cmd_evaluate,
              "bench": _cmd_bench, "export": _cmd_export}
 
@@ -443,7 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        if getattr(args, "threads", None):
+        _check_threads(getattr(args, "threads", None))
+        _check_device(getattr(args, "device", None))
+        if getattr(args, "threads", None) is not None:
             import torch
 
             torch.set_num_threads(args.threads)

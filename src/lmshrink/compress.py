@@ -114,7 +114,8 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
     layers = [(name, linear_dims(module)[1]) for name, module in iter_linears(model.model)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        check_recipe(recipe, layers)
+        check_recipe(recipe, layers, dtype=None if output is None else model.model.dtype,  # what saving refuses
+                     unpacked=[n for n, m in iter_linears(model.model) if not isinstance(m, torch.nn.Linear)])
     notes = [str(w.message) for w in caught]
     for note in notes:
         print(f"lmshrink: warning: {note}", file=sys.stderr)

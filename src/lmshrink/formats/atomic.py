@@ -77,8 +77,22 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False,
         raise
 
 
+def _umask() -> int:
+    """The process umask: from /proc on Linux, else by setting it and straight back (briefly process-wide)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file and a rename, so readers never see a partial file."""
+    """Write ``data`` to ``path`` via a temporary file and a rename, so readers never see a partial file.
+
+    The file gets the permissions a plain ``open(path, "w")`` gives (``0o666`` less the umask), not mkstemp's 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
@@ -87,6 +101,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

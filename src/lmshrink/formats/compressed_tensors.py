@@ -106,19 +106,43 @@ def _stored_group_sizes(layers: dict[str, tuple[int, QuantResult]]) -> dict[str,
         by_grid.setdefault(key, []).append(name)
     stored = {}
     for (_, group_size, _, _), names in by_grid.items():
-        size = -1 if group_size == -1 else math.gcd(group_size, *(layers[n][0] for n in names))
-        if size != -1 and size < min(_MIN_STORED_GROUP, group_size):
-            in_features = next(layers[n][0] for n in names if layers[n][0] % group_size)
+        widths = [layers[n][0] for n in names]
+        size = stored_group_size(group_size, widths)
+        if size is None:
+            in_features = next(w for w in widths if w % group_size)
             name = next(n for n in names if layers[n][0] == in_features)
-            divisors = [d for d in (32, 64, 96, 128, 192, 256) if in_features % d == 0]
+            fallback = math.gcd(group_size, *widths)
             raise LmshrinkError(
                 f"layer {name}: group size {group_size} does not divide its {in_features} input columns, and "
-                f"compressed-tensors needs a divisor (the exact fallback, group size {size}, would store a scale "
-                f"every {size} weights)",
-                fix=f"use a group size dividing {in_features} ({', '.join(map(str, divisors)) or 'none of 32..256'})"
-                    " or -1 (per channel)")
+                f"compressed-tensors needs a divisor (the exact fallback, group size {fallback}, would store a scale "
+                f"every {fallback} weights)", fix=group_size_fix(widths))
         stored.update({n: size for n in names})
     return stored
+
+
+def stored_group_size(group_size: int, widths) -> int | None:
+    """The group size written for layers of input ``widths`` that share one grid of ``group_size`` (-1 per
+    channel): ``gcd(group_size, *widths)``, or None when that is too small to store (see ``_stored_group_sizes``).
+    """
+    if group_size == -1:
+        return -1
+    size = math.gcd(group_size, *widths)
+    return None if size < min(_MIN_STORED_GROUP, group_size) else size
+
+
+def group_size_fix(widths) -> str:
+    """The fix for a group size that cannot be stored, considering every input width of the layers sharing the grid
+    (a size that divides one width can still fail on another: 12 divides 36 but not 70)."""
+    widths = sorted(set(widths))
+    common = math.gcd(*widths)
+    sizes = [d for d in range(_MIN_STORED_GROUP, min(common, 256) + 1) if common % d == 0][-8:]
+    named = ", ".join(map(str, widths))
+    if sizes:
+        return (f"use a group size that divides every input width of these layers ({named}), e.g. "
+                f"{', '.join(map(str, sizes))}, or -1 (per channel)")
+    return (f"no group size of 16 or more divides every input width of these layers ({named}): use -1 (per "
+            "channel), or leave the layers of the odd width(s) out (ignore), or quantize them in a stage of their "
+            "own with other bits, symmetry or group size (layers share a stored group size only with the same grid)")
 
 
 def _check_result(name: str, result: QuantResult, out_features: int, in_features: int) -> None:
@@ -142,8 +166,8 @@ def _stored_scale(name: str, scale: torch.Tensor, dtype: torch.dtype) -> torch.T
         raise LmshrinkError(
             f"layer {name}: its float32 scales are not exactly representable in {dtype_name}, the model's dtype, "
             "so the saved checkpoint would decode to different weights than the compressed model",
-            fix=f"quantize with GridSpec(scale_dtype='{dtype_name}') (the recipe's scale dtype must match the "
-                "model dtype), or convert the model to float32 before compressing")
+            fix=f"quantize with scale_dtype '{dtype_name}' (recipe option `scale_dtype: {dtype_name}`, "
+                f"GridSpec(scale_dtype='{dtype_name}')), or compress the model in float32")
     return stored.contiguous()
 
 
