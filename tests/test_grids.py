@@ -90,6 +90,17 @@ def test_scale_dtype_rounds_scales():
     assert torch.equal(scale, scale.half().float())
 
 
+@pytest.mark.parametrize("magnitude", [1e-4, 2e-5])
+def test_float16_scales_of_small_groups_use_the_subnormal_range(magnitude):
+    # scales below float16's smallest normal (6.1e-5) are representable down to 2**-24: they must not be raised to it
+    weights = _weights() * magnitude
+    errors = {}
+    for scale_dtype in ("float32", "float16"):
+        spec = GridSpec(bits=4, group_size=32, scale_dtype=scale_dtype)
+        errors[scale_dtype] = float((fake_quantize(weights, spec) - weights).norm() / weights.norm())
+    assert errors["float16"] < 1.1 * errors["float32"]
+
+
 def test_signed_conversion_round_trip():
     codes = torch.arange(16, dtype=torch.uint8).reshape(2, 8)
     signed = to_signed(codes, 4)

@@ -182,6 +182,17 @@ def test_owl_sparsities_average_to_target_and_follow_outliers():
     assert outlier_ratio(scores, 2.0) == pytest.approx(1 / 6)  # mean 2.5, one score above 5
 
 
+@pytest.mark.parametrize("ratios,target,lam", [([0.01] * 29 + [0.0], 0.9, 0.08), ([0.0] * 29 + [0.01], 0.1, 0.08),
+                                                ([0.01, 0.05, 0.02, 0.03], 0.95, 0.08),
+                                                ([0.01, 0.05, 0.02, 0.03], 0.5, 0.5)])
+def test_owl_sparsities_at_the_bounds_still_average_to_target_in_order(ratios, target, lam):
+    values = owl_sparsities(ratios, target, lam)
+    assert sum(values) / len(values) == pytest.approx(target, abs=1e-9)
+    assert min(values) >= 0.0 and max(values) <= 0.99
+    order = sorted(range(len(ratios)), key=lambda i: ratios[i])  # more outliers -> pruned no more
+    assert all(values[a] >= values[b] - 1e-12 for a, b in zip(order, order[1:]))
+
+
 def test_sparse_rule_needs_original_order_for_nm():
     from lmshrink.methods.prune import SparseRule
 

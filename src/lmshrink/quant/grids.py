@@ -88,8 +88,10 @@ def _round_scale(scale: torch.Tensor, spec: GridSpec) -> torch.Tensor:
     dtype = _SCALE_DTYPES[spec.scale_dtype]
     if dtype is torch.float32:
         return scale
-    # keep scales positive and representable after the cast (tiny weights would underflow to 0)
-    return scale.clamp(min=torch.finfo(dtype).tiny).to(dtype).to(torch.float32)
+    # keep scales positive and representable after the cast (tiny weights would underflow to 0): at least the
+    # smallest subnormal (float16: 2**-24, not its smallest normal 2**-14, which would coarsen small groups' grids)
+    smallest = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    return scale.clamp(min=smallest).to(dtype).to(torch.float32)
 
 
 def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: GridSpec):
