@@ -166,3 +166,9 @@ def test_grids_the_checkpoint_cannot_store_are_refused_before_compressing():
         check_recipe(parse_recipe(mixed), layers, dtype="float16")
     mixed[0]["symmetric"] = True  # several symmetric config groups: transformers loads them
     check_recipe(parse_recipe(mixed), layers, dtype="float16")
+
+
+def test_a_recipe_name_that_is_not_a_string_is_refused():
+    with pytest.raises(RecipeError, match="recipe `name` must be a string, got list"):
+        parse_recipe({"name": ["a"], "stages": [{"method": "rtn"}]})
+    assert parse_recipe({"name": "mine", "stages": [{"method": "rtn"}]}).name == "mine"

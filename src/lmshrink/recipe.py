@@ -376,7 +376,11 @@ def parse_recipe(data: dict | list, name: str = "custom") -> Recipe:
     stages = data["stages"]
     if not isinstance(stages, list) or not stages:
         raise RecipeError("`stages` must be a non-empty list", fix="add at least one stage, e.g. `- method: gptq`")
-    return Recipe(name=str(data.get("name", name)), stages=[_parse_stage(i, s) for i, s in enumerate(stages)])
+    recipe_name = data.get("name", name)
+    if not isinstance(recipe_name, (str, int, float)) or isinstance(recipe_name, bool):
+        raise RecipeError(f"recipe `name` must be a string, got {type(recipe_name).__name__} {recipe_name!r}",
+                          fix="write e.g. `name: my-recipe`")
+    return Recipe(name=str(recipe_name), stages=[_parse_stage(i, s) for i, s in enumerate(stages)])
 
 
 def _quant(method: str, bits: int, group_size: int, symmetric: bool = False, **kw) -> dict:
