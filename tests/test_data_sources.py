@@ -88,3 +88,54 @@ def test_calibration_windows_follow_gptq_sampling():
         assert any(len(e) > 10 and any(e[i:i + 10] == row for i in range(len(e) - 9)) for e in encoded)
     with pytest.raises(DataSourceError, match="longer than 500 tokens"):
         calibration_windows(tok, src, nsamples=1, seqlen=500)
+
+
+def _bos_tokenizer():
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    shared = tiny_tokenizer()  # cached: changed only in a copy
+    inner = Tokenizer.from_str(shared._tokenizer.to_str())
+    bos = shared.convert_tokens_to_ids("<s>")
+    inner.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return tok, bos
+
+
+def test_stream_sets_calibrate_on_random_offsets_of_the_joined_text():
+    tok = tiny_tokenizer()
+    docs = [f"Paragraph {i} says that the quick brown fox jumps." for i in range(40)]  # each shorter than a window
+    src = TextSource(name="paragraphs", split="all", documents=docs, join="\n\n", origin="test", calibration="stream")
+    a = calibration_windows(tok, src, nsamples=5, seqlen=64, seed=1)
+    assert torch.equal(a.input_ids, calibration_windows(tok, src, nsamples=5, seqlen=64, seed=1).input_ids)
+    stream = tok(src.joined())["input_ids"]
+    for row in a.input_ids.tolist():
+        assert any(stream[i:i + 64] == row for i in range(len(stream) - 63))
+    assert "joined" in a.protocol["sampling"] and a.protocol["bos_per_window"] is False
+    with pytest.raises(DataSourceError, match="not more than one window"):
+        calibration_windows(tok, src, nsamples=1, seqlen=len(stream))
+
+
+def test_wikitext2_calibrates_with_windows_longer_than_its_paragraphs(shared_data):
+    tok = tiny_tokenizer()
+    src = load_text("wikitext2", "valid", shared_data)
+    assert src.calibration == "stream" and load_text("c4", "train", shared_data).calibration == "documents"
+    longest = max(len(tok(d)["input_ids"]) for d in src.documents)
+    windows = calibration_windows(tok, src, nsamples=3, seqlen=longest + 100, seed=0)
+    assert windows.input_ids.shape == (3, longest + 100)
+
+
+def test_windows_start_with_bos_when_the_tokenizer_adds_it():
+    tok, bos = _bos_tokenizer()
+    src = _source(["The quick brown fox jumps over the lazy dog."] * 20)
+    plain = tok(src.joined(), add_special_tokens=False)["input_ids"]
+    w = evaluation_windows(tok, src, seqlen=16)
+    assert w.protocol["bos_per_window"] is True
+    assert w.input_ids[:, 0].eq(bos).all() and w.input_ids.shape[1] == 16
+    assert w.input_ids[:, 1:].flatten().tolist() == plain[: len(w) * 15]
+    old = evaluation_windows(tok, src, seqlen=16, bos_per_window=False)  # the GPTQ convention: BOS once
+    assert old.protocol["bos_per_window"] is False and int(old.input_ids[0, 0]) == bos
+    assert not old.input_ids[1:, 0].eq(bos).any()
+    c = calibration_windows(tok, src, nsamples=3, seqlen=12, seed=0)
+    assert c.input_ids[:, 0].eq(bos).all() and not c.input_ids[:, 1:].eq(bos).any()
+    assert evaluation_windows(tiny_tokenizer(), src, seqlen=16).protocol["bos_per_window"] is False

@@ -47,8 +47,11 @@ def evaluate(model: LoadedModel | str | torch.nn.Module, *, ppl: str | list[str]
              kl_base: LoadedModel | str | None = None, tasks: str | list[str] | None = None,
              task_limit: int | None = None, data_dir: str | Path | None = None, batch_size: int = 1,
              tokenizer=None, progress: bool = True, dtype: str = "float32", device: str = "cpu",
-             trust_remote_code: bool = False) -> dict[str, Any]:
+             trust_remote_code: bool = False, bos_per_window: bool | None = None) -> dict[str, Any]:
     """Evaluate a model; returns a JSON-ready record with every protocol detail.
+
+    ``bos_per_window``: start every perplexity/KL window with the BOS token; None (default) does so exactly when the
+    tokenizer adds BOS by itself (``data.windows.evaluation_windows``).
 
     ``ppl`` names one or more text sets (``wikitext2``, ``c4``, ``ptb``, ``enwiki-sample``, ``file:PATH``);
     when neither ``ppl`` nor ``tasks`` is given, perplexity on the packaged ``enwiki-sample`` held-out split
@@ -72,7 +75,8 @@ def evaluate(model: LoadedModel | str | torch.nn.Module, *, ppl: str | list[str]
     record: dict[str, Any] = {"model": loaded.info.to_dict(), "size": model_size(loaded.model),
                               "sparsity": _sparsity(loaded), "perplexity": [], "environment": environment()}
     for i, source in enumerate(sources):
-        windows = evaluation_windows(loaded.tokenizer, source, seqlen, limit, loaded.info.max_context)
+        windows = evaluation_windows(loaded.tokenizer, source, seqlen, limit, loaded.info.max_context,
+                                     bos_per_window=bos_per_window)
         if base is not None and i == 0:
             # One pass gives both: the KL pass computes the model's per-window NLL too.
             kl = kl_divergence(loaded.model, base.model, windows, batch_size, progress)

@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default: 512)")
     ev.add_argument("--limit", type=int, help="evaluate only the first N windows (and N items of each task, "
                     "unless --task-limit is given)")
+    ev.add_argument("--bos-per-window", choices=["auto", "on", "off"], default="auto",
+                    help="start every window with the BOS token (auto, the default: exactly when the tokenizer adds "
+                         "BOS itself, e.g. Gemma; off: BOS only where the joined text starts, the GPTQ convention)")
     ev.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
     ev.add_argument("--kl-base", help="base model source: adds KL divergence and top-1 agreement")
     ev.add_argument("--tasks", help="zero-shot tasks, comma separated, or 'all'")
@@ -265,7 +268,8 @@ def _cmd_evaluate(args) -> int:
                       kl_base=args.kl_base, tasks=args.tasks,
                       task_limit=args.task_limit if args.task_limit is not None else args.limit, data_dir=args.data_dir,
                       batch_size=args.batch_size, progress=not args.quiet, dtype=args.dtype, device=args.device,
-                      trust_remote_code=args.trust_remote_code)
+                      trust_remote_code=args.trust_remote_code,
+                      bos_per_window={"auto": None, "on": True, "off": False}[args.bos_per_window])
     if args.json:
         print(json.dumps(record, indent=2))
     else:

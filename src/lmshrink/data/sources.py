@@ -22,6 +22,7 @@ _SPLITS = {
 _ALIASES = {"wikitext": "wikitext2", "wikitext-2": "wikitext2", "wiki": "wikitext2", "enwiki": "enwiki-sample"}
 # How evaluation text is joined: GPTQ reference conventions.
 _JOIN = {"wikitext2": "\n\n", "c4": " ", "ptb": " ", "enwiki-sample": "\n\n"}
+_CALIBRATION = {"wikitext2": "stream", "c4": "documents", "ptb": "stream", "enwiki-sample": "documents"}
 
 
 @dataclass
@@ -34,6 +35,10 @@ class TextSource:
     join: str
     origin: str  # file path, "hf:<dataset>" or "packaged:<name>"
     notes: dict = field(default_factory=dict)
+    # how calibration windows are drawn: "documents" (a random document longer than the window, then a random
+    # offset: c4, enwiki, .jsonl/.parquet) or "stream" (a random offset in the joined text: sets whose rows are
+    # paragraphs or sentences, wikitext2, ptb and .txt files, as the GPTQ reference samples wikitext2 and ptb)
+    calibration: str = "documents"
 
     def joined(self) -> str:
         return self.join.join(self.documents)
@@ -162,7 +167,9 @@ def load_text(name: str | None, split: str = "test", data_dir: str | Path | None
         name = DEFAULT_TEXT
     if name.startswith("file:"):
         path = Path(name[5:]).expanduser()
-        return TextSource(name=name, split="all", documents=read_text_file(path), join="\n\n", origin=str(path))
+        stream = path.suffix.lower() not in (".jsonl", ".parquet")  # a .txt file's documents are its paragraphs
+        return TextSource(name=name, split="all", documents=read_text_file(path), join="\n\n", origin=str(path),
+                          calibration="stream" if stream else "documents")
     name = _ALIASES.get(name, name)
     if name not in _SPLITS:
         raise DataSourceError(f"unknown text set {name!r}", fix=f"use one of: {', '.join(known_sets())}")
@@ -174,14 +181,15 @@ def load_text(name: str | None, split: str = "test", data_dir: str | Path | None
         from .enwiki import load_enwiki_sample
 
         return TextSource(name=name, split=split, documents=load_enwiki_sample(split), join=_JOIN[name],
-                          origin="packaged:gensim==4.4.0/enwiki-latest-pages-articles1 (shortened)")
+                          origin="packaged:gensim==4.4.0/enwiki-latest-pages-articles1 (shortened)",
+                          calibration=_CALIBRATION[name])
     root = data_dir_from(data_dir)
     tried: list[Path] = []
     if root is not None:
         for path in _local_candidates(name, split, root):
             if path.is_file():
                 return TextSource(name=name, split=split, documents=_read_local(name, path), join=_JOIN[name],
-                                  origin=str(path))
+                                  origin=str(path), calibration=_CALIBRATION[name])
             tried.append(path)
     try:
         documents, origin = _from_hub(name, split)
@@ -190,7 +198,8 @@ def load_text(name: str | None, split: str = "test", data_dir: str | Path | None
     except Exception as exc:  # noqa: BLE001 - any hub failure means the set is unavailable here
         reason = f"the Hugging Face hub could not provide it ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
     else:
-        return TextSource(name=name, split=split, documents=documents, join=_JOIN[name], origin=origin)
+        return TextSource(name=name, split=split, documents=documents, join=_JOIN[name], origin=origin,
+                          calibration=_CALIBRATION[name])
     where = f"not found at {', '.join(map(str, tried))}" if tried else "no data directory was given"
     raise DataSourceError(
         f"text set {name} ({split}) is unavailable: {where}, and {reason}",
