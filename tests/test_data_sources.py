@@ -51,6 +51,9 @@ def test_file_sources(tmp_path):
     (tmp_path / "c.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(DataSourceError, match="no 'text' field"):
         load_text(f"file:{tmp_path / 'c.jsonl'}")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "x"}) + "\n" + json.dumps({"text": None}) + "\n")
+    with pytest.raises(DataSourceError, match="d.jsonl:2: 'text' is NoneType"):
+        load_text(f"file:{tmp_path / 'd.jsonl'}")
     with pytest.raises(DataSourceError, match="does not exist"):
         load_text(f"file:{tmp_path / 'missing.txt'}")
 

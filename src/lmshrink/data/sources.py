@@ -84,10 +84,14 @@ def _read_jsonl(path: Path, field_name: str = "text") -> list[str]:
             except json.JSONDecodeError as exc:
                 raise DataSourceError(f"{path}:{lineno} is not valid JSON ({exc.msg})",
                                       fix="use one JSON object per line") from exc
-            if field_name not in record:
+            if not isinstance(record, dict) or field_name not in record:
                 raise DataSourceError(f"{path}:{lineno} has no {field_name!r} field",
                                       fix=f"give every line a {field_name!r} string field")
-            docs.append(str(record[field_name]))
+            if not isinstance(record[field_name], str):
+                raise DataSourceError(f"{path}:{lineno}: {field_name!r} is {type(record[field_name]).__name__} "
+                                      f"{str(record[field_name])[:40]!r}, not a string",
+                                      fix=f"give every line a {field_name!r} string field (drop empty records)")
+            docs.append(record[field_name])
     return docs
 
 
