@@ -38,6 +38,35 @@ def test_missing_set_names_expected_path(tmp_path, monkeypatch):
     assert "--data-dir" in err.value.fix
 
 
+def test_missing_set_does_not_ask_an_unreachable_or_offline_hub(tmp_path, monkeypatch):
+    import socket
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(*args, **kwargs):  # the real one retries an unreachable hub for ~25 s
+        calls.append(args)
+        raise ConnectionError("Couldn't reach the Hub")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+
+    def no_network(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(DataSourceError, match="huggingface.co:443 cannot be reached") as err:
+        load_text("c4", "valid", tmp_path)
+    assert str(tmp_path / "c4") in err.value.message and "--data-dir" in err.value.fix
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("asked the network while offline"))
+    with pytest.raises(DataSourceError, match="HF_DATASETS_OFFLINE=1 is set"):
+        load_text("ptb", "test", tmp_path)
+    assert calls == []
+
+
 def test_missing_data_dir():
     with pytest.raises(DataSourceError, match="does not exist"):
         load_text("wikitext2", "test", "/nonexistent/data")

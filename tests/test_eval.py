@@ -55,6 +55,28 @@ def test_model_size_counts_tied_weights_once():
     assert s1["body_bytes"] == s2["body_bytes"]
 
 
+def test_model_size_counts_the_weights_of_packed_layers_not_their_stored_elements():
+    from lmshrink.methods.quant import rtn_quantize
+    from lmshrink.models import iter_linears, linear_weight
+    from lmshrink.quant.grids import GridSpec
+    from lmshrink.runtime import QuantLinear, replace_linears
+    from tiny_families import tiny_model
+
+    model = tiny_model("qwen2")  # its q/k/v projections have a bias: counted as weights too
+    dense = model_size(model)
+    results = {name: rtn_quantize(linear_weight(module).float().clone(), GridSpec(bits=4, group_size=32))
+               for name, module in iter_linears(model)}
+    replace_linears(model, results, kernels=False)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == len(results) == 14
+    packed = model_size(model)
+    assert packed["parameters"] == dense["parameters"] == sum(p.numel() for p in tiny_model("qwen2").parameters())
+    assert packed["body_parameters"] == dense["body_parameters"]
+    # the bytes stay those of the stored tensors: codes, scales and zero points instead of float32 weights
+    assert packed["weight_bytes"] == sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert packed["body_bytes"] < dense["body_bytes"] / 2
+    assert packed["embedding_and_head_bytes"] == dense["embedding_and_head_bytes"]
+
+
 def test_evaluate_in_memory_model_with_file_text(tmp_path):
     (tmp_path / "t.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
     record = evaluate(tiny_llama(), tokenizer=tiny_tokenizer(), ppl=f"file:{tmp_path / 't.txt'}", seqlen=32,

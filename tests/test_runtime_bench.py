@@ -88,6 +88,25 @@ def test_bench_reports_both_models_side_by_side(record):
     assert record["protocol"]["threads"] == 1 and record["protocol"]["prompt_tokens"] == 16
 
 
+def test_linear_bytes_count_gpt2_conv1d_layers_and_empty_ratios_are_none():
+    from lmshrink.eval.bench import _linear_bytes
+    from tiny_families import tiny_model
+
+    model = tiny_model("gpt2")  # its block linears are transformers Conv1D layers
+    linear = sum(linear_weight(module).numel() for _, module in iter_linears(model))
+    assert linear > 0
+    assert _linear_bytes(model) == {"linear_weight_bytes": 4 * linear, "linear_weights": linear}
+    # with no linear weights counted there is nothing to compare with: None, not a ZeroDivisionError
+    from lmshrink.eval.bench import _compare
+
+    speed = {"decode_tokens_per_s": 4.0, "decode_cpu_tokens_per_s": 4.0, "prefill_tokens_per_s": 8.0}
+    rows = [{**speed, "size": {"linear_weight_bytes": 0, "linear_weights": 0}},
+            {**speed, "size": {"linear_weight_bytes": 64, "linear_weights": 128}}]
+    _compare(rows)
+    assert rows[0]["linear_bytes_vs_fp16"] is None and rows[1]["vs_first"]["linear_bytes_ratio"] is None
+    assert rows[1]["linear_bytes_vs_fp16"] == 0.25 and rows[1]["vs_first"]["decode_speedup"] == 1.0
+
+
 def test_bench_cli_prints_the_table_and_refuses_bad_input(folders, record, capsys, monkeypatch):
     import lmshrink.api
 

@@ -52,10 +52,13 @@ def _rss_bytes() -> int:
 
 
 def _linear_bytes(model) -> dict[str, int]:
-    """Bytes held by the Linear layers inside the decoder blocks (dense or QuantLinear) and their weight count."""
-    import torch
+    """Bytes held by the linear layers inside the decoder blocks and their weight count.
 
-    from lmshrink.models.adapters import get_adapter
+    Linear layers as ``lmshrink.models.is_linear`` knows them (``nn.Linear`` and GPT-2's ``Conv1D``), plus packed
+    ``QuantLinear`` layers (their codes, scales and zero points, the bias left out). The blocks are walked rather
+    than ``iter_linears``, whose family layouts only match while every linear is still an unpacked one.
+    """
+    from lmshrink.models import get_adapter, is_linear
     from lmshrink.runtime import QuantLinear, packed_bytes
 
     total, weights = 0, 0
@@ -64,7 +67,7 @@ def _linear_bytes(model) -> dict[str, int]:
             if isinstance(module, QuantLinear):
                 total += packed_bytes(module) - (0 if module.bias is None else module.bias.numel() * module.bias.element_size())
                 weights += module.in_features * module.out_features
-            elif isinstance(module, torch.nn.Linear):
+            elif is_linear(module):
                 total += module.weight.numel() * module.weight.element_size()
                 weights += module.weight.numel()
     return {"linear_weight_bytes": total, "linear_weights": weights}
@@ -385,6 +388,25 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
+def _ratio(numerator: float, denominator: float) -> float | None:
+    """``numerator / denominator``, None where the denominator is 0 (nothing to compare with)."""
+    return numerator / denominator if denominator else None
+
+
+def _compare(rows: list[dict[str, Any]]) -> None:
+    """Add each row's ratios to the first row (``vs_first``) and its linear bytes per fp16 byte
+    (``linear_bytes_vs_fp16``); a ratio whose denominator is 0 (no linear weights counted) is None."""
+    base = rows[0]
+    for row in rows:
+        row["vs_first"] = {
+            "decode_speedup": _ratio(row["decode_tokens_per_s"], base["decode_tokens_per_s"]),
+            "decode_cpu_speedup": _ratio(row["decode_cpu_tokens_per_s"], base["decode_cpu_tokens_per_s"]),
+            "prefill_speedup": _ratio(row["prefill_tokens_per_s"], base["prefill_tokens_per_s"]),
+            "linear_bytes_ratio": _ratio(row["size"]["linear_weight_bytes"], base["size"]["linear_weight_bytes"]),
+        }
+        row["linear_bytes_vs_fp16"] = _ratio(row["size"]["linear_weight_bytes"], 2 * row["size"]["linear_weights"])
+
+
 DECODE_PATHS = ("hf", "fast", "fast-q8", "both", "all")
 PATHS_OF = {"both": ["hf", "fast"], "all": ["hf", "fast", "fast-q8"]}
 FAST_OPTIONS = {"fast": {}, "fast-q8": {"activations": "int8", "head": "int8"}}  # FastDecoder options per path
@@ -491,15 +513,7 @@ def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, 
             (i for i, (a, b) in enumerate(zip(tokens, base_tokens)) if a != b), len(tokens))
         for t in row["trials"]:
             t.pop("tokens")
-    base = rows[0]
-    for row in rows:
-        row["vs_first"] = {
-            "decode_speedup": row["decode_tokens_per_s"] / base["decode_tokens_per_s"],
-            "decode_cpu_speedup": row["decode_cpu_tokens_per_s"] / base["decode_cpu_tokens_per_s"],
-            "prefill_speedup": row["prefill_tokens_per_s"] / base["prefill_tokens_per_s"],
-            "linear_bytes_ratio": row["size"]["linear_weight_bytes"] / base["size"]["linear_weight_bytes"],
-        }
-        row["linear_bytes_vs_fp16"] = row["size"]["linear_weight_bytes"] / (2 * row["size"]["linear_weights"])
+    _compare(rows)
     protocol = {
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "trials": trials, "warmup_trials": warmup,
         "threads": threads, "dtype": dtype, "seed": seed, "prompt": f"{rows[0]['prompt_source']}, batch 1",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
+from ...data.hub import hub_reachable as _hub_reachable
 from ...errors import DataSourceError
 from .spec import Doc, TaskSpec
 
@@ -31,16 +31,6 @@ def read_lines(path: Path) -> list[str]:
     """Non-blank lines of a text file, stripped."""
     with open(path, encoding="utf-8") as handle:
         return [line.strip() for line in handle if line.strip()]
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _load_from_hub(spec: TaskSpec) -> list[Doc] | None:
