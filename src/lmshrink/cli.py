@@ -390,7 +390,8 @@ def _cmd_bench(args) -> int:
                       f"{1000 * row['ttft_s']:.0f}", f"{row['peak_rss_bytes'] / 2**20:.0f}",
                       "-" if row.get("peak_rss_running_bytes") is None else f"{row['peak_rss_running_bytes'] / 2**20:.0f}",
                       f"{size['weight_bytes'] / 2**20:.1f}", f"{size['linear_weight_bytes'] / 2**20:.1f}",
-                      f"{row['linear_bytes_vs_fp16']:.3f}", f"{row['same_greedy_prefix_as_first']}/{len(row['tokens'])}")
+                      "-" if row.get("linear_bytes_vs_fp16") is None else f"{row['linear_bytes_vs_fp16']:.3f}",
+                      f"{row['same_greedy_prefix_as_first']}/{len(row['tokens'])}")
     console = Console()
     console.print(table)
     m = p["machine"]
