@@ -176,3 +176,25 @@ def test_cli_offload_disk_writes_the_same_checkpoint(folders, calib, in_memory, 
     assert code == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "cli" / "lmshrink.json").read_text())["summary"]["offload"] == "disk"
     _same_files(in_memory("single")[1], tmp_path / "cli")
+
+
+def test_truncated_or_missing_weights_are_model_source_errors(folders, tmp_path):
+    import shutil
+
+    from lmshrink.errors import ModelSourceError
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(folders["single"], truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 3])
+    for lazy in (False, True):
+        with pytest.raises(ModelSourceError, match="corrupt or incomplete"):
+            load_model(str(truncated), progress=False, lazy_blocks=lazy)
+    partial = tmp_path / "partial"
+    shutil.copytree(folders["sharded"], partial)
+    shard = sorted(partial.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(ModelSourceError, match=f"{shard.name}, named by model.safetensors.index.json, is missing"):
+        load_model(str(partial), progress=False, lazy_blocks=True)
+    with pytest.raises(ModelSourceError):
+        load_model(str(partial), progress=False)

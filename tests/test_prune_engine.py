@@ -112,6 +112,29 @@ def test_prune_then_gptq_keeps_zeros_and_joint_packs_them(tiny_dir, calib_file, 
     assert len(layers) == 14 and all(layer["sparsity"] >= 0.5 for layer in layers)
 
 
+def test_pruned_and_quantized_results_keep_the_prune_mask_apart_from_rounded_zeros(tiny_dir, calib_file, tmp_path):
+    from lmshrink.engine.checkpoint import Checkpoint
+    from lmshrink.methods.recover.lora import pruned_mask
+
+    for recipe in ([{"method": "sparsegpt", "sparsity": 0.5, "bits": 3, "group_size": 32}],
+                   [{"method": "sparsegpt", "sparsity": 0.5}, {"method": "gptq", "bits": 3, "group_size": 32}],
+                   [{"method": "wanda", "sparsity": 0.5}, {"method": "rtn", "bits": 3, "group_size": 32}]):
+        record = _compress(tiny_dir, calib_file, recipe)
+        rounded = 0
+        for name, result in record["results"].items():
+            assert result.pruned is not None and result.pruned.dtype == torch.bool, name
+            assert int(result.pruned.sum()) == result.pruned.numel() // 2, name  # exactly the 50% pruned
+            assert bool((result.weight[result.pruned] == 0).all())
+            assert torch.equal(pruned_mask(result), result.pruned)  # recovery freezes the pruned weights only
+            rounded += int(((result.weight == 0) & ~result.pruned).sum())
+        assert rounded > 0  # at 3 bits some kept weights round to 0: the mask is not the zeros
+    # and the mask survives a checkpoint round trip (resume)
+    folder = Checkpoint(tmp_path / "ck", "key")
+    folder.start()
+    folder.save_block(0, {"layer": result}, [torch.zeros(1, 2, 3)], {"layers": []})
+    assert torch.equal(folder.load_block(0)["layer"].pruned, result.pruned)
+
+
 def test_owl_allocates_per_block_and_averages_to_target(tiny_dir, calib_file, tmp_path):
     record = _compress(tiny_dir, calib_file, [{"method": "wanda", "sparsity": 0.5, "allocation": "owl",
                                                "owl_lambda": 0.1}], out=tmp_path / "owl")

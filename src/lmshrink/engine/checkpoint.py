@@ -118,6 +118,8 @@ class Checkpoint:
             tensors[f"{name}.zero"] = r.zero
             if r.g_idx is not None:
                 tensors[f"{name}.g_idx"] = r.g_idx
+            if r.pruned is not None:
+                tensors[f"{name}.pruned"] = r.pruned
             meta[name] = {"spec": r.spec.__dict__, "rel_output_error": r.rel_output_error, "info": r.info}
         _atomic_safetensors(self.folder / f"block_{index:04d}.safetensors", tensors,
                             {"layers": json.dumps(meta, default=str)})
@@ -154,7 +156,8 @@ class Checkpoint:
             g_idx = tensors.get(f"{name}.g_idx")
             codes, scale, zero = tensors[f"{name}.codes"], tensors[f"{name}.scale"], tensors[f"{name}.zero"]
             result = QuantResult(codes=codes, scale=scale, zero=zero, g_idx=g_idx, weight=torch.empty(0), spec=spec,
-                                 rel_output_error=m["rel_output_error"], info=m["info"])
+                                 rel_output_error=m["rel_output_error"], info=m["info"],
+                                 pruned=tensors.get(f"{name}.pruned"))
             result.weight = dequantize(codes, scale, zero, result.group_index())
             results[name] = result
         return results

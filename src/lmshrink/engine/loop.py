@@ -244,7 +244,7 @@ def _solve_stage(stage: StageBase, module: nn.Module, weight: torch.Tensor,
             if isinstance(result, QuantResult):
                 result.info = {**result.info, "act_order": stage.act_order,
                                "static_groups": stage.static_groups or stage.act_order}
-        mask = result.mask if isinstance(result, PruneResult) else result.weight == 0
+        mask = result.mask if isinstance(result, PruneResult) else result.pruned
         _PRUNED_MASKS[module] = (mask, stage.pattern)
         return result
     spec = stage.grid()
@@ -269,6 +269,7 @@ def _solve_stage(stage: StageBase, module: nn.Module, weight: torch.Tensor,
         result = rtn_quantize(weight, spec, hessian=hessian)
         result.info = {**(result.info or {}), "act_order": False, "static_groups": False}
     if mask is not None:  # the pruned zeros are kept: record them for the writer's sparsity_config
+        result.pruned = mask
         result.info.update(pattern=pattern, sparsity=float((result.weight == 0).sum()) / result.weight.numel())
     return result
 

@@ -212,7 +212,18 @@ def _load_hf(path_or_id: str, dtype: torch.dtype, device: str, trust_remote_code
             raise ModelSourceError(f"{path_or_id} needs custom code from its repository",
                                    fix="pass --trust-remote-code if you trust it") from exc
         raise _unsupported(path_or_id, exc) from exc
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":  # safetensors' own error type: truncated or not safetensors
+            raise
+        raise _corrupt_weights(path_or_id, exc) from exc
     return model.to(device).eval(), tokenizer
+
+
+def _corrupt_weights(source: str | Path, exc: Exception) -> LmshrinkError:
+    cache = ("; it is a converted copy: delete that folder and load again to convert anew"
+             if str(Path(str(source)).resolve()).startswith(str(cache_root().resolve())) else "")
+    return ModelSourceError(f"the safetensors weights of {source} are corrupt or incomplete ({str(exc)[:200]})",
+                            fix=f"download or copy the model again (an interrupted transfer truncates files){cache}")
 
 
 def _unsupported(source: str, exc: Exception) -> LmshrinkError:
@@ -334,14 +345,33 @@ class SafetensorsWeights:
         index = self.folder / _SAFE_INDEX
         single = self.folder / _SAFE_WEIGHTS
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._files = {key: self.folder / filename for key, filename in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self._files = {key: self.folder / filename for key, filename in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ModelSourceError(f"{index} is not a safetensors index ({type(exc).__name__}: {exc})",
+                                       fix="download or copy the model again") from exc
+            for shard in sorted(set(self._files.values())):  # all there and readable, before any work starts
+                if not shard.is_file():
+                    raise ModelSourceError(f"{shard.name}, named by {index.name}, is missing from {self.folder}",
+                                           fix="download or copy the model again (a partial download lacks shards)")
+                self._check_header(shard)
         elif single.is_file():
+            self._check_header(single)
             with safe_open(str(single), framework="pt") as handle:
                 self._files = {key: single for key in handle.keys()}
         else:
             raise ModelSourceError(f"{self.folder} has neither {_SAFE_WEIGHTS} nor {_SAFE_INDEX}",
                                    fix="streamed loading needs safetensors weights; compress without --offload")
+
+    def _check_header(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as exc:  # safetensors' SafetensorError: truncated or not safetensors
+            raise _corrupt_weights(path, exc) from exc
 
     def __contains__(self, name: str) -> bool:
         return name in self._files

@@ -283,6 +283,8 @@ class QuantResult:
     input column, or None when groups are contiguous in the original order (``group_index`` gives it then).
     weight: float32 ``[out, in]`` dequantized weights, exactly ``dequantize(codes, scale, zero, group_index())``.
     rel_output_error: ``||(W-Q)X||^2 / ||WX||^2`` when a Hessian was available. info: JSON-friendly solver record.
+    pruned: bool ``[out, in]``, True where the weight was pruned (its code is the zero point), for layers that are
+    pruned and quantized; None otherwise. Kept weights may round to 0 too: only this mask tells them apart.
     """
 
     codes: torch.Tensor
@@ -293,6 +295,7 @@ class QuantResult:
     spec: GridSpec
     rel_output_error: float | None = None
     info: dict | None = None
+    pruned: torch.Tensor | None = None
 
     def group_index(self) -> torch.Tensor:
         """``g_idx`` for every column (the stored one, or the contiguous one when it is None)."""

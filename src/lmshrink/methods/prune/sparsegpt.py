@@ -95,7 +95,8 @@ def _quant_result(rule: SparseRule, result, spec: GridSpec, info: dict) -> Quant
     info = {**info, **result.info(), "static_groups": grid.static_groups, "sparsity": zeros,
             "pruned_fraction": float(mask.sum()) / mask.numel()}
     return QuantResult(codes=codes, scale=grid.scale, zero=grid.zero.to(torch.uint8), g_idx=None,
-                       weight=result.weight, spec=spec, rel_output_error=result.rel_output_error, info=info)
+                       weight=result.weight, spec=spec, rel_output_error=result.rel_output_error, info=info,
+                       pruned=mask)
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: str = "unstructured",

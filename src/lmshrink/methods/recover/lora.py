@@ -35,7 +35,9 @@ def pruned_mask(result) -> torch.Tensor | None:
     """bool ``[out, in]``, True where the layer's weight was pruned (must stay zero), or None when not pruned."""
     if isinstance(result, PruneResult):
         return result.mask
-    if isinstance(result, QuantResult) and (result.info or {}).get("pattern"):
+    if isinstance(result, QuantResult) and result.pruned is not None:
+        return result.pruned
+    if isinstance(result, QuantResult) and (result.info or {}).get("pattern"):  # no mask kept: its zeros
         weight = result.weight if result.weight.numel() else dequantize(result.codes, result.scale, result.zero,
                                                                          result.group_index())
         return weight == 0
