@@ -60,6 +60,7 @@ KERNEL_CASES = [
     (2, 64, False, 32, 128, "int4"),
     (8, -1, True, 40, 64, "int8"),
     (8, -1, False, 40, 64, "int8"),
+    (8, -1, False, 40, 100, "dequantize"),  # torch's int8 kernel needs K % 8 == 0 (wrong rows or a crash otherwise)
     (4, 16, False, 32, 64, "int8" if False else "dequantize"),  # group 16: no int4 kernel group
     (8, 32, False, 32, 64, "dequantize"),  # grouped 8-bit
     (4, 32, False, 24, 64, "dequantize"),  # 24 rows: the int4 kernel needs a multiple of 16
@@ -92,6 +93,38 @@ def test_quant_linear_matches_dense_dequantized(bits, group_size, symmetric, out
     x3 = x.reshape(1, rows, in_features)
     with torch.inference_mode():
         assert torch.equal(module(x3).reshape(rows, -1), actual)
+
+
+@pytest.mark.parametrize("spec", [dict(bits=4, group_size=32), dict(bits=4, group_size=32, scale_dtype="float32"),
+                                  dict(bits=8, group_size=-1), dict(bits=8, group_size=32)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_casting_a_packed_layer_keeps_its_kernel_buffers(spec, dtype):
+    result = _result(32, 128, **spec)
+    module = QuantLinear.from_result(result, torch.randn(32) * 0.1, kernel_max_rows=8)
+    before = {name: (buf.dtype, buf.clone()) for name, buf in module.named_buffers() if name != "bias"}
+    module.to(dtype)
+    for name, buf in module.named_buffers():  # not re-cast (nor rounded): the kernels need them as they were
+        if name == "bias":
+            continue
+        assert buf.dtype == before[name][0] and torch.equal(buf, before[name][1]), name
+    assert module.bias.dtype == dtype  # the bias follows, as in nn.Linear
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        actual = module(x.to(dtype))
+    expected = F.linear(x, result.weight, module.bias.float())
+    assert actual.dtype == dtype
+    assert float((actual.float() - expected).norm() / expected.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("spec", [dict(bits=4, group_size=32), dict(bits=8, group_size=-1)])
+def test_packed_layers_take_non_contiguous_inputs(spec, torch_int4):
+    result = _result(32, 64, **spec)
+    module = QuantLinear.from_result(result, kernel_max_rows=8)
+    assert module.kind in ("int4", "int8")
+    x = torch.randn(64, 3).t()  # a transposed view, as nn.Linear accepts
+    with torch.inference_mode():
+        actual = module(x)
+    _bf16_close(actual, F.linear(x, result.weight), x, result.weight)
 
 
 def test_kernel_and_dequantized_paths_agree(torch_int4):

@@ -149,7 +149,8 @@ class QuantLinear(nn.Module):
             elif (spec.bits <= 4 and group is not None and out_features % 16 == 0
                     and _has_op("_weight_int4pack_mm_for_cpu")):
                 kind = "int4"
-            elif result.scale.shape[1] == 1 and _has_op("_weight_int8pack_mm"):
+            elif result.scale.shape[1] == 1 and in_features % 8 == 0 and _has_op("_weight_int8pack_mm"):
+                # torch's CPU int8 kernel reads K in steps of 8: other widths give wrong rows (or a crash)
                 kind = "int8"
         module = cls(in_features, out_features, kind, bias=bias, kernel_max_rows=kernel_max_rows,
                      cache_dense=cache_dense)
@@ -201,6 +202,19 @@ class QuantLinear(nn.Module):
         self.register_buffer("zero", result.zero.clone())
         self.register_buffer("g_idx", result.group_index().to(torch.int32).clone())
 
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)``, ``.half()``, ``.cuda()`` and the like: the kernel buffers (codes, scales, offsets) follow
+        the device only and keep their dtype, which the kernels require; the bias follows as in ``nn.Linear``."""
+        buffers = {name: buf for name, buf in self._buffers.items() if buf is not None and name != "bias"}
+        for name in buffers:
+            self._buffers[name] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, buf in buffers.items():
+                self._buffers[name] = buf.to(device=fn(buf[..., :0] if buf.dim() else buf).device)
+        return self
+
     # -- execution ---------------------------------------------------------------------------------------------
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -238,7 +252,7 @@ class QuantLinear(nn.Module):
             if self.bias is not None and bias is None:
                 y = y + self.bias.float()
             return y.to(x.dtype)
-        xk = x.to(KERNEL_DTYPE)
+        xk = x.to(KERNEL_DTYPE).contiguous()  # the kernels read rows densely
         if self.kind == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk, self.packed, self.group, self.scales_and_zeros)
         else:
