@@ -423,3 +423,25 @@ def warnings_recorder():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield caught
+
+
+def test_wikitext_splits_keep_each_article_on_one_side():
+    from lmshrink.data.sources import TextSource
+
+    rows = [" "]
+    for article in range(8):
+        rows += [f" = Article {article} = ", " ", f" Text of article {article} , first paragraph . " * 4,
+                 f" = = Section = = ", f" Text of article {article} , second paragraph . " * 4]
+    source = TextSource(name="wikitext2", split="train", documents=rows, join="\n\n", origin="test")
+    train, held = split_documents(source, tiny_tokenizer(), 200, seed=0)
+    owner = {}
+    for part, src in (("train", train), ("held", held)):
+        article = None
+        for row in src.documents:
+            if row.startswith(" = ") and not row.startswith(" = = "):
+                article = row
+            if article is not None:
+                owner.setdefault(article, set()).add(part)
+    assert held.documents and all(len(parts) == 1 for parts in owner.values())
+    assert sum(1 for parts in owner.values() if parts == {"held"}) >= 1
+    assert len(train.documents) + len(held.documents) == len(rows)

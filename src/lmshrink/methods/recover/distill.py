@@ -24,6 +24,7 @@ import contextlib
 import json
 import math
 import random
+import re
 import sys
 import tempfile
 import time
@@ -49,21 +50,39 @@ from .teacher_cache import TopKCache, check_released, open_cache, write_cache
 HELD_OUT_MAX_FRACTION = 0.5
 
 
+_WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
+
+
+def _split_units(source: TextSource) -> list[list[int]]:
+    """The groups of document indices that go to the same side of the split. WikiText-2's documents are its rows
+    (paragraphs and headings): an article's rows stay together, an article starting at its top-level ``" = Title = "``
+    row. Elsewhere each document is its own group."""
+    if source.name != "wikitext2":
+        return [[i] for i in range(len(source.documents))]
+    units: list[list[int]] = []
+    for index, row in enumerate(source.documents):
+        if not units or _WIKITEXT_TITLE.match(row):
+            units.append([])
+        units[-1].append(index)
+    return units
+
+
 def split_documents(source: TextSource, tokenizer, tokens_needed: int, seed: int) -> tuple[TextSource, TextSource]:
-    """Split ``source`` into (training, held-out) by whole documents, seeded: held-out documents are taken until they
-    hold ``tokens_needed`` tokens, at most half of the documents."""
+    """Split ``source`` into (training, held-out) by whole documents (WikiText-2: whole articles), seeded: held-out
+    documents are taken until they hold ``tokens_needed`` tokens, at most half of the documents."""
     docs = list(source.documents)
-    if len(docs) < 2:
-        raise LmshrinkError(f"option 'data': {source.name} has {len(docs)} document(s); the recover stage needs two "
+    units = _split_units(source)
+    if len(units) < 2:
+        raise LmshrinkError(f"option 'data': {source.name} has {len(units)} document(s); the recover stage needs two "
                             "or more to keep held-out documents apart from the training ones",
                             fix="use a text with several documents (e.g. wikitext2, enwiki-sample, or a file with "
                                 "paragraphs separated by blank lines)")
-    order = list(range(len(docs)))
+    order = list(range(len(units)))
     random.Random(seed).shuffle(order)
     held, tokens = [], 0
-    for index in order[: max(1, int(len(docs) * HELD_OUT_MAX_FRACTION))]:
-        held.append(index)
-        tokens += len(_encode(tokenizer, docs[index]))
+    for unit in order[: max(1, int(len(units) * HELD_OUT_MAX_FRACTION))]:
+        held.extend(units[unit])
+        tokens += sum(len(_encode(tokenizer, docs[index])) for index in units[unit])
         if tokens >= tokens_needed:
             break
     held_set = set(held)
