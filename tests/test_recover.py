@@ -428,20 +428,19 @@ def warnings_recorder():
 def test_wikitext_splits_keep_each_article_on_one_side():
     from lmshrink.data.sources import TextSource
 
-    rows = [" "]
+    rows, article_of = [" "], {}
     for article in range(8):
-        rows += [f" = Article {article} = ", " ", f" Text of article {article} , first paragraph . " * 4,
-                 f" = = Section = = ", f" Text of article {article} , second paragraph . " * 4]
+        texts = [f" = Article {article} = ", f" Text of article {article} , first paragraph . " * 4,
+                 f" = = Section {article} = = ", f" Text of article {article} , second paragraph . " * 4]
+        article_of.update({text: article for text in texts})
+        rows += [texts[0], " ", texts[1], texts[2], texts[3]]
     source = TextSource(name="wikitext2", split="train", documents=rows, join="\n\n", origin="test")
     train, held = split_documents(source, tiny_tokenizer(), 200, seed=0)
     owner = {}
     for part, src in (("train", train), ("held", held)):
-        article = None
         for row in src.documents:
-            if row.startswith(" = ") and not row.startswith(" = = "):
-                article = row
-            if article is not None:
-                owner.setdefault(article, set()).add(part)
-    assert held.documents and all(len(parts) == 1 for parts in owner.values())
-    assert sum(1 for parts in owner.values() if parts == {"held"}) >= 1
+            if row.strip():
+                owner.setdefault(article_of[row], set()).add(part)
+    assert {"held"} in owner.values() and {"train"} in owner.values()
+    assert all(len(parts) == 1 for parts in owner.values())  # no article on both sides
     assert len(train.documents) + len(held.documents) == len(rows)
