@@ -18,6 +18,7 @@ the SparseGPT mask then act-order GPTQ keeping it (same Hessian), and GPTQ alone
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -79,15 +80,19 @@ def main() -> None:
     names = [f"model.layers.{args.block}.{layer}" for layer in args.layers]
     started = time.perf_counter()
     key = [args.block, args.layers, args.windows, args.heldout, args.seqlen]
-    if args.cache and args.cache.exists() and torch.load(args.cache)["key"] == key:
-        calib, heldout = torch.load(args.cache)["calib"], torch.load(args.cache)["heldout"]
+    key.append(hashlib.sha256(all_windows.numpy().tobytes()).hexdigest()[:16])  # the tokens, hence model and text
+    cached = torch.load(args.cache, weights_only=True) if args.cache and args.cache.exists() else None
+    if cached is not None and cached["key"] == key:
+        calib, heldout = cached["calib"], cached["heldout"]
+        print(f"hessians from {args.windows}+{args.heldout} windows x {args.seqlen} tokens loaded from the cache "
+              f"{args.cache} (computed by an earlier run, of the same windows)")
     else:
         calib = _hessians(model, names, all_windows[: args.windows])
         heldout = _hessians(model, names, all_windows[args.windows:])
         if args.cache:
             torch.save({"key": key, "calib": calib, "heldout": heldout}, args.cache)
-    print(f"hessians from {args.windows}+{args.heldout} windows x {args.seqlen} tokens in "
-          f"{time.perf_counter() - started:.0f} s")
+        print(f"hessians from {args.windows}+{args.heldout} windows x {args.seqlen} tokens in "
+              f"{time.perf_counter() - started:.0f} s")
 
     methods = [
         ("rtn", lambda w, h, s: rtn_quantize(w, s, h, clip_weighted=False)),

@@ -65,11 +65,56 @@ def compress_options(args) -> list[str]:
             str(args.seed), "--data-dir", args.data_dir, "--overwrite", "--json", "--quiet"]
 
 
+def protocol_of(args) -> dict:
+    """The options a row's numbers depend on, stored in every row written (``stamp``) and checked on reuse."""
+    return {"model": args.model, "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen,
+            "limit": args.limit, "seed": args.seed, "commit": _commit()}
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(Path(__file__).parent), "describe", "--always", "--dirty"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def stamp(args, rows: list[dict]) -> list[dict]:
+    """``rows`` with each row not yet stamped given this run's ``protocol`` (reused rows keep theirs)."""
+    protocol = protocol_of(args)
+    for row in rows:
+        row.setdefault("protocol", protocol)
+    return rows
+
+
 def keep_row(args, rows: list[dict], name: str) -> None:
     """Report the row just appended to ``rows`` on stderr and keep every row in --json, so a run cut short keeps them."""
+    stamp(args, rows)
     print(f"done {name}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+# what each kind of reused row depends on: the dense model's evaluation, or a compressed model's whole protocol
+DENSE_KEYS = ("model", "seqlen", "limit")
+RECIPE_KEYS = ("model", "calib", "nsamples", "seqlen", "limit", "seed")
+
+
+def check_reused(parser: argparse.ArgumentParser, args, row: dict, source: str, keys=RECIPE_KEYS) -> str:
+    """Refuse a reused row whose recorded protocol differs from this run's on ``keys``; returns the row's ``reused``
+    mark (which says when the row records no protocol: files written before rows were stamped)."""
+    recorded = row.get("protocol")
+    if recorded is None:
+        print(f"warning: {source}: row {row['recipe']!r} records no protocol (written before rows were stamped); "
+              "it is reused on trust", file=sys.stderr)
+        return f"{source} (protocol not recorded)"
+    current = protocol_of(args)
+    differ = {k: (recorded.get(k), current[k]) for k in keys if recorded.get(k) != current[k]}
+    if differ:
+        parser.error(f"{source}: row {row['recipe']!r} was measured with other options "
+                     f"({', '.join(f'{k} {a!r} there, {b!r} here' for k, (a, b) in differ.items())}); "
+                     "run without reusing it")
+    return source
 
 
 def protocol_line(args) -> str:
@@ -102,4 +147,5 @@ def reused_dense_row(parser: argparse.ArgumentParser, args) -> dict | None:
     earlier = {r["recipe"]: r for r in json.loads(Path(args.reuse_dense).read_text())}
     if "dense fp32" not in earlier:
         parser.error(f"--reuse-dense {args.reuse_dense}: no 'dense fp32' row in it")
-    return {**earlier["dense fp32"], "reused": args.reuse_dense}
+    row = earlier["dense fp32"]
+    return {**row, "reused": check_reused(parser, args, row, args.reuse_dense, DENSE_KEYS)}

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from p1 import (CLI, add_p1_arguments, add_reuse_dense_argument, compress_options, evaluate_options, keep_row,
-                print_saved_table, protocol_line, reused_dense_row, run_json)
+                print_saved_table, protocol_line, reused_dense_row, run_json, stamp)
 
 DEFAULT_RECIPES = ("magnitude50,wanda50,sparse50,owl-wanda50,owl-sparse50,magnitude-2:4,wanda-2:4,2:4,4:8,"
                    "sparse50-w4g128,sparse50-then-w4g128")
@@ -94,7 +94,7 @@ def main() -> None:
           f"{environment['threads'] if environment else '?'} threads{reused}")
     _print_table(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps(stamp(args, rows), indent=1))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from p1 import (CLI, add_p1_arguments, add_reuse_dense_argument, compress_options, evaluate_options, keep_row,
-                print_saved_table, protocol_line, reused_dense_row, run_json)
+                print_saved_table, protocol_line, reused_dense_row, run_json, stamp)
 
 _PACKED = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")
 
@@ -110,7 +110,7 @@ def main() -> None:
           f"{environment['threads'] if environment else '?'} threads{reused}")
     _print_table(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps(stamp(args, rows), indent=1))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import yaml
 
-from p1 import CLI, add_p1_arguments, compress_options, evaluate_options, keep_row, protocol_line, run_json
+from p1 import (DENSE_KEYS, CLI, add_p1_arguments, check_reused, compress_options, evaluate_options, keep_row,
+                protocol_line, run_json, stamp)
 
 DEFAULT_RECIPES = "sparse50,2:4,w3g128"
 
@@ -93,7 +94,7 @@ def main() -> None:
                       "--batch", str(args.batch), "--rec-seqlen", str(args.rec_seqlen), "--rank", str(args.rank)])
                 for mode in ("lora", "full")]
         print(f"{args.model}: {args.steps} steps of {args.batch} x {args.rec_seqlen} tokens, AdamW, fp32")
-        print("| training | trainable parameters | optimizer state MiB | peak RSS MiB | RSS after load MiB |")
+        print("| training | trainable parameters | optimizer state MiB | peak RSS MiB | peak RSS during load MiB |")
         print("|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['mode']} | {r['trainable_parameters']:,} | {r['optimizer_state_bytes'] / 2**20:.1f} "
@@ -107,7 +108,7 @@ def main() -> None:
     reused = {r["recipe"]: r for r in json.loads(Path(args.reuse_json).read_text())} if args.reuse_json else {}
     if "dense fp32" in reused:
         dense_row = {k: reused["dense fp32"][k] for k in ("recipe", "wikitext2", "enwiki", "kl")}
-        rows = [{**dense_row, "reused": args.reuse_json}]
+        rows = [{**dense_row, "reused": check_reused(parser, args, reused["dense fp32"], args.reuse_json, DENSE_KEYS)}]
     else:
         dense = run_json(CLI + ["evaluate", args.model] + evaluate)
         rows = [{"recipe": "dense fp32", "wikitext2": dense["perplexity"][0]["ppl"],
@@ -137,7 +138,7 @@ def main() -> None:
             before = None
             if name in reused:
                 rows.append({**{k: reused[name][k] for k in ("recipe", "wikitext2", "enwiki", "kl")},
-                             "reused": args.reuse_json})
+                             "reused": check_reused(parser, args, reused[name], args.reuse_json)})
                 before = rows[-1]["wikitext2"]
             for recipe in (name, str(yaml_path))[1 if name in reused else 0:]:
                 out = work / Path(recipe).stem.replace(":", "-")
@@ -176,7 +177,7 @@ def main() -> None:
         print(f"| {r['recipe']}{' *' if r.get('reused') else ''} | {r['wikitext2']:.3f} | {r['enwiki']:.3f} | {r['kl']:.4f} | {gap} | {steps} "
               f"| {secs} | {held} | {codes} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps(stamp(args, rows), indent=1))
 
 
 if __name__ == "__main__":
