@@ -1,7 +1,7 @@
 """What the P1 benchmarks share (quantize.py, prune.py, recover.py): options, and running lmshrink commands.
 
 Each benchmark runs `lmshrink compress` and `lmshrink evaluate` in their own processes, so peak RSS is that
-process's and the numbers are those of the checkpoints a user gets.
+process's (see ``run_json`` for the one caveat) and the numbers are those of the checkpoints a user gets.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def run_json(cmd: list[str]) -> dict:
     """Run an lmshrink command with --json; its record, or exit with its error output.
 
     The record gets ``process_peak_rss_bytes``: the peak resident memory of that whole process (model loading,
-    the work, and writing the output), from the kernel's accounting of the child (``wait4``).
+    the work, and writing the output), from the kernel's accounting of the child (``wait4``). Linux carries the
+    parent's peak over into a child's ``ru_maxrss`` at fork, so the figure is at least this script's own peak at the
+    time: it stays far below the children's here (these scripts hold no model), but a parent that did would raise it.
     """
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err)
