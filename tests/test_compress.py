@@ -163,10 +163,12 @@ class _NoEngine:
 
 
 def test_what_saving_would_refuse_is_refused_before_compressing(tiny_dir, calib_file, tmp_path, capsys, monkeypatch):
-    """--dtype bfloat16 with a preset (float16 scales) and a group size with no storable divisor fail at once, with
-    fixes in recipe and CLI terms, not after the whole compression at save time."""
+    """float16 scales set in a recipe for a bfloat16 model, and a group size with no storable divisor, fail at once
+    with fixes in recipe and CLI terms, not after the whole compression at save time."""
     monkeypatch.setattr(importlib.import_module("lmshrink.compress"), "Engine", _NoEngine)
-    code = main(["compress", str(tiny_dir), "--recipe", "rtn-w4g32", "--calib", f"file:{calib_file}", "--nsamples",
+    recipe = tmp_path / "fp16-scales.yaml"
+    recipe.write_text("stages:\n- method: rtn\n  group_size: 32\n  scale_dtype: float16\n")
+    code = main(["compress", str(tiny_dir), "--recipe", str(recipe), "--calib", f"file:{calib_file}", "--nsamples",
                  "2", "--seqlen", "32", "--dtype", "bfloat16", "-o", str(tmp_path / "out"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
@@ -179,6 +181,20 @@ def test_what_saving_would_refuse_is_refused_before_compressing(tiny_dir, calib_
                  output=tmp_path / "g12", calibration=f"file:{calib_file}", nsamples=2, seqlen=32, progress=False)
     assert "(36, 70)" in caught.value.fix
     assert not (tmp_path / "g12").exists() and not (tmp_path / "g12.partial").exists()
+
+
+def test_presets_on_a_bfloat16_model_fit_bfloat16_scales_and_save(tiny_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "bf16"
+    code = main(["compress", str(tiny_dir), "--recipe", "rtn-w4g32", "--calib", f"file:{calib_file}", "--nsamples",
+                 "2", "--seqlen", "32", "--dtype", "bfloat16", "-o", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "scales fitted in bfloat16, the model's dtype" in err
+    record = json.loads((out / "lmshrink.json").read_text())
+    assert record["recipe"]["stages"][0]["scale_dtype"] == "bfloat16"
+    assert any("bfloat16" in note for note in record["warnings"])
+    reloaded = load_quantized_results(out)
+    assert all(r.scale.to(torch.bfloat16).float().equal(r.scale.float()) for r in reloaded.values())
 
 
 def test_check_before_compressing_agrees_with_the_writer(tmp_path, calib_file):

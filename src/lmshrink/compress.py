@@ -18,7 +18,7 @@ from .engine.offload import BlockStreamer
 from .errors import LmshrinkError
 from .eval.record import environment
 from .models import LoadedModel, as_loaded, get_adapter, iter_linears, linear_dims
-from .recipe import Recipe, check_recipe, load_recipe
+from .recipe import Recipe, check_recipe, load_recipe, scale_dtype_for_model
 
 DEFAULT_CALIBRATION = "enwiki-sample"
 
@@ -112,8 +112,11 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
                             fix="compress it with offload='disk' (CLI: --offload disk)")
     adapter = get_adapter(model.model)
     layers = [(name, linear_dims(module)[1]) for name, module in iter_linears(model.model)]
+    recipe, dtype_notes = scale_dtype_for_model(recipe, model.model.dtype)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        for note in dtype_notes:
+            warnings.warn(note, stacklevel=1)
         check_recipe(recipe, layers, dtype=None if output is None else model.model.dtype,  # what saving refuses
                      unpacked=[n for n, m in iter_linears(model.model) if not isinstance(m, torch.nn.Linear)])
     notes = [str(w.message) for w in caught]

@@ -301,6 +301,24 @@ def quantizes(stage: StageBase) -> bool:
     return stage.method in QUANT_METHODS or getattr(stage, "bits", None) is not None and stage.method == "sparsegpt"
 
 
+def scale_dtype_for_model(recipe: Recipe, dtype: str | Any) -> tuple[Recipe, list[str]]:
+    """``recipe`` with each quantizing stage that leaves ``scale_dtype`` at its default (float16) given the model's
+    dtype instead when float16 values are not exact in it (bfloat16): a checkpoint stores the scales in the model's
+    dtype, so float16 scales could not be saved. Stages that set ``scale_dtype`` keep it. Returns the recipe and a
+    note per changed stage."""
+    name = str(dtype).removeprefix("torch.")
+    if name in ("float32", "float64", "float16") or name not in ("bfloat16",):
+        return recipe, []
+    stages, notes = [], []
+    for index, stage in enumerate(recipe.stages):
+        if quantizes(stage) and "scale_dtype" not in stage.model_fields_set and stage.scale_dtype == "float16":
+            stage = stage.model_copy(update={"scale_dtype": name})
+            notes.append(f"stage {index + 1} ({stage.method}): scales fitted in {name}, the model's dtype (float16, "
+                         "the default, is not exact in it); set scale_dtype in the recipe to choose")
+        stages.append(stage)
+    return (recipe.model_copy(update={"stages": stages}) if notes else recipe), notes
+
+
 def _ordered(stage: dict[str, Any]) -> dict[str, Any]:
     """A stage's options for YAML and records: the method first, then the rest in declaration order."""
     return {"method": stage["method"], **{k: v for k, v in stage.items() if k != "method"}}
