@@ -38,33 +38,51 @@ def test_missing_set_names_expected_path(tmp_path, monkeypatch):
     assert "--data-dir" in err.value.fix
 
 
-def test_missing_set_does_not_ask_an_unreachable_or_offline_hub(tmp_path, monkeypatch):
+def test_an_unreachable_or_offline_hub_is_asked_of_the_local_cache_only(tmp_path, monkeypatch):
     import socket
     import sys
     import types
 
     calls = []
+    config = types.ModuleType("datasets.config")
+    config.HF_HUB_OFFLINE = config.HF_DATASETS_OFFLINE = False
+    cached = {"wikitext": [" = Cached = ", " text "]}
 
-    def load_dataset(*args, **kwargs):  # the real one retries an unreachable hub for ~25 s
-        calls.append(args)
-        raise ConnectionError("Couldn't reach the Hub")
+    def load_dataset(path, *args, **kwargs):  # the real one retries an unreachable hub for ~25 s when online
+        offline = config.HF_HUB_OFFLINE and config.HF_DATASETS_OFFLINE
+        calls.append((path, offline))
+        if offline and path in cached:
+            return {"text": cached[path]}
+        raise (FileNotFoundError("not in the cache") if offline else ConnectionError("Couldn't reach the Hub"))
 
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+    fake = types.ModuleType("datasets")
+    fake.load_dataset, fake.config = load_dataset, config
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setitem(sys.modules, "datasets.config", config)
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
 
     def no_network(*args, **kwargs):
         raise OSError("Name or service not known")
 
     monkeypatch.setattr(socket, "create_connection", no_network)
-    with pytest.raises(DataSourceError, match="huggingface.co:443 cannot be reached") as err:
-        load_text("c4", "valid", tmp_path)
+    with pytest.raises(DataSourceError, match="huggingface.co:443 cannot be reached.*cache does not hold it") as err:
+        load_text("c4", "valid", tmp_path)  # not cached: fails at once, without asking the network
     assert str(tmp_path / "c4") in err.value.message and "--data-dir" in err.value.fix
+    assert calls == [("allenai/c4", True)]
+    assert load_text("wikitext2", "test", tmp_path).origin == "hf:wikitext/wikitext-2-raw-v1"  # cached: read
+    assert config.HF_HUB_OFFLINE is False  # the switches are put back
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("asked the network while offline"))
     with pytest.raises(DataSourceError, match="HF_DATASETS_OFFLINE=1 is set"):
         load_text("ptb", "test", tmp_path)
-    assert calls == []
+    assert load_text("wikitext2", "test", tmp_path).documents == cached["wikitext"]
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # behind a proxy no direct probe: datasets asks the hub
+    calls.clear()
+    with pytest.raises(DataSourceError, match="could not provide it"):
+        load_text("ptb", "test", tmp_path)
+    assert calls == [("ptb_text_only", False)]
 
 
 def test_missing_data_dir():

@@ -112,7 +112,8 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
                             fix="compress it with offload='disk' (CLI: --offload disk)")
     adapter = get_adapter(model.model)
     layers = [(name, linear_dims(module)[1]) for name, module in iter_linears(model.model)]
-    recipe, dtype_notes = scale_dtype_for_model(recipe, model.model.dtype)
+    # what can be saved: float16 scales are not exact in a bfloat16 checkpoint (in memory they stay as they were)
+    recipe, dtype_notes = scale_dtype_for_model(recipe, model.model.dtype) if output is not None else (recipe, [])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for note in dtype_notes:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataSourceError
+from .hub import HubUnavailable
 
 DEFAULT_TEXT = "enwiki-sample"
 
@@ -117,21 +118,12 @@ def _read_local(name: str, path: Path) -> list[str]:
     raise AssertionError(name)
 
 
-class _HubUnavailable(Exception):
-    """The hub cannot be asked (offline variable set, or no connection): said at once, before datasets retries."""
-
-
 def _from_hub(name: str, split: str) -> tuple[list[str], str]:
     try:
         import datasets  # noqa: F401  (optional dependency)
     except ImportError as exc:
         raise ModuleNotFoundError("datasets") from exc
-    from .hub import hub_unavailable_reason
-
-    unavailable = hub_unavailable_reason()
-    if unavailable is not None:
-        raise _HubUnavailable(unavailable)
-    from datasets import load_dataset
+    from .hub import load_dataset_or_cache as load_dataset
 
     hf_split = {"valid": "validation"}.get(split, split)
     if name == "wikitext2":
@@ -208,7 +200,7 @@ def load_text(name: str | None, split: str = "test", data_dir: str | Path | None
         documents, origin = _from_hub(name, split)
     except ModuleNotFoundError:
         reason = "the optional `datasets` package is not installed"
-    except _HubUnavailable as exc:
+    except HubUnavailable as exc:
         reason = f"the Hugging Face hub cannot be asked for it: {exc}"
     except Exception as exc:  # noqa: BLE001 - any hub failure means the set is unavailable here
         reason = f"the Hugging Face hub could not provide it ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"

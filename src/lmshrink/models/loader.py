@@ -370,7 +370,9 @@ class SafetensorsWeights:
         try:
             with safe_open(str(path), framework="pt"):
                 pass
-        except Exception as exc:  # safetensors' SafetensorError: truncated or not safetensors
+        except Exception as exc:
+            if type(exc).__name__ != "SafetensorError":  # safetensors' own error: truncated or not safetensors
+                raise
             raise _corrupt_weights(path, exc) from exc
 
     def __contains__(self, name: str) -> bool:

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from ...data.hub import hub_reachable as _hub_reachable
+from ...data.hub import load_dataset_or_cache
 from ...errors import DataSourceError
 from .spec import Doc, TaskSpec
 
@@ -35,14 +35,14 @@ def read_lines(path: Path) -> list[str]:
 
 def _load_from_hub(spec: TaskSpec) -> list[Doc] | None:
     """The task's documents from the hub as lm-eval reads them, or None when that is not possible."""
-    if spec.hub is None or not _hub_reachable():
+    if spec.hub is None:
         return None
     try:
-        import datasets  # optional dependency
+        import datasets  # noqa: F401  (optional dependency)
     except ImportError:
         return None
-    try:
-        rows = datasets.load_dataset(spec.hub.path, spec.hub.name, split=spec.hub.split)
+    try:  # from the local datasets cache only, at once, when the hub cannot be asked
+        rows = load_dataset_or_cache(spec.hub.path, spec.hub.name, split=spec.hub.split)
     except Exception:  # any hub failure just means "not available"; the caller reports the local path
         return None
     return [spec.from_hub(dict(row)) for row in rows]
