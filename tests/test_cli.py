@@ -154,3 +154,20 @@ def test_unusable_device_is_refused_before_loading(capsys, monkeypatch):
     _assert_user_error(code, err, "--device cuda:0", "no CUDA GPU", "--device cpu")
     code, _, err = _run(capsys, "evaluate", "./no/such/model", "--device", "gpu", "--quiet")
     _assert_user_error(code, err, "--device 'gpu'")
+
+
+def test_compress_summary_reports_recover_stages_and_their_time(capsys):
+    from lmshrink.cli import _print_compression
+
+    record = {"layers": [{"name": "model.layers.0.mlp.down_proj", "rel_output_error": 0.01}],
+              "calibration": {"nsamples": 4, "seqlen": 64, "dataset": "c4", "split": "train", "origin": "x", "seed": 0},
+              "summary": {"layers": 1, "seconds": 0.5, "peak_rss_bytes": 2**30, "resumed_from_block": None,
+                          "recover_seconds": 162.4},
+              "recover": [{"held_out_before": {"kl": 0.5}, "held_out_after": {"kl": 0.3},
+                           "held_out_after_merge": {"kl": 0.31}, "steps_run": 12, "best_step": 10,
+                           "stopped_by": "max_seconds", "train_seconds": 150.2}]}
+    _print_compression(record)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "compressed 1 layers in 0.5s" in out
+    assert "recover stage 1: held-out KL 0.5000 -> 0.3100, 12 steps (best 10), stopped by max_seconds" in out
+    assert "recovery took 162.4s" in out

@@ -278,4 +278,4 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed
     with pytest.raises(LmshrinkError, match="onnxscript") as err:
         export(folder, "onnx", tmp_path / "out4")
-    assert "pip install lmshrink[onnx]" in str(err.value)
+    assert "pip install -e '.[onnx]'" in str(err.value)

@@ -104,7 +104,8 @@ def export(folder: str | Path, to: str, output: str | Path, *, overwrite: bool =
     ``to="gguf"``: one .gguf file for llama.cpp (Q4_0 / Q4_1 / Q8_0 blocks mapped from the codes; ``source_gguf``
     and ``dense_type`` apply). ``to="gptq"``: a GPTQ v1 folder (AutoGPTQ / gptqmodel / vLLM). ``to="onnx"``: a folder
     with ``model.onnx`` (``input_ids -> logits``, no key/value cache), each quantized Linear an ONNX Runtime
-    MatMulNBits node; ``check`` runs it in onnxruntime against lmshrink's model (needs ``pip install lmshrink[onnx]``).
+    MatMulNBits node; ``check`` runs it in onnxruntime against lmshrink's model (needs the ``onnx`` extra:
+    ``pip install -e '.[onnx]'`` in the lmshrink checkout).
     """
     if to == "gguf":
         from .formats.gguf_export import export_gguf

@@ -51,16 +51,20 @@ text sets: wikitext2 (test/valid), c4, ptb, enwiki-sample (packaged; eval/calib)
 """
 
 _BENCH_EXAMPLES = """examples:
+  lmshrink compress smollm2-135m --recipe rtn-w4g32 -o out/smollm2-w4g32   # the folder the examples below use
   # the base model against its 4-bit compressed folder (run packed), one thread
   lmshrink bench smollm2-135m out/smollm2-w4g32 --prompt-tokens 256 --new-tokens 64 --threads 1
   lmshrink bench smollm2-135m out/smollm2-w4g32 --trials 9 --json > bench.json
   # transformers' forward only (no rows of lmshrink's lean Llama-family decoder)
   lmshrink bench smollm2-135m out/smollm2-w4g32 --decode hf
-  # add the GGUF export run by llama.cpp (pip install 'lmshrink[llama-cpp]') as the bar to chase
+  # add the GGUF export run by llama.cpp (pip install -e '.[llama-cpp]' in the lmshrink checkout) as the bar to chase
+  lmshrink export out/smollm2-w4g32 --to gguf -o out/smollm2-w4g32.gguf
   lmshrink bench smollm2-135m out/smollm2-w4g32 --llama-cpp out/smollm2-w4g32.gguf --threads 1
 """
 
 _EXPORT_EXAMPLES = """examples:
+  lmshrink compress smollm2-135m --recipe w4g32-sym -o out/smollm2-w4g32-sym
+  lmshrink compress smollm2-135m --recipe rtn-w4g32 -o out/smollm2-w4g32
   lmshrink export out/smollm2-w4g32-sym --to gguf -o smollm2-q4_0.gguf   # symmetric g32 -> Q4_0, code for code
   lmshrink export out/smollm2-w4g32 --to gguf -o smollm2-q4_1.gguf       # asymmetric g32 -> Q4_1
   lmshrink export out/smollm2-w4g128 --to gptq -o out/gptq               # GPTQ v1 folder (vLLM, gptqmodel)
@@ -97,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="examples:\n  lmshrink recipes\n  lmshrink recipes --show w4g128 > my-recipe.yaml",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     rc.add_argument("--show", metavar="NAME", help="print this preset (or YAML file) as YAML")
+    rc.add_argument("--json", action="store_true", help="print the presets (or the --show recipe) as JSON")
 
     cp = sub.add_parser("compress", help="compress a model with a recipe (GPTQ, RTN, ...) and save it",
                         description="Compress a model block by block with a recipe, calibrated on a text set, and "
@@ -106,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--recipe", required=True, help="preset name or YAML file")
     cp.add_argument("-o", "--output", required=True, help="output folder (must not exist or be empty)")
     cp.add_argument("--calib", help="calibration text set (default: enwiki-sample; e.g. c4, wikitext2, file:PATH)")
-    cp.add_argument("--calib-split", default="train", help="split of the calibration set (default: train)")
+    cp.add_argument("--calib-split", default="train", help="split of the calibration set (default: train; "
+                    "enwiki-sample's is its calib split)")
     cp.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
     cp.add_argument("--seqlen", type=int, default=512, help="calibration window length (default: 512)")
     cp.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
@@ -137,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "BOS itself, e.g. Gemma; off: BOS only where the joined text starts, the GPTQ convention)")
     ev.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
     ev.add_argument("--kl-base", help="base model source: adds KL divergence and top-1 agreement")
-    ev.add_argument("--tasks", help="zero-shot tasks, comma separated, or 'all'")
+    ev.add_argument("--tasks", help="zero-shot tasks, comma separated, or 'all' (the tasks with shared data: "
+                    "piqa, arc_easy, boolq, winogrande, lambada_openai, sst2; also arc_challenge, openbookqa, "
+                    "hellaswag when named, from --data-dir or the hub)")
     ev.add_argument("--task-limit", type=int, help="evaluate only the first N items of each task (overrides --limit)")
     _add_common(ev)
 
@@ -170,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Export a folder written by `lmshrink compress`: GGUF with Q4_0/Q4_1/Q8_0 blocks "
                         "mapped from the codes (llama family), a GPTQ v1 checkpoint folder, or an ONNX model whose "
                         "quantized Linear layers are ONNX Runtime MatMulNBits nodes (input_ids -> logits, no "
-                        "key/value cache; needs pip install lmshrink[onnx]).",
+                        "key/value cache; needs pip install -e '.[onnx]' in the lmshrink checkout).",
                         epilog=_EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     ex.add_argument("folder", help="compressed model folder")
     ex.add_argument("--to", required=True, choices=("gguf", "gptq", "onnx"), help="target format")
@@ -203,7 +211,7 @@ def _cmd_models(args) -> int:
 
     table = Table(title=f"packaged models (cache: {cache_root()})")
     for col in ("name", "architecture", "parameters", "wheels", "cached", "license"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "name", overflow="fold")  # the name is what users type: never cut
     for r in rows:
         table.add_row(r["name"], r["architecture"], r["parameters"], "\n".join(r["wheels"]),
                       "yes" if r["cached"] else "no", r["license"])
@@ -281,14 +289,18 @@ def _cmd_recipes(args) -> int:
     from .recipe import PRESETS, load_recipe
 
     if args.show:
-        print(load_recipe(args.show).to_yaml(), end="")
+        recipe = load_recipe(args.show)
+        print(json.dumps(recipe.to_dict(), indent=2) if args.json else recipe.to_yaml(), end="\n" if args.json else "")
+        return 0
+    if args.json:
+        print(json.dumps({name: load_recipe(name).to_dict() for name in PRESETS}, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="recipe presets (lmshrink recipes --show NAME prints one as YAML)")
     for col in ("name", "method", "bits", "group size", "symmetric", "options"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "name", overflow="fold")
     for name in PRESETS:
         for stage in load_recipe(name).stages:
             options = stage.model_dump()
@@ -334,6 +346,15 @@ def _print_compression(record: dict) -> None:
     console.print(f"compressed {summary['layers']} layers in {summary['seconds']:.1f}s, peak RSS "
                   f"{summary['peak_rss_bytes'] / 2**30:.2f} GiB" +
                   (f", resumed at block {summary['resumed_from_block'] + 1}" if summary["resumed_from_block"] else ""))
+    for number, stage in enumerate(record.get("recover") or [], 1):
+        before, after = stage.get("held_out_before") or {}, stage.get("held_out_after_merge") or stage.get(
+            "held_out_after") or {}
+        kl = (f"held-out KL {before['kl']:.4f} -> {after['kl']:.4f}" if "kl" in before and "kl" in after else
+              "held-out KL not measured")
+        console.print(f"recover stage {number}: {kl}, {stage.get('steps_run')} steps (best {stage.get('best_step')}), "
+                      f"stopped by {stage.get('stopped_by')}, training {stage.get('train_seconds', 0):.0f}s")
+    if summary.get("recover_seconds") is not None:
+        console.print(f"recovery took {summary['recover_seconds']:.1f}s (evaluations and merges included)")
     if record.get("output"):
         console.print(f"saved to {record['output']} (lmshrink.json holds the full record)")
 
@@ -380,7 +401,8 @@ def _cmd_bench(args) -> int:
     for col in ("model", "runtime", "decode", "prefill tok/s", "decode tok/s", "decode vs first",
                 "CPU-time decode vs first", "TTFT ms", "peak RSS MiB", "peak RSS running", "weights MiB",
                 "linear MiB", "linear vs fp16", "greedy = first"):
-        table.add_column(col, justify="left" if col in ("model", "runtime", "decode") else "right")
+        table.add_column(col, justify="left" if col in ("model", "runtime", "decode") else "right",
+                         overflow="fold")  # wrapped, never cut: a model path must stay readable
     for row in record["models"]:
         size = row["size"]
         cpu = row["vs_first"].get("decode_cpu_speedup")
@@ -418,10 +440,13 @@ def _cmd_export(args) -> int:
         return 0
     if args.to == "gguf":
         types = ", ".join(f"{count} {name}" for name, count in report["types"].items())
-        print(f"wrote {report['output']} ({report['bytes'] / 2**20:.1f} MiB): {types}; {report['exact_layers']} "
-              f"layers mapped code for code (max weight change from float16 scales "
-              f"{report['max_abs_change_exact']:.2e}), {report['requantized_layers']} re-quantized; metadata from "
-              f"{report['metadata_from']}")
+        if report["exact_layers"] or report["requantized_layers"]:
+            layers = (f"{report['exact_layers']} layers mapped code for code (max weight change from float16 scales "
+                      f"{report['max_abs_change_exact']:.2e}), {report['requantized_layers']} re-quantized")
+        else:
+            layers = f"no quantized layer: every weight written dense ({args.dense_type})"
+        print(f"wrote {report['output']} ({report['bytes'] / 2**20:.1f} MiB): {types + '; ' if types else ''}{layers}; "
+              f"metadata from {report['metadata_from']}")
     elif args.to == "onnx":
         check = report.get("check", "skipped (--no-check)")
         if "max_abs_logit_diff" in report:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,7 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
                     resume=resume, progress=progress, on_block_done=on_block_done, streamer=streamer)
     result = engine.run()
     recovery, adapter_files = [], {}
+    recover_started = time.perf_counter()
     if recover_phases:
         recovery, adapter_files = run_recovery(
             model.model, model.tokenizer, teacher, adapter, recover_phases, result, windows.input_ids,
@@ -172,7 +174,8 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
                     "max_rel_output_error": max(errors) if errors else None,
                     "seconds": result.seconds, "cpu_seconds": result.cpu_seconds,
                     "peak_rss_bytes": result.peak_rss_bytes,
-                    "resumed_from_block": result.resumed_from_block, "device": device, "offload": offload},
+                    "resumed_from_block": result.resumed_from_block, "device": device, "offload": offload,
+                    "recover_seconds": time.perf_counter() - recover_started if recover_phases else None},
         "warnings": notes,
         "environment": environment(),
     }

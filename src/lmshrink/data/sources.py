@@ -150,7 +150,8 @@ def read_text_file(path: Path) -> list[str]:
         try:
             import pyarrow.parquet as pq
         except ImportError as exc:
-            raise DataSourceError(f"reading {path} needs pyarrow", fix="pip install 'lmshrink[datasets]'") from exc
+            raise DataSourceError(f"reading {path} needs pyarrow",
+                                  fix="pip install -e '.[datasets]' in the lmshrink checkout") from exc
         table = pq.read_table(path)
         if "text" not in table.column_names:
             raise DataSourceError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})",

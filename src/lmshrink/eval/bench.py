@@ -206,8 +206,9 @@ class _Runner:
 
 
 LLAMA_CPP = "llama.cpp"
-LLAMA_CPP_INSTALL = ("CMAKE_ARGS=-DGGML_AMX_INT8=OFF pip install 'lmshrink[llama-cpp]' (llama-cpp-python compiles "
-                     "for about 10 minutes; the flag avoids its AMX backend, which crashes on some Xeons)")
+LLAMA_CPP_INSTALL = ("CMAKE_ARGS=-DGGML_AMX_INT8=OFF pip install -e '.[llama-cpp]' in the lmshrink checkout "
+                     "(llama-cpp-python compiles for about 10 minutes; the flag avoids its AMX backend, which crashes "
+                     "on some Xeons)")
 
 
 def gguf_size(path: str) -> dict[str, int]:

@@ -28,7 +28,7 @@ The graph is the model's forward from ``input_ids [batch, sequence]`` (int64) to
 dynamic: a stand-in module holding the packed tensors calls a torch custom op (``lmshrink::matmul_nbits``: the
 MatMulNBits arithmetic in torch) that the exporter translates into the MatMulNBits node. Everything else (embeddings,
 norms, attention, the head) is exported in float32 as the model computes it. Needs ``onnx`` and ``onnxscript`` (and
-``onnxruntime`` for the check after the export): ``pip install lmshrink[onnx]``.
+``onnxruntime`` for the check after the export): ``pip install -e '.[onnx]' in the lmshrink checkout``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ _SINGLE_FILE_LIMIT = 1_800_000_000  # protobuf messages stop at 2 GB: larger wei
 _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
            "lmshrink.json")
-_INSTALL_FIX = "pip install lmshrink[onnx]  (onnx, onnxscript and onnxruntime)"
+_INSTALL_FIX = "pip install -e '.[onnx]' in the lmshrink checkout  (onnx, onnxscript and onnxruntime)"
 
 
 def _require(module: str):
