@@ -222,3 +222,20 @@ def test_check_before_compressing_agrees_with_the_writer(tmp_path, calib_file):
         loaded = load_model(str(source), progress=False)
         compress(loaded, {"stages": [stage]}, output=tmp_path / f"stage{index}",
                  calibration=f"file:{calib_file}", nsamples=2, seqlen=32, progress=False)
+
+
+def test_progress_reaches_the_engine_with_an_output(tiny_dir, calib_file, tmp_path, monkeypatch):
+    """The resume state must not take the place of the progress flag (progress bars vanished with -o)."""
+    module = importlib.import_module("lmshrink.compress")
+    seen = []
+
+    class Spy(module.Engine):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs["progress"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(module, "Engine", Spy)
+    for progress in (True, False):
+        compress(str(tiny_dir), "rtn-w4g32", output=tmp_path / f"p{progress}", calibration=f"file:{calib_file}",
+                 nsamples=2, seqlen=32, progress=progress)
+    assert seen == [True, False]

@@ -130,16 +130,16 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
     calib_name = calibration or DEFAULT_CALIBRATION
     source = load_text(calib_name, calibration_split, data_dir)  # enwiki-sample maps "train" to its calib split
     windows = calibration_windows(model.tokenizer, source, nsamples, seqlen, seed, model.info.max_context)
-    checkpoint, progress = None, None
+    checkpoint, saved_state = None, None
     if out_dir is not None:
         key = fingerprint(recipe.to_dict(), windows.protocol, model.info.to_dict(), windows.input_ids, device,
                           weights_digest(model.model, model.weights), {"lmshrink": __version__})
         checkpoint = Checkpoint(partial_dir, key)
-        progress = checkpoint.load() if resume else None  # refuses progress of another run
-        if resume and progress is None:
+        saved_state = checkpoint.load() if resume else None  # refuses progress of another run
+        if resume and saved_state is None:
             print(f"lmshrink: nothing to resume in {checkpoint.folder}; starting from block 1",
                   file=sys.stderr)
-        _check_replace(out_dir, overwrite or progress is not None)
+        _check_replace(out_dir, overwrite or saved_state is not None)
     streamer = BlockStreamer(model.model, model.weights, adapter.block_path(model.model)) if streamed else None
     # -- recovery (methods/recover): the engine runs the stages before the first recover stage; the recover
     # stages (and any compression stages after them) run on the whole model after it, against a copy of the
@@ -201,7 +201,7 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
             record["summary"]["sparse_storage"] = storage
         save_quantized(model.model, model.tokenizer, result.results, out_dir, ignore=ignore, input_dir=model.info.path,
                        extra_files={"lmshrink.json": json.dumps(record, indent=1, default=str)},
-                       overwrite=overwrite or progress is not None,
+                       overwrite=overwrite or saved_state is not None,
                        source_tensors=model.weights.get if streamed else None, sparse_format=sparse_format)
         if adapter_files:  # a final recover stage with merge: false: the adapters in PEFT format beside the model
             from .formats.atomic import atomic_directory
