@@ -112,7 +112,8 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
         raise LmshrinkError("this model was loaded with lazy blocks (their weights are on disk, not in memory)",
                             fix="compress it with offload='disk' (CLI: --offload disk)")
     adapter = get_adapter(model.model)
-    layers = [(name, linear_dims(module)[1]) for name, module in iter_linears(model.model)]
+    linears = list(iter_linears(model.model))
+    layers = [(name, linear_dims(module)[1]) for name, module in linears]
     # what can be saved: float16 scales are not exact in a bfloat16 checkpoint (in memory they stay as they were)
     recipe, dtype_notes = scale_dtype_for_model(recipe, model.model.dtype) if output is not None else (recipe, [])
     with warnings.catch_warnings(record=True) as caught:
@@ -120,7 +121,7 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
         for note in dtype_notes:
             warnings.warn(note, stacklevel=1)
         check_recipe(recipe, layers, dtype=None if output is None else model.model.dtype,  # what saving refuses
-                     unpacked=[n for n, m in iter_linears(model.model) if not isinstance(m, torch.nn.Linear)])
+                     unpacked=[n for n, m in linears if not isinstance(m, torch.nn.Linear)])
     notes = [str(w.message) for w in caught]
     for note in notes:
         print(f"lmshrink: warning: {note}", file=sys.stderr)

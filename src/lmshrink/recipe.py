@@ -307,7 +307,7 @@ def scale_dtype_for_model(recipe: Recipe, dtype: str | Any) -> tuple[Recipe, lis
     dtype, so float16 scales could not be saved. Stages that set ``scale_dtype`` keep it. Returns the recipe and a
     note per changed stage."""
     name = str(dtype).removeprefix("torch.")
-    if name in ("float32", "float64", "float16") or name not in ("bfloat16",):
+    if name != "bfloat16":
         return recipe, []
     stages, notes = [], []
     for index, stage in enumerate(recipe.stages):

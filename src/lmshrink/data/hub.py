@@ -33,11 +33,6 @@ def hub_unavailable_reason(timeout: float = 3.0) -> str | None:
     return None
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """True when no offline variable is set and ``huggingface.co:443`` accepts a connection within ``timeout`` s."""
-    return hub_unavailable_reason(timeout) is None
-
-
 class HubUnavailable(Exception):
     """The hub cannot be asked (offline variable set, or no connection) and the local cache does not hold the set."""
 

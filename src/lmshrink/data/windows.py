@@ -112,7 +112,7 @@ def calibration_windows(tokenizer, source: TextSource, nsamples: int, seqlen: in
     docs = source.documents
     if not docs:
         raise DataSourceError(f"{source.name} ({source.split}) has no documents", fix="use another calibration text")
-    windows, picked = [], []
+    windows = []
     if source.calibration == "stream":
         ids = encode(tokenizer, source.joined())
         if len(ids) <= span:
@@ -125,7 +125,7 @@ def calibration_windows(tokenizer, source: TextSource, nsamples: int, seqlen: in
     else:
         cache: dict[int, list[int]] = {}
         for _ in range(nsamples):
-            for attempt in range(10 * len(docs) + 100):
+            for _ in range(10 * len(docs) + 100):
                 index = rng.randint(0, len(docs) - 1)
                 if index not in cache:
                     cache[index] = encode(tokenizer, docs[index])
@@ -140,7 +140,6 @@ def calibration_windows(tokenizer, source: TextSource, nsamples: int, seqlen: in
             ids = cache[index]
             start = rng.randint(0, len(ids) - span - 1)
             windows.append(ids[start:start + span])
-            picked.append([index, start])
         sampling = "random document with more than seqlen tokens, random offset (GPTQ protocol)"
     input_ids = torch.tensor(windows, dtype=torch.long)
     if bos is not None:

@@ -8,8 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import LmshrinkError
@@ -68,12 +68,6 @@ def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     os.replace(tmp, path)
 
 
-def _unpack_bits(bits: torch.Tensor | None, columns: int) -> torch.Tensor | None:
-    if bits is None:
-        return None
-    return torch.from_numpy(np.unpackbits(bits.numpy(), axis=-1, count=columns).astype(bool))
-
-
 def _hidden_name(finished_blocks: int) -> str:
     return f"hidden_{finished_blocks:04d}.safetensors"
 
@@ -112,6 +106,8 @@ class Checkpoint:
                    state: dict, reference_hidden: list[torch.Tensor] | None = None) -> None:
         """Save block ``index``'s layers, the next block's inputs and the state. ``reference_hidden``: the next
         block's inputs in the uncompressed model (asymmetric calibration, ``fp_target``), kept beside them."""
+        from compressed_tensors.utils import pack_bitmasks
+
         tensors, meta = {}, {}
         for name, r in results.items():
             if isinstance(r, PruneResult):  # the compact form: mask and kept values
@@ -125,8 +121,8 @@ class Checkpoint:
             tensors[f"{name}.zero"] = r.zero
             if r.g_idx is not None:
                 tensors[f"{name}.g_idx"] = r.g_idx
-            if r.pruned is not None:  # one bit per weight
-                tensors[f"{name}.pruned_bits"] = torch.from_numpy(np.packbits(r.pruned.cpu().numpy(), axis=-1))
+            if r.pruned is not None:  # one bit per weight, packed as the bitmask storage packs its masks
+                tensors[f"{name}.pruned_bitmask"] = pack_bitmasks(r.pruned.cpu().contiguous())
             meta[name] = {"spec": r.spec.__dict__, "rel_output_error": r.rel_output_error, "info": r.info}
         _atomic_safetensors(self.folder / f"block_{index:04d}.safetensors", tensors,
                             {"layers": json.dumps(meta, default=str)})
@@ -143,6 +139,8 @@ class Checkpoint:
 
     def load_block(self, index: int) -> dict[str, QuantResult | PruneResult]:
         from safetensors import safe_open
+
+        from compressed_tensors.utils import unpack_bitmasks
 
         from ..quant.grids import GridSpec
 
@@ -164,7 +162,8 @@ class Checkpoint:
             codes, scale, zero = tensors[f"{name}.codes"], tensors[f"{name}.scale"], tensors[f"{name}.zero"]
             result = QuantResult(codes=codes, scale=scale, zero=zero, g_idx=g_idx, weight=torch.empty(0), spec=spec,
                                  rel_output_error=m["rel_output_error"], info=m["info"],
-                                 pruned=_unpack_bits(tensors.get(f"{name}.pruned_bits"), codes.shape[-1]))
+                                 pruned=(unpack_bitmasks(tensors[f"{name}.pruned_bitmask"], list(codes.shape))
+                                         if f"{name}.pruned_bitmask" in tensors else None))
             result.weight = dequantize(codes, scale, zero, result.group_index())
             results[name] = result
         return results
@@ -172,9 +171,7 @@ class Checkpoint:
     def _read(self, path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
-        except Exception as exc:
-            if not (isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"):
-                raise  # e.g. out of memory: not a sign that the progress is lost
+        except (OSError, SafetensorError) as exc:  # missing, truncated or not safetensors (not e.g. out of memory)
             raise LmshrinkError(f"{path} from the saved progress cannot be read ({type(exc).__name__}: {exc})",
                                 fix=f"run again without --resume to start over, or delete {self.folder}") from exc
 

@@ -287,8 +287,10 @@ def _find_source_gguf(folder: Path) -> Path | None:
 def _check_output_file(output: Path, folder: Path, *, overwrite: bool) -> None:
     """Refuse an ``output`` .gguf path that could destroy data or cannot be written: inside the input ``folder``
     (e.g. its model.safetensors), an existing folder, below a file, or an existing file without ``overwrite``."""
+    from lmshrink.formats.atomic import _is_within
+
     path, source = output.resolve(), folder.resolve()
-    if path == source or source in path.parents:
+    if _is_within(path, source):
         beside = source.parent / f"{source.name}.gguf"
         where = "is the input folder" if path == source else f"is inside the input folder {folder}"
         raise LmshrinkError(f"output {output} {where}; the input is never modified",

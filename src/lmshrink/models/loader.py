@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import LmshrinkError, ModelSourceError, UnsupportedArchitectureError
 from .adapters import SUPPORTED_MODEL_TYPES
@@ -212,9 +213,7 @@ def _load_hf(path_or_id: str, dtype: torch.dtype, device: str, trust_remote_code
             raise ModelSourceError(f"{path_or_id} needs custom code from its repository",
                                    fix="pass --trust-remote-code if you trust it") from exc
         raise _unsupported(path_or_id, exc) from exc
-    except Exception as exc:
-        if type(exc).__name__ != "SafetensorError":  # safetensors' own error type: truncated or not safetensors
-            raise
+    except SafetensorError as exc:  # truncated or not safetensors
         raise _corrupt_weights(path_or_id, exc) from exc
     return model.to(device).eval(), tokenizer
 
@@ -370,9 +369,7 @@ class SafetensorsWeights:
         try:
             with safe_open(str(path), framework="pt"):
                 pass
-        except Exception as exc:
-            if type(exc).__name__ != "SafetensorError":  # safetensors' own error: truncated or not safetensors
-                raise
+        except SafetensorError as exc:  # truncated or not safetensors
             raise _corrupt_weights(path, exc) from exc
 
     def __contains__(self, name: str) -> bool:
@@ -393,7 +390,6 @@ class SafetensorsWeights:
         # opened per read: a kept-open file stays memory-mapped and its read pages would count as resident memory
         with safe_open(str(path), framework="pt") as handle:
             return handle.get_tensor(name)
-
 
     def edge_rows(self, name: str) -> torch.Tensor:
         """The first and last rows of tensor ``name`` (a 0-d or 1-d tensor whole), read without the rest."""

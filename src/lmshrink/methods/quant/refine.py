@@ -28,8 +28,9 @@ def coordinate_descent(result: QuantResult, weight: torch.Tensor, hessian: torch
     weight: the ``[out, in]`` target the sweep aimed at; hessian: the undamped ``X^T X``; damp_percent: the damping
     (fraction of the mean diagonal; dead inputs count as 1, as in ``solve_columns``); by default the one the sweep
     finally used (``result.info["damp_percent"]``, raised there if the Cholesky factorisation failed; 0.01 if the
-    result does not say), so descent lowers the objective the sweep minimised. keep: optional bool ``[out, in]``, entries held fixed. A pass that changes no code
-    ends the descent early. ``rel_output_error`` is recomputed on the undamped Hessian. Returns a summary.
+    result does not say), so descent lowers the objective the sweep minimised. keep: optional bool ``[out, in]``,
+    entries held fixed. A pass that changes no code ends the descent early. ``rel_output_error`` is recomputed on the
+    undamped Hessian. Returns a summary.
     """
     if damp_percent is None:
         damp_percent = float((result.info or {}).get("damp_percent", 0.01))
