@@ -7,6 +7,7 @@ process's (see ``run_json`` for the one caveat) and the numbers are those of the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -73,6 +74,7 @@ def protocol_of(args) -> dict:
             "limit": args.limit, "seed": args.seed, "commit": _commit()}
 
 
+@functools.lru_cache(maxsize=1)
 def _commit() -> str | None:
     try:
         return subprocess.run(["git", "-C", str(Path(__file__).parent), "describe", "--always", "--dirty"],
