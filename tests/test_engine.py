@@ -169,3 +169,73 @@ def test_resume_refuses_progress_of_another_run(tmp_path):
     _engine(copy.deepcopy(model), GPTQ, checkpoint=Checkpoint(tmp_path / "ck", "run-a"))
     with pytest.raises(Exception, match="different run"):
         _engine(copy.deepcopy(model), GPTQ, checkpoint=Checkpoint(tmp_path / "ck", "run-b"), resume=True)
+
+
+# -- stage order vs group order (the recipe's `order`) --------------------------------------------------------------
+
+PRUNE = {"method": "sparsegpt", "sparsity": 0.5}
+QUANT = {"method": "gptq", "bits": 4, "group_size": 16}
+LLAMA_GROUPS = [["*q_proj", "*k_proj", "*v_proj"], ["*o_proj"], ["*gate_proj", "*up_proj"], ["*down_proj"]]
+
+
+def _weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _count_passes(monkeypatch):
+    from lmshrink.engine import loop
+    calls = []
+    original = loop._collect
+
+    def counting(*args, **kwargs):
+        calls.append(sorted(args[1]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_collect", counting)
+    return calls
+
+
+def test_group_order_runs_every_stage_on_a_group_before_the_next_group(monkeypatch):
+    """Two stages in group order equal the same stages split per group in stage order, with half the passes."""
+    base = tiny_model("llama")
+    grouped, split = copy.deepcopy(base), copy.deepcopy(base)
+    calls = _count_passes(monkeypatch)
+    _engine(grouped, {"stages": [PRUNE, QUANT]})  # order: group is the default
+    assert len(calls) == 2 * 4  # 2 blocks x 4 groups: the GPTQ stage reuses the SparseGPT stage's pass
+    calls.clear()
+    per_group = [dict(stage, targets=targets) for targets in LLAMA_GROUPS for stage in (PRUNE, QUANT)]
+    _engine(split, {"order": "stage", "stages": per_group})
+    assert len(calls) == 2 * 4  # consecutive stages on the same group share the pass in any order
+    expected = _weights(split)
+    for name, value in _weights(grouped).items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_stage_order_prunes_the_whole_block_before_quantizing_it(monkeypatch):
+    base = tiny_model("llama")
+    grouped, staged = copy.deepcopy(base), copy.deepcopy(base)
+    calls = _count_passes(monkeypatch)
+    _engine(staged, {"order": "stage", "stages": [PRUNE, QUANT]})
+    assert len(calls) == 2 * 8
+    _engine(grouped, {"stages": [PRUNE, QUANT]})
+    staged_w, grouped_w = _weights(staged), _weights(grouped)
+    # the first group of block 0 sees the same inputs in both orders; later groups are pruned on other inputs
+    for name in ("q_proj", "k_proj", "v_proj"):
+        key = f"model.layers.0.self_attn.{name}.weight"
+        assert torch.equal(staged_w[key], grouped_w[key]), key
+    assert not torch.equal(staged_w["model.layers.0.mlp.down_proj.weight"],
+                           grouped_w["model.layers.0.mlp.down_proj.weight"])
+    for weights in (staged_w, grouped_w):  # both orders prune half of every layer
+        w = weights["model.layers.1.mlp.down_proj.weight"]
+        assert int((w == 0).sum()) >= w.numel() // 2
+
+
+def test_group_order_falls_back_to_stage_order_for_a_stage_collecting_the_whole_block_at_once():
+    base = tiny_model("llama")
+    grouped, staged = copy.deepcopy(base), copy.deepcopy(base)
+    wanda = {"method": "wanda", "sparsity": 0.5}  # true_sequential: false by default: one pass per block
+    _engine(grouped, {"stages": [wanda, QUANT]})
+    _engine(staged, {"order": "stage", "stages": [wanda, QUANT]})
+    expected = _weights(staged)
+    for name, value in _weights(grouped).items():
+        assert torch.equal(value, expected[name]), name

@@ -172,3 +172,14 @@ def test_a_recipe_name_that_is_not_a_string_is_refused():
     with pytest.raises(RecipeError, match="recipe `name` must be a string, got list"):
         parse_recipe({"name": ["a"], "stages": [{"method": "rtn"}]})
     assert parse_recipe({"name": "mine", "stages": [{"method": "rtn"}]}).name == "mine"
+
+
+def test_recipe_order_defaults_to_group_round_trips_and_rejects_other_values(tmp_path):
+    recipe = load_recipe("sparse50-then-w4g128")
+    assert recipe.order == "group"
+    staged = parse_recipe({"order": "stage", "stages": [{"method": "gptq"}]})
+    path = tmp_path / "staged.yaml"
+    path.write_text(staged.to_yaml())
+    assert load_recipe(str(path)).order == "stage"
+    with pytest.raises(RecipeError, match="order"):
+        parse_recipe({"order": "groups", "stages": [{"method": "gptq"}]})

@@ -14,6 +14,9 @@ from lmshrink.recipe import parse_recipe
 GPTQ = {"stages": [{"method": "gptq", "bits": 4, "group_size": 16}]}
 TWO_STAGES = {"stages": [{"method": "rtn", "bits": 8, "group_size": -1},
                          {"method": "gptq", "bits": 4, "group_size": 16, "act_order": False}]}
+# true-sequential stages in group order: the GPTQ stage reuses the SparseGPT stage's pass over the same group
+PRUNE_THEN_GPTQ = {"stages": [{"method": "sparsegpt", "sparsity": 0.5},
+                              {"method": "gptq", "bits": 4, "group_size": 16}]}
 PARTIAL = {"stages": [{"method": "gptq", "bits": 3, "group_size": 16, "targets": ["*o_proj", "*down_proj",
                                                                                    "*out_proj", "*fc2", "*c_proj"]}]}
 
@@ -28,7 +31,8 @@ def _run(model, recipe, reuse):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("recipe", [GPTQ, TWO_STAGES, PARTIAL], ids=["gptq", "rtn-then-gptq", "partial-targets"])
+@pytest.mark.parametrize("recipe", [GPTQ, TWO_STAGES, PRUNE_THEN_GPTQ, PARTIAL],
+                         ids=["gptq", "rtn-then-gptq", "prune-then-gptq", "partial-targets"])
 def test_reuse_gives_bit_identical_results(family, recipe):
     base = tiny_model(family)
     plain, reused = copy.deepcopy(base), copy.deepcopy(base)

@@ -330,13 +330,23 @@ def _match(pattern: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], pattern)
 
 
+_ORDER_DESCRIPTION = (
+    "how a block's stages and its linear groups nest, for recipes of several stages: 'group' (default) runs every "
+    "stage on a group (e.g. q,k,v) before the next group's statistics are collected, so a later group is pruned on "
+    "the inputs of the earlier groups as they are when the whole recipe has run on them (pruned and quantized), and "
+    "stages on the same group share one collection pass; 'stage' runs each stage over the whole block before the "
+    "next stage starts. Recipes of one stage are the same either way")
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = "custom"
     stages: list[StageBase]
+    order: Literal["group", "stage"] = Field("group", description=_ORDER_DESCRIPTION)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "stages": [_ordered(s.model_dump()) for s in self.stages]}
+        return {"name": self.name, "order": self.order,
+                "stages": [_ordered(s.model_dump()) for s in self.stages]}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -388,9 +398,14 @@ def parse_recipe(data: dict | list, name: str = "custom") -> Recipe:
         data = {"stages": data}
     if not isinstance(data, dict) or "stages" not in data:
         raise RecipeError("a recipe needs a `stages:` list", fix="see `lmshrink recipes --show w4g128`")
-    extra = set(data) - {"name", "stages"}
+    extra = set(data) - {"name", "stages", "order"}
     if extra:
-        raise RecipeError(f"unknown recipe key(s): {', '.join(sorted(extra))}", fix="a recipe has `name` and `stages`")
+        raise RecipeError(f"unknown recipe key(s): {', '.join(sorted(extra))}",
+                          fix="a recipe has `name`, `stages` and optionally `order`")
+    order = data.get("order", "group")
+    if order not in ("group", "stage"):
+        raise RecipeError(f"recipe `order` is {order!r}, not 'group' or 'stage'",
+                          fix="write `order: group` (the default) or `order: stage`")
     stages = data["stages"]
     if not isinstance(stages, list) or not stages:
         raise RecipeError("`stages` must be a non-empty list", fix="add at least one stage, e.g. `- method: gptq`")
@@ -398,7 +413,7 @@ def parse_recipe(data: dict | list, name: str = "custom") -> Recipe:
     if not isinstance(recipe_name, (str, int, float)) or isinstance(recipe_name, bool):
         raise RecipeError(f"recipe `name` must be a string, got {type(recipe_name).__name__} {recipe_name!r}",
                           fix="write e.g. `name: my-recipe`")
-    return Recipe(name=str(recipe_name), stages=[_parse_stage(i, s) for i, s in enumerate(stages)])
+    return Recipe(name=str(recipe_name), stages=[_parse_stage(i, s) for i, s in enumerate(stages)], order=order)
 
 
 def _quant(method: str, bits: int, group_size: int, symmetric: bool = False, **kw) -> dict:

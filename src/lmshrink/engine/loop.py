@@ -82,7 +82,8 @@ class DriftStats:
 
 def _collect(block: nn.Module, modules: dict[str, nn.Module], hidden: list[torch.Tensor], args: tuple, kwargs: dict,
              device, stop_at: str | None, memo: PassMemo | None = None,
-             reference: tuple[nn.Module, list[torch.Tensor], PassMemo | None] | None = None):
+             reference: tuple[nn.Module, list[torch.Tensor], PassMemo | None] | None = None,
+             finish_reference: bool = False):
     """Run the windows through ``block`` and accumulate each named module's input Hessian.
 
     ``stop_at``: the module after whose input the pass can stop (the rest of the block is not needed).
@@ -90,6 +91,8 @@ def _collect(block: nn.Module, modules: dict[str, nn.Module], hidden: list[torch
     ``reference``: ``(original block, its input hidden states, its memo or None)`` for asymmetric calibration: each
     batch first runs through the unmodified copy of the block on the uncompressed stream (stopping at ``stop_at``),
     keeping the inputs of the same modules, and the pairs are accumulated into ``DriftStats``.
+    ``finish_reference``: the copy runs to its end instead of stopping, and each batch's block output replaces its
+    input in the reference stream's list (this pass is the last use of those inputs).
     Returns ``(accumulators, drift)``: ``drift`` maps each module to its ``DriftStats`` (empty without ``reference``).
     """
     accumulators = {name: HessianAccumulator(linear_dims(m)[1], device=device) for name, m in modules.items()}
@@ -105,7 +108,7 @@ def _collect(block: nn.Module, modules: dict[str, nn.Module], hidden: list[torch
         for name in modules:
             def keep(_module, args, _name=name):
                 reference_inputs[_name] = args[0].detach()
-                if _name == stop_at:
+                if _name == stop_at and not finish_reference:
                     raise _StopForward
             handles.append(original.get_submodule(name).register_forward_pre_hook(keep))
     for name, module in modules.items():
@@ -127,7 +130,9 @@ def _collect(block: nn.Module, modules: dict[str, nn.Module], hidden: list[torch
                     if reference_memo is not None:
                         reference_memo.set_batch(batch)
                     try:
-                        run_block(original, reference_hidden[batch].to(device), args, kwargs)
+                        out = run_block(original, reference_hidden[batch].to(device), args, kwargs)
+                        if finish_reference:
+                            reference_hidden[batch] = out.to("cpu")
                     except _StopForward:
                         pass
                 if memo is not None:
@@ -140,6 +145,28 @@ def _collect(block: nn.Module, modules: dict[str, nn.Module], hidden: list[torch
         for handle in handles:
             handle.remove()
     return accumulators, drift
+
+
+def _pass_sources(tasks: list[tuple[StageBase, list[list[str]], bool]], reuse: bool) -> list[str | None]:
+    """Where each task's statistics come from: "collect" (a collection pass), "shared" (the previous task's pass,
+    which covered the same single group: the group's own changes leave its inputs as they were) or None (the
+    stage reads none). Sharing is part of pass reuse (``reuse``); a stage with ``fp_target`` shares only a pass
+    that collected the uncompressed inputs too."""
+    sources: list[str | None] = []
+    shared = None  # (groups, with drift?) of the last collection pass, while it holds for the next task
+    for stage, groups, collect in tasks:
+        wants_drift = bool(getattr(stage, "fp_target", False))
+        key = [list(g) for g in groups]
+        if not collect:
+            sources.append(None)
+            shared = None
+        elif reuse and shared is not None and shared[0] == key and (shared[1] or not wants_drift):
+            sources.append("shared")
+        else:
+            sources.append("collect")
+            # only a one-group pass can be shared: with several groups, the later ones' inputs change
+            shared = (key, wants_drift) if len(groups) == 1 else None
+    return sources
 
 
 def _for_memos(memos, method: str, *args) -> None:
@@ -306,7 +333,9 @@ class Engine:
         self.on_block_done = on_block_done
         self.batch_size = batch_size  # windows per block call: fewer, larger matmuls (same results)
         self.streamer = streamer
-        self.reuse_passes = reuse_passes  # skip work repeated between passes (PassMemo); same results
+        # skip work repeated between passes (PassMemo, and one collection pass for consecutive stages on the same
+        # group); same results
+        self.reuse_passes = reuse_passes
         self._verified: dict = {}
 
     def _owl_allocation(self, blocks, hidden: list[torch.Tensor], captured) -> dict[tuple[int, int], float]:
@@ -366,6 +395,29 @@ class Engine:
             plan.append((stage, [g for g in groups if g]))
         return plan
 
+    def _block_tasks(self, plan: list[tuple[StageBase, list[list[str]]]],
+                     group_of: dict[str, int]) -> list[tuple[StageBase, list[list[str]], bool]]:
+        """The block's work as ``(stage, groups solved after one collection pass, collect?)`` in running order.
+
+        Stage order: each stage over the whole block, then the next. Group order (the recipe's default ``order``):
+        every stage on a group before the next group, when each task covers a single group (true-sequential
+        stages and stages without statistics); a stage that collects the statistics of several groups in one pass
+        (``true_sequential: false``) needs the block as the stages before it left it, so such recipes keep stage
+        order.
+        """
+        tasks = []
+        for number, (stage, groups) in enumerate(plan):
+            if not groups:  # the stage selects nothing in this block
+                continue
+            collect = _needs_hessian(stage)
+            if not collect or getattr(stage, "true_sequential", False):  # without statistics: any order
+                tasks.extend((number, stage, [g], collect) for g in groups)
+            else:
+                tasks.append((number, stage, groups, collect))
+        if self.recipe.order == "group" and all(len(t[2]) == 1 for t in tasks):
+            tasks.sort(key=lambda t: (group_of[t[2][0][0]], t[0]))
+        return [(stage, groups, collect) for _, stage, groups, collect in tasks]
+
     def run(self) -> EngineResult:
         from tqdm.auto import tqdm
 
@@ -376,6 +428,7 @@ class Engine:
         self.model.eval()
         captured = capture_block_inputs(self.model, blocks, self.calibration, self.device)
         hidden = list(torch.cat(captured.hidden).split(self.batch_size))
+        captured.hidden = []  # the per-window copies are now in `hidden`: do not hold them twice
         self.owl_sparsities = self._owl_allocation(blocks, hidden, captured)  # dense pre-pass, before any restore
         # a block's outputs are the next block's calibration inputs: not needed when no stage collects statistics
         # (e.g. magnitude-only recipes), and then left as they are
@@ -432,59 +485,73 @@ class Engine:
                 for m in (memo, reference_memo):
                     if m is not None:
                         memos.enter_context(m)
-                for stage, groups in self._block_plan(index, block):
-                    collect = _needs_hessian(stage)
-                    sequential = getattr(stage, "true_sequential", False)
-                    if not groups:  # the stage selects nothing in this block
-                        passes = []
-                    elif not collect:  # nothing to collect: the stage's layers are solved at once, without a pass
-                        passes = [groups]
-                    else:
-                        passes = [[g] for g in groups] if sequential else [groups]
-                    for pass_groups in passes:
-                        firsts = {g[0]: block.get_submodule(g[0]) for g in pass_groups}
-                        # without a pass too: drop what these changes invalidate
-                        _for_memos((memo, reference_memo), "begin_pass", {group_of[g[0]] for g in pass_groups})
-                        stats, drift = {}, {}
-                        if collect:
-                            reference = ((original, reference_hidden, reference_memo)
-                                         if getattr(stage, "fp_target", False) else None)
-                            stats, drift = _collect(block, firsts, hidden, args, kwargs, self.device,
-                                                    stop_at=pass_groups[-1][0], memo=memo, reference=reference)
-                        _for_memos((memo, reference_memo), "end_pass")
-                        for group in pass_groups:
-                            hessian = stats[group[0]].hessian if collect else None
-                            for name in group:
-                                module = block.get_submodule(name)
-                                t0 = time.perf_counter()
-                                layer_drift = drift.get(group[0])
-                                result = _solve(stage, module, hessian, layer_drift,
-                                                original.get_submodule(name) if layer_drift is not None else None)
-                                set_linear_weight(module, result.weight.to(linear_weight(module).dtype))
-                                full = f"{prefix}.{index}.{name}"
-                                block_results[full] = _on_cpu(result) if self.device.type != "cpu" else result
-                                out_f, in_f = linear_dims(module)
-                                layers.append({"name": full, "block": index, "method": stage.method,
-                                               "out_features": out_f, "in_features": in_f,
-                                               "rel_output_error": result.rel_output_error,
-                                               "seconds": round(time.perf_counter() - t0, 4),
-                                               "tokens": stats[group[0]].tokens if collect else None,
-                                               **{k: v for k, v in (result.info or {}).items()
-                                                  if k in ("damp_percent", "damp", "damp_retries", "dead_columns",
-                                                           "loss", "sparsity", "target_sparsity", "pattern",
-                                                           "refit_rows", "rel_output_error_before_refit",
-                                                           "rel_output_error_local", "rel_output_error_drift_only",
-                                                           "fp_target_damp_retries", "cd_passes",
-                                                           "cd_changed_codes", "rel_output_error_before_cd")}})
-                        del stats, drift
+                tasks = self._block_tasks(self._block_plan(index, block), group_of)
+                sources = _pass_sources(tasks, self.reuse_passes)
+                # the copy of the block is needed up to the last fp_target collection pass: that pass runs it to its
+                # end, and its outputs are the uncompressed stream's next inputs (no final forward of the copy)
+                last_drift = max((i for i, (t, source) in enumerate(zip(tasks, sources))
+                                  if source == "collect" and getattr(t[0], "fp_target", False)), default=None)
+                shared_stats = None  # the statistics (and drift) of the last collection pass
+                for number, (stage, pass_groups, collect) in enumerate(tasks):
+                    firsts = {g[0]: block.get_submodule(g[0]) for g in pass_groups}
+                    changes = {group_of[g[0]] for g in pass_groups}
+                    # without a pass too: drop what these changes invalidate
+                    if memo is not None:
+                        memo.begin_pass(changes)
+                    if reference_memo is not None:
+                        reference_memo.begin_pass(changes, keep=number != last_drift)
+                    stats, drift = {}, {}
+                    wants_drift = getattr(stage, "fp_target", False)
+                    if sources[number] == "shared":
+                        # an earlier stage just solved this very group after the same pass; its inputs depend only
+                        # on the groups before it, so its statistics still hold
+                        stats, drift = shared_stats[0], (shared_stats[1] if wants_drift else {})
+                    elif collect:
+                        reference = (original, reference_hidden, reference_memo) if wants_drift else None
+                        stats, drift = _collect(block, firsts, hidden, args, kwargs, self.device,
+                                                stop_at=pass_groups[-1][0], memo=memo, reference=reference,
+                                                finish_reference=number == last_drift)
+                        shared_stats = (stats, drift)
+                    _for_memos((memo, reference_memo), "end_pass")
+                    for group in pass_groups:
+                        hessian = stats[group[0]].hessian if collect else None
+                        for name in group:
+                            module = block.get_submodule(name)
+                            t0 = time.perf_counter()
+                            layer_drift = drift.get(group[0])
+                            result = _solve(stage, module, hessian, layer_drift,
+                                            original.get_submodule(name) if layer_drift is not None else None)
+                            set_linear_weight(module, result.weight.to(linear_weight(module).dtype))
+                            full = f"{prefix}.{index}.{name}"
+                            block_results[full] = _on_cpu(result) if self.device.type != "cpu" else result
+                            out_f, in_f = linear_dims(module)
+                            layers.append({"name": full, "block": index, "method": stage.method,
+                                           "out_features": out_f, "in_features": in_f,
+                                           "rel_output_error": result.rel_output_error,
+                                           "seconds": round(time.perf_counter() - t0, 4),
+                                           "tokens": stats[group[0]].tokens if collect else None,
+                                           **{k: v for k, v in (result.info or {}).items()
+                                              if k in ("damp_percent", "damp", "damp_retries", "dead_columns",
+                                                       "loss", "sparsity", "target_sparsity", "pattern",
+                                                       "refit_rows", "rel_output_error_before_refit",
+                                                       "rel_output_error_local", "rel_output_error_drift_only",
+                                                       "fp_target_damp_retries", "cd_passes",
+                                                       "cd_changed_codes", "rel_output_error_before_cd")}})
+                    del stats, drift
+                del shared_stats
                 if forward_blocks:
                     _for_memos((memo, reference_memo), "begin_pass", None)
                     with torch.no_grad():
-                        hidden = [_final_forward(block, b, h, args, kwargs, self.device, memo)
-                                  for b, h in enumerate(hidden)]
-                        if original is not None:
-                            reference_hidden = [_final_forward(original, b, h, args, kwargs, self.device,
-                                                               reference_memo) for b, h in enumerate(reference_hidden)]
+                        # each batch's outputs replace its inputs at once: one stream's worth of memory, not two
+                        hidden = list(hidden)
+                        for b, h in enumerate(hidden):
+                            hidden[b] = _final_forward(block, b, h, args, kwargs, self.device, memo)
+                        # the last fp_target pass ran the copy to its end (reference_hidden holds its outputs)
+                        if original is not None and last_drift is None:
+                            reference_hidden = list(reference_hidden)
+                            for b, h in enumerate(reference_hidden):
+                                reference_hidden[b] = _final_forward(original, b, h, args, kwargs, self.device,
+                                                                     reference_memo)
             del original, reference_memo
             if self.streamer is not None:
                 self.streamer.release(block)

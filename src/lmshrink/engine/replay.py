@@ -63,6 +63,7 @@ class PassMemo:
         self.verified = verified
         self.changes: set[int] | None = set()
         self.final = False
+        self.keep = True
         self.batch = 0
         self.containers: list[_Container] = []
         self.skipped_runs = 0
@@ -111,12 +112,14 @@ class PassMemo:
             c.outputs.clear()
             c.last_inputs.clear()
 
-    def begin_pass(self, changes: set[int] | None) -> None:
+    def begin_pass(self, changes: set[int] | None, keep: bool = True) -> None:
         """A pass starts; ``changes``: the groups (indices into ``groups``) whose inputs this pass collects and
         that will be changed after it, or None for the final forward (nothing after it). A container holding a
-        collected group always runs in full, so every hook inside it fires."""
+        collected group always runs in full, so every hook inside it fires. ``keep=False``: no pass follows this
+        one on this block (its saved work is still used, nothing new is saved)."""
         self.changes = changes
         self.final = changes is None
+        self.keep = keep
 
     def end_pass(self) -> None:
         """The pass is over (its changes are about to be made): drop what they invalidate."""
@@ -132,7 +135,7 @@ class PassMemo:
     # -- decisions ---------------------------------------------------------------------------------------------
     def _survives(self, deps: int) -> bool:
         """Whether something that depends on groups ``0..deps-1`` stays valid into the next pass."""
-        return not self.final and not any(g < deps for g in self.changes)
+        return not self.final and self.keep and not any(g < deps for g in self.changes)
 
     def _keep_output(self, c: _Container) -> bool:
         return self._survives(c.last_group + 1)

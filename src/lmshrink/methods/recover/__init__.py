@@ -43,8 +43,9 @@ def split_phases(recipe: Recipe) -> tuple[Recipe, list[tuple[RecoverStage, Recip
             later[-1][1].append(stage)
         else:
             first.append(stage)
-    return (Recipe(name=recipe.name, stages=first),
-            [(stage, Recipe(name=f"{recipe.name}-after-recover-{i + 1}", stages=rest) if rest else None)
+    return (Recipe(name=recipe.name, stages=first, order=recipe.order),
+            [(stage, Recipe(name=f"{recipe.name}-after-recover-{i + 1}", stages=rest, order=recipe.order)
+              if rest else None)
              for i, (stage, rest) in enumerate(later)])
 
 
