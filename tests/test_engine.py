@@ -200,11 +200,11 @@ def test_group_order_runs_every_stage_on_a_group_before_the_next_group(monkeypat
     base = tiny_model("llama")
     grouped, split = copy.deepcopy(base), copy.deepcopy(base)
     calls = _count_passes(monkeypatch)
-    _engine(grouped, {"stages": [PRUNE, QUANT]})  # order: group is the default
+    _engine(grouped, {"order": "group", "stages": [PRUNE, QUANT]})
     assert len(calls) == 2 * 4  # 2 blocks x 4 groups: the GPTQ stage reuses the SparseGPT stage's pass
     calls.clear()
     per_group = [dict(stage, targets=targets) for targets in LLAMA_GROUPS for stage in (PRUNE, QUANT)]
-    _engine(split, {"order": "stage", "stages": per_group})
+    _engine(split, {"stages": per_group})  # order: stage is the default
     assert len(calls) == 2 * 4  # consecutive stages on the same group share the pass in any order
     expected = _weights(split)
     for name, value in _weights(grouped).items():
@@ -215,9 +215,9 @@ def test_stage_order_prunes_the_whole_block_before_quantizing_it(monkeypatch):
     base = tiny_model("llama")
     grouped, staged = copy.deepcopy(base), copy.deepcopy(base)
     calls = _count_passes(monkeypatch)
-    _engine(staged, {"order": "stage", "stages": [PRUNE, QUANT]})
+    _engine(staged, {"stages": [PRUNE, QUANT]})  # order: stage is the default
     assert len(calls) == 2 * 8
-    _engine(grouped, {"stages": [PRUNE, QUANT]})
+    _engine(grouped, {"order": "group", "stages": [PRUNE, QUANT]})
     staged_w, grouped_w = _weights(staged), _weights(grouped)
     # the first group of block 0 sees the same inputs in both orders; later groups are pruned on other inputs
     for name in ("q_proj", "k_proj", "v_proj"):
@@ -234,8 +234,8 @@ def test_group_order_falls_back_to_stage_order_for_a_stage_collecting_the_whole_
     base = tiny_model("llama")
     grouped, staged = copy.deepcopy(base), copy.deepcopy(base)
     wanda = {"method": "wanda", "sparsity": 0.5}  # true_sequential: false by default: one pass per block
-    _engine(grouped, {"stages": [wanda, QUANT]})
-    _engine(staged, {"order": "stage", "stages": [wanda, QUANT]})
+    _engine(grouped, {"order": "group", "stages": [wanda, QUANT]})
+    _engine(staged, {"stages": [wanda, QUANT]})
     expected = _weights(staged)
     for name, value in _weights(grouped).items():
         assert torch.equal(value, expected[name]), name

@@ -174,12 +174,11 @@ def test_a_recipe_name_that_is_not_a_string_is_refused():
     assert parse_recipe({"name": "mine", "stages": [{"method": "rtn"}]}).name == "mine"
 
 
-def test_recipe_order_defaults_to_group_round_trips_and_rejects_other_values(tmp_path):
-    recipe = load_recipe("sparse50-then-w4g128")
-    assert recipe.order == "group"
-    staged = parse_recipe({"order": "stage", "stages": [{"method": "gptq"}]})
-    path = tmp_path / "staged.yaml"
-    path.write_text(staged.to_yaml())
-    assert load_recipe(str(path)).order == "stage"
+def test_recipe_order_defaults_to_stage_round_trips_and_rejects_other_values(tmp_path):
+    assert load_recipe("sparse50-then-w4g128").order == "stage"
+    grouped = parse_recipe({"order": "group", "stages": [{"method": "gptq"}]})
+    path = tmp_path / "grouped.yaml"
+    path.write_text(grouped.to_yaml())
+    assert load_recipe(str(path)).order == "group"
     with pytest.raises(RecipeError, match="order"):
         parse_recipe({"order": "groups", "stages": [{"method": "gptq"}]})

@@ -15,7 +15,7 @@ GPTQ = {"stages": [{"method": "gptq", "bits": 4, "group_size": 16}]}
 TWO_STAGES = {"stages": [{"method": "rtn", "bits": 8, "group_size": -1},
                          {"method": "gptq", "bits": 4, "group_size": 16, "act_order": False}]}
 # true-sequential stages in group order: the GPTQ stage reuses the SparseGPT stage's pass over the same group
-PRUNE_THEN_GPTQ = {"stages": [{"method": "sparsegpt", "sparsity": 0.5},
+PRUNE_THEN_GPTQ = {"order": "group", "stages": [{"method": "sparsegpt", "sparsity": 0.5},
                               {"method": "gptq", "bits": 4, "group_size": 16}]}
 PARTIAL = {"stages": [{"method": "gptq", "bits": 3, "group_size": 16, "targets": ["*o_proj", "*down_proj",
                                                                                    "*out_proj", "*fc2", "*c_proj"]}]}

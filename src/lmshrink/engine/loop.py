@@ -399,7 +399,7 @@ class Engine:
                      group_of: dict[str, int]) -> list[tuple[StageBase, list[list[str]], bool]]:
         """The block's work as ``(stage, groups solved after one collection pass, collect?)`` in running order.
 
-        Stage order: each stage over the whole block, then the next. Group order (the recipe's default ``order``):
+        Stage order (the recipe's default ``order``): each stage over the whole block, then the next. Group order:
         every stage on a group before the next group, when each task covers a single group (true-sequential
         stages and stages without statistics); a stage that collects the statistics of several groups in one pass
         (``true_sequential: false``) needs the block as the stages before it left it, so such recipes keep stage
