@@ -107,7 +107,9 @@ def test_chunked_topk_loss_matches_full_logits(k, lm_weight, scale):
     (grad_chunked,) = torch.autograd.grad(chunked * 3.0, s_hidden)
     full = topk_distill_loss(student.lm_head(s_hidden), logp, tids, ids, 2.0, lm_weight)
     (grad_full,) = torch.autograd.grad(full * 3.0, s_hidden)
-    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-7)
+    # the KL is a small difference of two large float32 sums whose order depends on the CPU's vector width: agreement
+    # to 1e-4 relative (a mistake in a term moves it by orders of magnitude more)
+    torch.testing.assert_close(chunked, full, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grad_chunked, grad_full, rtol=1e-4, atol=1e-8)
     assert float(grad_full.abs().max()) > 0
 

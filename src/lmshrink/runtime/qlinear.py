@@ -39,6 +39,8 @@ The decoded weight is computed per call unless ``cache_dense=True`` (faster pref
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,25 +73,49 @@ def int4_group(in_features: int, group_width: int) -> int | None:
     return None
 
 
+def _unpack_int4pack_rows(flat: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
+    """Codes ``[n, k]`` from the kernel layout with ``block`` rows per full block (see ``unpack_int4pack``)."""
+    blocks, half = n // block, block // 2
+    main = flat[: blocks * k * half].reshape(blocks, k, half)
+    rows = torch.stack([main & 15, main >> 4], dim=1).permute(0, 1, 3, 2).reshape(blocks * block, k)
+    tail = n - blocks * block
+    if tail:
+        last = flat[blocks * k * half:].reshape(k, tail // 2)
+        rows = torch.cat([rows, torch.stack([last & 15, last >> 4], dim=2).reshape(k, tail).t()], dim=0)
+    return rows.contiguous()
+
+
+@functools.lru_cache(maxsize=1)
+def _int4pack_block_rows() -> int | None:
+    """The rows per block of this machine's ``_convert_weight_to_int4pack_for_cpu`` (32 where torch's kernel uses
+    AVX2, 64 with AVX-512), found once by packing a known matrix; None for a layout neither reads back."""
+    n, k = 64, 16
+    codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    except (RuntimeError, AttributeError):
+        return None
+    if packed.dtype != torch.uint8 or packed.numel() * 2 != n * k:
+        return None
+    for block in (32, 64):
+        if torch.equal(_unpack_int4pack_rows(packed.reshape(-1), n, k, block), codes.to(torch.uint8)):
+            return block
+    return None
+
+
 def unpack_int4pack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor | None:
     """Codes uint8 ``[N, K]`` from ``_convert_weight_to_int4pack_for_cpu``'s output, or None for other layouts.
 
-    The layout (torch 2.13, read off the op): rows in blocks of 32; within a block, byte ``k*16 + r`` holds row ``r``
-    in its low nibble and row ``r + 16`` in its high one; a last block of 16 rows stores rows ``2i, 2i+1`` in byte
-    ``k*8 + i``. Callers check the round trip once, so a different layout only costs the kernel's dequantized path.
+    The layout (torch 2.13, read off the op): rows in blocks of B (32 where the kernel uses AVX2, 64 with AVX-512;
+    probed once, ``_int4pack_block_rows``); within a block, byte ``k*B/2 + r`` holds row ``r`` in its low nibble and
+    row ``r + B/2`` in its high one; the last ``T = N mod B`` rows store rows ``2i, 2i+1`` in byte ``k*T/2 + i``.
+    Callers check the round trip once, so a different layout only costs the kernel's dequantized path.
     """
     n, k = out_features, in_features
-    if packed.dtype != torch.uint8 or packed.numel() * 2 != n * k or n % 16:
+    block = _int4pack_block_rows()
+    if block is None or packed.dtype != torch.uint8 or packed.numel() * 2 != n * k or n % 16:
         return None
-    flat = packed.reshape(-1)
-    blocks = n // 32
-    main = flat[: blocks * k * 16].reshape(blocks, k, 16)
-    rows = torch.stack([main & 15, main >> 4], dim=1).permute(0, 1, 3, 2).reshape(blocks * 32, k)
-    if n % 32:
-        tail = flat[blocks * k * 16:].reshape(k, 8)
-        tail_rows = torch.stack([tail & 15, tail >> 4], dim=2).reshape(k, 16).t()
-        rows = torch.cat([rows, tail_rows], dim=0)
-    return rows.contiguous()
+    return _unpack_int4pack_rows(packed.reshape(-1), n, k, block)
 
 
 def _avx2_fits(result: QuantResult) -> bool:
