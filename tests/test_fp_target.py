@@ -277,3 +277,40 @@ def test_a_later_stage_aims_at_the_uncompressed_layer_not_at_the_earlier_stage()
     assert torch.equal(later.codes, from_uncompressed.codes) and torch.equal(later.weight, from_uncompressed.weight)
     # without the block copy the earlier stage's weight would be the target's source: a different solution
     assert not torch.equal(_solve(stage, earlier, h_tilde, drift).codes, later.codes)
+
+
+@pytest.mark.parametrize("recipe", [_gptq(fp_target=True),
+                                    [{"method": "sparsegpt", "sparsity": 0.5, "fp_target": True},
+                                     {"method": "gptq", "bits": 4, "group_size": 32, "targets": ["*proj"],
+                                      "fp_target": True}],
+                                    [{"method": "gptq", "bits": 4, "group_size": 32, "fp_target": True,
+                                      "targets": ["*q_proj", "*k_proj", "*v_proj"]}],
+                                    # block 1 has no fp_target layer: its copy runs a final forward instead
+                                    [{"method": "gptq", "bits": 4, "group_size": 32, "fp_target": True,
+                                      "targets": ["model.layers.0.*"]}]],
+                         ids=["gptq", "prune-then-gptq", "first-group-only", "block-0-only"])
+def test_the_uncompressed_stream_is_the_dense_models_hidden_states(tmp_path, recipe):
+    """The uncompressed stream carried to the next block (by the block copy's last fp_target pass, which runs to the
+    block's end, or by a final forward) is exactly the dense model's hidden states, batch by batch."""
+    from lmshrink.engine.capture import capture_block_inputs, run_block
+
+    base = tiny_llama(num_hidden_layers=3)
+    dense = copy.deepcopy(base)
+
+    def stop_after_second_block(index):
+        if index == 1:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        _run(copy.deepcopy(base), recipe, checkpoint=Checkpoint(tmp_path / "ck", "key"),
+             on_block_done=stop_after_second_block)
+    saved = Checkpoint(tmp_path / "ck", "key").load_reference_hidden()
+    blocks = get_adapter(dense).blocks(dense)
+    captured = capture_block_inputs(dense, blocks, _calib(), torch.device("cpu"))
+    expected = []
+    with torch.no_grad():
+        for batch in torch.cat(captured.hidden).split(2):  # the engine's batches (batch_size=2)
+            for index in range(2):
+                batch = run_block(blocks[index], batch, captured.args[index], captured.kwargs[index])
+            expected.append(batch)
+    assert torch.equal(saved, torch.cat(expected))
