@@ -230,19 +230,22 @@ class _Killed(Exception):
     pass
 
 
-def test_engine_fp_target_resume_after_kill_is_bit_identical(tmp_path):
-    base = tiny_llama(num_hidden_layers=3)
-    recipe = _gptq(fp_target=True)
-    full_model = copy.deepcopy(base)
-    full = _run(full_model, recipe)
-
+def _run_killed_after_second_block(base, recipe, folder):
+    """Compress a copy of ``base`` with a checkpoint in ``folder``, killed once block 1 is saved."""
     def kill_after_second_block(index):
         if index == 1:
             raise _Killed
 
     with pytest.raises(_Killed):
-        _run(copy.deepcopy(base), recipe, checkpoint=Checkpoint(tmp_path / "ck", "key"),
-             on_block_done=kill_after_second_block)
+        _run(copy.deepcopy(base), recipe, checkpoint=Checkpoint(folder, "key"), on_block_done=kill_after_second_block)
+
+
+def test_engine_fp_target_resume_after_kill_is_bit_identical(tmp_path):
+    base = tiny_llama(num_hidden_layers=3)
+    recipe = _gptq(fp_target=True)
+    full_model = copy.deepcopy(base)
+    full = _run(full_model, recipe)
+    _run_killed_after_second_block(base, recipe, tmp_path / "ck")
     assert Checkpoint(tmp_path / "ck", "key").load_reference_hidden().shape == (6, 48, 64)
     resumed_model = copy.deepcopy(base)
     resumed = _run(resumed_model, recipe, checkpoint=Checkpoint(tmp_path / "ck", "key"), resume=True)
@@ -296,14 +299,7 @@ def test_the_uncompressed_stream_is_the_dense_models_hidden_states(tmp_path, rec
 
     base = tiny_llama(num_hidden_layers=3)
     dense = copy.deepcopy(base)
-
-    def stop_after_second_block(index):
-        if index == 1:
-            raise _Killed
-
-    with pytest.raises(_Killed):
-        _run(copy.deepcopy(base), recipe, checkpoint=Checkpoint(tmp_path / "ck", "key"),
-             on_block_done=stop_after_second_block)
+    _run_killed_after_second_block(base, recipe, tmp_path / "ck")
     saved = Checkpoint(tmp_path / "ck", "key").load_reference_hidden()
     blocks = get_adapter(dense).blocks(dense)
     captured = capture_block_inputs(dense, blocks, _calib(), torch.device("cpu"))
