@@ -495,11 +495,12 @@ class Engine:
                 for number, (stage, pass_groups, collect) in enumerate(tasks):
                     firsts = {g[0]: block.get_submodule(g[0]) for g in pass_groups}
                     changes = {group_of[g[0]] for g in pass_groups}
+                    finishing = number == last_drift  # this pass is the copy's last: it runs to the block's end
                     # without a pass too: drop what these changes invalidate
                     if memo is not None:
                         memo.begin_pass(changes)
                     if reference_memo is not None:
-                        reference_memo.begin_pass(changes, keep=number != last_drift)
+                        reference_memo.begin_pass(changes, keep=not finishing)
                     stats, drift = {}, {}
                     wants_drift = getattr(stage, "fp_target", False)
                     if sources[number] == "shared":
@@ -510,7 +511,7 @@ class Engine:
                         reference = (original, reference_hidden, reference_memo) if wants_drift else None
                         stats, drift = _collect(block, firsts, hidden, args, kwargs, self.device,
                                                 stop_at=pass_groups[-1][0], memo=memo, reference=reference,
-                                                finish_reference=number == last_drift)
+                                                finish_reference=finishing)
                         shared_stats = (stats, drift)
                     _for_memos((memo, reference_memo), "end_pass")
                     for group in pass_groups:
@@ -543,12 +544,10 @@ class Engine:
                     _for_memos((memo, reference_memo), "begin_pass", None)
                     with torch.no_grad():
                         # each batch's outputs replace its inputs at once: one stream's worth of memory, not two
-                        hidden = list(hidden)
                         for b, h in enumerate(hidden):
                             hidden[b] = _final_forward(block, b, h, args, kwargs, self.device, memo)
                         # the last fp_target pass ran the copy to its end (reference_hidden holds its outputs)
                         if original is not None and last_drift is None:
-                            reference_hidden = list(reference_hidden)
                             for b, h in enumerate(reference_hidden):
                                 reference_hidden[b] = _final_forward(original, b, h, args, kwargs, self.device,
                                                                      reference_memo)
