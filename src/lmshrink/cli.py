@@ -308,7 +308,7 @@ def _cmd_recipes(args) -> int:
             extra = ", ".join(f"{k}={v}" for k, v in options.items()
                               if k in ("sparsity", "pattern", "allocation", "act_order", "static_groups",
                                        "damp_percent") or k == "clip_search" and quantized
-                              or k in ("fp_target", "descent_passes", "refit_scales") and v)
+                              or k in ("fp_target", "descent_passes", "refit_scales", "refit_iterations") and v)
             table.add_row(name, stage.method, str(options["bits"]) if quantized else "",
                           str(options["group_size"]) if quantized else "",
                           str(options["symmetric"]) if quantized else "", extra)

@@ -27,8 +27,10 @@ from ..methods.quant.gptq import gptq_quantize
 from ..methods.quant.refine import coordinate_descent
 from ..methods.quant.refit import refit_scales
 from ..methods.quant.rtn import rtn_quantize
-from ..methods.prune import PruneResult, gptq_keep_mask, magnitude_prune, sparsegpt_prune, wanda_prune
-from ..methods.solver import CrossAccumulator, HessianAccumulator, asymmetric_output_error, fp_target_weight
+from ..methods.prune import (PruneResult, gptq_keep_mask, magnitude_prune, refit_kept_weights, sparsegpt_prune,
+                             wanda_prune)
+from ..methods.solver import (CrossAccumulator, HessianAccumulator, asymmetric_output_error, fp_target_weight,
+                              output_error)
 from ..models.adapters import ModelAdapter, linear_dims, linear_weight, set_linear_weight
 from ..quant.grids import QuantResult
 from ..recipe import GPTQStage, MagnitudeStage, PruneStage, QuantStage, Recipe, StageBase, WandaStage
@@ -217,7 +219,7 @@ def _needs_hessian(stage: StageBase) -> bool:
     collection pass; their ``rel_output_error`` and ``tokens`` are None (that diagnostic was the Hessian's only use).
     Every other stage does (RTN too: its clip search weights columns by the Hessian diagonal).
     """
-    return not isinstance(stage, MagnitudeStage)
+    return not isinstance(stage, MagnitudeStage) or bool(stage.refit_iterations)
 
 
 def _solve(stage: StageBase, module: nn.Module, hessian: torch.Tensor | None,
@@ -271,6 +273,13 @@ def _solve_stage(stage: StageBase, module: nn.Module, weight: torch.Tensor,
             if isinstance(result, QuantResult):
                 result.info = {**result.info, "act_order": stage.act_order,
                                "static_groups": stage.static_groups or stage.act_order}
+        if stage.refit_iterations:  # a prune-only result (check_recipe refuses it with joint quantization)
+            refit, info = refit_kept_weights(weight, result.weight, result.mask, hessian, stage.refit_iterations,
+                                             damp_percent=getattr(stage, "damp_percent", 0.01))
+            rel = output_error(weight, refit, hessian)
+            result = PruneResult.from_weight(refit, result.mask, pattern=result.pattern,
+                                             target_sparsity=result.target_sparsity, rel_output_error=rel,
+                                             info={**result.info, **info, "rel_output_error": rel})
         mask = result.mask if isinstance(result, PruneResult) else result.pruned
         _PRUNED_MASKS[module] = (mask, stage.pattern)
         return result
@@ -534,7 +543,8 @@ class Engine:
                                            **{k: v for k, v in (result.info or {}).items()
                                               if k in ("damp_percent", "damp", "damp_retries", "dead_columns",
                                                        "loss", "sparsity", "target_sparsity", "pattern",
-                                                       "refit_rows", "rel_output_error_before_refit",
+                                                       "refit_rows", "refit_iterations", "refit_rows_kept",
+                                                       "rel_output_error_before_refit",
                                                        "rel_output_error_local", "rel_output_error_drift_only",
                                                        "fp_target_damp_retries", "cd_passes",
                                                        "cd_changed_codes", "rel_output_error_before_cd")}})
