@@ -1,4 +1,4 @@
-"""Per-layer quantization error of RTN vs GPTQ variants on real SmolLM2-135M layers.
+"""Per-layer error of RTN vs GPTQ variants (and of pruning with and without the refit) on real SmolLM2-135M layers.
 
 Protocol: calibration = 16 windows x 512 tokens drawn (seed 0) from ../shared/data/c4 (documents joined with
 "\n\n"); held-out = 8 further windows from the same text, disjoint from the calibration ones. The Hessians
@@ -8,8 +8,12 @@ Protocol: calibration = 16 windows x 512 tokens drawn (seed 0) from ../shared/da
     python bench/layer_error.py [--block 5] [--layers self_attn.q_proj mlp.down_proj] [--windows 16]
     python bench/layer_error.py --variants refit --layers self_attn.q_proj self_attn.o_proj mlp.up_proj mlp.down_proj
     python bench/layer_error.py --variants joint --layers self_attn.q_proj self_attn.o_proj mlp.up_proj mlp.down_proj
+    python bench/layer_error.py --variants prune-refit --block 12 --windows 64 --layers self_attn.q_proj \
+        self_attn.v_proj self_attn.o_proj mlp.up_proj mlp.down_proj
 
 ``--variants descent``: GPTQ (act-order + static groups), then 1/2/4/8 coordinate-descent passes over its codes.
+``--variants prune-refit``: SparseGPT and Wanda 50% alone and with the least-squares refit of their kept weights
+(5/10/20 conjugate-gradient steps), against the refit's fixed point solved directly per row in float64 (no grid).
 ``--variants joint``: SparseGPT 50% alone, joint 50% + quantization (one sweep: groups fitted as the sweep reaches
 them on the kept weights, static groups fitted on the original weights, or act-order column order),
 the SparseGPT mask then act-order GPTQ keeping it (same Hessian), and GPTQ alone, each grid with group 128.
@@ -24,9 +28,11 @@ import os
 import time
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import torch
 
-from lmshrink.methods.prune import gptq_keep_mask, sparsegpt_prune
+from lmshrink.methods.prune import gptq_keep_mask, refit_kept_weights, sparsegpt_prune, wanda_prune
 from lmshrink.methods.quant import gptq_quantize, rtn_quantize
 from lmshrink.methods.quant.refine import coordinate_descent
 from lmshrink.methods.quant.refit import refit_scales
@@ -65,10 +71,12 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--heldout", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--variants", choices=["methods", "options", "refit", "joint", "descent"], default="methods",
+    parser.add_argument("--variants", choices=["methods", "options", "refit", "joint", "descent", "prune-refit"],
+                        default="methods",
                         help="methods: RTN vs GPTQ variants; options: clip weighting and damping of act-order+static; "
                              "refit: least-squares scales after the sweep; joint: SparseGPT 50%% with quantization; "
-                             "descent: coordinate-descent passes over the codes after the sweep")
+                             "descent: coordinate-descent passes over the codes after the sweep; prune-refit: "
+                             "least-squares refit of the kept weights after SparseGPT / Wanda 50%%")
     parser.add_argument("--cache", type=Path, default=None, help="reuse/store the Hessians in this .pt file")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -139,27 +147,57 @@ def main() -> None:
             return result
         return run
 
+    def refit_after(prune, steps):
+        def run(w, h, s):
+            pruned = prune(w, h)
+            return SimpleNamespace(weight=refit_kept_weights(w, pruned.weight, pruned.mask, h, steps)[0])
+        return run
+
+    def per_row_solution(w, h, s):
+        """The refit's fixed point: per row, H_KK q_K = (H w)_K solved directly in float64 (same damping)."""
+        mask = sparsegpt_prune(w, h, 0.5).mask
+        damped = h.double().clone()
+        damped.diagonal().add_(0.01 * float(damped.diagonal().mean()))
+        target = w.double() @ damped
+        out = torch.zeros_like(w, dtype=torch.float64)
+        for row in range(w.shape[0]):
+            keep = ~mask[row]
+            out[row, keep] = torch.linalg.solve(damped[keep][:, keep], target[row, keep])
+        return SimpleNamespace(weight=out.float())
+
+    def sparsegpt50(w, h):
+        return sparsegpt_prune(w, h, 0.5)
+
+    def wanda50(w, h):
+        return wanda_prune(w, h, 0.5)
+
+    prune_refit = [("sparsegpt 50%", lambda w, h, s: sparsegpt50(w, h))]
+    prune_refit += [(f"sparsegpt 50% + refit {n} steps", refit_after(sparsegpt50, n)) for n in (5, 10, 20)]
+    prune_refit += [("sparsegpt 50% mask, per-row solution (float64)", per_row_solution),
+                    ("wanda 50%", lambda w, h, s: wanda50(w, h)),
+                    ("wanda 50% + refit 20 steps", refit_after(wanda50, 20))]
     descent = [("gptq act+static", lambda w, h, s: gptq_quantize(w, h, s))]
     descent += [(f"gptq act+static + {n} descent passes", descended(n)) for n in (1, 2, 4, 8)]
     variants = {"methods": methods, "options": options, "refit": refit, "joint": joint,
-                "descent": descent}[args.variants]
+                "descent": descent, "prune-refit": prune_refit}[args.variants]
+    # pruning without quantization has no grid: one row per variant
+    grids = [(None, "-")] if args.variants == "prune-refit" else [
+        (GridSpec(bits=bits, group_size=128, clip_search=clip), f"w{bits}g128" + (" mse-clip" if clip else ""))
+        for bits in (4, 3) for clip in (False, True)]
     modules = dict(model.named_modules())
     print("| layer | grid | variant | rel err calib | rel err held-out | seconds |")
     print("|---|---|---|---|---|---|")
     for name in names:
         weight = modules[name].weight.detach().float()
-        for bits in (4, 3):
-            for clip in (False, True):
-                spec = GridSpec(bits=bits, group_size=128, clip_search=clip)
-                grid = f"w{bits}g128" + (" mse-clip" if clip else "")
-                for label, fn in variants:
-                    t0 = time.perf_counter()
-                    result = fn(weight, calib[name], spec)
-                    seconds = time.perf_counter() - t0
-                    held = output_error(weight, result.weight, heldout[name])
-                    calib_error = output_error(weight, result.weight, calib[name])  # against the original weight
-                    print(f"| {name.split('layers.')[1]} | {grid} | {label} | {calib_error:.5f} | "
-                          f"{held:.5f} | {seconds:.2f} |", flush=True)
+        for spec, grid in grids:
+            for label, fn in variants:
+                t0 = time.perf_counter()
+                result = fn(weight, calib[name], spec)
+                seconds = time.perf_counter() - t0
+                held = output_error(weight, result.weight, heldout[name])
+                calib_error = output_error(weight, result.weight, calib[name])  # against the original weight
+                print(f"| {name.split('layers.')[1]} | {grid} | {label} | {calib_error:.5f} | "
+                      f"{held:.5f} | {seconds:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ from pathlib import Path
 from p1 import (CLI, add_p1_arguments, add_reuse_dense_argument, compress_options, evaluate_options, keep_row,
                 print_saved_table, protocol_line, reused_dense_row, run_json, stamp)
 
-DEFAULT_RECIPES = ("magnitude50,wanda50,sparse50,owl-wanda50,owl-sparse50,magnitude-2:4,wanda-2:4,2:4,4:8,"
-                   "sparse50-w4g128,sparse50-then-w4g128")
+DEFAULT_RECIPES = ("magnitude50,wanda50,sparse50,sparse50-refit,owl-wanda50,owl-sparse50,magnitude-2:4,wanda-2:4,2:4,"
+                   "4:8,sparse50-w4g128,sparse50-then-w4g128")
 
 
 def _describe(record: dict) -> tuple[str, str]:
@@ -36,6 +36,8 @@ def _describe(record: dict) -> tuple[str, str]:
             name += " (owl)"
         if stage.get("bits"):
             name += f" + w{stage['bits']}g{stage['group_size']}"
+        if stage.get("refit_iterations"):
+            name += " + refit"
         methods.append(name)
         if "pattern" in stage:
             patterns.append(stage["pattern"] if stage["pattern"] != "unstructured"

@@ -74,3 +74,18 @@ def assert_same_run(full, resumed, full_model, resumed_model) -> None:
         assert torch.equal(r.zero, other.zero) and torch.equal(r.weight, other.weight)
     for (n1, p1), (n2, p2) in zip(full_model.state_dict().items(), resumed_model.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2)
+
+
+def correlated_layer(rows: int = 48, cols: int = 64, tokens: int = 512, seed: int = 0):
+    """A random weight and correlated inputs ``X = Z A`` (a few strong directions, per-column scales): returns
+    ``(weight [rows, cols], x [tokens, cols], hessian X^T X)``, the Hessian accumulated as the engine does."""
+    from lmshrink.methods.solver import HessianAccumulator
+
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=gen)
+    mixing = torch.randn(cols, cols, generator=gen) * 0.3 + torch.eye(cols)
+    scales = torch.rand(cols, generator=gen) * 3 + 0.1
+    x = (torch.randn(tokens, cols, generator=gen) @ mixing) * scales
+    acc = HessianAccumulator(cols)
+    acc.add_batch(x.reshape(4, tokens // 4, cols))
+    return weight, x, acc.hessian

@@ -5,24 +5,13 @@ magnitude stages (same results as collecting them)."""
 import pytest
 import torch
 
+from helpers import correlated_layer as _layer
 from lmshrink.methods.prune import (PruneResult, gptq_keep_mask, magnitude_prune, outlier_ratio, owl_sparsities,
                                     sparsegpt_prune, wanda_prune)
 from lmshrink.methods.quant.gptq import gptq_quantize
-from lmshrink.methods.solver import HessianAccumulator, output_error, solve_columns
+from lmshrink.methods.solver import output_error, solve_columns
 from lmshrink.quant.grids import GridSpec, dequantize
 from lmshrink.recipe import RecipeError, check_recipe, load_recipe
-
-
-def _layer(rows=48, cols=64, tokens=512, seed=0):
-    """A random weight and correlated inputs ``X = Z A`` (a few strong directions, per-column scales)."""
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(rows, cols, generator=gen)
-    mixing = torch.randn(cols, cols, generator=gen) * 0.3 + torch.eye(cols)
-    scales = torch.rand(cols, generator=gen) * 3 + 0.1
-    x = (torch.randn(tokens, cols, generator=gen) @ mixing) * scales
-    acc = HessianAccumulator(cols)
-    acc.add_batch(x.reshape(4, tokens // 4, cols))
-    return weight, x, acc.hessian
 
 
 def _check_nm(weight, n, m):
@@ -240,7 +229,7 @@ def test_check_recipe_prune_rules():
 
 def test_prune_presets_parse():
     for name in ("magnitude50", "wanda50", "wanda-2:4", "sparse50", "2:4", "4:8", "sparse50-w4g128",
-                 "owl-sparse50", "owl-wanda50", "sparse50-then-w4g128"):
+                 "owl-sparse50", "owl-wanda50", "sparse50-then-w4g128", "sparse50-refit"):
         recipe = load_recipe(name)
         assert recipe.stages[0].method in ("magnitude", "wanda", "sparsegpt")
         assert recipe.stages[0].sparsity == 0.5

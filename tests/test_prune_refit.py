@@ -8,25 +8,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import save_tiny_llama, write_calibration_text
+from helpers import correlated_layer, save_tiny_llama, write_calibration_text
 from lmshrink import compress, load_model
 from lmshrink.methods.prune import magnitude_prune, refit_kept_weights, sparsegpt_prune, wanda_prune
 from lmshrink.methods.prune.refit import _damped_hessian
-from lmshrink.methods.solver import HessianAccumulator, output_error
+from lmshrink.methods.solver import output_error
 from lmshrink.models.adapters import iter_linears
 from lmshrink.recipe import RecipeError, load_recipe
 
 
 def _layer(rows=48, cols=96, tokens=768, seed=0):
-    """A random weight and correlated inputs ``X = Z A`` with per-column scales (as in test_prune)."""
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(rows, cols, generator=gen)
-    mixing = torch.randn(cols, cols, generator=gen) * 0.3 + torch.eye(cols)
-    scales = torch.rand(cols, generator=gen) * 3 + 0.1
-    x = (torch.randn(tokens, cols, generator=gen) @ mixing) * scales
-    acc = HessianAccumulator(cols)
-    acc.add_batch(x.reshape(4, tokens // 4, cols))
-    return weight, acc.hessian
+    """A random weight and its correlated inputs' Hessian (``helpers.correlated_layer``)."""
+    weight, _, hessian = correlated_layer(rows, cols, tokens, seed)
+    return weight, hessian
 
 
 def _exact(weight, hessian, mask, damp_percent=0.01):
@@ -105,6 +99,7 @@ def test_refit_option_in_recipes():
     assert recipe.stages[0].refit_iterations == 20
     assert load_recipe(recipe.to_dict()).stages[0].refit_iterations == 20
     assert load_recipe("sparse50").stages[0].refit_iterations == 0  # SparseGPT as published, by default
+    assert [load_recipe(n).stages[0].refit_iterations for n in ("sparse50-refit", "sparse50-then-w4g128")] == [20, 20]
     with pytest.raises(RecipeError) as err:
         load_recipe([{"method": "sparsegpt", "bits": 4, "refit_iterations": 20}])
     assert "stage 1" in err.value.message and "refit_iterations" in err.value.message
