@@ -146,7 +146,10 @@ def test_owl_allocates_per_block_and_averages_to_target(tiny_dir, calib_file, tm
         assert layer["sparsity"] == pytest.approx(layer["target_sparsity"], abs=0.02)
 
 
-def test_prune_resume_and_streamed_are_identical(tiny_dir, calib_file, tmp_path):
+@pytest.mark.parametrize("recipe", ["owl-sparse50", [{"method": "sparsegpt", "sparsity": 0.5, "refit_iterations": 20},
+                                                     {"method": "gptq", "bits": 4, "group_size": 32}]],
+                         ids=["owl-sparse50", "refit-then-gptq"])
+def test_prune_resume_and_streamed_are_identical(tiny_dir, calib_file, tmp_path, recipe):
     def digest(folder):  # tensors and metadata (safetensors writes its metadata keys in no fixed order)
         h = hashlib.sha256()
         for path in sorted(folder.glob("*.safetensors")):
@@ -157,7 +160,7 @@ def test_prune_resume_and_streamed_are_identical(tiny_dir, calib_file, tmp_path)
         return h.hexdigest()
 
     full = tmp_path / "full"
-    _compress(tiny_dir, calib_file, "owl-sparse50", out=full)
+    _compress(tiny_dir, calib_file, recipe, out=full)
 
     class Kill(Exception):
         pass
@@ -168,12 +171,12 @@ def test_prune_resume_and_streamed_are_identical(tiny_dir, calib_file, tmp_path)
 
     resumed = tmp_path / "resumed"
     with pytest.raises(Kill):
-        _compress(tiny_dir, calib_file, "owl-sparse50", out=resumed, on_block_done=killer)
-    record = _compress(tiny_dir, calib_file, "owl-sparse50", out=resumed, resume=True)
+        _compress(tiny_dir, calib_file, recipe, out=resumed, on_block_done=killer)
+    record = _compress(tiny_dir, calib_file, recipe, out=resumed, resume=True)
     assert record["summary"]["resumed_from_block"] == 1
     assert digest(resumed) == digest(full)
     streamed = tmp_path / "streamed"
-    compress(str(tiny_dir), "owl-sparse50", output=streamed, calibration=f"file:{calib_file}", nsamples=4, seqlen=32,
+    compress(str(tiny_dir), recipe, output=streamed, calibration=f"file:{calib_file}", nsamples=4, seqlen=32,
              progress=False, offload="disk")
     assert digest(streamed) == digest(full)
 
