@@ -239,3 +239,18 @@ def test_group_order_falls_back_to_stage_order_for_a_stage_collecting_the_whole_
     expected = _weights(staged)
     for name, value in _weights(grouped).items():
         assert torch.equal(value, expected[name]), name
+
+
+def test_free_heap_is_released_after_every_pass_and_every_block(monkeypatch):
+    """The engine hands freed heap pages back after each pass's solves and after each block (glibc ``malloc_trim``,
+    a no-op elsewhere): one call per task (4 true-sequential groups) and one per block, here 2 blocks."""
+    from lmshrink.engine import loop
+
+    calls = []
+    monkeypatch.setattr(loop, "release_free_heap", lambda: calls.append(1))
+    model = tiny_llama(num_hidden_layers=2)
+    _engine(model, [{"method": "gptq", "bits": 4, "group_size": 32}])
+    assert len(calls) == 2 * 4 + 2
+    loop._malloc_trim.cache_clear()
+    monkeypatch.undo()
+    loop.release_free_heap()  # the real one: callable on this platform (None where there is no malloc_trim)

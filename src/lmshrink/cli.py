@@ -24,6 +24,8 @@ _COMPRESS_EXAMPLES = """examples:
   # the benchmark protocol: 64 windows of 512 tokens from C4, seed 0
   lmshrink compress smollm2-135m --recipe w4g128 --calib c4 --nsamples 64 --seqlen 512 --seed 0 \\
       --data-dir ../shared/data -o out/smollm2-w4g128
+  # pruned to 50% (SparseGPT, kept weights refit by least squares), then GPTQ 4-bit keeping the zeros
+  lmshrink compress smollm2-135m --recipe sparse50-then-w4g128 -o out/smollm2-s50-w4g128
   # your own recipe; continue a killed run from its last finished block
   lmshrink compress ./llama-dir --recipe my-recipe.yaml -o out/x --resume
   # then measure it against the base model

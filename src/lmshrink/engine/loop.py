@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import ctypes.util
 import dataclasses
+import functools
 import resource
 import sys
 import time
@@ -49,6 +52,29 @@ def cpu_seconds() -> float:
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None elsewhere (macOS, musl, Windows)."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_free_heap() -> None:
+    """Hand the heap pages freed so far back to the operating system (glibc keeps them by default).
+
+    A block's passes and solves free hundreds of MB in pieces the allocator keeps mapped, so the next pass starts
+    from an inflated resident size. Called after each pass's solves and after each block: on P1 (w4g128 with
+    ``fp_target``) the peak RSS fell from 2.22-2.42 GiB to 2.01 GiB, for about 9% more time (the page faults of
+    touching the memory again). Values are unchanged."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @dataclass
@@ -549,6 +575,7 @@ class Engine:
                                                        "fp_target_damp_retries", "cd_passes",
                                                        "cd_changed_codes", "rel_output_error_before_cd")}})
                     del stats, drift
+                    release_free_heap()  # the pass's inputs and statistics are freed: the next pass starts lower
                 del shared_stats
                 if forward_blocks:
                     _for_memos((memo, reference_memo), "begin_pass", None)
@@ -571,6 +598,7 @@ class Engine:
                     block.to("cpu")
                 _share_weights(self.model, block_results)
             results.update(block_results)
+            release_free_heap()  # the final forwards' and the block copy's memory
             errors = " ".join(f"{n.rsplit('.', 1)[-1]}={r.rel_output_error:.4f}" for n, r in block_results.items()
                               if r.rel_output_error is not None)
             if self.progress:

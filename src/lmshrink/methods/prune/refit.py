@@ -46,7 +46,8 @@ def refit_kept_weights(weight: torch.Tensor, pruned: torch.Tensor, mask: torch.T
     not change. hessian: ``X^T X`` (``[in, in]``), damped by ``damp_percent`` of its mean diagonal as in the sweep.
     iterations: conjugate-gradient steps (each one product with ``H``). A row whose damped objective would grow
     (rounding) keeps its starting weights, so no row ends worse than it started. Returns ``(weights, info)``:
-    float32 weights with exact zeros where ``mask``, and the iterations, rows kept, errors before and after, time.
+    float32 weights with exact zeros where ``mask`` (and on dead inputs), and the steps run, the rows kept at their
+    start, the relative output error before the refit, and the time.
     """
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
