@@ -70,8 +70,9 @@ def release_free_heap() -> None:
 
     A block's passes and solves free hundreds of MB in pieces the allocator keeps mapped, so the next pass starts
     from an inflated resident size. Called after each pass's solves and after each block: on P1 (w4g128 with
-    ``fp_target``) the peak RSS fell from 2.22-2.42 GiB to 2.01 GiB, for about 9% more time (the page faults of
-    touching the memory again). Values are unchanged."""
+    ``fp_target``) the peak RSS was 1.96-2.01 GiB against 2.24-2.42 GiB untrimmed, for about 9% more time than
+    trimming once per block (the page faults of touching the memory again; bench/results/memory_trim_p1_w4g128.md).
+    Values are unchanged."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
