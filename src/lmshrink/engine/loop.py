@@ -300,7 +300,7 @@ def _solve_stage(stage: StageBase, module: nn.Module, weight: torch.Tensor,
             if isinstance(result, QuantResult):
                 result.info = {**result.info, "act_order": stage.act_order,
                                "static_groups": stage.static_groups or stage.act_order}
-        if stage.refit_iterations:  # a prune-only result (check_recipe refuses it with joint quantization)
+        if stage.refit_iterations:  # a prune-only result (the stage refuses refit_iterations with joint `bits`)
             refit, info = refit_kept_weights(weight, result.weight, result.mask, hessian, stage.refit_iterations,
                                              damp_percent=getattr(stage, "damp_percent", 0.01))
             rel = output_error(weight, refit, hessian)
