@@ -27,12 +27,12 @@ import json
 import os
 import time
 from pathlib import Path
-
 from types import SimpleNamespace
 
 import torch
 
 from lmshrink.methods.prune import gptq_keep_mask, refit_kept_weights, sparsegpt_prune, wanda_prune
+from lmshrink.methods.prune.refit import damped_hessian
 from lmshrink.methods.quant import gptq_quantize, rtn_quantize
 from lmshrink.methods.quant.refine import coordinate_descent
 from lmshrink.methods.quant.refit import refit_scales
@@ -156,8 +156,7 @@ def main() -> None:
     def per_row_solution(w, h, s):
         """The refit's fixed point: per row, H_KK q_K = (H w)_K solved directly in float64 (same damping)."""
         mask = sparsegpt_prune(w, h, 0.5).mask
-        damped = h.double().clone()
-        damped.diagonal().add_(0.01 * float(damped.diagonal().mean()))
+        damped = damped_hessian(h, 0.01)[0].double()
         target = w.double() @ damped
         out = torch.zeros_like(w, dtype=torch.float64)
         for row in range(w.shape[0]):

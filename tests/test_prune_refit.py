@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from helpers import correlated_layer, save_tiny_llama, write_calibration_text
 from lmshrink import compress, load_model
 from lmshrink.methods.prune import magnitude_prune, refit_kept_weights, sparsegpt_prune, wanda_prune
-from lmshrink.methods.prune.refit import _damped_hessian
+from lmshrink.methods.prune.refit import damped_hessian
 from lmshrink.methods.solver import output_error
 from lmshrink.models.adapters import iter_linears
 from lmshrink.recipe import RecipeError, load_recipe
@@ -25,8 +25,7 @@ def _layer(rows=48, cols=96, tokens=768, seed=0):
 
 def _exact(weight, hessian, mask, damp_percent=0.01):
     """Per row: solve ``H_KK q_K = (H w)_K`` in float64 with the sweep's damping (the refit's fixed point)."""
-    h = hessian.double().clone()
-    h.diagonal().add_(damp_percent * float(h.diagonal().mean()))
+    h = damped_hessian(hessian, damp_percent)[0].double()
     target = weight.double() @ h
     out = torch.zeros_like(weight, dtype=torch.float64)
     for r in range(weight.shape[0]):
@@ -61,8 +60,7 @@ def test_refit_converges_in_a_few_iterations_and_each_row_only_improves():
     weight, hessian = _layer(rows=64, cols=128, tokens=1024, seed=1)
     pruned = sparsegpt_prune(weight, hessian, 0.5, block_size=32)
     exact = _exact(weight, hessian, pruned.mask)
-    h = hessian.clone()
-    h.diagonal().add_(0.01 * float(h.diagonal().mean()))
+    h = damped_hessian(hessian, 0.01)[0]
 
     def rows(q):
         diff = q - weight
@@ -171,7 +169,7 @@ def test_a_row_already_at_its_optimum_is_not_made_worse_by_rounding():
     weight, hessian = _layer(seed=2)
     pruned = sparsegpt_prune(weight, hessian, 0.5, block_size=32)
     exact = _exact(weight, hessian, pruned.mask)
-    h = _damped_hessian(hessian, 0.01)[0].double()  # the refit's own damped Hessian, compared in float64
+    h = damped_hessian(hessian, 0.01)[0].double()  # the refit's own damped Hessian, compared in float64
 
     def rows(q):
         diff = q.double() - weight.double()

@@ -32,8 +32,7 @@ from ..methods.quant.refit import refit_scales
 from ..methods.quant.rtn import rtn_quantize
 from ..methods.prune import (PruneResult, gptq_keep_mask, magnitude_prune, refit_kept_weights, sparsegpt_prune,
                              wanda_prune)
-from ..methods.solver import (CrossAccumulator, HessianAccumulator, asymmetric_output_error, fp_target_weight,
-                              output_error)
+from ..methods.solver import CrossAccumulator, HessianAccumulator, asymmetric_output_error, fp_target_weight
 from ..models.adapters import ModelAdapter, linear_dims, linear_weight, set_linear_weight
 from ..quant.grids import QuantResult
 from ..recipe import GPTQStage, MagnitudeStage, PruneStage, QuantStage, Recipe, StageBase, WandaStage
@@ -303,10 +302,9 @@ def _solve_stage(stage: StageBase, module: nn.Module, weight: torch.Tensor,
         if stage.refit_iterations:  # a prune-only result (the stage refuses refit_iterations with joint `bits`)
             refit, info = refit_kept_weights(weight, result.weight, result.mask, hessian, stage.refit_iterations,
                                              damp_percent=getattr(stage, "damp_percent", 0.01))
-            rel = output_error(weight, refit, hessian)
             result = PruneResult.from_weight(refit, result.mask, pattern=result.pattern,
-                                             target_sparsity=result.target_sparsity, rel_output_error=rel,
-                                             info={**result.info, **info, "rel_output_error": rel})
+                                             target_sparsity=result.target_sparsity,
+                                             rel_output_error=info["rel_output_error"], info={**result.info, **info})
         mask = result.mask if isinstance(result, PruneResult) else result.pruned
         _PRUNED_MASKS[module] = (mask, stage.pattern)
         return result

@@ -19,9 +19,9 @@ import torch
 from lmshrink.methods.solver import output_error
 
 
-def _damped_hessian(hessian: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``H`` with dead inputs (``H_ii == 0``) given ``H_ii = 1`` and ``damp_percent`` of the mean diagonal added, as
-    the column sweep damps it; and the dead-input mask."""
+def damped_hessian(hessian: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 copy of ``H`` with dead inputs (``H_ii == 0``) given ``H_ii = 1`` and ``damp_percent`` of the mean
+    diagonal added, as the column sweep damps it; and the dead-input mask. The refit solves its systems with it."""
     damped = hessian.float().clone()
     diag = damped.diagonal()
     dead = diag == 0
@@ -47,7 +47,7 @@ def refit_kept_weights(weight: torch.Tensor, pruned: torch.Tensor, mask: torch.T
     iterations: conjugate-gradient steps (each one product with ``H``). A row whose damped objective would grow
     (rounding) keeps its starting weights, so no row ends worse than it started. Returns ``(weights, info)``:
     float32 weights with exact zeros where ``mask`` (and on dead inputs), and the steps run, the rows kept at their
-    start, the relative output error before the refit, and the time.
+    start, the relative output error (undamped ``H``) before and after the refit, and the time.
     """
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
@@ -56,7 +56,7 @@ def refit_kept_weights(weight: torch.Tensor, pruned: torch.Tensor, mask: torch.T
                          f"{tuple(mask.shape)}, hessian {tuple(hessian.shape)}")
     started = time.perf_counter()
     device = hessian.device
-    h, dead = _damped_hessian(hessian, damp_percent)
+    h, dead = damped_hessian(hessian, damp_percent)
     target = weight.to(device=device, dtype=torch.float32).clone()
     target[:, dead] = 0.0  # an input that is always 0 carries no information (as the sweep treats it)
     # the kept entries of each row; a weight on a dead input is 0 (its value cannot matter), as in the sweep
@@ -94,5 +94,6 @@ def refit_kept_weights(weight: torch.Tensor, pruned: torch.Tensor, mask: torch.T
     undamped = hessian.to(device=device, dtype=torch.float32)
     info = {"refit_iterations": done, "refit_rows_kept": int(worse.sum()),
             "rel_output_error_before_refit": output_error(target, start, undamped),
+            "rel_output_error": output_error(target, x, undamped),
             "refit_seconds": round(time.perf_counter() - started, 4)}
     return x, info
