@@ -1,11 +1,11 @@
 """Zero-shot task accuracy of a model (default: smollm2-135m, dense), scored like lm-evaluation-harness.
 
     python bench/tasks.py                                  # all six shared tasks, full splits
-    python bench/tasks.py --limit 200 --out bench/results/tasks.md
+    python bench/tasks.py --limit 200 --out bench/results/eval/tasks.md
     # split the tasks over two single-threaded processes, then merge their records into one table:
     OMP_NUM_THREADS=1 python bench/tasks.py --tasks sst2,piqa,boolq --json a.json &
     OMP_NUM_THREADS=1 python bench/tasks.py --tasks winogrande,arc_easy,lambada_openai --json b.json; wait
-    python bench/tasks.py --table-from a.json b.json --out bench/results/tasks.md
+    python bench/tasks.py --table-from a.json b.json --out bench/results/eval/tasks.md
 
 Prints task | metric | value | stderr | n | seconds, with the protocol, and writes the same text to --out.
 """
