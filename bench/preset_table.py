@@ -43,11 +43,12 @@ def load_row(entry: dict) -> dict | None:
 
 def _cells(entry: dict, row: dict | None) -> list[str]:
     command = entry["command"]
+    command = command if "`" in command else f"`{command}`"  # a command written as prose keeps its own quoting
     if entry.get("threads", 1) != 1:
-        command = f"OMP_NUM_THREADS={entry['threads']} … {command}"
+        command += f" with OMP_NUM_THREADS={entry['threads']}"
     preset = entry["preset"] + (" \\*" if entry.get("earlier_setup") else "")
     if row is None:
-        return [preset, entry["what"], "not measured on P1", "", "", "", "", f"`{command}`"]
+        return [preset, entry["what"], "not measured on P1", "", "", "", "", command]
     seconds, rss = "", ""
     if row.get("recover_seconds") is not None:
         seconds = f"{row['recover_seconds']:.0f} (recovery)"
@@ -58,7 +59,7 @@ def _cells(entry: dict, row: dict | None) -> list[str]:
     elif (row.get("memory") or {}).get("peak_rss_bytes") is not None:
         rss = f"{row['memory']['peak_rss_bytes'] / 2**30:.2f}"
     return [preset, entry["what"], f"{row['wikitext2']:.3f}", f"{row['enwiki']:.3f}", f"{row['kl']:.4f}",
-            seconds, rss, f"`{command}`"]
+            seconds, rss, command]
 
 
 def main() -> None:
