@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import time
 
+import lmshrink.core.grids as grids
 import torch
 
-import lmshrink.quant.grids as grids
-from lmshrink.models import load_model
-from lmshrink.quant import GridSpec
+from lmshrink.core.grids import GridSpec
+from lmshrink.formats.loading import load_model
 
 
 def _pow_error(w, scale, zero, maxq, norm, col_weights):

@@ -55,7 +55,7 @@ def main() -> None:
 
     from lmshrink.data.sources import load_text
     from lmshrink.data.windows import evaluation_windows
-    from lmshrink.models.loader import load_model
+    from lmshrink.formats.loading import load_model
     from lmshrink.runtime.fastpath import FastDecoder
 
     loaded = load_model(args.checkpoint, runtime="packed", progress=False)

@@ -17,10 +17,13 @@ import time
 
 import torch
 
-from lmshrink.data import calibration_windows, load_text
-from lmshrink.engine.loop import Engine, cpu_seconds
-from lmshrink.models import get_adapter, load_model
-from lmshrink.recipe import load_recipe
+from lmshrink.core.process import cpu_seconds
+from lmshrink.data.sources import load_text
+from lmshrink.data.windows import calibration_windows
+from lmshrink.engine.loop import Engine
+from lmshrink.formats.loading import load_model
+from lmshrink.models.adapters import get_adapter
+from lmshrink.pipeline.recipe import load_recipe
 
 
 def main() -> None:

@@ -15,7 +15,8 @@ import time
 import torch
 
 from lmshrink import load_model
-from lmshrink.data import Windows, evaluation_windows, load_text
+from lmshrink.data.sources import load_text
+from lmshrink.data.windows import Windows, evaluation_windows
 from lmshrink.eval.perplexity import perplexity
 
 

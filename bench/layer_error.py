@@ -31,13 +31,17 @@ from types import SimpleNamespace
 
 import torch
 
-from lmshrink.methods.prune import gptq_keep_mask, refit_kept_weights, sparsegpt_prune, wanda_prune
-from lmshrink.methods.prune.refit import damped_hessian
-from lmshrink.methods.quant import gptq_quantize, rtn_quantize
+from lmshrink.core.grids import GridSpec
+from lmshrink.engine.statistics import HessianAccumulator
+from lmshrink.methods.prune.refit import damped_hessian, refit_kept_weights
+from lmshrink.methods.prune.sparsegpt import sparsegpt_prune
+from lmshrink.methods.quant.gptq import gptq_keep_mask
+from lmshrink.methods.prune.wanda import wanda_prune
+from lmshrink.methods.quant.gptq import gptq_quantize
 from lmshrink.methods.quant.refine import coordinate_descent
 from lmshrink.methods.quant.refit import refit_scales
-from lmshrink.methods.solver import HessianAccumulator, output_error
-from lmshrink.quant import GridSpec
+from lmshrink.methods.quant.rtn import rtn_quantize
+from lmshrink.methods.solver import output_error
 
 REPO = Path(__file__).resolve().parents[1]
 C4 = REPO.parent / "shared" / "data" / "c4" / "c4-train-00000-first500.jsonl"
@@ -81,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
-    from lmshrink.models import load_model
+    from lmshrink.formats.loading import load_model
     loaded = load_model("smollm2-135m")
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     all_windows = _windows(tokenizer, args.windows + args.heldout, args.seqlen, seed=0)

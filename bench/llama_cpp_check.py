@@ -25,7 +25,7 @@ import torch
 from lmshrink.data.sources import load_text
 from lmshrink.data.windows import evaluation_windows
 from lmshrink.eval.tasks.scoring import _cache_argument
-from lmshrink.models import load_model
+from lmshrink.formats.loading import load_model
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

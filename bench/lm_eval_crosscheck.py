@@ -25,7 +25,10 @@ from pathlib import Path
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lmshrink.eval.tasks import TASKS, encode_pair, evaluate_tasks, load_docs, resolve_task_names  # noqa: E402
+from lmshrink.eval.tasks.datafiles import load_docs
+from lmshrink.eval.tasks.registry import TASKS, resolve_task_names
+from lmshrink.eval.tasks.runner import evaluate_tasks
+from lmshrink.eval.tasks.scoring import encode_pair
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # lm-eval YAML (relative to lm_eval/tasks) and the split it evaluates, for each task we can feed it as JSON.
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("SKIPPED: lm_eval is not installed (pip install lm_eval torch==<your torch>)")
         return 0
-    from lmshrink.models import load_model
+    from lmshrink.formats.loading import load_model
 
     end_to_end = resolve_task_names(args.tasks)
     loaded = load_model(args.model)

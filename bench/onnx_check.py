@@ -18,8 +18,8 @@ import torch
 
 from lmshrink.data.sources import load_text
 from lmshrink.data.windows import evaluation_windows
+from lmshrink.formats.loading import load_model
 from lmshrink.formats.onnx_export import run_onnx
-from lmshrink.models import load_model
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -20,8 +20,19 @@ import json
 import tempfile
 from pathlib import Path
 
-from p1 import (CLI, add_p1_arguments, add_reuse_dense_argument, compress_options, evaluate_options, keep_row,
-                print_saved_table, protocol_line, reused_dense_row, run_json, stamp)
+from p1 import (
+    CLI,
+    add_p1_arguments,
+    add_reuse_dense_argument,
+    compress_options,
+    evaluate_options,
+    keep_row,
+    print_saved_table,
+    protocol_line,
+    reused_dense_row,
+    run_json,
+    stamp,
+)
 
 DEFAULT_RECIPES = ("magnitude50,wanda50,sparse50,sparse50-refit,owl-wanda50,owl-sparse50,magnitude-2:4,wanda-2:4,2:4,"
                    "4:8,sparse50-w4g128,sparse50-then-w4g128")
@@ -89,7 +100,7 @@ def main() -> None:
                          "wikitext2": result["perplexity"][0]["ppl"], "enwiki": result["perplexity"][1]["ppl"],
                          "kl": result["kl"]["kl_mean"], "sparsity": result["sparsity"]["overall"],
                          "nm": result["sparsity"]["nm_patterns"], "seconds": record["summary"]["seconds"],
-                         "owl": (record.get("sparsity") or {}).get("owl_block_sparsity")})
+                         "block_options": record.get("block_options")})
             keep_row(args, rows, recipe)
     reused = f"; dense row reused from {args.reuse_dense}" if args.reuse_dense else ""
     print(f"{protocol_line(args)}; KL on WikiText-2; torch {environment['torch'] if environment else '?'}, "

@@ -24,10 +24,20 @@ import json
 import tempfile
 from pathlib import Path
 
+from p1 import (
+    CLI,
+    add_p1_arguments,
+    add_reuse_dense_argument,
+    compress_options,
+    evaluate_options,
+    keep_row,
+    print_saved_table,
+    protocol_line,
+    reused_dense_row,
+    run_json,
+    stamp,
+)
 from safetensors import safe_open
-
-from p1 import (CLI, add_p1_arguments, add_reuse_dense_argument, compress_options, evaluate_options, keep_row,
-                print_saved_table, protocol_line, reused_dense_row, run_json, stamp)
 
 _PACKED = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")
 

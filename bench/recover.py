@@ -28,9 +28,18 @@ import tempfile
 from pathlib import Path
 
 import yaml
-
-from p1 import (DENSE_KEYS, CLI, add_p1_arguments, check_reused, compress_options, evaluate_options, keep_row,
-                protocol_line, run_json, stamp)
+from p1 import (
+    CLI,
+    DENSE_KEYS,
+    add_p1_arguments,
+    check_reused,
+    compress_options,
+    evaluate_options,
+    keep_row,
+    protocol_line,
+    run_json,
+    stamp,
+)
 
 DEFAULT_RECIPES = "sparse50,2:4,w3g128"
 
@@ -40,7 +49,8 @@ def _measure(mode: str, model_name: str, steps: int, batch: int, seqlen: int, ra
     import torch
 
     from lmshrink import load_model
-    from lmshrink.methods.recover import attach, memory_report, optimizer_state_bytes
+    from lmshrink.methods.recover.lora import attach
+    from lmshrink.methods.recover.memory import memory_report, optimizer_state_bytes
     from lmshrink.models.adapters import iter_linears
 
     loaded = load_model(model_name, progress=False)
@@ -130,7 +140,7 @@ def main() -> None:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         for name in args.recipes.split(","):
-            from lmshrink.recipe import PRESETS
+            from lmshrink.pipeline.presets import PRESETS
 
             yaml_path = work / f"{name.replace(':', '-')}+recover.yaml"
             yaml_path.write_text(yaml.safe_dump({"name": f"{name}+recover",

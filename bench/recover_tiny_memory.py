@@ -27,7 +27,8 @@ def _one(options: dict, steps: int, batch: int, seqlen: int, layers: int = 4, hi
     from helpers import tiny_tokenizer
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from lmshrink import compress, load_model
+    from lmshrink import load_model
+    from lmshrink import compress
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)

@@ -22,9 +22,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lmshrink.quant.grids import GridSpec
-from lmshrink.methods.quant import rtn_quantize
-from lmshrink.runtime import QuantLinear, cpu_kernels
+from lmshrink.core.grids import GridSpec
+from lmshrink.methods.quant.rtn import rtn_quantize
+from lmshrink.runtime import cpu_kernels
+from lmshrink.runtime.qlinear import QuantLinear
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # (out, in): q/o, k/v, gate/up, down
 

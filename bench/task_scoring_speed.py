@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-from lmshrink.eval.tasks import TASKS, load_docs, loglikelihoods, resolve_task_names
-from lmshrink.models import load_model
+from lmshrink.eval.tasks.datafiles import load_docs
+from lmshrink.eval.tasks.registry import TASKS, resolve_task_names
+from lmshrink.eval.tasks.scoring import loglikelihoods
+from lmshrink.formats.loading import load_model
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

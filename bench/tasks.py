@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from lmshrink.eval.tasks import TASKS, evaluate_tasks, resolve_task_names
-from lmshrink.formats.atomic import atomic_write_text
-from lmshrink.models import load_model
+from lmshrink.core.atomic import atomic_write_text
+from lmshrink.eval.tasks.registry import TASKS, resolve_task_names
+from lmshrink.eval.tasks.runner import evaluate_tasks
+from lmshrink.formats.loading import load_model
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import random
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 _CORPUS = [
@@ -79,7 +81,7 @@ def assert_same_run(full, resumed, full_model, resumed_model) -> None:
 def correlated_layer(rows: int = 48, cols: int = 64, tokens: int = 512, seed: int = 0):
     """A random weight and correlated inputs ``X = Z A`` (a few strong directions, per-column scales): returns
     ``(weight [rows, cols], x [tokens, cols], hessian X^T X)``, the Hessian accumulated as the engine does."""
-    from lmshrink.methods.solver import HessianAccumulator
+    from lmshrink.engine.statistics import HessianAccumulator
 
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(rows, cols, generator=gen)
@@ -89,3 +91,41 @@ def correlated_layer(rows: int = 48, cols: int = 64, tokens: int = 512, seed: in
     acc = HessianAccumulator(cols)
     acc.add_batch(x.reshape(4, tokens // 4, cols))
     return weight, x, acc.hessian
+
+
+def folder_digest(folder) -> str:
+    """A digest of a saved folder's tensors and their safetensors metadata (whose keys come in no fixed order)."""
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            digest.update(json.dumps(handle.metadata(), sort_keys=True).encode())
+            for key in sorted(handle.keys()):
+                digest.update(key.encode() + handle.get_tensor(key).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def assert_resume_and_streaming_identical(tmp_path, run) -> None:
+    """A run killed after block 1 and resumed, and a run streamed from disk, save the same folder as a plain run.
+
+    ``run(output, streamed=False, **kwargs)`` compresses into ``output`` (a model source string and
+    ``offload="disk"`` when ``streamed``) and returns the record; ``kwargs`` go to ``compress``.
+    """
+    import pytest
+
+    class Kill(Exception):
+        pass
+
+    def killer(index):
+        if index == 0:
+            raise Kill
+
+    full, resumed, streamed = tmp_path / "full", tmp_path / "resumed", tmp_path / "streamed"
+    run(full)
+    with pytest.raises(Kill):
+        run(resumed, on_block_done=killer)
+    assert run(resumed, resume=True)["summary"]["resumed_from_block"] == 1
+    assert folder_digest(resumed) == folder_digest(full)
+    run(streamed, streamed=True)
+    assert folder_digest(streamed) == folder_digest(full)

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_families import FAMILIES, VOCAB, tiny_config, tiny_model
 from torch import nn
 from transformers import GPTNeoXConfig
 from transformers.pytorch_utils import Conv1D
 
-from lmshrink.errors import LmshrinkError, UnsupportedArchitectureError
-from lmshrink.models.adapters import (SUPPORTED_MODEL_TYPES, get_adapter, is_linear, iter_linears, linear_dims,
-                                      linear_weight, set_linear_weight)
-from tiny_families import FAMILIES, VOCAB, tiny_config, tiny_model
+from lmshrink.core.errors import LmshrinkError, UnsupportedArchitectureError
+from lmshrink.models.adapters import (
+    SUPPORTED_MODEL_TYPES,
+    get_adapter,
+    is_linear,
+    iter_linears,
+    linear_dims,
+    linear_weight,
+    set_linear_weight,
+)
 
 EXPECTED_BLOCK_PATH = {"opt": "model.decoder.layers", "gpt2": "transformer.h"}
 

@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 from helpers import tiny_llama, tiny_tokenizer
+
 from lmshrink.cli import main
 from lmshrink.models.registry import PACKAGED_MODELS
 

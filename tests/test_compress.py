@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
+from helpers import save_tiny_llama, write_calibration_text
 from transformers import AutoModelForCausalLM
 
-from helpers import save_tiny_llama, write_calibration_text
 from lmshrink import compress, load_model
 from lmshrink.cli import main
-from lmshrink.errors import LmshrinkError
-from lmshrink.formats import load_quantized_results
-from lmshrink.recipe import RecipeError
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.formats.compressed_tensors import load_quantized_results
+from lmshrink.pipeline.recipe import RecipeError
 
 
 def _tree_digest(folder):
@@ -165,7 +165,7 @@ class _NoEngine:
 def test_what_saving_would_refuse_is_refused_before_compressing(tiny_dir, calib_file, tmp_path, capsys, monkeypatch):
     """float16 scales set in a recipe for a bfloat16 model, and a group size with no storable divisor, fail at once
     with fixes in recipe and CLI terms, not after the whole compression at save time."""
-    monkeypatch.setattr(importlib.import_module("lmshrink.compress"), "Engine", _NoEngine)
+    monkeypatch.setattr(importlib.import_module("lmshrink.pipeline.compress"), "Engine", _NoEngine)
     recipe = tmp_path / "fp16-scales.yaml"
     recipe.write_text("stages:\n- method: rtn\n  group_size: 32\n  scale_dtype: float16\n")
     code = main(["compress", str(tiny_dir), "--recipe", str(recipe), "--calib", f"file:{calib_file}", "--nsamples",
@@ -201,8 +201,8 @@ def test_check_before_compressing_agrees_with_the_writer(tmp_path, calib_file):
     """Two stages on one grid share the writer's stored group size: each stage alone is storable (gcd(240, 272) =
     16, gcd(240, 360) = 120), together not (gcd 8). check_recipe refuses what save_quantized refuses, and without an
     output the compression runs."""
-    from lmshrink.formats.compressed_tensors import save_quantized
-    from lmshrink.errors import LmshrinkError
+    from lmshrink.core.errors import LmshrinkError
+    from lmshrink.formats.save import save_quantized
 
     source = save_tiny_llama(tmp_path / "src", num_hidden_layers=1, hidden_size=272, intermediate_size=360,
                              num_attention_heads=2, num_key_value_heads=1)
@@ -226,7 +226,7 @@ def test_check_before_compressing_agrees_with_the_writer(tmp_path, calib_file):
 
 def test_progress_reaches_the_engine_with_an_output(tiny_dir, calib_file, tmp_path, monkeypatch):
     """The resume state must not take the place of the progress flag (progress bars vanished with -o)."""
-    module = importlib.import_module("lmshrink.compress")
+    module = importlib.import_module("lmshrink.pipeline.compress")
     seen = []
 
     class Spy(module.Engine):

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmshrink.methods.quant import rtn_quantize
-from lmshrink.quant.grids import GridSpec, dequantize
-from lmshrink.runtime import QuantLinear, cpu_kernels
-from lmshrink.runtime.qlinear import AVX2_KERNEL_MAX_ROWS, DEFAULT_KERNEL_MAX_ROWS
+from lmshrink.core.grids import GridSpec, dequantize
+from lmshrink.methods.quant.rtn import rtn_quantize
+from lmshrink.runtime import cpu_kernels
+from lmshrink.runtime.qlinear import AVX2_KERNEL_MAX_ROWS, DEFAULT_KERNEL_MAX_ROWS, QuantLinear
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(),
                                   reason=f"AVX2 int4 kernel unavailable: {cpu_kernels.kernel_status()}")

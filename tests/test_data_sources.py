@@ -2,11 +2,11 @@ import json
 
 import pytest
 import torch
-
 from helpers import tiny_tokenizer
-from lmshrink.data import calibration_windows, evaluation_windows, load_text
-from lmshrink.data.sources import TextSource
-from lmshrink.errors import DataSourceError, LmshrinkError
+
+from lmshrink.core.errors import DataSourceError, LmshrinkError
+from lmshrink.data.sources import TextSource, load_text
+from lmshrink.data.windows import calibration_windows, evaluation_windows
 
 
 def test_wikitext_rows_rebuild_hf_layout(shared_data):

@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
-
 from tiny_families import tiny_model
+
 from lmshrink.engine.loop import Engine
-from lmshrink.models import get_adapter
-from lmshrink.recipe import parse_recipe
+from lmshrink.models.adapters import get_adapter
+from lmshrink.pipeline.recipe import parse_recipe
 
 RECIPE = {"stages": [{"method": "gptq", "bits": 4, "group_size": 16}]}
 

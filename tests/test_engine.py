@@ -2,16 +2,16 @@ import copy
 
 import pytest
 import torch
-
 from helpers import assert_same_run, tiny_llama
 from tiny_families import FAMILIES, tiny_model
+
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.core.grids import dequantize
 from lmshrink.engine.capture import capture_block_inputs, run_block
 from lmshrink.engine.checkpoint import Checkpoint
 from lmshrink.engine.loop import Engine
-from lmshrink.errors import LmshrinkError
-from lmshrink.models import get_adapter
-from lmshrink.quant.grids import dequantize
-from lmshrink.recipe import parse_recipe
+from lmshrink.models.adapters import get_adapter
+from lmshrink.pipeline.recipe import parse_recipe
 
 
 def _calib(n=4, seqlen=48, seed=0):
@@ -185,13 +185,13 @@ def _weights(model):
 def _count_passes(monkeypatch):
     from lmshrink.engine import loop
     calls = []
-    original = loop._collect
+    original = loop.collect
 
     def counting(*args, **kwargs):
         calls.append(sorted(args[1]))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "_collect", counting)
+    monkeypatch.setattr(loop, "collect", counting)
     return calls
 
 
@@ -251,6 +251,8 @@ def test_free_heap_is_released_after_every_pass_and_every_block(monkeypatch):
     model = tiny_llama(num_hidden_layers=2)
     _engine(model, [{"method": "gptq", "bits": 4, "group_size": 32}])
     assert len(calls) == 2 * 4 + 2
-    loop._malloc_trim.cache_clear()
+    from lmshrink.core import process
+
+    process._malloc_trim.cache_clear()
     monkeypatch.undo()
-    loop.release_free_heap()  # the real one: callable on this platform (None where there is no malloc_trim)
+    process.release_free_heap()  # the real one: callable on this platform (None where there is no malloc_trim)

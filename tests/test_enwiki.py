@@ -8,11 +8,17 @@ import random
 
 import pytest
 
+from lmshrink.core.errors import DataSourceError, IntegrityError
 from lmshrink.data import enwiki
 from lmshrink.data.enwiki import (
-    ENWIKI_SAMPLE, Article, enwiki_stats, load_enwiki_sample, parse_articles, split_articles, wikitext_to_plain,
+    ENWIKI_SAMPLE,
+    Article,
+    enwiki_stats,
+    load_enwiki_sample,
+    parse_articles,
+    split_articles,
+    wikitext_to_plain,
 )
-from lmshrink.errors import DataSourceError, IntegrityError
 
 ARTICLE_ONE = """{{Infobox thing|name=Widget|size={{convert|3|m}}}}
 '''Widget''' is a [[tool|small tool]] used in ''workshops'' all over [[Europe]].<ref>{{cite web|url=http://x.org|title=Cite}}</ref> It weighs {{convert|2|kg}} on average.<ref name="a"/>

@@ -3,10 +3,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-
 from helpers import tiny_llama, tiny_tokenizer
+
 from lmshrink import evaluate
-from lmshrink.data import Windows
+from lmshrink.data.windows import Windows
 from lmshrink.eval.kl import kl_divergence
 from lmshrink.eval.perplexity import perplexity
 from lmshrink.eval.size import model_size
@@ -56,11 +56,13 @@ def test_model_size_counts_tied_weights_once():
 
 
 def test_model_size_counts_the_weights_of_packed_layers_not_their_stored_elements():
-    from lmshrink.methods.quant import rtn_quantize
-    from lmshrink.models import iter_linears, linear_weight
-    from lmshrink.quant.grids import GridSpec
-    from lmshrink.runtime import QuantLinear, replace_linears
     from tiny_families import tiny_model
+
+    from lmshrink.core.grids import GridSpec
+    from lmshrink.methods.quant.rtn import rtn_quantize
+    from lmshrink.models.adapters import iter_linears, linear_weight
+    from lmshrink.runtime.packed import replace_linears
+    from lmshrink.runtime.qlinear import QuantLinear
 
     model = tiny_model("qwen2")  # its q/k/v projections have a bias: counted as weights too
     dense = model_size(model)

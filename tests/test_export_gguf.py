@@ -8,14 +8,15 @@ import gguf
 import numpy as np
 import pytest
 import torch
-
 from helpers import tiny_llama, tiny_tokenizer
-from lmshrink.errors import LmshrinkError
-from lmshrink.formats import save_quantized
+
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.core.grids import GridSpec
 from lmshrink.formats.gguf_export import _row_permutation, export_gguf, read_gguf_weight
-from lmshrink.methods.quant import gptq_quantize, rtn_quantize
+from lmshrink.formats.save import save_quantized
+from lmshrink.methods.quant.gptq import gptq_quantize
+from lmshrink.methods.quant.rtn import rtn_quantize
 from lmshrink.models.adapters import iter_linears, linear_weight, set_linear_weight
-from lmshrink.quant.grids import GridSpec
 
 HEADS, KV_HEADS = 4, 2
 
@@ -194,7 +195,7 @@ def test_cli_export_gguf_and_gptq(tmp_path, capsys):
 def test_bitmask_stored_pruned_layers_are_exported_as_dense_weights(tmp_path):
     from safetensors import safe_open
 
-    from lmshrink.quant.sparse import PruneResult
+    from lmshrink.core.results import PruneResult
 
     spec = GridSpec(bits=4, group_size=32, symmetric=True, scale_dtype="float16")
     model = tiny_llama(num_hidden_layers=2)

@@ -6,15 +6,15 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_llama, tiny_tokenizer
 from safetensors import safe_open
 
-from helpers import tiny_llama, tiny_tokenizer
-from lmshrink.errors import LmshrinkError
-from lmshrink.formats import save_quantized
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.core.grids import GridSpec
 from lmshrink.formats.gptq_export import export_gptq, load_gptq_results
-from lmshrink.methods.quant import rtn_quantize
+from lmshrink.formats.save import save_quantized
+from lmshrink.methods.quant.rtn import rtn_quantize
 from lmshrink.models.adapters import iter_linears, linear_weight, set_linear_weight
-from lmshrink.quant.grids import GridSpec
 
 
 def _compressed(tmp_path, spec_of, **overrides):
@@ -96,7 +96,7 @@ def test_zero_point_zero_in_a_saved_folder_is_refused(tmp_path):
 
 def _pruned_down_proj_and_quantized(model, spec):
     """Results for ``model``: every ``down_proj`` pruned to 50% (magnitude, not quantized), the rest quantized."""
-    from lmshrink.quant.sparse import PruneResult
+    from lmshrink.core.results import PruneResult
 
     results = {}
     for layer, module in iter_linears(model):

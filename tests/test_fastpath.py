@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import tiny_llama, tiny_tokenizer
-from lmshrink.errors import LmshrinkError
-from lmshrink.formats import save_quantized
-from lmshrink.methods.quant import rtn_quantize
-from lmshrink.models.adapters import iter_linears, linear_weight, set_linear_weight
-from lmshrink.quant.grids import GridSpec
-from lmshrink.runtime import FastDecoder, cpu_kernels, load_packed
-from lmshrink.runtime.fastpath import supported
 from tiny_families import tiny_model
+
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.core.grids import GridSpec
+from lmshrink.formats.loading import load_packed
+from lmshrink.formats.save import save_quantized
+from lmshrink.methods.quant.rtn import rtn_quantize
+from lmshrink.models.adapters import iter_linears, linear_weight, set_linear_weight
+from lmshrink.runtime import cpu_kernels
+from lmshrink.runtime.fastpath import FastDecoder, supported
 
 ATOL = 1e-4
 

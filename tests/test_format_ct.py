@@ -9,17 +9,19 @@ import warnings
 
 import pytest
 import torch
+from helpers import tiny_llama, tiny_tokenizer
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from helpers import tiny_llama, tiny_tokenizer
-from lmshrink.errors import LmshrinkError
-from lmshrink.formats import is_compressed_tensors_folder, load_quantized_results, save_quantized
+from lmshrink.core.atomic import atomic_write_bytes, atomic_write_text
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.core.grids import GridSpec
 from lmshrink.formats import compressed_tensors as ct_format
-from lmshrink.formats.atomic import atomic_write_bytes, atomic_write_text
-from lmshrink.methods.quant import gptq_quantize, rtn_quantize
+from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder, load_quantized_results
+from lmshrink.formats.save import save_quantized
+from lmshrink.methods.quant.gptq import gptq_quantize
+from lmshrink.methods.quant.rtn import rtn_quantize
 from lmshrink.models.adapters import iter_linears, linear_weight, set_linear_weight
-from lmshrink.quant.grids import GridSpec
 
 
 def _hessian(in_features: int, seed: int) -> torch.Tensor:

@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from lmshrink.methods.quant import gptq_quantize, rtn_quantize
-from lmshrink.methods.solver import HessianAccumulator, SolverError, output_error
-from lmshrink.quant import GridSpec, dequantize, fit_groups, group_index
+from lmshrink.core.grids import GridSpec, dequantize, fit_groups, group_index
+from lmshrink.engine.statistics import HessianAccumulator
+from lmshrink.methods.quant.gptq import gptq_quantize
+from lmshrink.methods.quant.rtn import rtn_quantize
+from lmshrink.methods.solver import SolverError, output_error
 
 
 def _layer(out=64, inp=96, samples=600, seed=0):
@@ -168,7 +170,7 @@ def test_output_error_formula():
 def test_fixed_grid_rule_reproduces_gptq_codes(act_order, static):
     """A GridRule given a layer's grid (scale, zero, g_idx) fits nothing: the sweep on the same weights and Hessian
     chooses exactly the codes GPTQ chose on that grid (with act-order and sweep-order groups, a permuted g_idx)."""
-    from lmshrink.methods.quant import GridRule
+    from lmshrink.methods.quant.gptq import GridRule
     from lmshrink.methods.solver import solve_columns
 
     weight, _, hessian = _layer(inp=100, seed=2)

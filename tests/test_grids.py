@@ -3,10 +3,25 @@
 import pytest
 import torch
 
-from lmshrink.errors import LmshrinkError
-from lmshrink.quant import (
-    GridSpec, dequantize, fake_quantize, fit_grid, fit_groups, from_signed, group_index, pack_gptq_qweight,
-    pack_gptq_qzeros, pack_int32, packed_size, quantize, to_signed, unpack_gptq_qweight, unpack_gptq_qzeros,
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.core.grids import (
+    GridSpec,
+    dequantize,
+    fake_quantize,
+    fit_grid,
+    fit_groups,
+    from_signed,
+    group_index,
+    quantize,
+    to_signed,
+)
+from lmshrink.core.packing import (
+    pack_gptq_qweight,
+    pack_gptq_qzeros,
+    pack_int32,
+    packed_size,
+    unpack_gptq_qweight,
+    unpack_gptq_qzeros,
     unpack_int32,
 )
 

@@ -5,15 +5,15 @@ import json
 
 import pytest
 import torch
+from helpers import save_tiny_llama, write_calibration_text
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from helpers import save_tiny_llama, write_calibration_text
 from lmshrink import compress, load_model
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.core.grids import dequantize
 from lmshrink.engine.offload import materialised_blocks
-from lmshrink.errors import LmshrinkError
-from lmshrink.models import get_adapter
-from lmshrink.quant.grids import dequantize
+from lmshrink.models.adapters import get_adapter
 
 # clip search off keeps the tests fast; the streamed path is independent of the grid fitting
 RECIPE = [{"method": "gptq", "bits": 4, "group_size": 32, "act_order": True, "static_groups": True,
@@ -181,7 +181,7 @@ def test_cli_offload_disk_writes_the_same_checkpoint(folders, calib, in_memory, 
 def test_truncated_or_missing_weights_are_model_source_errors(folders, tmp_path):
     import shutil
 
-    from lmshrink.errors import ModelSourceError
+    from lmshrink.core.errors import ModelSourceError
 
     truncated = tmp_path / "truncated"
     shutil.copytree(folders["single"], truncated)

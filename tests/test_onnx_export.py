@@ -25,19 +25,20 @@ for _module in ("onnx", "onnxscript", "onnxruntime"):
 
 import onnx  # noqa: E402
 import onnxruntime  # noqa: E402
+from helpers import save_tiny_llama, tiny_llama, tiny_tokenizer, write_calibration_text  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from helpers import save_tiny_llama, tiny_llama, tiny_tokenizer, write_calibration_text  # noqa: E402
-from lmshrink import load_model  # noqa: E402
-from lmshrink.api import export  # noqa: E402
-from lmshrink.cli import main  # noqa: E402
-from lmshrink.errors import LmshrinkError  # noqa: E402
-from lmshrink.formats import load_quantized_results, save_quantized  # noqa: E402
-from lmshrink.formats.onnx_export import (dequantize_matmul_nbits, pack_matmul_nbits,  # noqa: E402
-                                          run_onnx)
-from lmshrink.methods.quant import rtn_quantize  # noqa: E402
-from lmshrink.models.adapters import iter_linears, linear_weight, set_linear_weight  # noqa: E402
-from lmshrink.quant.grids import GridSpec, QuantResult, dequantize  # noqa: E402
+from lmshrink import load_model
+from lmshrink.api import export
+from lmshrink.cli import main
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.core.grids import GridSpec, dequantize
+from lmshrink.core.results import QuantResult
+from lmshrink.formats.compressed_tensors import load_quantized_results
+from lmshrink.formats.onnx_export import dequantize_matmul_nbits, pack_matmul_nbits, run_onnx
+from lmshrink.formats.save import save_quantized
+from lmshrink.methods.quant.rtn import rtn_quantize
+from lmshrink.models.adapters import iter_linears, linear_weight, set_linear_weight
 
 LOGIT_TOLERANCE = 1e-5  # of the largest |logit|; see the module doc
 

@@ -4,14 +4,18 @@ magnitude stages (same results as collecting them)."""
 
 import pytest
 import torch
-
 from helpers import correlated_layer as _layer
-from lmshrink.methods.prune import (PruneResult, gptq_keep_mask, magnitude_prune, outlier_ratio, owl_sparsities,
-                                    sparsegpt_prune, wanda_prune)
-from lmshrink.methods.quant.gptq import gptq_quantize
+
+from lmshrink.core.grids import GridSpec, dequantize
+from lmshrink.core.results import PruneResult
+from lmshrink.methods.prune.magnitude import magnitude_prune
+from lmshrink.methods.prune.owl import outlier_ratio, owl_sparsities
+from lmshrink.methods.prune.sparsegpt import sparsegpt_prune
+from lmshrink.methods.prune.wanda import wanda_prune
+from lmshrink.methods.quant.gptq import gptq_keep_mask, gptq_quantize
 from lmshrink.methods.solver import output_error, solve_columns
-from lmshrink.quant.grids import GridSpec, dequantize
-from lmshrink.recipe import RecipeError, check_recipe, load_recipe
+from lmshrink.pipeline.checks import check_recipe
+from lmshrink.pipeline.recipe import RecipeError, load_recipe
 
 
 def _check_nm(weight, n, m):
@@ -183,7 +187,7 @@ def test_owl_sparsities_at_the_bounds_still_average_to_target_in_order(ratios, t
 
 
 def test_sparse_rule_needs_original_order_for_nm():
-    from lmshrink.methods.prune import SparseRule
+    from lmshrink.methods.prune.sparsegpt import SparseRule
 
     weight, _, hessian = _layer()
     with pytest.raises(ValueError, match="original order"):
@@ -249,20 +253,23 @@ def _engine_run(tmp_path, recipe, monkeypatch, collect_all=False):
     """compress() a tiny Llama in memory; returns (record, model, accumulators created). ``collect_all``: the
     behaviour before magnitude stages skipped collection (every stage collects, every block runs forward)."""
     from helpers import tiny_llama, tiny_tokenizer, write_calibration_text
+
     from lmshrink import compress
-    from lmshrink.engine import loop
+    from lmshrink.core.stage import Stat
+    from lmshrink.engine import passes
+    from lmshrink.methods.prune.stages import MagnitudeStage
 
     created = []
 
-    class Counting(loop.HessianAccumulator):
+    class Counting(passes.HessianAccumulator):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             created.append(self)
 
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "HessianAccumulator", Counting)
+        patch.setattr(passes, "HessianAccumulator", Counting)
         if collect_all:
-            patch.setattr(loop, "_needs_hessian", lambda stage: True)
+            patch.setattr(MagnitudeStage, "needs", lambda self: frozenset({Stat.HESSIAN}))
         model = tiny_llama()
         calib = write_calibration_text(tmp_path / "calib.txt")
         record = compress(model, recipe, tokenizer=tiny_tokenizer(), calibration=f"file:{calib}", nsamples=4,
@@ -281,6 +288,7 @@ def _same_results(one, two):
 
 def _original_linears():
     from helpers import tiny_llama
+
     from lmshrink.models.adapters import iter_linears
 
     return {name: module.weight.detach().clone() for name, module in iter_linears(tiny_llama()) if name != "lm_head"}

@@ -6,15 +6,17 @@ import json
 
 import pytest
 import torch
+from helpers import correlated_layer, save_tiny_llama, write_calibration_text
 from transformers import AutoModelForCausalLM
 
-from helpers import correlated_layer, save_tiny_llama, write_calibration_text
 from lmshrink import compress, load_model
-from lmshrink.methods.prune import magnitude_prune, refit_kept_weights, sparsegpt_prune, wanda_prune
-from lmshrink.methods.prune.refit import damped_hessian
+from lmshrink.methods.prune.magnitude import magnitude_prune
+from lmshrink.methods.prune.refit import damped_hessian, refit_kept_weights
+from lmshrink.methods.prune.sparsegpt import sparsegpt_prune
+from lmshrink.methods.prune.wanda import wanda_prune
 from lmshrink.methods.solver import output_error
 from lmshrink.models.adapters import iter_linears
-from lmshrink.recipe import RecipeError, load_recipe
+from lmshrink.pipeline.recipe import RecipeError, load_recipe
 
 
 def _layer(rows=48, cols=96, tokens=768, seed=0):

@@ -3,7 +3,10 @@ import warnings
 import pytest
 import torch
 
-from lmshrink.recipe import PRESETS, GPTQStage, RecipeError, check_recipe, load_recipe, parse_recipe, quantizes
+from lmshrink.methods.quant.stages import GPTQStage
+from lmshrink.pipeline.checks import check_recipe
+from lmshrink.pipeline.presets import PRESETS
+from lmshrink.pipeline.recipe import RecipeError, load_recipe, parse_recipe, quantizes
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

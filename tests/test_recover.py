@@ -8,17 +8,22 @@ import json
 
 import pytest
 import torch
+from helpers import save_tiny_llama, tiny_llama, tiny_tokenizer, write_word_paragraphs
 from transformers import AutoModelForCausalLM
 
-from helpers import save_tiny_llama, tiny_llama, tiny_tokenizer, write_word_paragraphs
 from lmshrink import compress, load_model
-from lmshrink.methods.recover import (adapter_files, attach, held_out_metrics, load_adapter, lora_delta, merge,
-                                      split_documents, split_phases)
-from lmshrink.data import evaluation_windows, load_text
+from lmshrink.core.grids import dequantize
+from lmshrink.core.results import PruneResult
+from lmshrink.data.sources import load_text
+from lmshrink.data.windows import evaluation_windows
+from lmshrink.methods.recover.lora import adapter_files, attach, load_adapter, lora_delta, merge
+from lmshrink.methods.recover.text import split_documents
+from lmshrink.methods.recover.train import Forward, held_out_metrics
 from lmshrink.models.adapters import iter_linears, linear_weight
-from lmshrink.quant.grids import dequantize
-from lmshrink.quant.sparse import PruneResult
-from lmshrink.recipe import PRESETS, RecipeError, check_recipe, load_recipe, parse_recipe
+from lmshrink.pipeline.checks import check_recipe
+from lmshrink.pipeline.phases import split_phases
+from lmshrink.pipeline.presets import PRESETS
+from lmshrink.pipeline.recipe import RecipeError, load_recipe, parse_recipe
 
 RECOVER = {"method": "recover", "steps": 12, "seqlen": 32, "batch": 4, "lr": 3e-3, "eval_windows": 4, "rank": 4,
            "alpha": 8, "eval_every": 4, "patience": 0}
@@ -157,8 +162,8 @@ def test_recovery_lowers_held_out_kl_and_unmerged_adapters_reload(tiny_dir, text
 
 
 def test_quantized_merge_stays_on_the_stored_grid():
+    from lmshrink.core.grids import GridSpec
     from lmshrink.methods.quant.rtn import rtn_quantize
-    from lmshrink.quant.grids import GridSpec
 
     model = tiny_llama(seed=5)
     names = [n for n, _ in iter_linears(model)]
@@ -264,7 +269,7 @@ def test_masked_lora_function_gradients_match_dense_reference():
 @pytest.mark.parametrize("temperature, lm_weight, kl_weight", [(1.0, 0.0, 1.0), (2.0, 0.5, 1.0), (1.0, 1.0, 0.0)])
 def test_chunked_head_loss_matches_full_logits(temperature, lm_weight, kl_weight):
     """The chunked loss from hidden states + heads equals the full-logits loss, value and gradient."""
-    from lmshrink.methods.recover import distill_loss, head_distill_loss
+    from lmshrink.methods.recover.losses import distill_loss, head_distill_loss
 
     student, teacher = tiny_llama(seed=7), tiny_llama(seed=8)
     ids = _ids()
@@ -284,14 +289,13 @@ def test_chunked_head_loss_matches_full_logits(temperature, lm_weight, kl_weight
 
 @pytest.mark.parametrize("loss", ["kl", "kl+mse"])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(loss):
-    from lmshrink.methods.recover import checkpointed_blocks, step_loss
-    from lmshrink.methods.recover.distill import _Forward, _head_path
+    from lmshrink.methods.recover.train import _head_path, checkpointed_blocks, step_loss
 
     peft_model, _, _, _ = _masked_peft()
     teacher = tiny_llama(seed=6).requires_grad_(False)
     stage = load_recipe({"stages": [{"method": "rtn", "group_size": 32},
                                     {**RECOVER, "loss": loss, "lm_weight": 0.3}]}).stages[1]
-    student, teach = _Forward(peft_model), _Forward(teacher)
+    student, teach = Forward(peft_model), Forward(teacher)
     assert _head_path(student, teach, ids=_ids())
     params = [p for p in peft_model.parameters() if p.requires_grad]
     outcomes = []
@@ -310,8 +314,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(loss):
 
 def _held_out_hidden_error(tiny_dir, text_file, stage_options, results):
     """Mean normalized per-block hidden-state MSE of the recovered student against the teacher on held-out windows."""
-    from lmshrink.methods.recover import hidden_mse
-    from lmshrink.methods.recover.distill import _Forward
+    from lmshrink.methods.recover.losses import hidden_mse
 
     stage = load_recipe({"stages": [{"method": "rtn", "group_size": 32}, stage_options]}).stages[1]
     _, held = split_documents(load_text(f"file:{text_file}", "train"), tiny_tokenizer(),
@@ -320,7 +323,7 @@ def _held_out_hidden_error(tiny_dir, text_file, stage_options, results):
     student = load_model(str(tiny_dir), progress=False).model
     for name, module in iter_linears(student):
         module.weight.data.copy_(results[name].dense())
-    s_fwd, t_fwd = _Forward(student), _Forward(load_model(str(tiny_dir), progress=False).model)
+    s_fwd, t_fwd = Forward(student), Forward(load_model(str(tiny_dir), progress=False).model)
     s_blocks, t_blocks = [], []
     with torch.no_grad(), s_fwd.capture(s_blocks), t_fwd.capture(t_blocks):
         s_fwd.hidden(ids)
@@ -342,7 +345,7 @@ def test_hidden_mse_loss_lowers_the_hidden_state_error(tiny_dir, text_file):
 def test_resume_inside_a_recover_stage_gives_identical_results(tiny_dir, text_file, tmp_path, monkeypatch):
     """A run killed after its second save (step 4 of 8) and resumed ends with the same weights and record as an
     uninterrupted run."""
-    from lmshrink.methods.recover import distill
+    from lmshrink.methods.recover import train as distill
 
     stages = [{"method": "sparsegpt", "pattern": "2:4"}, {**RECOVER, "steps": 8, "eval_every": 3, "save_every": 2}]
     whole = _compress(tiny_dir, text_file, stages, out=tmp_path / "whole")
@@ -377,7 +380,7 @@ def test_max_seconds_stops_training_and_is_recorded(tiny_dir, text_file, tmp_pat
     adapters trained since the last evaluation are evaluated and kept if better, and lmshrink.json records it."""
     import types
 
-    from lmshrink.methods.recover import distill
+    from lmshrink.methods.recover import train as distill
 
     clock = iter(range(10**6))
     monkeypatch.setattr(distill, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
@@ -398,8 +401,8 @@ def test_max_seconds_stops_training_and_is_recorded(tiny_dir, text_file, tmp_pat
 def test_merge_that_loses_the_held_out_gain_warns_and_names_the_fix(merged_kl, quantized, warns):
     """KL 0.45 before, 0.25 with the adapters: a merged model at 0.44 keeps 5% of the gain (warn, and for quantized
     layers under round-to-nearest suggest requantize: gptq), at 0.34 it keeps 55% (no warning)."""
-    from lmshrink.methods.recover.distill import _check_merge_kept_gain
-    from lmshrink.recipe import RecoverStage
+    from lmshrink.methods.recover.stage import RecoverStage
+    from lmshrink.methods.recover.train import _check_merge_kept_gain
 
     record = {"held_out_after_merge": {"kl": merged_kl},
               "merge": {"quantized_codes_changed": 0.0 if quantized else None}}

@@ -4,18 +4,22 @@ grids (scale, zero, g_idx) do not move, pruned zeros stay zero, the record says 
 naming the option, and a compressed checkpoint with such a merge reloads with the merged weights."""
 
 import copy
+import functools
 
 import pytest
 import torch
-
 from helpers import save_tiny_llama, tiny_llama, write_word_paragraphs
+
 from lmshrink import compress, load_model
-from lmshrink.methods.quant import gptq_quantize, rtn_quantize
-from lmshrink.methods.recover import attach, lora_delta, merge
-from lmshrink.methods.solver import HessianAccumulator
+from lmshrink.core.grids import GridSpec, dequantize
+from lmshrink.engine.statistics import HessianAccumulator
+from lmshrink.methods.quant.gptq import gptq_quantize
+from lmshrink.methods.quant.rtn import rtn_quantize
+from lmshrink.methods.recover.lora import attach, lora_delta, merge
 from lmshrink.models.adapters import iter_linears, linear_weight, set_linear_weight
-from lmshrink.quant.grids import GridSpec, dequantize
-from lmshrink.recipe import RecipeError, check_recipe, parse_recipe
+from lmshrink.pipeline.checks import check_recipe
+from lmshrink.pipeline.phases import requantize_on_grid
+from lmshrink.pipeline.recipe import RecipeError, parse_recipe
 
 SPEC = GridSpec(bits=3, group_size=32)
 
@@ -96,7 +100,8 @@ def _layer_hessians(model, calibration):
 def _merged(requantize, pruned, act_order_grid):
     peft_model, names, results, masks, float_model = _quantized_peft(7, pruned, act_order_grid)
     before = dict(results)
-    model, record = merge(peft_model, names, results, masks, requantize, calibration=_calibration())
+    model, record = merge(peft_model, names, results, masks, requantize,
+                          requantize_on_grid=functools.partial(requantize_on_grid, calibration=_calibration()))
     return model, record, names, before, results, masks, float_model
 
 
@@ -138,9 +143,9 @@ def test_gptq_requantization_beats_round_on_the_same_grid(pruned, act_order_grid
     assert "mean_rel_output_error" not in round_record
 
 
-def test_gptq_requantization_needs_calibration():
+def test_gptq_requantization_needs_calibration_hessians():
     peft_model, names, results, masks, _ = _quantized_peft(7, False, False)
-    with pytest.raises(Exception, match="calibration"):
+    with pytest.raises(Exception, match="calibration Hessians"):
         merge(peft_model, names, results, masks, "gptq")
 
 

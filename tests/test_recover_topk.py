@@ -9,13 +9,13 @@ import weakref
 
 import pytest
 import torch
-
 from helpers import save_tiny_llama, tiny_llama, write_word_paragraphs
+
 from lmshrink import compress, load_model
-from lmshrink.methods.recover import (distill_loss, snapshot_teacher, topk_distill_loss, topk_head_distill_loss,
-                                      topk_kl)
+from lmshrink.methods.recover.losses import distill_loss, topk_distill_loss, topk_head_distill_loss, topk_kl
 from lmshrink.methods.recover.teacher_cache import block_bytes, open_cache, release_blocks, topk_logprobs
-from lmshrink.recipe import RecipeError, parse_recipe
+from lmshrink.pipeline.phases import snapshot_teacher
+from lmshrink.pipeline.recipe import RecipeError, parse_recipe
 
 VOCAB = 300
 RECOVER = {"method": "recover", "steps": 12, "seqlen": 32, "batch": 4, "lr": 3e-3, "eval_windows": 4, "rank": 4,
@@ -164,7 +164,7 @@ def test_topk_recovery_lowers_held_out_kl_and_frees_the_teacher(tiny_dir, text_f
 
 
 def test_resumed_run_reuses_the_cache(tiny_dir, text_file, tmp_path, monkeypatch):
-    from lmshrink.methods.recover import distill
+    from lmshrink.methods.recover import train as distill
 
     stages = [{"method": "sparsegpt", "pattern": "2:4"}, {**RECOVER, "steps": 8, "eval_every": 3, "save_every": 2}]
     whole = _compress(tiny_dir, text_file, stages, out=tmp_path / "whole")
@@ -219,7 +219,7 @@ def test_bad_options_name_the_option_and_the_fix(options, needles):
 
 def test_topk_with_max_seconds_warns_that_the_cache_covers_every_window():
     from lmshrink.models.adapters import iter_linears
-    from lmshrink.recipe import check_recipe
+    from lmshrink.pipeline.checks import check_recipe
 
     layers = [(n, m.in_features) for n, m in iter_linears(tiny_llama())]
     recipe = parse_recipe([{"method": "rtn", "group_size": 32},

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from lmshrink.methods.quant import gptq_quantize
+from lmshrink.core.grids import GridSpec, dequantize
+from lmshrink.methods.quant.gptq import gptq_quantize
 from lmshrink.methods.quant.refine import coordinate_descent
 from lmshrink.methods.solver import output_error
-from lmshrink.quant import GridSpec, dequantize
 
 
 def _layer(out=48, inp=96, samples=800, seed=0):
@@ -103,9 +103,10 @@ def test_engine_stage_option_descends_after_the_sweep_and_keeps_pruned_zeros():
     import copy
 
     from helpers import tiny_llama
+
     from lmshrink.engine.loop import Engine
-    from lmshrink.models import get_adapter
-    from lmshrink.recipe import parse_recipe
+    from lmshrink.models.adapters import get_adapter
+    from lmshrink.pipeline.recipe import parse_recipe
 
     calib = torch.randint(0, 300, (6, 48), generator=torch.Generator().manual_seed(0))
 

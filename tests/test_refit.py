@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from lmshrink.methods.quant import gptq_quantize, rtn_quantize
+from lmshrink.core.grids import GridSpec, dequantize
+from lmshrink.methods.quant.gptq import gptq_quantize
 from lmshrink.methods.quant.refit import refit_scales
+from lmshrink.methods.quant.rtn import rtn_quantize
 from lmshrink.methods.solver import output_error
-from lmshrink.quant import GridSpec, dequantize
 
 
 def _layer(out=48, inp=96, samples=800, seed=0):

@@ -4,12 +4,12 @@ import copy
 
 import pytest
 import torch
-
 from tiny_families import FAMILIES, tiny_model
+
 from lmshrink.engine import replay
 from lmshrink.engine.loop import Engine
-from lmshrink.models import get_adapter
-from lmshrink.recipe import parse_recipe
+from lmshrink.models.adapters import get_adapter
+from lmshrink.pipeline.recipe import parse_recipe
 
 GPTQ = {"stages": [{"method": "gptq", "bits": 4, "group_size": 16}]}
 TWO_STAGES = {"stages": [{"method": "rtn", "bits": 8, "group_size": -1},

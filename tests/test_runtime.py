@@ -5,13 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import tiny_llama, tiny_tokenizer
-from lmshrink.formats import save_quantized
-from lmshrink.methods.quant import gptq_quantize, rtn_quantize
+
+from lmshrink.core.grids import GridSpec
+from lmshrink.formats.loading import load_packed
+from lmshrink.formats.save import save_quantized
+from lmshrink.methods.quant.gptq import gptq_quantize
+from lmshrink.methods.quant.rtn import rtn_quantize
 from lmshrink.models.adapters import iter_linears, linear_weight, set_linear_weight
-from lmshrink.quant.grids import GridSpec
-from lmshrink.runtime import QuantLinear, cpu_kernels, load_packed, replace_linears, unpack_int4pack
+from lmshrink.runtime import cpu_kernels
+from lmshrink.runtime.packed import replace_linears
+from lmshrink.runtime.qlinear import QuantLinear, unpack_int4pack
 
 
 @pytest.fixture
@@ -228,7 +232,7 @@ def test_replace_linears_in_memory_and_load_model_runtime_packed(tmp_path, int4_
 
 def test_runtime_packed_refuses_a_dense_folder(tmp_path):
     import lmshrink
-    from lmshrink.errors import LmshrinkError
+    from lmshrink.core.errors import LmshrinkError
 
     model = tiny_llama(num_hidden_layers=1)
     model.save_pretrained(tmp_path / "dense")

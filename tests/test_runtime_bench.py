@@ -6,15 +6,15 @@ import importlib.util
 import json
 
 import pytest
-
 from helpers import tiny_llama, tiny_tokenizer
+
 from lmshrink.cli import main
-from lmshrink.errors import LmshrinkError
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.core.grids import GridSpec
 from lmshrink.eval.bench import bench
-from lmshrink.formats import save_quantized
-from lmshrink.methods.quant import rtn_quantize
+from lmshrink.formats.save import save_quantized
+from lmshrink.methods.quant.rtn import rtn_quantize
 from lmshrink.models.adapters import iter_linears, linear_weight, set_linear_weight
-from lmshrink.quant.grids import GridSpec
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +89,9 @@ def test_bench_reports_both_models_side_by_side(record):
 
 
 def test_linear_bytes_count_gpt2_conv1d_layers_and_empty_ratios_are_none():
-    from lmshrink.eval.bench import _linear_bytes
     from tiny_families import tiny_model
+
+    from lmshrink.eval.bench import _linear_bytes
 
     model = tiny_model("gpt2")  # its block linears are transformers Conv1D layers
     linear = sum(linear_weight(module).numel() for _, module in iter_linears(model))

@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
+from helpers import save_tiny_llama, write_calibration_text
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from helpers import save_tiny_llama, write_calibration_text
 from lmshrink import compress, evaluate, load_model
 from lmshrink.cli import main
-from lmshrink.errors import LmshrinkError
-from lmshrink.formats import load_quantized_results
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.formats.compressed_tensors import load_quantized_results
 from lmshrink.formats.sparse_bitmask import KEYS, decode, encode, encoded_bytes, load_sparse_results
 
 

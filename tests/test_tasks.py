@@ -7,12 +7,15 @@ import math
 
 import pytest
 import torch
-
 from helpers import tiny_llama, tiny_tokenizer
-from lmshrink.errors import DataSourceError, LmshrinkError
-from lmshrink.eval.tasks import (TASKS, Item, encode_pair, evaluate_tasks, list_tasks, load_docs, loglikelihoods,
-                                 resolve_task_names)
+
+from lmshrink.core.errors import DataSourceError, LmshrinkError
+from lmshrink.eval.tasks.datafiles import load_docs
 from lmshrink.eval.tasks.metrics import aggregate, choose, mean_stderr
+from lmshrink.eval.tasks.registry import TASKS, list_tasks, resolve_task_names
+from lmshrink.eval.tasks.runner import evaluate_tasks
+from lmshrink.eval.tasks.scoring import encode_pair, loglikelihoods
+from lmshrink.eval.tasks.spec import Item
 
 SHARED_SIX = ["piqa", "arc_easy", "boolq", "winogrande", "lambada_openai", "sst2"]
 

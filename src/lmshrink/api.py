@@ -7,16 +7,23 @@ from typing import Any
 
 import torch
 
-from .data import evaluation_windows, load_text
-from .errors import LmshrinkError
-from .eval.kl import kl_divergence
-from .eval.perplexity import perplexity
-from .eval.record import environment
-from .eval.size import model_size
-from .eval.sparsity import model_sparsity
-from .compress import compress
-from .eval.bench import bench
-from .models import LoadedModel, as_loaded, load_model
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.core.process import environment
+from lmshrink.data.sources import load_text
+from lmshrink.data.windows import evaluation_windows
+from lmshrink.eval.bench import bench
+from lmshrink.eval.kl import kl_divergence
+from lmshrink.eval.perplexity import perplexity
+from lmshrink.eval.size import model_size
+from lmshrink.eval.sparsity import model_sparsity
+from lmshrink.eval.tasks.runner import evaluate_tasks
+from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder, load_quantized_results
+from lmshrink.formats.gguf_export import export_gguf
+from lmshrink.formats.gptq_export import export_gptq
+from lmshrink.formats.loading import as_loaded, load_model
+from lmshrink.formats.onnx_export import export_onnx
+from lmshrink.models.loader import LoadedModel
+from lmshrink.pipeline.compress import compress
 
 __all__ = ["load_model", "evaluate", "compress", "bench", "export"]
 
@@ -34,8 +41,6 @@ def _sparsity(loaded: LoadedModel) -> dict[str, Any]:
     record = model_sparsity(loaded.model)
     path = loaded.info.path
     if record["skipped_packed_layers"] and path is not None:
-        from .formats.compressed_tensors import is_compressed_tensors_folder, load_quantized_results
-
         if is_compressed_tensors_folder(path):
             decoded = {name: result.weight for name, result in load_quantized_results(path).items()}
             record = model_sparsity(loaded.model, decoded)
@@ -87,8 +92,6 @@ def evaluate(model: LoadedModel | str | torch.nn.Module, *, ppl: str | list[str]
             result = perplexity(loaded.model, windows, batch_size, progress, desc=f"ppl {source.name}")
         record["perplexity"].append({"protocol": windows.protocol, **result})
     if task_names:
-        from .eval.tasks import evaluate_tasks
-
         record["tasks"] = evaluate_tasks(loaded.model, loaded.tokenizer, task_names, data_dir=data_dir,
                                          limit=task_limit, progress=progress)
     return record
@@ -108,15 +111,9 @@ def export(folder: str | Path, to: str, output: str | Path, *, overwrite: bool =
     ``pip install -e '.[onnx]'`` in the lmshrink checkout).
     """
     if to == "gguf":
-        from .formats.gguf_export import export_gguf
-
         return export_gguf(folder, output, source_gguf=source_gguf, dense_type=dense_type, overwrite=overwrite)
     if to == "gptq":
-        from .formats.gptq_export import export_gptq
-
         return export_gptq(folder, output, overwrite=overwrite)
     if to == "onnx":
-        from .formats.onnx_export import export_onnx
-
         return export_onnx(folder, output, overwrite=overwrite, check=check)
     raise LmshrinkError(f"export format {to!r} is not supported", fix=f"use one of: {', '.join(EXPORT_FORMATS)}")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import textwrap
 
-from .errors import LmshrinkError
+from lmshrink.core.errors import LmshrinkError
 
 _MAIN_EXAMPLES = """examples:
   lmshrink models
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmshrink", description="Compress language models after training, and measure what it did.",
         epilog=_MAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from . import __version__
+    from lmshrink.core.version import __version__
 
     parser.add_argument("--version", action="version", version=f"lmshrink {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -197,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_models(args) -> int:
-    from .fetch import cache_root
-    from .models import PACKAGED_MODELS
+    from lmshrink.core.fetch import cache_root
+    from lmshrink.models.registry import PACKAGED_MODELS
 
     rows = []
     for m in PACKAGED_MODELS.values():
@@ -272,7 +274,7 @@ def _print_evaluation(record: dict) -> None:
 
 
 def _cmd_evaluate(args) -> int:
-    from .api import evaluate
+    from lmshrink.api import evaluate
 
     record = evaluate(args.model, ppl=args.ppl, split=args.split, seqlen=args.seqlen, limit=args.limit,
                       kl_base=args.kl_base, tasks=args.tasks,
@@ -288,7 +290,8 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_recipes(args) -> int:
-    from .recipe import PRESETS, load_recipe
+    from lmshrink.pipeline.presets import PRESETS
+    from lmshrink.pipeline.recipe import load_recipe
 
     if args.show:
         recipe = load_recipe(args.show)
@@ -297,25 +300,21 @@ def _cmd_recipes(args) -> int:
     if args.json:
         print(json.dumps({name: load_recipe(name).to_dict() for name in PRESETS}, indent=2))
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="recipe presets (lmshrink recipes --show NAME prints one as YAML)")
-    for col in ("name", "method", "bits", "group size", "symmetric", "options"):
-        table.add_column(col, no_wrap=col == "name", overflow="fold")
-    for name in PRESETS:
-        for stage in load_recipe(name).stages:
-            options = stage.model_dump()
-            quantized = options.get("bits") is not None
-            extra = ", ".join(f"{k}={v}" for k, v in options.items()
-                              if k in ("sparsity", "pattern", "allocation", "act_order", "static_groups",
-                                       "damp_percent") or k == "clip_search" and quantized
-                              or k in ("fp_target", "descent_passes", "refit_scales", "refit_iterations") and v)
-            table.add_row(name, stage.method, str(options["bits"]) if quantized else "",
-                          str(options["group_size"]) if quantized else "",
-                          str(options["symmetric"]) if quantized else "", extra)
-    Console().print(table)
+    print(_preset_lines(PRESETS, shutil.get_terminal_size((100, 24)).columns))
+    print("\nlmshrink recipes --show NAME prints one as YAML (edit it, then compress --recipe my.yaml)")
     return 0
+
+
+def _preset_lines(presets: dict[str, dict], columns: int) -> str:
+    """One line per preset: its name, then its summary wrapped under itself to ``columns``."""
+    width = max(len(name) for name in presets) + 2
+    body = max(columns - width, 30)
+    lines = []
+    for name, preset in presets.items():
+        wrapped = textwrap.wrap(preset.get("summary", ""), body) or [""]
+        lines.append(name.ljust(width) + wrapped[0])
+        lines.extend(" " * width + more for more in wrapped[1:])
+    return "\n".join(lines)
 
 
 def _print_compression(record: dict) -> None:
@@ -363,9 +362,9 @@ def _print_compression(record: dict) -> None:
 
 
 def _cmd_compress(args) -> int:
-    from .compress import compress
-    from .models import load_model
-    from .recipe import load_recipe
+    from lmshrink.formats.loading import load_model
+    from lmshrink.pipeline.compress import compress
+    from lmshrink.pipeline.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)  # a bad recipe fails before the model loads
     if args.quiet:
@@ -387,7 +386,7 @@ def _cmd_compress(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .api import bench
+    from lmshrink.api import bench
 
     record = bench(args.models, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, trials=args.trials,
                    warmup=args.warmup, threads=args.threads, runtime=args.runtime, dtype=args.dtype, seed=args.seed,
@@ -434,7 +433,7 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .api import export
+    from lmshrink.api import export
 
     report = export(args.folder, args.to, args.output, overwrite=args.overwrite, source_gguf=args.source_gguf,
                     dense_type=args.dense_type, check=not args.no_check)

@@ -1,7 +1,7 @@
 """The packaged text source ``enwiki-sample``: about a hundred English Wikipedia articles as plain prose, offline.
 
 The gensim 4.4.0 wheel ships a shortened Wikipedia XML dump (early 2016, articles beginning with "A") as test data.
-We fetch that one member with :func:`lmshrink.fetch.fetch` (gensim itself is never installed), strip the wiki
+We fetch that one member with :func:`lmshrink.core.fetch.fetch` (gensim itself is never installed), strip the wiki
 markup with mwparserfromhell, split the articles into a calibration part and a held-out evaluation part, and cache
 the processed text as JSON beside the fetched file, so every later load is a JSON read.
 
@@ -26,12 +26,20 @@ from typing import IO, Iterator
 
 import mwparserfromhell
 from mwparserfromhell.nodes import (
-    Argument, Comment, ExternalLink, Heading, HTMLEntity, Tag, Template, Text, Wikilink,
+    Argument,
+    Comment,
+    ExternalLink,
+    Heading,
+    HTMLEntity,
+    Tag,
+    Template,
+    Text,
+    Wikilink,
 )
 from mwparserfromhell.wikicode import Wikicode
 
-from ..errors import DataSourceError
-from ..fetch import PackagedFile, WheelPart, fetch
+from lmshrink.core.errors import DataSourceError
+from lmshrink.core.fetch import PackagedFile, WheelPart, fetch
 
 ENWIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 

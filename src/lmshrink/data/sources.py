@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DataSourceError
-from .hub import HubUnavailable
+from lmshrink.core.errors import DataSourceError
+from lmshrink.data.hub import HubUnavailable
 
 DEFAULT_TEXT = "enwiki-sample"
 
@@ -66,8 +66,8 @@ def data_dir_from(data_dir: str | Path | None) -> Path | None:
 
 
 def _wikitext_rows(path: Path) -> list[str]:
-    # One row per line, as stored (the data README's layout). Joined with "\n\n" this reproduces the reference
-    # dense perplexity of SmolLM2-135M (28.74); re-adding HF's trailing newlines instead gives 29.19.
+    # one row per line, as stored (the data README's layout): joined with "\n\n", the rows the GPTQ reference
+    # evaluates (docs/decisions.md)
     lines = path.read_text(encoding="utf-8").split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -123,7 +123,7 @@ def _from_hub(name: str, split: str) -> tuple[list[str], str]:
         import datasets  # noqa: F401  (optional dependency)
     except ImportError as exc:
         raise ModuleNotFoundError("datasets") from exc
-    from .hub import load_dataset_or_cache as load_dataset
+    from lmshrink.data.hub import load_dataset_or_cache as load_dataset
 
     hf_split = {"valid": "validation"}.get(split, split)
     if name == "wikitext2":
@@ -184,7 +184,7 @@ def load_text(name: str | None, split: str = "test", data_dir: str | Path | None
                               fix=f"use one of: {', '.join(sorted(set(_SPLITS[name])))}")
     split = _SPLITS[name][split]
     if name == "enwiki-sample":
-        from .enwiki import load_enwiki_sample
+        from lmshrink.data.enwiki import load_enwiki_sample
 
         return TextSource(name=name, split=split, documents=load_enwiki_sample(split), join=_JOIN[name],
                           origin="packaged:gensim==4.4.0/enwiki-latest-pages-articles1 (shortened)",

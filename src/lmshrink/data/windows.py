@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import DataSourceError, LmshrinkError
-from .sources import TextSource
+from lmshrink.core.errors import DataSourceError, LmshrinkError
+from lmshrink.data.sources import TextSource
 
 
 @dataclass
@@ -22,7 +22,7 @@ class Windows:
         return self.input_ids.shape[0]
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode_text(tokenizer, text: str) -> list[int]:
     # Default special-token handling, as the GPTQ/SparseGPT reference code tokenizes.
     return tokenizer(text, verbose=False)["input_ids"]
 
@@ -37,7 +37,7 @@ def adds_bos(tokenizer) -> bool:
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         return False
-    ids = _encode(tokenizer, "a")
+    ids = encode_text(tokenizer, "a")
     return bool(ids) and ids[0] == bos
 
 
@@ -73,7 +73,7 @@ def evaluation_windows(tokenizer, source: TextSource, seqlen: int, limit: int | 
     """
     check_seqlen(seqlen, max_context)
     bos = _bos_per_window(tokenizer, bos_per_window)
-    ids = _encode(tokenizer, source.joined()) if bos is None else _encode_plain(tokenizer, source.joined())
+    ids = encode_text(tokenizer, source.joined()) if bos is None else _encode_plain(tokenizer, source.joined())
     step = seqlen if bos is None else seqlen - 1
     available = len(ids) // step
     if available == 0:
@@ -106,7 +106,7 @@ def calibration_windows(tokenizer, source: TextSource, nsamples: int, seqlen: in
     if nsamples < 1:
         raise LmshrinkError(f"nsamples {nsamples} must be at least 1", fix="pass --nsamples 1 or more")
     bos = _bos_per_window(tokenizer, bos_per_window)
-    encode = _encode if bos is None else _encode_plain
+    encode = encode_text if bos is None else _encode_plain
     span = seqlen if bos is None else seqlen - 1
     rng = random.Random(seed)
     docs = source.documents

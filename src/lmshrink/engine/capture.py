@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early (the rest of the model or block is not needed)."""
+
     pass
 
 
@@ -36,7 +38,7 @@ class _Recorder(nn.Module):
             self.store.args[self.index] = tuple(args[1:])
             self.store.kwargs[self.index] = dict(kwargs)
         if self.store.stop_after_first_block:
-            raise _StopForward
+            raise StopForward
         return hidden  # transformers 5 decoder layers return the hidden states as a tensor
 
 
@@ -72,7 +74,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
                 store.stop_after_first_block = w > 0
                 try:
                     model(input_ids=input_ids[w:w + 1].to(device), use_cache=False)
-                except _StopForward:
+                except StopForward:
                     pass
     finally:
         for i, block in enumerate(originals):

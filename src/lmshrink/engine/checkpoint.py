@@ -7,28 +7,18 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..errors import LmshrinkError
-from ..formats.atomic import atomic_write_text
-from ..quant.sparse import PruneResult
-from ..quant.grids import QuantResult, dequantize
+from lmshrink.core.atomic import atomic_write_text
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.core.results import RESULT_KINDS
 
 _STATE = "state.json"
-
-
-def fingerprint(*parts) -> str:
-    """A stable hash of the run's inputs (recipe, calibration tokens, model, options)."""
-    digest = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, torch.Tensor):
-            digest.update(part.cpu().contiguous().numpy().tobytes())
-        else:
-            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
+_TENSOR = "tensor:"  # prefix of the changed block tensors in a block file
 
 
 def weights_digest(model: torch.nn.Module, weights=None, samples: int = 4096) -> str:
@@ -102,29 +92,19 @@ class Checkpoint:
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
 
-    def save_block(self, index: int, results: dict[str, QuantResult | PruneResult], hidden: list[torch.Tensor],
-                   state: dict, reference_hidden: list[torch.Tensor] | None = None) -> None:
-        """Save block ``index``'s layers, the next block's inputs and the state. ``reference_hidden``: the next
+    def save_block(self, index: int, results: dict[str, Any], hidden: list[torch.Tensor], state: dict,
+                   reference_hidden: list[torch.Tensor] | None = None,
+                   tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Save block ``index``'s layer results (each kind in its checkpoint form), the other block tensors stages
+        changed (``tensors``, full names), the next block's inputs and the state. ``reference_hidden``: the next
         block's inputs in the uncompressed model (asymmetric calibration, ``fp_target``), kept beside them."""
-        from compressed_tensors.utils import pack_bitmasks
-
-        tensors, meta = {}, {}
-        for name, r in results.items():
-            if isinstance(r, PruneResult):  # the compact form: mask and kept values
-                tensors[f"{name}.mask"] = r.mask
-                tensors[f"{name}.values"] = r.values
-                meta[name] = {"kind": "prune", "pattern": r.pattern, "target_sparsity": r.target_sparsity,
-                              "rel_output_error": r.rel_output_error, "info": r.info}
-                continue
-            tensors[f"{name}.codes"] = r.codes
-            tensors[f"{name}.scale"] = r.scale
-            tensors[f"{name}.zero"] = r.zero
-            if r.g_idx is not None:
-                tensors[f"{name}.g_idx"] = r.g_idx
-            if r.pruned is not None:  # one bit per weight, packed as the bitmask storage packs its masks
-                tensors[f"{name}.pruned_bitmask"] = pack_bitmasks(r.pruned.cpu().contiguous())
-            meta[name] = {"spec": r.spec.__dict__, "rel_output_error": r.rel_output_error, "info": r.info}
-        _atomic_safetensors(self.folder / f"block_{index:04d}.safetensors", tensors,
+        stored, meta = {}, {}
+        for name, result in results.items():
+            parts, layer_meta = result.to_state()
+            stored.update({f"{name}.{key}": value for key, value in parts.items()})
+            meta[name] = {"kind": result.kind, **layer_meta}
+        stored.update({f"{_TENSOR}{name}": value for name, value in (tensors or {}).items()})
+        _atomic_safetensors(self.folder / f"block_{index:04d}.safetensors", stored,
                             {"layers": json.dumps(meta, default=str)})
         streams = {"hidden": torch.cat(hidden)}
         if reference_hidden is not None:
@@ -137,36 +117,22 @@ class Checkpoint:
             if old.name != _hidden_name(index + 1):
                 old.unlink(missing_ok=True)
 
-    def load_block(self, index: int) -> dict[str, QuantResult | PruneResult]:
-        from safetensors import safe_open
-
-        from compressed_tensors.utils import unpack_bitmasks
-
-        from ..quant.grids import GridSpec
-
+    def load_block(self, index: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Block ``index``'s layer results and the other block tensors its stages changed (full names)."""
         path = self.folder / f"block_{index:04d}.safetensors"
-        tensors = self._read(path)
+        stored = self._read(path)
         with safe_open(str(path), "pt") as handle:
             meta = json.loads(handle.metadata()["layers"])
         results = {}
-        for name, m in meta.items():
-            if m.get("kind") == "prune":
-                result = PruneResult(mask=tensors[f"{name}.mask"], values=tensors[f"{name}.values"],
-                                     weight=torch.empty(0), pattern=m["pattern"], target_sparsity=m["target_sparsity"],
-                                     rel_output_error=m["rel_output_error"], info=m["info"])
-                result.weight = result.dense()
-                results[name] = result
-                continue
-            spec = GridSpec(**m["spec"])
-            g_idx = tensors.get(f"{name}.g_idx")
-            codes, scale, zero = tensors[f"{name}.codes"], tensors[f"{name}.scale"], tensors[f"{name}.zero"]
-            result = QuantResult(codes=codes, scale=scale, zero=zero, g_idx=g_idx, weight=torch.empty(0), spec=spec,
-                                 rel_output_error=m["rel_output_error"], info=m["info"],
-                                 pruned=(unpack_bitmasks(tensors[f"{name}.pruned_bitmask"], list(codes.shape))
-                                         if f"{name}.pruned_bitmask" in tensors else None))
-            result.weight = dequantize(codes, scale, zero, result.group_index())
-            results[name] = result
-        return results
+        for name, layer_meta in meta.items():
+            kind = layer_meta.pop("kind")
+            if kind not in RESULT_KINDS:
+                raise LmshrinkError(f"{path} holds a layer result of kind {kind!r}, which no loaded method provides",
+                                    fix=f"run again without --resume to start over, or delete {self.folder}")
+            parts = {key[len(name) + 1:]: value for key, value in stored.items() if key.startswith(name + ".")}
+            results[name] = RESULT_KINDS[kind].from_state(parts, layer_meta)
+        tensors = {key[len(_TENSOR):]: value for key, value in stored.items() if key.startswith(_TENSOR)}
+        return results, tensors
 
     def _read(self, path: Path) -> dict[str, torch.Tensor]:
         try:

@@ -3,13 +3,11 @@ when the engine reaches it, and dropped back to the meta device when it is done,
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-
 import torch
 from torch import nn
 
-from ..models.loader import SafetensorsWeights, replace_tensor
+from lmshrink.core.process import release_free_heap
+from lmshrink.models.loader import SafetensorsWeights, replace_tensor
 
 
 class BlockStreamer:
@@ -38,17 +36,7 @@ class BlockStreamer:
         for param in list(block.parameters()):
             if param.device.type != "meta":
                 replace_tensor(block, param, torch.empty_like(param, device="meta"))
-        _trim_heap()
-
-
-def _trim_heap() -> None:
-    """Return freed heap memory to the OS (glibc only): block-sized frees otherwise fragment the heap and resident
-    memory creeps up by about a block per block (measured on SmolLM2-135M)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        release_free_heap()  # block-sized frees would otherwise fragment the heap, block after block
 
 
 def materialised_blocks(blocks: nn.ModuleList) -> list[int]:

@@ -31,24 +31,25 @@ import inspect
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from typing import Any
 
-from lmshrink.errors import LmshrinkError, UnsupportedArchitectureError
-
+from lmshrink.core.errors import LmshrinkError, UnsupportedArchitectureError
+from lmshrink.core.process import high_water_mark, peak_rss_bytes, reset_high_water_mark, rss_bytes
+from lmshrink.data.sources import load_text
+from lmshrink.eval.size import model_size
+from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder
+from lmshrink.formats.loading import load_model
+from lmshrink.models.adapters import get_adapter, is_linear
+from lmshrink.runtime.fastpath import FastDecoder
+from lmshrink.runtime.qlinear import KERNEL_MAX_ROWS, QuantLinear, packed_bytes
 
 # ---------------------------------------------------------------------------------------------------------------
 # worker side
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _linear_bytes(model) -> dict[str, int]:
@@ -58,8 +59,6 @@ def _linear_bytes(model) -> dict[str, int]:
     ``QuantLinear`` layers (their codes, scales and zero points, the bias left out). The blocks are walked rather
     than ``iter_linears``, whose family layouts only match while every linear is still an unpacked one.
     """
-    from lmshrink.models import get_adapter, is_linear
-    from lmshrink.runtime import QuantLinear, packed_bytes
 
     total, weights = 0, 0
     for block in get_adapter(model).blocks(model):
@@ -82,8 +81,6 @@ def _prompt(encode, vocab_size: int, tokens: int, seed: int):
 
     generator = torch.Generator().manual_seed(seed)
     try:
-        from lmshrink.data import load_text
-
         source = load_text("enwiki-sample", "eval")
         ids = torch.as_tensor(encode(source.joined()), dtype=torch.long).reshape(1, -1)
         if ids.shape[1] > tokens:
@@ -104,38 +101,14 @@ def _given_prompt(prompt_ids: list[int], vocab: int, what: str, fix: str, source
     return torch.tensor([prompt_ids], dtype=torch.long), source or "the first model's prompt ids"
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter of this process (Linux); False where it cannot."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_since_reset() -> int | None:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 class _Runner:
     def __init__(self, source: str, runtime: str, dtype: str, prompt_tokens: int, new_tokens: int, seed: int,
                  decode: str = "hf", prompt_ids: list[int] | None = None, prompt_source: str | None = None):
-        from lmshrink.eval.size import model_size
-        from lmshrink.models import load_model
-
         start = time.perf_counter()
         self.loaded = load_model(source, runtime=runtime, dtype=dtype, progress=False)
         self.load_seconds = time.perf_counter() - start
         self.model = self.loaded.model
-        self.rss_after_load = _rss_bytes()
+        self.rss_after_load = rss_bytes()
         tokenizer = self.loaded.tokenizer
         vocab = int(self.model.config.vocab_size)
         if prompt_ids is not None:  # the prompt of the model's first row, so that its rows decode the same ids
@@ -154,8 +127,6 @@ class _Runner:
         self.decode = decode
         self.decoder = None
         if decode in FAST_OPTIONS:
-            from lmshrink.runtime.fastpath import FastDecoder
-
             self.decoder = FastDecoder(self.model, self.prompt.shape[1] + new_tokens, **FAST_OPTIONS[decode])
 
     def _cache_of(self, output):
@@ -208,7 +179,7 @@ class _Runner:
 LLAMA_CPP = "llama.cpp"
 LLAMA_CPP_INSTALL = ("CMAKE_ARGS=-DGGML_AMX_INT8=OFF pip install -e '.[llama-cpp]' in the lmshrink checkout "
                      "(llama-cpp-python compiles for about 10 minutes; the flag avoids its AMX backend, which crashes "
-                     "on some Xeons)")
+                     "on some CPUs with AMX)")
 
 
 def gguf_size(path: str) -> dict[str, int]:
@@ -244,7 +215,7 @@ class _LlamaCppRunner:
                                 fix="pass a GGUF file written by `lmshrink export --to gguf` (or llama.cpp's tools) "
                                     "for a model family llama.cpp supports") from exc
         self.load_seconds = time.perf_counter() - start
-        self.rss_after_load = _rss_bytes()
+        self.rss_after_load = rss_bytes()
         self.n_vocab = int(self.llm.n_vocab())
         self.version = llama_cpp.__version__
         if prompt_ids is not None:
@@ -319,18 +290,17 @@ def _worker_main(argv: list[str]) -> int:
             **({"fast_linears": decoder.linears} if decoder is not None else {}),
             "rss_after_load_bytes": runner.rss_after_load, "size": runner.size, "threads": threads,
             "prompt_source": runner.prompt_source, "prompt_ids": runner.prompt[0].tolist(),
-            "peak_rss_loading_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    runner.peak_reset = _reset_peak_rss()
+            "peak_rss_loading_bytes": peak_rss_bytes()}
+    runner.peak_reset = reset_high_water_mark()
     print(json.dumps(info), flush=True)
     for line in sys.stdin:
         command = line.strip()
         if command == "trial":
             print(json.dumps(runner.trial()), flush=True)
         elif command == "finish":
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            since = _peak_rss_since_reset() if runner.peak_reset else None
-            peak = max(peak, since or 0)  # getrusage may lag the kernel's VmHWM by a few pages
-            print(json.dumps({"peak_rss_bytes": peak, "peak_rss_running_bytes": since, "rss_bytes": _rss_bytes()}),
+            since = high_water_mark() if runner.peak_reset else None
+            peak = peak_rss_bytes()
+            print(json.dumps({"peak_rss_bytes": peak, "peak_rss_running_bytes": since, "rss_bytes": rss_bytes()}),
                   flush=True)
             return 0
     return 0
@@ -373,7 +343,6 @@ class _Worker:
 def _runtime_for(source: str, runtime: str) -> str:
     if runtime != "auto":
         return runtime
-    from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder
 
     return "packed" if os.path.isdir(source) and is_compressed_tensors_folder(source) else "dense"
 
@@ -428,7 +397,6 @@ def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, 
     """
     import torch
 
-    from lmshrink.runtime.qlinear import KERNEL_MAX_ROWS
 
     models, llama_cpp = list(models), list(llama_cpp or ())
     if not models and not llama_cpp:
@@ -453,8 +421,6 @@ def bench(models: list[str], *, prompt_tokens: int = 256, new_tokens: int = 64, 
     runtimes = [_runtime_for(source, runtime) for source in models]
     for source, chosen in zip(models, runtimes):
         if chosen == "packed":
-            from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder
-
             if not (os.path.isdir(source) and is_compressed_tensors_folder(source)):
                 raise LmshrinkError(f"{source} is not a compressed checkpoint folder, so it cannot run packed",
                                     fix="use --runtime auto (dense for uncompressed models) or a folder written "

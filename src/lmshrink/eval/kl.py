@@ -7,10 +7,10 @@ import time
 
 import torch
 
-from ..data.windows import Windows
-from ..errors import LmshrinkError
-from .perplexity import token_nll, window_logits
-from .progress import bar
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.data.windows import Windows
+from lmshrink.eval.perplexity import token_nll, window_logits
+from lmshrink.eval.progress import bar
 
 
 @torch.inference_mode()

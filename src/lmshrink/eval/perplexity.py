@@ -8,8 +8,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..data.windows import Windows
-from .progress import bar
+from lmshrink.data.windows import Windows
+from lmshrink.eval.progress import bar
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from lmshrink.runtime.qlinear import QuantLinear
+
 
 def _unique_tensors(model: torch.nn.Module):
     seen = set()
@@ -22,7 +24,6 @@ def _unique_tensors(model: torch.nn.Module):
 
 def _packed_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """``name -> module`` of the layers that store their weight packed (``QuantLinear``)."""
-    from ..runtime.qlinear import QuantLinear
 
     return {name: module for name, module in model.named_modules() if isinstance(module, QuantLinear)}
 

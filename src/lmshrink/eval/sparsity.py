@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from lmshrink.models.adapters import iter_linears
+
 _NM_PATTERNS = ((2, 4), (4, 8))
 
 
@@ -29,8 +31,8 @@ def model_sparsity(model: torch.nn.Module, decoded: dict[str, torch.Tensor] | No
 
     decoded: full layer name -> ``[out, in]`` weight for layers the model holds packed (no floating ``weight``);
     packed layers not in it are skipped."""
-    from ..models.adapters import iter_linears
     from transformers.pytorch_utils import Conv1D
+
 
     by_type: dict[str, list[int]] = {}
     total = [0, 0]

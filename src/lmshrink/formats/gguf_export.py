@@ -37,8 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmshrink.errors import LmshrinkError
-from lmshrink.quant.grids import QuantResult
+from lmshrink.core.atomic import is_within
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.core.results import QuantResult
+from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder, load_quantized_results
+from lmshrink.formats.sparse_bitmask import decoded_bitmask_weights, dense_tensor_keys
+from lmshrink.models.loader import SafetensorsWeights
 
 BLOCK = 32
 LLAMA_FAMILY = {"llama": "llama", "mistral": "llama"}
@@ -110,10 +114,8 @@ def _block_params(result: QuantResult, in_features: int) -> tuple[torch.Tensor, 
 
 
 def _maps_exactly(result: QuantResult, in_features: int) -> bool:
-    from lmshrink.runtime.qlinear import _contiguous_groups
-
     width = result.spec.group_width(in_features)
-    return in_features % BLOCK == 0 and width % BLOCK == 0 and _contiguous_groups(result)
+    return in_features % BLOCK == 0 and width % BLOCK == 0 and result.contiguous_groups()
 
 
 def _decode(qtype_name: str, data: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -287,10 +289,9 @@ def _find_source_gguf(folder: Path) -> Path | None:
 def _check_output_file(output: Path, folder: Path, *, overwrite: bool) -> None:
     """Refuse an ``output`` .gguf path that could destroy data or cannot be written: inside the input ``folder``
     (e.g. its model.safetensors), an existing folder, below a file, or an existing file without ``overwrite``."""
-    from lmshrink.formats.atomic import _is_within
 
     path, source = output.resolve(), folder.resolve()
-    if _is_within(path, source):
+    if is_within(path, source):
         beside = source.parent / f"{source.name}.gguf"
         where = "is the input folder" if path == source else f"is inside the input folder {folder}"
         raise LmshrinkError(f"output {output} {where}; the input is never modified",
@@ -318,9 +319,6 @@ def export_gguf(folder: str | os.PathLike, output: str | os.PathLike, *, source_
     left dense (embeddings, an untied head).
     """
     gguf = _gguf()
-    from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder, load_quantized_results
-    from lmshrink.formats.sparse_bitmask import decoded_bitmask_weights, dense_tensor_keys
-    from lmshrink.models.loader import SafetensorsWeights
 
     folder, output = Path(folder), Path(output)
     if not is_compressed_tensors_folder(folder):

@@ -26,12 +26,14 @@ from typing import Any
 
 import torch
 
-from lmshrink.errors import LmshrinkError
-from lmshrink.formats.atomic import atomic_directory
+from lmshrink.core.atomic import atomic_directory
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.core.grids import GridSpec, dequantize
+from lmshrink.core.packing import pack_gptq_qweight, pack_gptq_qzeros, unpack_gptq_qweight, unpack_gptq_qzeros
+from lmshrink.core.results import QuantResult
+from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder, load_quantized_results
 from lmshrink.formats.sparse_bitmask import decoded_bitmask_weights, dense_tensor_keys
-from lmshrink.quant.grids import GridSpec, QuantResult, dequantize
-from lmshrink.quant.packing import (pack_gptq_qweight, pack_gptq_qzeros, unpack_gptq_qweight,
-                                    unpack_gptq_qzeros)
+from lmshrink.models.loader import SafetensorsWeights
 
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
            "merges.txt", "generation_config.json", "chat_template.jinja", "lmshrink.json")
@@ -59,8 +61,6 @@ def export_gptq(folder: str | os.PathLike, output: str | os.PathLike, *, overwri
     """Write the compressed folder ``folder`` as a GPTQ v1 checkpoint folder; returns a JSON-ready report."""
     from safetensors.torch import save_file
 
-    from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder, load_quantized_results
-    from lmshrink.models.loader import SafetensorsWeights
 
     folder, output = Path(folder), Path(output)
     if not is_compressed_tensors_folder(folder):

@@ -43,9 +43,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from lmshrink.errors import LmshrinkError
-from lmshrink.formats.atomic import atomic_directory, check_output_dir
-from lmshrink.quant.grids import QuantResult
+from lmshrink.core.atomic import atomic_directory, check_output_dir
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.core.results import QuantResult
+from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder, iter_quantized_results
+from lmshrink.formats.loading import load_model, load_packed
 
 DOMAIN = "com.microsoft"
 OP_TYPE = "MatMulNBits"
@@ -317,9 +319,6 @@ def export_onnx(folder: str | os.PathLike, output: str | os.PathLike, *, overwri
     """
     _require("onnx")
     _require("onnxscript")
-    from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder, iter_quantized_results
-    from lmshrink.models.loader import load_model
-    from lmshrink.runtime import load_packed
 
     folder, output = Path(folder), Path(output)
     if not is_compressed_tensors_folder(folder):

@@ -36,7 +36,9 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from lmshrink.errors import LmshrinkError
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.core.results import PruneResult
+from lmshrink.formats.hf_folder import is_conv1d, natural_key, weight_files
 
 SPARSE_FORMATS = ("dense", "bitmask")
 CT_FORMAT = "sparse-bitmask"  # compressed-tensors' CompressionFormat.sparse_bitmask
@@ -112,8 +114,6 @@ def storage_summary(model: torch.nn.Module, results: dict, sparse_format: str) -
     """Bytes the pruned, not quantized layers of ``results`` take when saved with ``sparse_format`` against stored
     densely (each in its layer's dtype), or None when no layer is such. Exact: the sizes of the tensors the writer
     stores for those layers (``encode``'s for ``bitmask``)."""
-    from lmshrink.formats.compressed_tensors import _is_conv1d
-    from lmshrink.quant.sparse import PruneResult
 
     check_sparse_format(sparse_format)
     modules = dict(model.named_modules())
@@ -124,7 +124,7 @@ def storage_summary(model: torch.nn.Module, results: dict, sparse_format: str) -
         module = modules[name]
         element_size = module.weight.element_size()
         rows, cols = result.mask.shape
-        if _is_conv1d(module):
+        if is_conv1d(module):
             rows, cols = cols, rows
         layers += 1
         dense += rows * cols * element_size
@@ -163,15 +163,14 @@ def iter_bitmask_layers(folder: str | os.PathLike) -> Iterator[tuple[str, torch.
     for GPT-2 Conv1D, whose record says ``conv1d``)."""
     from safetensors import safe_open
 
-    from lmshrink.formats.compressed_tensors import _natural_key, _weight_files
 
     folder = Path(folder)
     if not is_bitmask_folder(folder):
         raise LmshrinkError(f"{folder} does not store sparse weights as {CT_FORMAT} (config.json's "
                             "quantization_config.sparsity_config.format)",
                             fix="point at a folder saved with --sparse-format bitmask")
-    files = _weight_files(folder)
-    names = sorted((key[: -len(".bitmask")] for key in files if key.endswith(".bitmask")), key=_natural_key)
+    files = weight_files(folder)
+    names = sorted((key[: -len(".bitmask")] for key in files if key.endswith(".bitmask")), key=natural_key)
     handles: dict[Path, Any] = {}
     records: dict[str, dict] = {}
     try:
@@ -215,7 +214,6 @@ def load_sparse_results(folder: str | os.PathLike):
     """The bitmask-stored layers of a folder as ``PruneResult`` (module name -> result): mask (True where pruned)
     ``[out, in]``, float32 weight and values, the pattern and target sparsity lmshrink recorded (``unstructured`` and
     the measured sparsity for folders written by other tools). Layers stored packed or dense are not included."""
-    from lmshrink.quant.sparse import PruneResult
 
     results = {}
     for name, weight, kept, record in iter_bitmask_layers(folder):

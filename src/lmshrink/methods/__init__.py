@@ -1,1 +1,9 @@
-"""Compression methods: each solves one linear layer from the statistics the engine collected."""
+"""Compression methods. Each family's ``stages`` module defines its recipe stages (options, scope, the statistics
+they need) and registers them; importing this package registers every built-in stage type. The stage modules are
+torch-free; each stage's solve loads its algorithm when it runs."""
+
+from lmshrink.methods.prune import stages as prune_stages
+from lmshrink.methods.quant import stages as quant_stages
+from lmshrink.methods.recover import stage as recover_stage
+
+__all__ = ["prune_stages", "quant_stages", "recover_stage"]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..errors import UnsupportedArchitectureError
+from lmshrink.core.errors import UnsupportedArchitectureError
 
 # ---------------------------------------------------------------------------------------------------------------
 # Linear helpers (nn.Linear and GPT-2 Conv1D)

@@ -11,15 +11,15 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
 
-from ..errors import LmshrinkError, ModelSourceError, UnsupportedArchitectureError
-from .adapters import SUPPORTED_MODEL_TYPES
-from ..fetch import cache_root, fetch
-from .registry import PACKAGED_MODELS, get_packaged
+from lmshrink.core.errors import LmshrinkError, ModelSourceError, UnsupportedArchitectureError
+from lmshrink.core.fetch import cache_root, fetch
+from lmshrink.models.adapters import SUPPORTED_MODEL_TYPES, get_adapter
+from lmshrink.models.registry import PACKAGED_MODELS, get_packaged
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -186,19 +186,15 @@ def _check_architecture(folder: Path, trust_remote_code: bool) -> None:
             fix="use a causal LM (lmshrink's compression adapters cover: " + ", ".join(SUPPORTED_MODEL_TYPES) + ")")
 
 
-def _load_hf(path_or_id: str, dtype: torch.dtype, device: str, trust_remote_code: bool, local: bool):
+def _load_hf(path_or_id: str, dtype: torch.dtype, device: str, trust_remote_code: bool, local: bool,
+             build: Callable | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=local)
     if local:
         _check_architecture(Path(path_or_id), trust_remote_code)
     try:
-        from ..formats.sparse_bitmask import is_bitmask_folder, load_bitmask_model
-
-        if local and is_bitmask_folder(path_or_id):  # pruned weights stored as bitmask + values: decoded exactly
-            model = load_bitmask_model(path_or_id, dtype=dtype, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **kwargs)
+        model = (build or AutoModelForCausalLM.from_pretrained)(path_or_id, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
     except OSError as exc:
         if local:
@@ -232,22 +228,18 @@ def _unsupported(source: str, exc: Exception) -> LmshrinkError:
 
 def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
                trust_remote_code: bool = False, progress: bool = True, lazy_blocks: bool = False,
-               runtime: str = "dense") -> LoadedModel:
+               build: Callable | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer from a packaged name, local folder, .gguf file or hub id.
 
-    ``runtime="packed"``: for a compressed folder written by lmshrink, the quantized Linear layers execute their
-    codes (``lmshrink.runtime.QuantLinear``: int4/int8 CPU kernels) instead of being decoded to dense weights.
+    ``build(path, dtype=..., **kwargs)``: builds the model of a local folder instead of
+    ``AutoModelForCausalLM.from_pretrained`` (e.g. a reader of a stored layout transformers does not decode).
 
     ``lazy_blocks``: load only the tensors outside the decoder blocks (embeddings, final norm, head); the blocks'
     parameters stay on the meta device and ``LoadedModel.weights`` reads them from the safetensors files on demand.
     Needs a local source (hub ids are refused); the model is built on CPU.
     """
     torch_dtype = parse_dtype(dtype)
-    if runtime not in ("dense", "packed"):
-        raise LmshrinkError(f"runtime={runtime!r} is not known", fix="use runtime='dense' or runtime='packed'")
     kind, where = resolve(source)
-    if runtime == "packed":
-        return _load_packed(source, kind, where, torch_dtype, device, trust_remote_code)
     extra: dict[str, Any] = {}
     path: Path | None = None
     if kind == "packaged":
@@ -274,28 +266,10 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
                          max_context=max_context(model.config), extra=extra)
         return LoadedModel(model=model, tokenizer=tokenizer, info=info, weights=weights)
     model, tokenizer = _load_hf(str(path) if path else str(where), torch_dtype, device, trust_remote_code,
-                                local=kind != "hub")
+                                local=kind != "hub", build=build if kind == "hf-folder" else None)
     info = ModelInfo(source=source, kind=kind, path=str(path) if path else None,
                      model_type=model.config.model_type, dtype=str(torch_dtype).replace("torch.", ""),
                      parameters=count_parameters(model), max_context=max_context(model.config), extra=extra)
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
-
-
-def _load_packed(source: str, kind: str, where, dtype: torch.dtype, device: str,
-                 trust_remote_code: bool) -> LoadedModel:
-    from lmshrink.runtime import load_packed
-
-    if kind != "hf-folder":
-        raise LmshrinkError(f"runtime='packed' needs a compressed model folder; {source} is a {kind} source",
-                            fix="compress it first (lmshrink compress ... -o DIR) and load DIR")
-    if device != "cpu":
-        raise LmshrinkError(f"runtime='packed' runs on CPU only, not {device!r}",
-                            fix="use device='cpu', or runtime='dense' on an accelerator")
-    model, tokenizer, kinds = load_packed(where, dtype=dtype, trust_remote_code=trust_remote_code)
-    counts = {k: list(kinds.values()).count(k) for k in sorted(set(kinds.values()))}
-    info = ModelInfo(source=source, kind=kind, path=str(where), model_type=model.config.model_type,
-                     dtype=str(dtype).replace("torch.", ""), parameters=count_parameters(model),
-                     max_context=max_context(model.config), extra={"runtime": "packed", "packed_layers": counts})
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 
 
@@ -306,20 +280,6 @@ def wrap_model(model: torch.nn.Module, tokenizer, source: str = "in-memory") -> 
                      dtype=str(dtype).replace("torch.", ""), parameters=count_parameters(model),
                      max_context=max_context(model.config))
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
-
-
-def as_loaded(model: LoadedModel | str | torch.nn.Module, tokenizer=None, **load_kwargs) -> LoadedModel:
-    """A LoadedModel from a source string, a LoadedModel, or an in-memory module with its tokenizer."""
-    if isinstance(model, LoadedModel):
-        return model
-    if isinstance(model, (str, Path)):
-        return load_model(str(model), **load_kwargs)
-    if isinstance(model, torch.nn.Module):
-        if tokenizer is None:
-            raise LmshrinkError("an in-memory model needs its tokenizer", fix="pass tokenizer=...")
-        return wrap_model(model, tokenizer)
-    raise LmshrinkError(f"cannot use an object of type {type(model).__name__}",
-                        fix="pass a model source string, a LoadedModel, or a torch module with tokenizer=")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -405,7 +365,7 @@ class SafetensorsWeights:
             return torch.cat([part[0:1], part[shape[0] - 1:shape[0]]])
 
 
-class _MetaParameters:
+class MetaParameters:
     """While active, every parameter a module registers is moved to the meta device (buffers stay real, so
     non-persistent ones such as rotary ``inv_freq`` are computed as usual)."""
 
@@ -437,35 +397,47 @@ def replace_tensor(model: torch.nn.Module, old: torch.Tensor, new: torch.Tensor)
                     store[leaf] = value
 
 
-def _load_lazy(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
-    """The model with every tensor outside the decoder blocks loaded from ``folder`` and the blocks on meta."""
+def meta_model(folder: Path, dtype: torch.dtype, trust_remote_code: bool, drop_quantization: bool = False):
+    """``(model, tokenizer)`` of a local folder, built from its config with every parameter on the meta device (read
+    them with ``fill_meta_tensors``). ``drop_quantization``: ignore the config's ``quantization_config``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from .adapters import get_adapter
-
-    _check_architecture(folder, trust_remote_code)
-    weights = SafetensorsWeights(folder)
-    try:
-        # the same options as _load_hf, so tokenizer and config save identically to an in-memory load
-        kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=True)
-        config = AutoConfig.from_pretrained(str(folder), **kwargs)
-        with _MetaParameters():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
-    except (OSError, ValueError) as exc:
-        raise _unsupported(str(folder), exc) from exc
+    # the same options as _load_hf, so tokenizer and config save identically to an in-memory load
+    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=True)
+    config = AutoConfig.from_pretrained(str(folder), **kwargs)
+    if drop_quantization and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with MetaParameters():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
     if model.can_generate() and (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
-    blocks = get_adapter(model).block_path(model) + "."
-    state = model.state_dict(keep_vars=True)
-    for name, tensor in state.items():
-        if name.startswith(blocks) or tensor.device.type != "meta" or name not in weights:
+    return model, tokenizer
+
+
+def fill_meta_tensors(model: torch.nn.Module, weights: SafetensorsWeights, skip: Callable[[str], bool]) -> None:
+    """Read every meta tensor of ``model`` that ``weights`` holds (except those ``skip`` names) in the tensor's
+    dtype; a stored shape that differs from the model's is an error naming the tensor."""
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.device.type != "meta" or skip(name) or name not in weights:
             continue
         stored = weights.get(name)
         if tuple(stored.shape) != tuple(tensor.shape):
-            raise ModelSourceError(f"{folder}: tensor {name} has shape {tuple(stored.shape)}, the model expects "
-                                   f"{tuple(tensor.shape)}", fix="check that config.json matches the weights")
+            raise ModelSourceError(f"{weights.folder}: tensor {name} has shape {tuple(stored.shape)}, the model "
+                                   f"expects {tuple(tensor.shape)}", fix="check that config.json matches the weights")
         replace_tensor(model, tensor, stored.to(tensor.dtype) if stored.is_floating_point() else stored)
+
+
+def _load_lazy(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
+    """The model with every tensor outside the decoder blocks loaded from ``folder`` and the blocks on meta."""
+    _check_architecture(folder, trust_remote_code)
+    weights = SafetensorsWeights(folder)
+    try:
+        model, tokenizer = meta_model(folder, dtype, trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _unsupported(str(folder), exc) from exc
+    blocks = get_adapter(model).block_path(model) + "."
+    fill_meta_tensors(model, weights, skip=lambda name: name.startswith(blocks))
     missing = [n for n, t in model.state_dict(keep_vars=True).items()
                if t.device.type == "meta" and not n.startswith(blocks)]
     if missing:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ModelSourceError
-from ..fetch import PackagedFile, WheelPart
+from lmshrink.core.errors import ModelSourceError
+from lmshrink.core.fetch import PackagedFile, WheelPart
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,7 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_wid
 
 def dequantize_packed(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int,
                       bpg: int) -> torch.Tensor:
-    """float32 ``[N, K]`` ``(q - zero) * scale``, exactly as ``lmshrink.quant.grids.dequantize`` computes it (torch
+    """float32 ``[N, K]`` ``(q - zero) * scale``, exactly as ``lmshrink.core.grids.dequantize`` computes it (torch
     operations only: any device)."""
     q = unpack_codes(codes, in_features).float()
     origin = torch.arange(in_features, device=codes.device) // (bpg * BLOCK)

@@ -1,8 +1,7 @@
 """A lean greedy decoder for Llama-family causal LMs (batch 1): the model's own modules and weights, its own forward.
 
 transformers' eager forward spends much of a one-token step outside the matrix products (per-layer module calls,
-cache classes, mask construction, keyword plumbing), comparable on SmolLM2-135M with one thread to the matrix
-products themselves.
+cache classes, mask construction, keyword plumbing).
 ``FastDecoder`` runs the same computation with few Python-level operations per layer (about 30 dispatcher calls
 for one token, where each costs microseconds):
 
@@ -44,10 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmshrink.errors import LmshrinkError, UnsupportedArchitectureError
-
-from . import cpu_kernels
-from .qlinear import QuantLinear
+from lmshrink.core.errors import LmshrinkError, UnsupportedArchitectureError
+from lmshrink.runtime import cpu_kernels
+from lmshrink.runtime.qlinear import QuantLinear
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 REFUSED_ROPE = ("dynamic", "longrope")  # frequencies depend on the sequence length

@@ -9,8 +9,8 @@ Kernels (``tests/test_runtime.py`` and ``tests/test_cpu_kernel.py`` cover them):
   float16 where all of a layer's scales are exactly float16 values (the default ``scale_dtype: float16``; 4.75 bits
   per weight at group 32), else float32 (5.25 bits), and computes ``x @ ((q - zero) * scale).T`` in float32 with
   FMA: float32 activations in and out, no bf16 rounding, so it differs from ``F.linear`` on ``dequantized_weight()``
-  (the grid's weight bit for bit) only in summation order. Faster than ``int4`` for 1-8 rows on an AVX2 CPU (0.51-0.81x its CPU time per layer,
-  ``bench/results/runtime_kernels_avx2_threads1.md``).
+  (the grid's weight bit for bit) only in summation order. Chosen first where it fits: faster than ``int4`` for a
+  few rows (docs/decisions.md).
 
 The private ATen ops of torch 2.13, which lmshrink pins, where the AVX2 kernel is not available or does not fit:
 
@@ -45,16 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmshrink.quant.grids import QuantResult, dequantize
-
-from . import cpu_kernels
+from lmshrink.core.grids import dequantize
+from lmshrink.core.results import QuantResult
+from lmshrink.runtime import cpu_kernels
 
 INT4_GROUPS = (256, 128, 64, 32)
 KERNEL_DTYPE = torch.bfloat16
-# Rows up to which the packed kernel beats decoding the weight + a dense matmul: bench/runtime_kernels.py on
-# SmolLM2's shapes, w4g32, 1 thread, AVX2 (shared machine): torch's int4 kernel was faster up to 64 rows (about equal
-# at 64 for 576x576 and 192x576) and 1.5x slower at 256. lmshrink's int4_avx2 (whose weight decodes in C++, so the
-# dense path is cheaper) crosses over between 8 and 32 rows (bench/results/runtime_kernels_avx2_threads1.md).
+# rows up to which each packed kernel beats decoding the weight + a dense matmul (bench/runtime_kernels.py measures
+# the crossover; docs/decisions.md)
 DEFAULT_KERNEL_MAX_ROWS = 64
 AVX2_KERNEL_MAX_ROWS = 16
 KERNEL_MAX_ROWS = {"int4_avx2": AVX2_KERNEL_MAX_ROWS, "int4": DEFAULT_KERNEL_MAX_ROWS, "int8": DEFAULT_KERNEL_MAX_ROWS,
@@ -126,14 +124,6 @@ def _avx2_fits(result: QuantResult) -> bool:
     return bpg is not None and result.scale.shape[1] == -(-in_features // (bpg * cpu_kernels.BLOCK))
 
 
-def _contiguous_groups(result: QuantResult) -> bool:
-    if result.g_idx is None:
-        return True
-    in_features = result.codes.shape[1]
-    expected = torch.arange(in_features, dtype=torch.int32) // result.spec.group_width(in_features)
-    return torch.equal(result.g_idx.to(torch.int32).cpu(), expected)
-
-
 class QuantLinear(nn.Module):
     """``y = x @ W.T + b`` where ``W`` is held as quantized codes (see the module docstring for the kernels).
 
@@ -168,7 +158,7 @@ class QuantLinear(nn.Module):
         spec = result.spec
         group_width = spec.group_width(in_features)
         kind = "dequantize"
-        if kernels and _contiguous_groups(result):
+        if kernels and result.contiguous_groups():
             group = int4_group(in_features, group_width)
             if spec.bits <= 4 and _avx2_fits(result) and cpu_kernels.available():
                 kind = "int4_avx2"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import choice_item
-from .datafiles import read_jsonl
-from .spec import Doc, HubSource, Item, TaskSpec
+from lmshrink.eval.tasks.common import choice_item
+from lmshrink.eval.tasks.datafiles import read_jsonl
+from lmshrink.eval.tasks.spec import Doc, HubSource, Item, TaskSpec
 
 
 def _label(value) -> int:

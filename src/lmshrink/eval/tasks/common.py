@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .spec import Item
+from lmshrink.eval.tasks.spec import Item
 
 # lm-eval's default target_delimiter: placed between the context and each choice.
 TARGET_DELIMITER = " "

@@ -6,9 +6,9 @@ import json
 import os
 from pathlib import Path
 
-from ...data.hub import load_dataset_or_cache
-from ...errors import DataSourceError
-from .spec import Doc, TaskSpec
+from lmshrink.core.errors import DataSourceError
+from lmshrink.data.hub import load_dataset_or_cache
+from lmshrink.eval.tasks.spec import Doc, TaskSpec
 
 DATA_ENV = "LMSHRINK_DATA"
 

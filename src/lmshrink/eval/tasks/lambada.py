@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .datafiles import read_jsonl
-from .spec import Doc, HubSource, Item, TaskSpec
+from lmshrink.eval.tasks.datafiles import read_jsonl
+from lmshrink.eval.tasks.spec import Doc, HubSource, Item, TaskSpec
 
 
 def read_local(folder: Path) -> list[Doc]:

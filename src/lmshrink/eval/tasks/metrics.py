@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .spec import Item
+from lmshrink.eval.tasks.spec import Item
 
 PERPLEXITY_BOOTSTRAP = 1000  # resamples for the perplexity stderr (lm-eval bootstraps it too)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...errors import DataSourceError
-from .common import choice_item
-from .datafiles import read_jsonl, read_lines
-from .spec import Doc, HubSource, Item, TaskSpec
+from lmshrink.core.errors import DataSourceError
+from lmshrink.eval.tasks.common import choice_item
+from lmshrink.eval.tasks.datafiles import read_jsonl, read_lines
+from lmshrink.eval.tasks.spec import Doc, HubSource, Item, TaskSpec
 
 
 def read_local(folder: Path) -> list[Doc]:

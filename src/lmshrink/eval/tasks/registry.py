@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from ...errors import LmshrinkError
-from .arc import ARC_CHALLENGE, ARC_EASY, OPENBOOKQA
-from .boolq import BOOLQ
-from .hellaswag import HELLASWAG
-from .lambada import LAMBADA_OPENAI
-from .piqa import PIQA
-from .spec import TaskSpec
-from .sst2 import SST2
-from .winogrande import WINOGRANDE
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.eval.tasks.arc import ARC_CHALLENGE, ARC_EASY, OPENBOOKQA
+from lmshrink.eval.tasks.boolq import BOOLQ
+from lmshrink.eval.tasks.hellaswag import HELLASWAG
+from lmshrink.eval.tasks.lambada import LAMBADA_OPENAI
+from lmshrink.eval.tasks.piqa import PIQA
+from lmshrink.eval.tasks.spec import TaskSpec
+from lmshrink.eval.tasks.sst2 import SST2
+from lmshrink.eval.tasks.winogrande import WINOGRANDE
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     PIQA, ARC_EASY, BOOLQ, WINOGRANDE, LAMBADA_OPENAI, SST2, ARC_CHALLENGE, OPENBOOKQA, HELLASWAG)}

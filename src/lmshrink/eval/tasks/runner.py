@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .datafiles import load_docs, resolve_data_dir
-from .metrics import PERPLEXITY_BOOTSTRAP, aggregate, choose
-from .registry import TASKS, resolve_task_names
-from .scoring import loglikelihoods, max_length_of, prefix_token_id
-from .spec import TaskSpec
+from lmshrink.eval.tasks.datafiles import load_docs, resolve_data_dir
+from lmshrink.eval.tasks.metrics import PERPLEXITY_BOOTSTRAP, aggregate, choose
+from lmshrink.eval.tasks.registry import TASKS, resolve_task_names
+from lmshrink.eval.tasks.scoring import loglikelihoods, max_length_of, prefix_token_id
+from lmshrink.eval.tasks.spec import TaskSpec
 
 
 def _adds_bos(tokenizer) -> bool:

@@ -34,7 +34,7 @@ def prefix_token_id(tokenizer) -> int:
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode_text(tokenizer, text: str) -> list[int]:
     """lm-eval's tok_encode with add_bos_token unset: the tokenizer's own special-token default, except
     that a string already starting with the prefix token's text gets no special tokens."""
     prefix = prefix_token_id(tokenizer)
@@ -57,8 +57,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = _encode(tokenizer, context + continuation)
-    context_ids = _encode(tokenizer, context)
+    whole = encode_text(tokenizer, context + continuation)
+    context_ids = encode_text(tokenizer, context)
     return context_ids, whole[len(context_ids):]
 
 
@@ -79,8 +79,7 @@ def _cache_argument(model) -> str:
 
 
 # Sharing a context pays when it cuts the model's tokens to at most this fraction: a shared context costs two small
-# per-document forwards, measured on SmolLM2-135M (1 CPU thread) at about 1.8x the time per token of the batched
-# full sequences (40 ARC-Easy items: 0.39x the tokens in 0.71x the time; PIQA's long answers would save only 19%).
+# per-document forwards, slower per token than batched full sequences (docs/decisions.md)
 SHARE_MAX_TOKEN_FRACTION = 0.5
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import choice_item
-from .spec import Doc, HubSource, Item, TaskSpec
+from lmshrink.eval.tasks.common import choice_item
+from lmshrink.eval.tasks.spec import Doc, HubSource, Item, TaskSpec
 
 
 def read_local(folder: Path) -> list[Doc]:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .datafiles import read_jsonl, read_lines
-from .common import TARGET_DELIMITER
-from .spec import Doc, HubSource, Item, TaskSpec
+from lmshrink.eval.tasks.common import TARGET_DELIMITER
+from lmshrink.eval.tasks.datafiles import read_jsonl, read_lines
+from lmshrink.eval.tasks.spec import Doc, HubSource, Item, TaskSpec
 
 
 def from_sentence(row: Doc) -> Doc:

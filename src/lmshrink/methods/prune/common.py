@@ -1,32 +1,12 @@
-"""What the pruning methods share: the result type, sparsity patterns, and mask selection by a score."""
+"""What the pruning methods share: sparsity counts and mask selection by a score."""
 
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
-from lmshrink.quant.sparse import PruneResult
-
-__all__ = ["PruneResult", "layer_mask", "measured_sparsity", "nm_mask", "parse_pattern", "prune_count",
-           "row_mask", "select_mask"]
-
-_PATTERN = re.compile(r"^(\d+):(\d+)$")
-
-
-def parse_pattern(pattern: str) -> tuple[int, int]:
-    """``"unstructured"`` -> ``(0, 0)``; ``"N:M"`` -> ``(N, M)``: N of every M consecutive input weights of a row are
-    pruned (2:4 keeps 2 of 4). Raises ValueError otherwise."""
-    if pattern == "unstructured":
-        return 0, 0
-    match = _PATTERN.match(pattern)
-    if not match:
-        raise ValueError("must be 'unstructured' or 'N:M' (e.g. 2:4, 4:8)")
-    n, m = int(match.group(1)), int(match.group(2))
-    if not 0 < n < m:
-        raise ValueError("N:M needs 0 < N < M (N of every M weights are pruned)")
-    return n, m
+from lmshrink.methods.prune.patterns import parse_pattern
 
 
 def prune_count(total: int, sparsity: float) -> int:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lmshrink.methods.prune.common import PruneResult, select_mask
+from lmshrink.core.results import PruneResult
+from lmshrink.methods.prune.common import select_mask
 from lmshrink.methods.solver import output_error
 
 

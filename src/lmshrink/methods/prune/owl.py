@@ -1,7 +1,7 @@
 """OWL, outlier-weighted layer-wise sparsity (Yin et al. 2023): blocks with more outlier weights are pruned less.
 
-A dense pre-pass runs the calibration windows through the unpruned model block by block and collects each linear
-layer's input column norms. A block's outlier ratio is the share of its Wanda scores ``|W_ij| * ||X_j||`` (over all
+A dense pre-pass (the engine's statistics pass, asked for by the pruning stage's ``before_blocks``) runs the
+calibration windows through the unpruned model block by block and collects each linear layer's input column norms. A block's outlier ratio is the share of its Wanda scores ``|W_ij| * ||X_j||`` (over all
 its targeted layers together) above ``m`` times their mean. The ratios are mapped linearly onto ``[0, 2*lambda]``,
 shifted so their mean is the target density ``1 - sparsity``, and each block's sparsity is one minus its value
 (as the OWL reference does), kept within bounds with the mean held at the target.
@@ -9,12 +9,13 @@ shifted so their mean is the target density ``1 - sparsity``, and each block's s
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from lmshrink.methods.prune.wanda import wanda_score
+from lmshrink.models.adapters import linear_weight
 
 
 def outlier_ratio(scores: Iterable[torch.Tensor], m: float) -> float:
@@ -51,46 +52,11 @@ def owl_sparsities(ratios: list[float], sparsity: float, lam: float, floor: floa
     return [float(v) for v in result]
 
 
-class ColumnNorms:
-    """Running ``sum_t x_t^2`` per input column of one linear layer (``||X_j||^2``), fp32."""
-
-    def __init__(self, in_features: int, device):
-        self.sq = torch.zeros(in_features, dtype=torch.float32, device=device)
-
-    def add(self, x: torch.Tensor) -> None:
-        self.sq += x.reshape(-1, x.shape[-1]).float().square().sum(dim=0)
-
-
-def block_outlier_ratios(blocks: list[nn.Module], hidden: list[torch.Tensor],
-                         layers_of: Callable[[int, nn.Module], dict[str, nn.Module]],
-                         weight_of: Callable[[nn.Module], torch.Tensor],
-                         forward: Callable[[int, nn.Module, torch.Tensor], torch.Tensor],
-                         load: Callable[[int, nn.Module], None], release: Callable[[int, nn.Module], None],
-                         m: float) -> list[float]:
-    """The dense pre-pass: for each block (in order) the outlier ratio of its layers' Wanda scores.
-
-    ``layers_of(index, block)``: the block's targeted linear layers by name; ``weight_of(module)``: its ``[out, in]``
-    weight; ``forward(index, block, h)``: the block's output for a batch of windows ``h``; ``load``/``release``:
-    bring a block onto the compute device and back. ``hidden``: block 0's inputs (batches); they are propagated
-    through the dense blocks (the list is not modified).
-    """
-    ratios = []
-    for index, block in enumerate(blocks):
-        load(index, block)
-        modules = layers_of(index, block)
-        norms = {name: ColumnNorms(weight_of(mod).shape[1], weight_of(mod).device) for name, mod in modules.items()}
-        handles = [mod.register_forward_pre_hook(lambda _m, args, _n=name: norms[_n].add(args[0].detach()))
-                   for name, mod in modules.items()]
-        try:
-            with torch.no_grad():
-                hidden = [forward(index, block, h) for h in hidden]
-        finally:
-            for handle in handles:
-                handle.remove()
-        if modules:
-            scores = [wanda_score(weight_of(mod), norms[name].sq) for name, mod in modules.items()]
-            ratios.append(outlier_ratio(scores, m))
-        else:
-            ratios.append(float("nan"))
-        release(index, block)
-    return ratios
+def block_outlier_ratio(block: nn.Module, stats: dict, m: float) -> float:
+    """The outlier ratio of one block's selected layers (``stats``: relative name -> ``Stat.CHANNELS`` of its
+    input, in the block's linear order) from the dense pre-pass, or NaN when the block has none."""
+    if not stats:
+        return float("nan")
+    scores = [wanda_score(linear_weight(block.get_submodule(name)), channels.channels.sq_sum)
+              for name, channels in stats.items()]
+    return outlier_ratio(scores, m)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from lmshrink.core.grids import GridSpec, fit_grid_float, fit_groups_float, group_index
+from lmshrink.core.results import QuantResult
 from lmshrink.methods.quant.refit import refit_scales
 from lmshrink.methods.solver import ColumnRule, Sweep, solve_columns
-from lmshrink.quant.grids import GridSpec, QuantResult, fit_grid_float, fit_groups_float, group_index
 
 
 class GridRule(ColumnRule):
@@ -82,6 +83,73 @@ class GridRule(ColumnRule):
         codes = torch.clamp(torch.round(w / scale) + zero, 0, self.spec.maxq)
         self.codes[:, col] = codes.to(torch.uint8)
         return (codes - zero) * scale
+
+class MaskedRule(ColumnRule):
+    """Weights in the mask become 0; the others are decided by ``grid`` (rounded onto it), or kept without one.
+
+    mask: bool ``[out, in]`` in the original column order, or None for a mask a subclass fills during the sweep
+    (``self.mask``, in sweep order). With a grid the masked weights get the code of 0.0 (the zero point), so the
+    codes decode to exact zeros there, and group grids are fitted on the kept weights only.
+    """
+
+    def __init__(self, mask: torch.Tensor | None = None, grid: GridRule | None = None):
+        self.fixed_mask = mask
+        self.grid = grid
+
+    def start(self, sweep: Sweep) -> None:
+        rows, columns = sweep.weight.shape
+        if self.fixed_mask is not None:
+            mask = self.fixed_mask.to(sweep.weight.device, torch.bool)
+            self.mask = mask if sweep.perm is None else mask[:, sweep.perm]
+        else:
+            self.mask = torch.zeros(rows, columns, dtype=torch.bool, device=sweep.weight.device)
+        if self.grid is not None:
+            self.grid.fit_mask = self.mask  # dynamic groups fit on the kept weights (the mask fills as it is chosen)
+            self.grid.start(sweep)
+
+    def decide(self, sweep: Sweep, col: int, w: torch.Tensor) -> torch.Tensor:
+        pruned = self.mask[:, col]
+        if self.grid is None:
+            return w.masked_fill(pruned, 0.0)
+        q = self.grid.decide(sweep, col, w)
+        group = self.grid.sweep_groups[col]
+        self.grid.codes[:, col] = torch.where(pruned, self.grid.zero[:, group].to(torch.uint8),
+                                              self.grid.codes[:, col])
+        return q.masked_fill(pruned, 0.0)
+
+    def original_mask(self, perm: torch.Tensor | None) -> torch.Tensor:
+        """The mask in the original column order."""
+        return self.mask if perm is None else self.mask[:, torch.argsort(perm)]
+
+
+def masked_quant_result(rule: MaskedRule, result, spec: GridSpec, info: dict) -> QuantResult:
+    """The QuantResult of a masked sweep: codes in the original column order, the mask as ``pruned``."""
+    grid = rule.grid
+    codes = grid.codes if result.perm is None else grid.codes[:, torch.argsort(result.perm)]
+    mask = rule.original_mask(result.perm)
+    zeros = float((result.weight == 0).sum()) / result.weight.numel()
+    info = {**info, **result.info(), "static_groups": grid.static_groups, "sparsity": zeros,
+            "pruned_fraction": float(mask.sum()) / mask.numel()}
+    return QuantResult(codes=codes, scale=grid.scale, zero=grid.zero.to(torch.uint8), g_idx=None,
+                       weight=result.weight, spec=spec, rel_output_error=result.rel_output_error, info=info,
+                       pruned=mask)
+
+
+
+def gptq_keep_mask(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, spec: GridSpec,
+                   damp_percent: float = 0.01, block_size: int = 128, act_order: bool = True,
+                   static_groups: bool = True, cholesky_dtype: torch.dtype = torch.float32) -> QuantResult:
+    """GPTQ on a pruned layer that keeps its zeros: weights in ``mask`` (bool ``[out, in]``) stay exactly 0 (their
+    code is the zero point), the others are rounded with error compensation as in ``gptq_quantize``.
+
+    act-order needs static groups here (a permuted ``g_idx`` is not returned).
+    """
+    if act_order and not static_groups:
+        raise ValueError("gptq_keep_mask supports act-order only with static groups")
+    rule = MaskedRule(mask, GridRule(spec, static_groups=static_groups, clip_weighted=True))
+    result = solve_columns(weight, hessian, rule, damp_percent=damp_percent, block_size=block_size,
+                           act_order=act_order, cholesky_dtype=cholesky_dtype)
+    return masked_quant_result(rule, result, spec, {"method": "gptq", "kept_mask": True})
 
 
 def gptq_quantize(

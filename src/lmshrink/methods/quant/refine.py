@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from lmshrink.core.grids import expand_groups
+from lmshrink.core.results import QuantResult
 from lmshrink.methods.solver import output_error
-from lmshrink.quant.grids import QuantResult, _expand
 
 
 def coordinate_descent(result: QuantResult, weight: torch.Tensor, hessian: torch.Tensor, passes: int,
@@ -43,8 +44,8 @@ def coordinate_descent(result: QuantResult, weight: torch.Tensor, hessian: torch
     diag.add_(damp_percent * float(diag.mean()))
     g_idx = result.group_index()
     # the columns as contiguous rows ([in, out]): every step reads and writes one column
-    scale = _expand(result.scale.float(), cols, g_idx).t().contiguous()
-    zero = _expand(result.zero.float(), cols, g_idx).t().contiguous()
+    scale = expand_groups(result.scale.float(), cols, g_idx).t().contiguous()
+    zero = expand_groups(result.zero.float(), cols, g_idx).t().contiguous()
     maxq = result.spec.maxq
     codes = result.codes.t().contiguous()
     q = result.weight.float().t().contiguous()

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from lmshrink.quant.grids import QuantResult, _round_scale, dequantize
+from lmshrink.core.grids import dequantize, round_scale
+from lmshrink.core.results import QuantResult
 
 
 def _row_errors(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -53,7 +54,7 @@ def refit_scales(result: QuantResult, weight: torch.Tensor, hessian: torch.Tenso
     scale_of_row = diag.mean(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
     system = system + torch.diag_embed(ridge * scale_of_row[:, None].expand(rows, groups))
     solution = torch.linalg.solve(system.double(), rhs.double()[:, :, None]).squeeze(2).float()
-    stored = torch.where(solution > 0, _round_scale(solution.clamp_min(0), result.spec), solution)
+    stored = torch.where(solution > 0, round_scale(solution.clamp_min(0), result.spec), solution)
     old_scale = result.scale.float()
     candidate = torch.where(diag > 0, stored, old_scale)  # a group with no non-zero code keeps its scale
     usable = torch.isfinite(candidate).all(dim=1) & (candidate > 0).all(dim=1)

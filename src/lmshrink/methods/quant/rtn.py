@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from lmshrink.core.grids import GridSpec, dequantize, fit_groups, group_index, quantize
+from lmshrink.core.results import QuantResult
 from lmshrink.methods.solver import output_error
-from lmshrink.quant.grids import GridSpec, QuantResult, dequantize, fit_groups, group_index, quantize
 
 
 def rtn_quantize(weight: torch.Tensor, spec: GridSpec, hessian: torch.Tensor | None = None,

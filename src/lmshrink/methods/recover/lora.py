@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import LmshrinkError
-from ...models.adapters import linear_weight, set_linear_weight
-from ...quant.grids import QuantResult, dequantize, quantize
-from ...quant.sparse import PruneResult
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.core.grids import dequantize, quantize
+from lmshrink.core.results import PruneResult, QuantResult
+from lmshrink.models.adapters import linear_weight, set_linear_weight
 
 ADAPTER = "default"
 
@@ -186,14 +186,15 @@ def _on_grid(result: QuantResult, codes: torch.Tensor, requantize: str, extra: d
 
 @torch.no_grad()
 def merge(peft_model, names: list[str], results: dict, masks: dict[str, torch.Tensor], requantize: str = "round",
-          calibration: torch.Tensor | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+          requantize_on_grid=None) -> tuple[nn.Module, dict]:
     """Fold the adapters into the weights, update ``results`` (name -> PruneResult / QuantResult) to the merged
     weights, remove the adapters; returns the plain model and a record of what the merge kept and changed.
 
     Pruned layers: ``base + mask_keep * delta`` (exact zeros and N:M pattern kept). Quantized layers: ``base + delta``
     (masked if pruned) put back onto the stored grid (scales, zeros, group index unchanged), by ``requantize``:
     ``"round"`` rounds each weight to nearest; ``"gptq"`` chooses the codes with the GPTQ sweep on the Hessians of
-    the merged model's inputs on ``calibration`` (token ids ``[windows, seqlen]``; see ``requant``). Other layers:
+    the merged model's inputs, through ``requantize_on_grid(model, targets)`` (the engine collects them on the
+    calibration windows; see ``requant``). Other layers:
     ``base + delta``. The record's ``rel_weight_change`` is, per layer, ``||W_merged - W_before|| / ||W_before||`` of
     the weights actually stored; ``quantized_codes_changed`` the fraction of codes that changed.
     """
@@ -233,12 +234,10 @@ def merge(peft_model, names: list[str], results: dict, masks: dict[str, torch.Te
     model = peft_model.unload()
     errors: dict[str, list[float]] = {"rel_output_error": [], "rel_output_error_round": []}
     if pending:
-        if calibration is None:
-            raise LmshrinkError("requantize: 'gptq' needs the calibration windows to collect the layers' Hessians",
-                                fix="pass calibration= to merge (compress passes its calibration windows)")
-        from .requant import requantize_gptq
-
-        solved = requantize_gptq(model, pending, calibration, device=device)
+        if requantize_on_grid is None:
+            raise LmshrinkError("requantize: 'gptq' needs the calibration Hessians of the merged model's layers",
+                                fix="pass requantize_on_grid= to merge (compress passes the engine's)")
+        solved = requantize_on_grid(model, pending)
         for name, (codes, info) in solved.items():
             extra = {f"recover_{k}": v for k, v in info.items()}
             old = pending[name][1]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import resource
-
 import torch
 from torch import nn
+
+from lmshrink.core.process import peak_rss_bytes
 
 
 def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -49,7 +49,7 @@ def memory_report(model: nn.Module, trainable: list[nn.Parameter],
             "training_state_bytes": lora_bytes + lora_optimizer}
     return {"model_parameters": base_count, "model_bytes": base_bytes, "lora": lora, "full_finetune": full,
             "training_state_ratio": lora["training_state_bytes"] / full["training_state_bytes"] if base_bytes else None,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss_bytes(),
             "notes": "training_state = gradients + optimizer states of the trainable parameters (activations, "
                      "weights and the teacher not included); full fine-tuning computed for AdamW in the model's "
                      "dtype; peak_rss_bytes is the whole process's peak"}

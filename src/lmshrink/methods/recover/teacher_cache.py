@@ -1,6 +1,6 @@
 """The teacher's next-token distributions on disk in top-k form (recover option ``teacher_cache: topk``).
 
-A cache is a folder written in one rename (``formats.atomic.atomic_directory``), so it is either complete or absent:
+A cache is a folder written in one rename (``core.atomic.atomic_directory``), so it is either complete or absent:
 
 - ``meta.json``: the cache key (the run, the windows, k, temperature, vocabulary), shapes and sizes;
 - ``train-NNNNN.safetensors``: for ``SHARD_WINDOWS`` training windows, ``logp`` (float16,
@@ -29,8 +29,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ...errors import LmshrinkError
-from ...formats.atomic import atomic_directory
+from lmshrink.core.atomic import atomic_directory
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.core.process import release_free_heap
 
 SHARD_WINDOWS = 64
 FORMAT = 1
@@ -172,21 +173,11 @@ def block_bytes(blocks: list[nn.Module]) -> int:
 
 
 def _return_freed_memory() -> None:
-    """Hand freed heap memory back to the operating system where the C library allows it (glibc's ``malloc_trim``):
-    the teacher's tensors are mostly too small for their own memory maps, and without this the freed memory stays
-    in the process, reusable only by small allocations (the loss's vocabulary-wide buffers are memory-mapped)."""
-    import ctypes
-    import gc
-    import sys
-
-    gc.collect()
+    """Hand the teacher's freed memory back: its tensors are mostly too small for their own memory maps, so without
+    trimming the freed memory stays in the process, reusable only by small allocations."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
+    release_free_heap(collect=True)
 
 
 def _to_meta(blocks: list[nn.Module], shared: set[int]) -> int:

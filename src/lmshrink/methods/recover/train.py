@@ -9,7 +9,7 @@ best adapters are kept.
 
 With ``teacher_cache: topk`` the teacher runs once before training over every training window, its k largest
 log-probabilities per position (at the temperature) and their token ids go to disk (``teacher_cache.py``), and
-``run_recovery`` then frees its decoder blocks. The KL is then an approximation taken over k + 1 outcomes: the k
+the recover stage then frees its decoder blocks. The KL is then an approximation taken over k + 1 outcomes: the k
 cached tokens, and one "rest" bucket holding the teacher's remaining mass ``1 - sum(top k)`` against the student's
 mass outside those k tokens. That is the KL between the two distributions with the tokens outside the teacher's top
 k merged into one outcome: never more than the full KL (merging outcomes cannot increase a KL), equal to it when k is
@@ -21,291 +21,39 @@ The held-out KL and perplexities stay exact (from the teacher's cached held-out 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import random
-import re
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...data import calibration_windows, evaluation_windows, load_text
-from ...data.sources import TextSource
-from ...data.windows import _encode
-from ...errors import LmshrinkError
-from ...models.adapters import get_adapter, iter_linears
-from ...recipe import RecoverStage
-from . import lora
-from .memory import memory_report
-from .teacher_cache import TopKCache, check_released, open_cache, write_cache
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.methods.recover import lora
+from lmshrink.methods.recover.losses import (
+    distill_loss,
+    head_distill_loss,
+    hidden_mse,
+    logits_of,
+    topk_distill_loss,
+    topk_head_distill_loss,
+)
+from lmshrink.methods.recover.memory import memory_report
+from lmshrink.methods.recover.state import load_state, save_state
+from lmshrink.methods.recover.teacher_cache import TopKCache, check_released, open_cache, write_cache
+from lmshrink.methods.recover.text import StageWindows, stage_windows, teacher_cache_key
+from lmshrink.models.adapters import get_adapter, iter_linears
 
-HELD_OUT_MAX_FRACTION = 0.5
-
-
-_WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
-
-
-def _split_units(source: TextSource) -> list[list[int]]:
-    """The groups of document indices that go to the same side of the split. WikiText-2's documents are its rows
-    (paragraphs and headings): an article's rows stay together, an article starting at its top-level ``" = Title = "``
-    row. Elsewhere each document is its own group."""
-    if source.name != "wikitext2":
-        return [[i] for i in range(len(source.documents))]
-    units: list[list[int]] = []
-    for index, row in enumerate(source.documents):
-        if not units or _WIKITEXT_TITLE.match(row):
-            units.append([])
-        units[-1].append(index)
-    return units
+if TYPE_CHECKING:  # the stage imports this module when it runs
+    from lmshrink.methods.recover.stage import RecoverStage
 
 
-def split_documents(source: TextSource, tokenizer, tokens_needed: int, seed: int) -> tuple[TextSource, TextSource]:
-    """Split ``source`` into (training, held-out) by whole documents (WikiText-2: whole articles), seeded: held-out
-    documents are taken until they hold ``tokens_needed`` tokens, at most half of the documents."""
-    docs = list(source.documents)
-    units = _split_units(source)
-    if len(units) < 2:
-        raise LmshrinkError(f"option 'data': {source.name} has {len(units)} document(s); the recover stage needs two "
-                            "or more to keep held-out documents apart from the training ones",
-                            fix="use a text with several documents (e.g. wikitext2, enwiki-sample, or a file with "
-                                "paragraphs separated by blank lines)")
-    order = list(range(len(units)))
-    random.Random(seed).shuffle(order)
-    held, tokens = [], 0
-    for unit in order[: max(1, int(len(units) * HELD_OUT_MAX_FRACTION))]:
-        held.extend(units[unit])
-        tokens += sum(len(_encode(tokenizer, docs[index])) for index in units[unit])
-        if tokens >= tokens_needed:
-            break
-    held_set = set(held)
-    train = replace(source, documents=[d for i, d in enumerate(docs) if i not in held_set],
-                    notes={**source.notes, "recover_part": "training"})
-    heldout = replace(source, documents=[docs[i] for i in sorted(held_set)],
-                      notes={**source.notes, "recover_part": "held-out"})
-    return train, heldout
-
-
-def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=False).logits
-
-
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor,
-                 temperature: float, lm_weight: float, kl_weight: float = 1.0) -> torch.Tensor:
-    """Mean over next-token positions of ``kl_weight * T**2 * KL(teacher_T || student_T)`` (+ ``lm_weight`` *
-    cross-entropy), from full logits (the reference; training uses ``head_distill_loss`` when it can)."""
-    s = student_logits[:, :-1].float()
-    t = teacher_logits[:, :-1].float()
-    loss = s.new_zeros(())
-    if kl_weight:
-        t_logp = F.log_softmax(t / temperature, dim=-1)
-        s_logp = F.log_softmax(s / temperature, dim=-1)
-        loss = loss + kl_weight * (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * temperature ** 2
-    if lm_weight:
-        loss = loss + lm_weight * F.cross_entropy(s.reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1))
-    return loss
-
-
-def topk_kl(student_logits: torch.Tensor, t_logp: torch.Tensor, t_ids: torch.Tensor) -> torch.Tensor:
-    """Per position ``KL(teacher || student)`` over k + 1 outcomes (the k cached tokens and the rest):
-    ``student_logits`` ``[..., vocab]`` (already divided by the temperature), ``t_logp`` ``[..., k + 1]`` (the teacher's top-k
-    log-probabilities, then the log of its remaining mass) and ``t_ids`` ``[..., k]``. When k is the vocabulary size
-    the rest bucket is empty and left out, and this is the full KL."""
-    s_logp = F.log_softmax(student_logits, dim=-1)
-    k = t_ids.shape[-1]
-    lq = s_logp.gather(-1, t_ids)
-    lp = t_logp[..., :k]
-    if k < s_logp.shape[-1]:
-        rest = s_logp.scatter(-1, t_ids, float("-inf")).logsumexp(-1, keepdim=True)  # log(1 - sum q[top k])
-        lq = torch.cat([lq, rest], -1)
-        lp = t_logp
-    p = lp.exp()
-    return torch.where(p > 0, p * (lp - lq), 0.0).sum(-1)
-
-
-def topk_distill_loss(student_logits: torch.Tensor, t_logp: torch.Tensor, t_ids: torch.Tensor, ids: torch.Tensor,
-                      temperature: float, lm_weight: float, kl_weight: float = 1.0) -> torch.Tensor:
-    """``distill_loss`` with the teacher given by its top-k cache (``t_logp`` ``[batch, seqlen - 1, k + 1]``, ``t_ids``
-    ``[batch, seqlen - 1, k]``, at ``temperature``): the KL over k + 1 outcomes of ``topk_kl``, from full logits (the
-    reference; training uses ``topk_head_distill_loss``)."""
-    s = student_logits[:, :-1].float()
-    loss = s.new_zeros(())
-    if kl_weight:
-        loss = loss + kl_weight * topk_kl(s / temperature, t_logp, t_ids).mean() * temperature ** 2
-    if lm_weight:
-        loss = loss + lm_weight * F.cross_entropy(s.reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1))
-    return loss
-
-
-def _lm_term(logits: torch.Tensor, target: torch.Tensor, lm_weight: float) -> tuple[float, torch.Tensor]:
-    """``lm_weight`` x the summed next-token cross-entropy of ``logits`` (float32 ``[positions, vocab]``) and its
-    gradient with respect to them (the chunked head losses below compute gradients in forward)."""
-    logp = F.log_softmax(logits, dim=-1)
-    rows = torch.arange(len(logits), device=logits.device)
-    loss = lm_weight * -float(logp[rows, target].sum())
-    grad = logp.exp_()
-    grad[rows, target] -= 1
-    return loss, grad.mul_(lm_weight)
-
-
-def _rows_grad(grad_logits: torch.Tensor | None, n: int, weight: torch.Tensor) -> torch.Tensor | float:
-    """A chunk's gradient with respect to its hidden-state rows (mean over ``n`` positions), 0 without a loss term."""
-    return 0 if grad_logits is None else grad_logits.div_(n).to(weight.dtype) @ weight
-
-
-def _save_hidden_grad(ctx, s_hidden: torch.Tensor, grad_rows: torch.Tensor) -> None:
-    """Keep the gradient for backward: ``grad_rows`` at every position but the last (which predicts nothing)."""
-    grad = torch.zeros_like(s_hidden)
-    grad[:, :-1] = grad_rows.reshape(s_hidden.shape[0], -1, s_hidden.shape[-1])
-    ctx.save_for_backward(grad)
-
-
-class _HeadTopK(torch.autograd.Function):
-    """``topk_distill_loss`` from the student's final hidden states and (frozen) output head, in chunks of ``chunk``
-    positions, with the gradient with respect to the hidden states computed in forward (in place, a few
-    ``[chunk, vocab]`` buffers at a time, nothing vocabulary-wide kept for backward).
-
-    With ``z`` the student's log-probabilities at temperature T, ``q = exp(z)``, the teacher's bucket masses ``p``
-    (k tokens, then the rest R) and ``P = sum(p)``, the KL's derivative with respect to ``z_v`` is ``P q_v - p_v`` for a
-    top-k token and ``q_v (P - p_R / Q_R)`` for the others (``Q_R``: the student's mass outside the top k); the
-    loss's, with respect to the student's logits, is T times that."""
-
-    @staticmethod
-    def forward(ctx, s_hidden, weight, bias, t_logp, t_ids, ids, temperature, kl_weight, lm_weight, chunk):
-        size = s_hidden.shape[-1]
-        sh = s_hidden[:, :-1].reshape(-1, size)
-        tl = t_logp.reshape(-1, t_logp.shape[-1]).float()
-        ti = t_ids.reshape(-1, t_ids.shape[-1])
-        k = ti.shape[-1]
-        target = ids[:, 1:].reshape(-1)
-        n = sh.shape[0]
-        grad_rows = torch.empty_like(sh) if ctx.needs_input_grad[0] else None
-        total = 0.0
-        for i in range(0, n, chunk):
-            s = F.linear(sh[i:i + chunk], weight, bias).float()
-            g = None
-            if lm_weight:
-                loss, g = _lm_term(s, target[i:i + chunk], lm_weight)
-                total += loss
-            if kl_weight:
-                top_ids = ti[i:i + chunk]
-                z = s.div_(temperature)
-                z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # the student's log-probabilities
-                lq = z.gather(-1, top_ids)
-                rest = k < z.shape[-1]
-                lp = tl[i:i + chunk] if rest else tl[i:i + chunk, :k]
-                if rest:
-                    z.scatter_(-1, top_ids, float("-inf"))
-                    lq_rest = torch.logsumexp(z, dim=-1, keepdim=True)
-                    z.scatter_(-1, top_ids, lq)
-                    lq = torch.cat([lq, lq_rest], -1)
-                p = lp.exp()
-                total += kl_weight * temperature ** 2 * float(torch.where(p > 0, p * (lp - lq), 0.0).sum())
-                if grad_rows is not None:
-                    mass = p.sum(-1, keepdim=True)
-                    q = z.exp_()
-                    if rest:  # p_R / Q_R, its exponent capped (a float32 overflow only where q_v is ~0 anyway)
-                        q.mul_(mass - (lp[:, -1:] - lq[:, -1:]).clamp_(max=80).exp_())
-                    else:
-                        q.mul_(mass)
-                    q.scatter_(-1, top_ids, mass * lq[:, :k].exp() - p[:, :k])
-                    kl_grad = q.mul_(kl_weight * temperature)  # d(T^2 KL)/d(student logits)
-                    g = kl_grad if g is None else g.add_(kl_grad)
-                del z, lq, p
-            if grad_rows is not None:
-                grad_rows[i:i + chunk] = _rows_grad(g, n, weight)
-            del s, g
-        if grad_rows is not None:
-            _save_hidden_grad(ctx, s_hidden, grad_rows)
-        return s_hidden.new_tensor(total / n, dtype=torch.float32)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_out.to(grad.dtype),) + (None,) * 9
-
-
-def topk_head_distill_loss(s_hidden: torch.Tensor, s_head: nn.Linear, t_logp: torch.Tensor, t_ids: torch.Tensor,
-                           ids: torch.Tensor, temperature: float, lm_weight: float, kl_weight: float = 1.0,
-                           chunk: int = 256) -> torch.Tensor:
-    """``topk_distill_loss`` of ``s_head(s_hidden)``, in chunks of ``chunk`` positions (the head must be frozen)."""
-    return _HeadTopK.apply(s_hidden, s_head.weight, s_head.bias, t_logp, t_ids, ids, temperature, kl_weight,
-                           lm_weight, chunk)
-
-
-class _HeadDistill(torch.autograd.Function):
-    """The distillation loss from the final hidden states and the (frozen) output heads, computed over chunks of
-    ``chunk`` positions: the ``[positions, vocab]`` logits exist one chunk at a time, and the gradient with respect
-    to the student's hidden states is computed in forward (``T * (p_student - p_teacher) @ W_head`` for the KL), so
-    nothing vocabulary-wide is kept for backward."""
-
-    @staticmethod
-    def forward(ctx, s_hidden, t_hidden, s_weight, s_bias, t_weight, t_bias, ids, temperature, kl_weight, lm_weight,
-                chunk):
-        size = s_hidden.shape[-1]
-        sh = s_hidden[:, :-1].reshape(-1, size)
-        th = t_hidden[:, :-1].reshape(-1, size)
-        target = ids[:, 1:].reshape(-1)
-        n = sh.shape[0]
-        grad_rows = torch.empty_like(sh) if ctx.needs_input_grad[0] else None
-        total = 0.0
-        for i in range(0, n, chunk):
-            s = F.linear(sh[i:i + chunk], s_weight, s_bias).float()
-            g = None
-            if lm_weight:
-                loss, g = _lm_term(s, target[i:i + chunk], lm_weight)
-                total += loss
-            if kl_weight:
-                t = F.linear(th[i:i + chunk], t_weight, t_bias).float().div_(temperature)
-                t_logp = t.sub_(torch.logsumexp(t, dim=-1, keepdim=True))
-                p_t = t_logp.exp()
-                s_logp = s.div_(temperature)
-                s_logp.sub_(torch.logsumexp(s_logp, dim=-1, keepdim=True))
-                total += kl_weight * temperature ** 2 * float(t_logp.sub_(s_logp).mul_(p_t).sum())
-                del t_logp, t
-                kl_grad = s_logp.exp_().sub_(p_t).mul_(kl_weight * temperature)  # d(T^2 KL)/d(student logits)
-                g = kl_grad if g is None else g.add_(kl_grad)
-                del p_t
-            if grad_rows is not None:
-                grad_rows[i:i + chunk] = _rows_grad(g, n, s_weight)
-            del s, g
-        if grad_rows is not None:
-            _save_hidden_grad(ctx, s_hidden, grad_rows)
-        return s_hidden.new_tensor(total / n, dtype=torch.float32)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_out.to(grad.dtype),) + (None,) * 10
-
-
-def head_distill_loss(s_hidden: torch.Tensor, t_hidden: torch.Tensor, s_head: nn.Linear, t_head: nn.Linear,
-                      ids: torch.Tensor, temperature: float, lm_weight: float, kl_weight: float = 1.0,
-                      chunk: int = 256) -> torch.Tensor:
-    """``distill_loss`` of ``s_head(s_hidden)`` and ``t_head(t_hidden)``, in chunks of ``chunk`` positions (the
-    heads must be frozen: no gradient reaches their weights)."""
-    return _HeadDistill.apply(s_hidden, t_hidden.detach(), s_head.weight, s_head.bias, t_head.weight, t_head.bias,
-                              ids, temperature, kl_weight, lm_weight, chunk)
-
-
-def hidden_mse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over decoder blocks of ``mean((h_student - h_teacher)**2) / var(h_teacher)`` (block outputs)."""
-    if len(student) != len(teacher) or not student:
-        raise LmshrinkError(f"recover stage, option 'loss': captured {len(student)} student and {len(teacher)} "
-                            "teacher block outputs (expected the same number, one per decoder block)",
-                            fix="use loss: kl for this model")
-    terms = [F.mse_loss(s.float(), t.float()) / t.float().var().clamp_min(1e-12) for s, t in zip(student, teacher)]
-    return torch.stack(terms).mean()
-
-
-class _Forward:
+class Forward:
     """Runs a causal LM (plain or PEFT-wrapped) to its final hidden states, its logits, or its block outputs."""
 
     def __init__(self, model: nn.Module):
@@ -319,7 +67,7 @@ class _Forward:
         return self.backbone(input_ids=ids, use_cache=False)[0]
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return _logits(self.model, ids)
+        return logits_of(self.model, ids)
 
     @contextlib.contextmanager
     def capture(self, out: list[torch.Tensor] | None):
@@ -337,7 +85,7 @@ class _Forward:
 
 
 @torch.no_grad()
-def _head_path(*models: _Forward, ids: torch.Tensor) -> bool:
+def _head_path(*models: Forward, ids: torch.Tensor) -> bool:
     """Whether ``head(backbone(ids))`` reproduces each model's logits (no logit scaling or soft-capping after the
     head) with a frozen ``nn.Linear`` head, so the chunked loss can be used."""
     ids = ids[:1, :16]
@@ -381,7 +129,7 @@ def checkpointed_blocks(blocks: list[nn.Module]):
                 block.forward = own
 
 
-def step_loss(student: _Forward, teacher: _Forward, ids: torch.Tensor, stage: RecoverStage, head: bool,
+def step_loss(student: Forward, teacher: Forward, ids: torch.Tensor, stage: RecoverStage, head: bool,
               topk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The training loss of ``stage`` on ``ids`` (KL and/or per-block hidden MSE, plus the LM loss); with ``topk``
     (the teacher's cached ``(logp, ids)`` of these windows) the KL over k + 1 outcomes, and the teacher does not
@@ -426,7 +174,7 @@ def held_out_metrics(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, 
     from an earlier call's ``teacher_hidden_states``) saves the teacher's forward passes. ``head``: whether that path
     is valid, when already known (with ``teacher_hidden``, the teacher's blocks then never run).
     """
-    s_fwd, t_fwd = _Forward(student), _Forward(teacher)
+    s_fwd, t_fwd = Forward(student), Forward(teacher)
     if head is None:
         head = _head_path(s_fwd, t_fwd, ids=ids[:1].to(device))
     kl_sum = nll = nll_t = 0.0
@@ -442,8 +190,8 @@ def held_out_metrics(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, 
                       F.linear(th[j:j + chunk_tokens], t_fwd.head.weight, t_fwd.head.bias), target[j:j + chunk_tokens])
                      for j in range(0, len(target), chunk_tokens))  # one chunk of logits at a time
         else:
-            parts = [(_logits(student, chunk)[:, :-1].reshape(len(target), -1),
-                      _logits(teacher, chunk)[:, :-1].reshape(len(target), -1), target)]
+            parts = [(logits_of(student, chunk)[:, :-1].reshape(len(target), -1),
+                      logits_of(teacher, chunk)[:, :-1].reshape(len(target), -1), target)]
         for s, t, tgt in parts:
             s_logp = F.log_softmax(s.float(), -1)
             del s
@@ -461,7 +209,7 @@ def held_out_metrics(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, 
 @torch.no_grad()
 def teacher_hidden_states(teacher: nn.Module, ids: torch.Tensor, batch: int, device) -> list[torch.Tensor]:
     """The teacher's final hidden states of each ``batch`` of ``ids`` (for ``held_out_metrics``)."""
-    fwd = _Forward(teacher)
+    fwd = Forward(teacher)
     return [fwd.hidden(ids[i:i + batch].to(device)) for i in range(0, len(ids), batch)]
 
 
@@ -474,91 +222,6 @@ def _lr_factor(stage: RecoverStage, step: int, elapsed: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-_STATE_TENSORS = "state.safetensors"
-_STATE_JSON = "state.json"
-
-
-def save_state(folder: Path, key: str, peft_model, optimizer: torch.optim.Optimizer, best_state: dict,
-               scalars: dict) -> None:
-    """Adapters, optimizer state, best adapters and the loop's counters, replacing ``folder`` in one rename."""
-    from safetensors.torch import save_file
-
-    from ...formats.atomic import atomic_directory
-
-    tensors = {f"adapter.{n}": p.detach() for n, p in peft_model.named_parameters() if p.requires_grad}
-    tensors.update({f"best.{n}": v for n, v in best_state.items()})
-    opt = optimizer.state_dict()
-    for index, entry in opt["state"].items():
-        tensors.update({f"opt.{index}.{k}": v for k, v in entry.items() if isinstance(v, torch.Tensor)})
-    meta = {"key": key, "param_groups": opt["param_groups"],
-            "opt_scalars": {str(i): {k: v for k, v in e.items() if not isinstance(v, torch.Tensor)}
-                            for i, e in opt["state"].items()}, **scalars}
-    with atomic_directory(folder, overwrite=True) as staging:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / _STATE_TENSORS))
-        (staging / _STATE_JSON).write_text(json.dumps(meta, default=str))
-
-
-def load_state(folder: Path, key: str, peft_model, optimizer: torch.optim.Optimizer) -> dict | None:
-    """Restore what ``save_state`` wrote (adapters and optimizer in place); returns the counters plus ``best_state``,
-    or None when ``folder`` holds nothing. A state of another run is refused."""
-    from safetensors.torch import load_file
-
-    if not (folder / _STATE_JSON).is_file():
-        return None
-    meta = json.loads((folder / _STATE_JSON).read_text())
-    if meta.get("key") != key:
-        raise LmshrinkError(f"{folder} holds recover progress of a different run",
-                            fix=f"run again without --resume to start over, or delete {folder}")
-    tensors = load_file(str(folder / _STATE_TENSORS))
-    lora.load_adapter_state(peft_model, {n[len("adapter."):]: v for n, v in tensors.items()
-                                         if n.startswith("adapter.")})
-    device = next(p.device for p in peft_model.parameters() if p.requires_grad)
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        if name.startswith("opt."):
-            _, index, field = name.split(".", 2)
-            state.setdefault(int(index), {})[field] = value
-    for index, scalars in meta.pop("opt_scalars").items():
-        state.setdefault(int(index), {}).update(scalars)
-    optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
-    meta["best_state"] = {n[len("best."):]: v.to(device) for n, v in tensors.items() if n.startswith("best.")}
-    return meta
-
-
-class StageWindows(NamedTuple):
-    """A recover stage's text split and token windows (``stage_windows``)."""
-
-    data_name: str
-    train_src: TextSource
-    held_src: TextSource
-    train_ids: torch.Tensor
-    eval_ids: torch.Tensor
-
-
-def stage_windows(stage: RecoverStage, tokenizer, default_data: str, data_dir=None,
-                  max_context: int | None = None) -> StageWindows:
-    """The training and held-out windows of ``stage`` (the same for the same options and text: seeded)."""
-    data_name = stage.data or default_data
-    source = load_text(data_name, "train", data_dir)
-    train_src, held_src = split_documents(source, tokenizer, stage.eval_windows * stage.seqlen * 2, stage.seed)
-    try:
-        held = evaluation_windows(tokenizer, held_src, stage.seqlen, max_context=max_context)
-        train = calibration_windows(tokenizer, train_src, min(stage.steps * stage.batch, 4096), stage.seqlen,
-                                    stage.seed, max_context)
-    except LmshrinkError as exc:
-        raise LmshrinkError(f"recover stage, option 'seqlen' = {stage.seqlen} / 'data' = {data_name!r}: {exc}",
-                            fix="use a shorter seqlen or a text with longer documents") from exc
-    return StageWindows(data_name, train_src, held_src, train.input_ids, held.input_ids[: stage.eval_windows])
-
-
-def teacher_cache_key(stage: RecoverStage, windows: StageWindows, state_key: str = "") -> str:
-    """What a top-k teacher cache was written for: the run (``state_key``), the windows, k and the temperature."""
-    from ...engine.checkpoint import fingerprint
-
-    return fingerprint("teacher-topk", state_key, stage.teacher_topk, stage.temperature, windows.train_ids,
-                       windows.eval_ids)
-
-
 def prepare_teacher_cache(teacher: nn.Module, stage: RecoverStage, windows: StageWindows, folder: Path, key: str, *,
                           reuse: bool = False, device: str | torch.device = "cpu",
                           progress: bool = False) -> TopKCache:
@@ -567,7 +230,7 @@ def prepare_teacher_cache(teacher: nn.Module, stage: RecoverStage, windows: Stag
     if reuse and (found := open_cache(folder, key)) is not None:
         return found
     device = torch.device(device)
-    fwd = _Forward(teacher)
+    fwd = Forward(teacher)
     check_released(fwd.blocks, "option 'teacher_cache' = 'topk'")
     teacher.to(device).eval().requires_grad_(False)
     if not _head_path(fwd, ids=windows.eval_ids[:1].to(device)):
@@ -583,7 +246,7 @@ def recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage
             default_data: str, data_dir=None, device: str | torch.device = "cpu", progress: bool = True,
             max_context: int | None = None, adapter_out: dict | None = None, state_dir: Path | None = None,
             state_key: str = "", resume: bool = False, teacher_cache: TopKCache | None = None,
-            calibration: torch.Tensor | None = None) -> dict:
+            requantize_on_grid=None) -> dict:
     """Train LoRA adapters on ``model`` (the compressed student, changed in place) to match ``teacher``; merge them
     (updating ``results``) or, with ``merge: false``, put their PEFT files into ``adapter_out`` (file name -> bytes)
     and leave the student's weights as they were. Returns the stage's record.
@@ -591,12 +254,13 @@ def recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage
     With ``state_dir``, the adapters, optimizer and counters are saved there every ``save_every`` steps and when
     training ends (tagged with ``state_key``); with ``resume``, a state found there is continued from, giving the
     same result as an uninterrupted run (unless ``max_seconds`` is set: time-based decisions are not reproducible).
-    ``calibration`` (token ids ``[windows, seqlen]``): the windows whose Hessians ``requantize: gptq`` uses.
+    ``requantize_on_grid(model, targets)``: the engine-backed GPTQ sweep on the stored grids that ``requantize: gptq``
+    merges use (``methods.recover.requant``; the pipeline provides it).
 
     With ``teacher_cache: topk``, ``teacher_cache`` is the stage's cache (``prepare_teacher_cache``; the teacher's
     blocks may then be freed already). Without it, the cache is written here: beside ``state_dir``
     (``<state_dir>-teacher-topk``, reused on ``resume``) or in a temporary folder removed at the end; the teacher's
-    blocks are not freed then (its caller owns it: ``run_recovery`` frees them).
+    blocks are not freed then (its caller owns it: the recover stage's ``run_phase`` frees them).
     """
     if stage.teacher_cache == "topk" and teacher_cache is None:
         windows = stage_windows(stage, tokenizer, default_data, data_dir, max_context)
@@ -611,17 +275,17 @@ def recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage
             return _recover(model, teacher, tokenizer, stage, results, default_data=default_data, data_dir=data_dir,
                             device=device, progress=progress, max_context=max_context, adapter_out=adapter_out,
                             state_dir=state_dir, state_key=state_key, resume=resume, teacher_cache=teacher_cache,
-                            calibration=calibration)
+                            requantize_on_grid=requantize_on_grid)
     return _recover(model, teacher, tokenizer, stage, results, default_data=default_data, data_dir=data_dir,
                     device=device, progress=progress, max_context=max_context, adapter_out=adapter_out,
                     state_dir=state_dir, state_key=state_key, resume=resume, teacher_cache=teacher_cache,
-                    calibration=calibration)
+                    requantize_on_grid=requantize_on_grid)
 
 
 def _recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage, results: dict, *,
              default_data: str, data_dir, device, progress: bool, max_context: int | None, adapter_out: dict | None,
              state_dir: Path | None, state_key: str, resume: bool, teacher_cache: TopKCache | None,
-             calibration: torch.Tensor | None = None) -> dict:
+             requantize_on_grid=None) -> dict:
     from tqdm.auto import tqdm
 
     # the stage's clock (max_seconds) includes the writing of its teacher cache, as other data preparation
@@ -634,7 +298,7 @@ def _recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStag
     train_ids, eval_ids = windows.train_ids, windows.eval_ids
     masks = {n: m for n in names if (m := lora.pruned_mask(results.get(n))) is not None}
 
-    teach = _Forward(teacher)
+    teach = Forward(teacher)
     if teacher_cache is None:
         check_released(teach.blocks, "option 'teacher_cache' = 'none'")
         teacher.to(device).eval().requires_grad_(False)
@@ -647,7 +311,7 @@ def _recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStag
     peft_model = lora.attach(model, names, stage.rank, stage.alpha, masks)
     params = lora.trainable_parameters(peft_model)
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
-    student = _Forward(peft_model)
+    student = Forward(peft_model)
     if teacher_cache is None:
         head = _head_path(student, teach, ids=eval_ids[:1].to(device))
         cached = teacher_hidden_states(teacher, eval_ids, stage.batch, device) if head else None
@@ -751,7 +415,7 @@ def _recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStag
     }
     if stage.merge:
         merged_model, record["merge"] = lora.merge(peft_model, names, results, masks, stage.requantize,
-                                                   calibration=calibration, device=device)
+                                                   requantize_on_grid=requantize_on_grid)
         record["held_out_after_merge"] = held_out_metrics(merged_model, teacher, eval_ids, stage.batch, device,
                                                           chunk_tokens=stage.chunk_tokens, teacher_hidden=cached,
                                                           head=head)
@@ -785,8 +449,7 @@ def _check_merge_kept_gain(record: dict, before: dict, after: dict, stage) -> No
     model keeps, and warn (``record["merge_warning"]`` and a ``UserWarning``) when it is below ``MERGE_KEPT_WARN``.
 
     Merging into quantized layers puts the merged weights back on their grids; LoRA updates smaller than half a grid
-    step round back to the old codes, so the merge can lose most of what training gained (measured on SmolLM2
-    w3g128: held-out KL 0.446 -> 0.303 with the adapters, 0.446 again after a round-to-nearest merge).
+    step round back to the old codes, so the merge can lose most of what training gained (docs/decisions.md).
     """
     gain = before["kl"] - after["kl"]
     if gain <= 0:

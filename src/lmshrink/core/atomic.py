@@ -14,10 +14,10 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from lmshrink.errors import LmshrinkError
+from lmshrink.core.errors import LmshrinkError
 
 
-def _is_within(path: Path, folder: Path) -> bool:
+def is_within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
@@ -31,7 +31,7 @@ def check_output_dir(target: str | os.PathLike, *, overwrite: bool = False,
     path = Path(target).expanduser().resolve()
     for folder in protected:
         folder = Path(folder).expanduser().resolve()
-        if _is_within(path, folder) or _is_within(folder, path):
+        if is_within(path, folder) or is_within(folder, path):
             raise LmshrinkError(
                 f"output folder {path} overlaps the input model's folder {folder}; the input is never modified",
                 fix="choose an output folder outside the input model's folder (e.g. a sibling folder)")

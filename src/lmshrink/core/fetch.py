@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import IntegrityError, ModelSourceError
+from lmshrink.core.errors import IntegrityError, ModelSourceError
 
 
 def cache_root() -> Path:

@@ -11,15 +11,26 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .data import calibration_windows, load_text
-from .engine.checkpoint import Checkpoint, fingerprint, weights_digest
-from .engine.loop import Engine
-from .engine.offload import BlockStreamer
-from .errors import LmshrinkError
-from .eval.record import environment
-from .models import LoadedModel, as_loaded, get_adapter, iter_linears, linear_dims
-from .recipe import Recipe, check_recipe, load_recipe, scale_dtype_for_model
+from lmshrink.core.atomic import atomic_directory, check_output_dir, is_within
+from lmshrink.core.digest import fingerprint
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.core.process import environment
+from lmshrink.core.version import __version__
+from lmshrink.data.sources import load_text
+from lmshrink.data.windows import calibration_windows
+from lmshrink.engine.checkpoint import Checkpoint, weights_digest
+from lmshrink.engine.loop import Engine
+from lmshrink.engine.offload import BlockStreamer
+from lmshrink.formats.loading import as_loaded, load_model
+from lmshrink.formats.save import save_quantized
+from lmshrink.formats.sparse_bitmask import check_sparse_format, storage_summary
+from lmshrink.models.adapters import get_adapter, iter_linears, linear_dims
+from lmshrink.models.loader import LoadedModel
+from lmshrink.pipeline.checks import check_recipe
+from lmshrink.pipeline.phases import run_phases, snapshot_teacher, split_phases
+from lmshrink.pipeline.recipe import Recipe, load_recipe, scale_dtype_for_model
+
+ADAPTER_FOLDER = "adapter"  # where the adapters of a final phase stage with merge: false are written
 
 DEFAULT_CALIBRATION = "enwiki-sample"
 
@@ -28,15 +39,13 @@ def _check_output(out_dir: Path, loaded: LoadedModel) -> tuple[Path, Path]:
     """The resolved output folder and its checkpoint folder (``OUT.partial``), refused before any work when either
     overlaps the input model's folder or the output is an existing file. Whether a non-empty output may be replaced
     is decided once it is known whether ``--resume`` finds progress (``_check_replace``)."""
-    from .formats.atomic import _is_within, check_output_dir
-
     protected = [Path(loaded.info.path).resolve()] if loaded.info.path is not None else []
     target = check_output_dir(out_dir, overwrite=True, protected=protected)
     if not target.name:
         raise LmshrinkError(f"output {out_dir} is the file system root", fix="choose an output folder (-o)")
     partial = target.with_name(target.name + ".partial")
     for source in protected:
-        if _is_within(partial, source) or _is_within(source, partial):
+        if is_within(partial, source) or is_within(source, partial):
             raise LmshrinkError(f"the run's progress folder {partial} (removed when a run starts or ends) overlaps "
                                 f"the input model's folder {source}; the input is never modified",
                                 fix="choose an output folder whose name plus '.partial' is not the input's folder")
@@ -70,6 +79,12 @@ def _sparsity_summary(layers: list[dict]) -> dict[str, Any] | None:
             "patterns": sorted({layer.get("pattern") or "unstructured" for layer in pruned})}
 
 
+def _streamed_source(weights, changed: dict[str, torch.Tensor]):
+    """Where a streamed run's writer reads the block tensors it does not hold: the ones stages changed from the
+    engine's result, the rest from the input model's files."""
+    return lambda name: changed[name] if name in changed else weights.get(name)
+
+
 def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | dict, *, output: str | Path | None = None,
              calibration: str | None = None, calibration_split: str = "train", nsamples: int = 128,
              seqlen: int = 512, seed: int = 0, data_dir: str | Path | None = None, device: str = "cpu",
@@ -93,15 +108,11 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
     peak memory, library versions, and ``results`` (name -> QuantResult, not serialized).
     """
     recipe = load_recipe(recipe)
-    from .formats.sparse_bitmask import check_sparse_format, storage_summary
-
     check_sparse_format(sparse_format)  # before the compression runs
     if offload not in ("none", "disk"):
         raise LmshrinkError(f"offload {offload!r} is not known", fix="use offload='none' or 'disk'")
     streamed = offload == "disk"
     if streamed and isinstance(model, (str, Path)):
-        from .models import load_model
-
         model = load_model(str(model), dtype=dtype, device="cpu", progress=progress, lazy_blocks=True)
     model = as_loaded(model, tokenizer, dtype=dtype, device="cpu", progress=progress)
     if streamed and model.weights is None:
@@ -142,28 +153,24 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
                   file=sys.stderr)
         _check_replace(out_dir, overwrite or saved_state is not None)
     streamer = BlockStreamer(model.model, model.weights, adapter.block_path(model.model)) if streamed else None
-    # -- recovery (methods/recover): the engine runs the stages before the first recover stage; the recover
-    # stages (and any compression stages after them) run on the whole model after it, against a copy of the
-    # uncompressed model (the teacher).
-    from .methods.recover import run_recovery, snapshot_teacher, split_phases
-
-    engine_recipe, recover_phases = split_phases(recipe)
-    if recover_phases and streamed:
-        raise LmshrinkError("recover stages train on the whole model, which offload='disk' never holds in memory",
-                            fix="compress without --offload disk, or drop the recover stages")
-    teacher = snapshot_teacher(model.model) if recover_phases else None
+    # phase stages (e.g. recover) split the recipe: the engine runs the stages before the first one, then the phase
+    # stages and the engine stages after them run on the whole model (pipeline.phases)
+    engine_recipe, phases = split_phases(recipe)
+    if phases and streamed:
+        raise LmshrinkError(f"{phases[0][0].method} stages work on the whole model, which offload='disk' never holds "
+                            "in memory", fix=f"compress without --offload disk, or drop the {phases[0][0].method} stages")
+    teacher = snapshot_teacher(model.model) if any(s.needs_teacher for s, _ in phases) else None
     engine = Engine(model.model, adapter, engine_recipe, windows.input_ids, device=device, checkpoint=checkpoint,
                     resume=resume, progress=progress, on_block_done=on_block_done, streamer=streamer)
     result = engine.run()
-    recovery, adapter_files = [], {}
-    recover_started = time.perf_counter()
-    if recover_phases:
-        recovery, adapter_files = run_recovery(
-            model.model, model.tokenizer, teacher, adapter, recover_phases, result, windows.input_ids,
+    phase_records, adapter_files = [], {}
+    phases_started = time.perf_counter()
+    if phases:
+        phase_records, adapter_files = run_phases(
+            model.model, model.tokenizer, adapter, phases, result, windows.input_ids, teacher=teacher,
             default_data=calib_name, data_dir=data_dir, device=device, progress=progress,
-            max_context=model.info.max_context, checkpoint=checkpoint, resume=resume)
+            max_context=model.info.max_context, checkpoint=checkpoint, resume=resume, on_block_done=on_block_done)
         del teacher
-    # -- end recovery
     errors = [layer["rel_output_error"] for layer in result.layers if layer["rel_output_error"] is not None]
     record: dict[str, Any] = {
         "recipe": recipe.to_dict(),
@@ -176,25 +183,22 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
                     "seconds": result.seconds, "cpu_seconds": result.cpu_seconds,
                     "peak_rss_bytes": result.peak_rss_bytes,
                     "resumed_from_block": result.resumed_from_block, "device": device, "offload": offload,
-                    "recover_seconds": time.perf_counter() - recover_started if recover_phases else None},
+                    "recover_seconds": time.perf_counter() - phases_started if phases else None},
         "warnings": notes,
         "environment": environment(),
     }
-    if recovery:
-        record["recover"] = recovery
+    if phase_records:
+        record["recover"] = phase_records
         record["summary"]["rel_output_error_measured"] = (
             "by the engine, before recovery changed the weights; each merged layer's recover_rel_weight_change is "
             "||W_merged - W_before|| / ||W_before|| of its recover stage's merge")
     sparsity = _sparsity_summary(result.layers)
     if sparsity is not None:
-        owl = getattr(engine, "owl_sparsities", {})
-        if owl:
-            sparsity["owl_block_sparsity"] = {f"stage {n + 1}": {str(b): s for (m, b), s in sorted(owl.items())
-                                                                  if m == n} for n in sorted({m for m, _ in owl})}
         record["sparsity"] = sparsity
+    if result.block_options:
+        record["block_options"] = {f"stage {n + 1}": {str(b): options for (m, b), options in sorted(
+            result.block_options.items()) if m == n} for n in sorted({m for m, _ in result.block_options})}
     if out_dir is not None:
-        from .formats.compressed_tensors import save_quantized
-
         quantized = set(result.results)
         ignore = sorted({name for name, _ in iter_linears(model.model) if name not in quantized} | {"lm_head"})
         storage = storage_summary(model.model, result.results, sparse_format)
@@ -203,11 +207,9 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
         save_quantized(model.model, model.tokenizer, result.results, out_dir, ignore=ignore, input_dir=model.info.path,
                        extra_files={"lmshrink.json": json.dumps(record, indent=1, default=str)},
                        overwrite=overwrite or saved_state is not None,
-                       source_tensors=model.weights.get if streamed else None, sparse_format=sparse_format)
+                       source_tensors=_streamed_source(model.weights, result.tensors) if streamed else None,
+                       sparse_format=sparse_format)
         if adapter_files:  # a final recover stage with merge: false: the adapters in PEFT format beside the model
-            from .formats.atomic import atomic_directory
-            from .methods.recover import ADAPTER_FOLDER
-
             with atomic_directory(out_dir / ADAPTER_FOLDER, overwrite=True) as staging:
                 for filename, content in adapter_files.items():
                     (staging / filename).write_bytes(content)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmshrink.errors import LmshrinkError
+from lmshrink.core.errors import LmshrinkError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 _SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -84,7 +84,7 @@ def group_index(in_features: int, group_size: int, device=None) -> torch.Tensor:
     return torch.arange(in_features, dtype=torch.int32, device=device) // width
 
 
-def _round_scale(scale: torch.Tensor, spec: GridSpec) -> torch.Tensor:
+def round_scale(scale: torch.Tensor, spec: GridSpec) -> torch.Tensor:
     dtype = _SCALE_DTYPES[spec.scale_dtype]
     if dtype is torch.float32:
         return scale
@@ -100,13 +100,13 @@ def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: GridSpec):
     if spec.symmetric:
         amax = torch.maximum(-xmin, xmax)
         amax = torch.where(amax == 0, torch.ones_like(amax), amax)
-        scale = _round_scale(2.0 * amax / maxq, spec)
+        scale = round_scale(2.0 * amax / maxq, spec)
         zero = torch.full_like(scale, float((maxq + 1) // 2))
     else:
         empty = (xmin == 0) & (xmax == 0)
         xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
         xmax = torch.where(empty, torch.ones_like(xmax), xmax)
-        scale = _round_scale((xmax - xmin) / maxq, spec)
+        scale = round_scale((xmax - xmin) / maxq, spec)
         zero = torch.clamp(torch.round(-xmin / scale), 0, maxq)
     return scale, zero
 
@@ -124,8 +124,8 @@ def _clip_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: 
     buf.round_().add_(zero[:, None]).clamp_(0, maxq).sub_(zero[:, None]).mul_(scale[:, None]).sub_(w).abs_()
     if norm == 2.0:
         buf.square_()
-    else:  # |e| ** norm as exp(norm * log |e|), log 0 = -inf giving 0: the whole clip search then takes 0.53x the
-        # time it took with pow_ on CPU (bench/clip_search_speed.py)
+    else:  # |e| ** norm as exp(norm * log |e|), log 0 = -inf giving 0: much faster than pow_ on CPU
+        # (bench/clip_search_speed.py)
         buf.log_().mul_(norm).exp_()
     if col_weights is not None:
         buf.mul_(col_weights)
@@ -221,7 +221,7 @@ def fit_groups_float(w: torch.Tensor, spec: GridSpec, weights: torch.Tensor | No
     return torch.cat(scales, dim=1), torch.cat(zeros, dim=1)
 
 
-def _expand(param: torch.Tensor, cols: int, g_idx: torch.Tensor | None) -> torch.Tensor:
+def expand_groups(param: torch.Tensor, cols: int, g_idx: torch.Tensor | None) -> torch.Tensor:
     """Per-column view of per-group parameters ``[rows, n_groups]`` (or ``[rows]``)."""
     if param.ndim == 1:
         param = param[:, None]
@@ -239,8 +239,8 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
     scale/zero: ``[rows]`` or ``[rows, 1]`` (per row), or ``[rows, n_groups]`` with ``g_idx [cols]``.
     """
     cols = w.shape[1]
-    s = _expand(scale, cols, g_idx).float()
-    z = _expand(zero, cols, g_idx).float()
+    s = expand_groups(scale, cols, g_idx).float()
+    z = expand_groups(zero, cols, g_idx).float()
     return torch.clamp(torch.round(w.float() / s) + z, 0, maxq).to(torch.uint8)
 
 
@@ -248,8 +248,8 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                g_idx: torch.Tensor | None = None) -> torch.Tensor:
     """float32 weights ``(codes - zero) * scale``; scale/zero shaped as for ``quantize``."""
     cols = codes.shape[1]
-    s = _expand(scale, cols, g_idx).float()
-    z = _expand(zero, cols, g_idx).float()
+    s = expand_groups(scale, cols, g_idx).float()
+    z = expand_groups(zero, cols, g_idx).float()
     return (codes.float() - z) * s
 
 
@@ -272,33 +272,3 @@ def to_signed(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def from_signed(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of ``to_signed``: signed int8 values -> unsigned uint8 codes."""
     return (values.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
-
-
-@dataclass
-class QuantResult:
-    """A weight quantized onto a grid, as methods return it and writers consume it.
-
-    codes: uint8 ``[out, in]`` in the original column order. scale: float32 ``[out, n_groups]``.
-    zero: uint8 ``[out, n_groups]`` (``2**(bits-1)`` everywhere when symmetric). g_idx: int32 ``[in]`` group of each
-    input column, or None when groups are contiguous in the original order (``group_index`` gives it then).
-    weight: float32 ``[out, in]`` dequantized weights, exactly ``dequantize(codes, scale, zero, group_index())``.
-    rel_output_error: ``||(W-Q)X||^2 / ||WX||^2`` when a Hessian was available. info: JSON-friendly solver record.
-    pruned: bool ``[out, in]``, True where the weight was pruned (its code is the zero point), for layers that are
-    pruned and quantized; None otherwise. Kept weights may round to 0 too: only this mask tells them apart.
-    """
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    g_idx: torch.Tensor | None
-    weight: torch.Tensor
-    spec: GridSpec
-    rel_output_error: float | None = None
-    info: dict | None = None
-    pruned: torch.Tensor | None = None
-
-    def group_index(self) -> torch.Tensor:
-        """``g_idx`` for every column (the stored one, or the contiguous one when it is None)."""
-        if self.g_idx is not None:
-            return self.g_idx
-        return group_index(self.codes.shape[1], self.spec.group_width(self.codes.shape[1]), self.codes.device)

@@ -1,0 +1,153 @@
+"""Layer results as methods return them, the engine checkpoints them and writers consume them: a weight quantized
+onto a grid (``QuantResult``) and a pruned weight (``PruneResult``).
+
+Every result kind has ``weight`` (float32 dense ``[out, in]``, or empty once dropped to save memory),
+``rel_output_error`` and ``info``, and converts to and from its checkpoint form (``to_state`` / ``from_state``:
+named tensors plus JSON-friendly metadata). ``RESULT_KINDS`` maps each kind's name to its class, so the engine's
+checkpoint reads back any kind a method registers (``register_result_kind``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lmshrink.core.grids import GridSpec, dequantize, group_index
+
+
+@dataclass
+class QuantResult:
+    """A weight quantized onto a grid.
+
+    codes: uint8 ``[out, in]`` in the original column order. scale: float32 ``[out, n_groups]``.
+    zero: uint8 ``[out, n_groups]`` (``2**(bits-1)`` everywhere when symmetric). g_idx: int32 ``[in]`` group of each
+    input column, or None when groups are contiguous in the original order (``group_index`` gives it then).
+    weight: float32 ``[out, in]`` dequantized weights, exactly ``dequantize(codes, scale, zero, group_index())``.
+    rel_output_error: ``||(W-Q)X||^2 / ||WX||^2`` when a Hessian was available. info: JSON-friendly solver record.
+    pruned: bool ``[out, in]``, True where the weight was pruned (its code is the zero point), for layers that are
+    pruned and quantized; None otherwise. Kept weights may round to 0 too: only this mask tells them apart.
+    """
+
+    kind = "quant"
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    g_idx: torch.Tensor | None
+    weight: torch.Tensor
+    spec: GridSpec
+    rel_output_error: float | None = None
+    info: dict | None = None
+    pruned: torch.Tensor | None = None
+
+    def group_index(self) -> torch.Tensor:
+        """``g_idx`` for every column (the stored one, or the contiguous one when it is None)."""
+        if self.g_idx is not None:
+            return self.g_idx
+        return group_index(self.codes.shape[1], self.spec.group_width(self.codes.shape[1]), self.codes.device)
+
+    def contiguous_groups(self) -> bool:
+        """Whether each group is a contiguous run of columns in the original order (no act-order permutation)."""
+        if self.g_idx is None:
+            return True
+        in_features = self.codes.shape[1]
+        expected = torch.arange(in_features, dtype=torch.int32) // self.spec.group_width(in_features)
+        return torch.equal(self.g_idx.to(torch.int32).cpu(), expected)
+
+    def dense(self) -> torch.Tensor:
+        """float32 ``[out, in]`` dequantized weights."""
+        if self.weight.numel():
+            return self.weight
+        return dequantize(self.codes, self.scale, self.zero, self.group_index())
+
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        from compressed_tensors.utils import pack_bitmasks
+
+        tensors = {"codes": self.codes, "scale": self.scale, "zero": self.zero}
+        if self.g_idx is not None:
+            tensors["g_idx"] = self.g_idx
+        if self.pruned is not None:  # one bit per weight, packed as the bitmask storage packs its masks
+            tensors["pruned_bitmask"] = pack_bitmasks(self.pruned.cpu().contiguous())
+        return tensors, {"spec": self.spec.__dict__, "rel_output_error": self.rel_output_error, "info": self.info}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "QuantResult":
+        from compressed_tensors.utils import unpack_bitmasks
+
+        codes = tensors["codes"]
+        pruned = (unpack_bitmasks(tensors["pruned_bitmask"], list(codes.shape)) if "pruned_bitmask" in tensors
+                  else None)
+        result = cls(codes=codes, scale=tensors["scale"], zero=tensors["zero"], g_idx=tensors.get("g_idx"),
+                     weight=torch.empty(0), spec=GridSpec(**meta["spec"]),
+                     rel_output_error=meta["rel_output_error"], info=meta["info"], pruned=pruned)
+        result.weight = result.dense()
+        return result
+
+
+@dataclass
+class PruneResult:
+    """A pruned linear layer: a dense weight with zeros where the mask is set.
+
+    mask: bool ``[out, in]``, True where the weight was pruned. values: float32 kept weights (``~mask``, row-major),
+    the compact form (it survives when ``weight`` is dropped to save memory in streamed mode). weight: float32
+    ``[out, in]`` dense weights with zeros (may be empty: ``dense()`` rebuilds it). pattern: ``"unstructured"`` or
+    ``"N:M"``. target_sparsity: what was asked for this layer. rel_output_error: ``||(W-P)X||^2 / ||WX||^2`` when a
+    Hessian was available. info: JSON-friendly record.
+    """
+
+    kind = "prune"
+
+    mask: torch.Tensor
+    values: torch.Tensor
+    weight: torch.Tensor
+    pattern: str = "unstructured"
+    target_sparsity: float = 0.0
+    rel_output_error: float | None = None
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, mask: torch.Tensor, **kw) -> "PruneResult":
+        """Build from dense pruned weights (zeros where ``mask``); zeroes masked entries to be sure."""
+        weight = weight.float().masked_fill(mask, 0.0)
+        result = cls(mask=mask, values=weight[~mask].contiguous(), weight=weight, **kw)
+        result.info = {"sparsity": result.sparsity, "pattern": result.pattern,
+                       "target_sparsity": result.target_sparsity, **result.info}
+        return result
+
+    def dense(self) -> torch.Tensor:
+        """float32 ``[out, in]`` weights with zeros where pruned."""
+        if self.weight.numel():
+            return self.weight
+        weight = torch.zeros(self.mask.shape, dtype=torch.float32, device=self.values.device)
+        weight[~self.mask] = self.values
+        return weight
+
+    @property
+    def sparsity(self) -> float:
+        """Measured: the fraction of pruned weights (the mask) in the layer."""
+        return float(self.mask.sum()) / self.mask.numel()
+
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return ({"mask": self.mask, "values": self.values},
+                {"pattern": self.pattern, "target_sparsity": self.target_sparsity,
+                 "rel_output_error": self.rel_output_error, "info": self.info})
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "PruneResult":
+        result = cls(mask=tensors["mask"], values=tensors["values"], weight=torch.empty(0), pattern=meta["pattern"],
+                     target_sparsity=meta["target_sparsity"], rel_output_error=meta["rel_output_error"],
+                     info=meta["info"])
+        result.weight = result.dense()
+        return result
+
+
+RESULT_KINDS: dict[str, type] = {QuantResult.kind: QuantResult, PruneResult.kind: PruneResult}
+
+
+def register_result_kind(cls: type) -> type:
+    """Class decorator for a method's own result kind (a ``kind`` name, ``weight``, ``rel_output_error``, ``info``,
+    ``dense``, ``to_state`` and ``from_state``), so checkpoints can hold it."""
+    RESULT_KINDS[cls.kind] = cls
+    return cls

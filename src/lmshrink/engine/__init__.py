@@ -1,0 +1,1 @@
+"""The block-by-block engine: statistics passes, the loop over decoder blocks, resume and disk streaming."""

@@ -1,0 +1,84 @@
+"""The job objects the engine hands to stages (the ``LayerJob``, ``BlockJob`` and ``ModelJob`` of
+``core.stage``), and the engine's unit of work within a block (``Task``)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from lmshrink.core.stage import StageBase, Stat
+from lmshrink.engine.statistics import GroupStats
+
+
+@dataclass
+class Task:
+    """One stage's work in one block: a layer stage over ``groups`` after one collection pass (or none), or a block
+    stage over the groups it selects (``block``)."""
+
+    number: int  # the stage's index in the recipe
+    stage: StageBase
+    groups: list[list[str]]
+    block: bool = False
+
+
+@dataclass
+class LayerJob:
+    name: str
+    module: nn.Module
+    uncompressed: nn.Module | None
+    stats: GroupStats
+    state: dict[str, Any]
+
+
+@dataclass
+class BlockJob:
+    index: int
+    prefix: str
+    block: nn.Module
+    groups: list[list[str]]
+    adapter: Any
+    inputs: list[torch.Tensor]
+    state: dict[str, dict[str, Any]]
+    device: Any
+    _forward: Callable[[int, torch.Tensor], torch.Tensor]
+    _collect: Callable[[frozenset[Stat], dict[str, nn.Module]], dict[str, GroupStats]]
+
+    def forward(self, batch: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The block's output (on CPU) for batch ``batch`` of its calibration inputs, or for ``hidden`` instead."""
+        return self._forward(batch, self.inputs[batch] if hidden is None else hidden)
+
+    def collect(self, needs: frozenset[Stat], modules: dict[str, nn.Module]) -> dict[str, GroupStats]:
+        """Statistics ``needs`` of each module's input (relative names) over all calibration batches, as the block
+        is now. ``Stat.FP_TARGET`` is not available to block stages."""
+        return self._collect(needs, modules)
+
+
+@dataclass
+class ModelJob:
+    model: nn.Module
+    adapter: Any
+    blocks: Any
+    prefix: str
+    progress: bool
+    _statistics_pass: Callable
+    block_options: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+
+    def statistics_pass(self, needs: frozenset[Stat], select: Callable[[str], bool],
+                        observe: Callable[[int, nn.Module, dict[str, GroupStats]], Any]) -> list[Any]:
+        """Run the calibration windows through every block of the model as it is (before any compression), block
+        by block (streamed from disk in streamed mode); for each block collect ``needs`` on the linears whose full
+        name ``select`` accepts and return ``observe(index, block, stats)`` (stats by relative name, in the
+        block's linear order) while the block is loaded. Only what ``observe`` returns is kept."""
+        return self._statistics_pass(needs, select, observe)
+
+    def set_block_options(self, number: int, block: int, options: dict[str, Any]) -> None:
+        """Run stage ``number`` on block ``block`` with these options changed (e.g. a per-block sparsity)."""
+        self.block_options.setdefault((number, block), {}).update(options)
+
+    def log(self, message: str) -> None:
+        if self.progress:
+            print(message, file=sys.stderr)

@@ -1,0 +1,131 @@
+"""Collection passes: run a block over the calibration windows with hooks that gather the statistics stages asked
+for (``core.stage.Stat``), and decide which passes can be shared."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import torch
+from torch import nn
+
+from lmshrink.core.stage import Stat
+from lmshrink.engine.capture import StopForward, run_block
+from lmshrink.engine.replay import PassMemo
+from lmshrink.engine.statistics import ChannelAccumulator, CrossAccumulator, DriftStats, GroupStats, HessianAccumulator
+from lmshrink.models.adapters import linear_dims
+
+
+def to_device(value, device):
+    """``value`` (a tensor, or tuples/dicts of them, e.g. a block's captured arguments) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _group_stats(module: nn.Module, needs: Collection[Stat], device) -> GroupStats:
+    width = linear_dims(module)[1]
+    return GroupStats(
+        hessian_accumulator=HessianAccumulator(width, device=device) if Stat.HESSIAN in needs else None,
+        fp_target=(DriftStats(CrossAccumulator(width, device=device), HessianAccumulator(width, device=device))
+                   if Stat.FP_TARGET in needs else None),
+        channels=ChannelAccumulator(width, device=device) if Stat.CHANNELS in needs else None)
+
+
+def collect(block: nn.Module, modules: dict[str, nn.Module], needs: Collection[Stat], hidden: list[torch.Tensor],
+            args: tuple, kwargs: dict, device, stop_at: str | None, memo: PassMemo | None = None,
+            reference: tuple[nn.Module, list[torch.Tensor], PassMemo | None] | None = None,
+            finish_reference: bool = False, outputs: list[torch.Tensor] | None = None) -> dict[str, GroupStats]:
+    """Run the windows through ``block`` and gather ``needs`` for each named module's input.
+
+    ``stop_at``: the module after whose input the pass can stop (the rest of the block is not needed).
+    ``memo``: reuses the work of earlier passes over the same windows (see ``replay``).
+    ``reference``: ``(original block, its input hidden states, its memo or None)``, needed for ``Stat.FP_TARGET``:
+    each batch first runs through the unmodified copy of the block on the uncompressed stream (stopping at
+    ``stop_at``), keeping the inputs of the same modules, and the pairs are accumulated into ``DriftStats``.
+    ``finish_reference``: the copy runs to its end instead of stopping, and each batch's block output replaces its
+    input in the reference stream's list (this pass is the last use of those inputs).
+    ``outputs``: a list that receives each batch's block output on CPU (the pass must not stop early).
+    """
+    if Stat.FP_TARGET in needs and reference is None:
+        raise ValueError("Stat.FP_TARGET needs the reference block and its hidden states")
+    stats = {name: _group_stats(module, needs, device) for name, module in modules.items()}
+    handles = []
+    reference_inputs: dict[str, torch.Tensor] = {}
+    drift = Stat.FP_TARGET in needs
+    if drift:
+        original, reference_hidden, reference_memo = reference
+        if len(reference_hidden) != len(hidden):
+            raise RuntimeError(f"{len(reference_hidden)} reference batches for {len(hidden)} calibration batches")
+        for name in modules:
+            def keep(_module, args, _name=name):
+                reference_inputs[_name] = args[0].detach()
+                if _name == stop_at and not finish_reference:
+                    raise StopForward
+            handles.append(original.get_submodule(name).register_forward_pre_hook(keep))
+    for name, module in modules.items():
+        def hook(_module, args, _name=name):
+            x = args[0].detach()
+            group = stats[_name]
+            if group.hessian_accumulator is not None:
+                group.hessian_accumulator.add_batch(x)
+            if group.channels is not None:
+                group.channels.add_batch(x)
+            if drift:
+                x_fp = reference_inputs.pop(_name)  # the same tokens in the uncompressed model
+                group.fp_target.cross.add_batch(x_fp, x)
+                group.fp_target.reference.add_batch(x_fp)
+            if _name == stop_at:
+                raise StopForward
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for batch, h in enumerate(hidden):
+                if drift:
+                    reference_inputs.clear()
+                    if reference_memo is not None:
+                        reference_memo.set_batch(batch)
+                    try:
+                        out = run_block(original, reference_hidden[batch].to(device), args, kwargs)
+                        if finish_reference:
+                            reference_hidden[batch] = out.to("cpu")
+                    except StopForward:
+                        pass
+                if memo is not None:
+                    memo.set_batch(batch)
+                try:
+                    out = run_block(block, h.to(device), args, kwargs)
+                    if outputs is not None:
+                        outputs.append(out.to("cpu"))
+                except StopForward:
+                    if outputs is not None:
+                        raise
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def pass_sources(tasks: list, reuse: bool) -> list[str | None]:
+    """Where each layer task's statistics come from: "collect" (a collection pass), "shared" (the previous task's
+    pass, which covered the same single group: the group's own changes leave its inputs as they were) or None (the
+    stage reads none, or it is a block task, which collects its own). Sharing is part of pass reuse (``reuse``); a
+    task shares a pass only when that pass collected every statistic it needs."""
+    sources: list[str | None] = []
+    shared = None  # (groups, statistics) of the last collection pass, while it holds for the next task
+    for task in tasks:
+        needs = task.stage.needs()
+        key = [list(g) for g in task.groups]
+        if task.block or not needs:
+            sources.append(None)
+            shared = None
+        elif reuse and shared is not None and shared[0] == key and needs <= shared[1]:
+            sources.append("shared")
+        else:
+            sources.append("collect")
+            # only a one-group pass can be shared: with several groups, the later ones' inputs change
+            shared = (key, needs) if len(task.groups) == 1 else None
+    return sources

@@ -1,0 +1,178 @@
+"""Writing a compressed model: quantized layers packed in the compressed-tensors layout, pruned layers dense or as
+bitmask + values, everything else as it is, into one Hugging Face folder (see ``compressed_tensors`` and
+``sparse_bitmask`` for the layouts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmshrink.core.atomic import atomic_directory
+from lmshrink.core.errors import LmshrinkError
+from lmshrink.core.grids import dequantize
+from lmshrink.core.results import PruneResult, QuantResult
+from lmshrink.formats.compressed_tensors import (
+    QUANT_METHOD,
+    SPECS_KEY,
+    StoredScheme,
+    build_sparsity_config,
+    check_result,
+    ct_version,
+    describe_scheme,
+    pack_layer,
+    quantization_config,
+    stored_group_sizes,
+)
+from lmshrink.formats.hf_folder import (
+    config_json,
+    dense_state_dict,
+    is_conv1d,
+    natural_key,
+    protected_folders,
+    write_weights,
+)
+from lmshrink.formats.sparse_bitmask import LAYERS_KEY, check_sparse_format, encode
+
+
+def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult], out_dir: str | os.PathLike, *,
+                   ignore: list[str] | tuple[str, ...] = (), extra_files: dict[str, bytes | str] | None = None,
+                   overwrite: bool = False, input_dir: str | os.PathLike | None = None,
+                   max_shard_size: int = 4 * 1024**3, transformers_compatible: bool = True,
+                   source_tensors=None, sparse_format: str = "dense") -> Path:
+    """Write ``model`` with the layers in ``results`` packed, as an HF folder in compressed-tensors ``pack-quantized``.
+
+    results: full module names (``model.named_modules()``) -> QuantResult; the packed tensors come from the results
+    only (the module's current weight is not read for those layers). ignore: extra module names for the config's
+    ``ignore`` list; ``lm_head`` and every Linear not in ``results`` are always added. extra_files: file name ->
+    content written beside the weights (e.g. ``lmshrink.json``). Other tensors are saved as they are in the model
+    (tied weights once). Weights go to ``model.safetensors``, or to shards of at most ``max_shard_size`` bytes with
+    an index. The folder is built beside ``out_dir`` and renamed into place at the end, so an interrupted call
+    leaves nothing. Returns the folder's path.
+
+    Raises ``LmshrinkError`` when ``out_dir`` is a non-empty folder (unless ``overwrite``), when it overlaps the
+    input model's folder (``input_dir``, or the folder the model was loaded from), when scales are not exact in the
+    model's dtype, for act-order without static groups, and for group sizes that cannot be stored (see module doc).
+    With ``transformers_compatible`` (the default) it also refuses what transformers cannot load but vLLM and
+    ``load_quantized_results`` can: asymmetric grids mixed with other grids (several config groups).
+
+    source_tensors: ``name -> tensor`` (e.g. ``SafetensorsWeights.get`` of the input folder) for a model whose
+    tensors are partly on the meta device (streamed compression): those not replaced by packed layers are read from
+    it, one shard at a time, and written in the model's dtype. Results may then carry an empty ``weight``.
+
+    sparse_format: how pruned layers that are not quantized (``PruneResult``) are stored: ``"dense"`` (default: the
+    weight with its zeros, which plain transformers loads) or ``"bitmask"`` (compressed-tensors ``sparse-bitmask``:
+    bitmask + kept values, about half the bytes at 50% sparsity, read back exactly by lmshrink's ``load_model`` and
+    ``load_sparse_results`` but not by plain transformers; see ``formats.sparse_bitmask``). Layers pruned and
+    quantized are stored ``pack-quantized`` either way.
+    """
+    check_sparse_format(sparse_format)
+    modules = dict(model.named_modules())
+    missing = [name for name in results if name not in modules]
+    if missing:
+        raise ValueError(f"results name modules the model does not have: {missing[:5]}")
+    state = dense_state_dict(model, allow_meta=source_tensors is not None)
+    kept_names = set(state)
+
+    replaced: dict[str, dict[str, torch.Tensor]] = {}
+    dense_conv1d: list[str] = []
+    linear_layers: dict[str, tuple[int, QuantResult]] = {}
+    sparse: dict[str, tuple[str, float]] = {}  # pruned layers: name -> (pattern, zeros)
+    bitmask: dict[str, dict[str, Any]] = {}  # pruned layers stored as bitmask + values: name -> record
+    for name, result in results.items():
+        module = modules[name]
+        if f"{name}.weight" not in kept_names:
+            raise LmshrinkError(f"layer {name} shares its weight with another tensor (tied), so it cannot be packed",
+                                fix=f"leave {name} out of the quantized layers (ignore it in the recipe)")
+        if isinstance(result, PruneResult):  # pruned, not quantized: dense weights with zeros, or bitmask + values
+            weight, kept = result.dense(), ~result.mask
+            conv1d = is_conv1d(module)
+            if conv1d:
+                weight, kept = weight.t(), kept.t()
+            weight = weight.to(module.weight.dtype).contiguous()
+            if sparse_format == "bitmask":
+                replaced[name] = encode(weight, kept)
+                bitmask[name] = {"pattern": result.pattern, "target_sparsity": result.target_sparsity,
+                                 "conv1d": conv1d}
+            else:
+                replaced[name] = {"weight": weight}
+            sparse[name] = (result.pattern, float(result.mask.sum()))
+            continue
+        if (result.info or {}).get("pattern"):  # pruned and quantized (joint SparseGPT, or prune then GPTQ)
+            sparse[name] = (result.info["pattern"], result.info["sparsity"] * result.codes.numel())
+        if is_conv1d(module):
+            # Conv1D stores [in, out]; the loader only packs nn.Linear, so keep the exact dequantized weight
+            weight = result.weight if result.weight.numel() else dequantize(result.codes, result.scale, result.zero,
+                                                                           result.group_index())
+            replaced[name] = {"weight": weight.t().to(module.weight.dtype).contiguous()}
+            dense_conv1d.append(name)
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"layer {name} is a {type(module).__name__}, not a Linear")
+        check_result(name, result, module.out_features, module.in_features)
+        linear_layers[name] = (module.in_features, result)
+
+    groups: dict[StoredScheme, list[str]] = {}
+    specs: dict[str, dict[str, Any]] = {}
+    for name, stored_group in stored_group_sizes(linear_layers).items():
+        result = linear_layers[name][1]
+        scheme, tensors = pack_layer(name, modules[name], result, stored_group)
+        groups.setdefault(scheme, []).append(name)
+        replaced[name] = tensors
+        specs[name] = asdict(result.spec)
+    if transformers_compatible and len(groups) > 1 and any(not scheme.symmetric for scheme in groups):
+        raise LmshrinkError(
+            "asymmetric grids mixed with other grids (" + "; ".join(describe_scheme(s) for s in groups) + ") give several "
+            "compressed-tensors config groups, and transformers loads asymmetric checkpoints with one group only",
+            fix="use one grid (bits, group size, symmetry) for every layer, or symmetric grids, or save with "
+                "transformers_compatible=False (vLLM and lmshrink still read it)")
+    if dense_conv1d or not (groups or sparse):
+        conv1d = (f"{len(dense_conv1d)} Conv1D layers (e.g. {dense_conv1d[0]}) are saved dequantized: "
+                  "compressed-tensors packs only nn.Linear layers") if dense_conv1d else ""
+        dense = "no layer is packed, so the folder is a plain dense checkpoint" if not groups else ""
+        warnings.warn("; ".join(m for m in (conv1d, dense) if m), stacklevel=2)
+
+    packed = set(specs)
+    linears = [n for n, m in modules.items() if n and isinstance(m, nn.Linear) and n not in packed]
+    ignore_list = sorted(set(ignore) | set(linears) | set(dense_conv1d)
+                         | ({"lm_head"} if "lm_head" in modules and "lm_head" not in packed else set()),
+                         key=natural_key)
+
+    tensors: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        module_name, _, leaf = key.rpartition(".")
+        if module_name in replaced and leaf == "weight":
+            for sub, value in replaced[module_name].items():
+                tensors[f"{module_name}.{sub}"] = value
+        else:
+            tensors[key] = tensor.contiguous()
+    # nothing packed (e.g. GPT-2, whose layers are all Conv1D): a plain dense checkpoint, no quantization_config
+    quant_config = quantization_config(groups, ignore_list) if groups else None
+    if sparse:
+        sparsity_config = build_sparsity_config(sparse, modules, state, sorted(bitmask))
+        quant_config = quant_config or {"version": ct_version(), "quant_method": QUANT_METHOD}
+        quant_config["sparsity_config"] = sparsity_config
+
+    with atomic_directory(out_dir, overwrite=overwrite, protected=protected_folders(model, input_dir)) as staging:
+        metadata = {SPECS_KEY: json.dumps(specs, sort_keys=True)}
+        if bitmask:
+            metadata[LAYERS_KEY] = json.dumps(bitmask, sort_keys=True)
+        write_weights(staging, tensors, metadata, max_shard_size, source_tensors)
+        (staging / "config.json").write_text(config_json(model, quant_config))
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None and model.can_generate():
+            generation_config.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        for filename, content in (extra_files or {}).items():
+            if Path(filename).name != filename or filename in ("", ".", ".."):
+                raise ValueError(f"extra file name {filename!r} must be a plain file name")
+            data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
+            (staging / filename).write_bytes(data)
+    return Path(out_dir).expanduser().resolve()

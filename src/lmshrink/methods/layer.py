@@ -1,0 +1,47 @@
+"""Solving one layer from its statistics, with or without asymmetric calibration (``fp_target``): the wrapper
+every Hessian-based layer stage's solve goes through."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from lmshrink.core.stage import Stat
+from lmshrink.methods.solver import asymmetric_output_error, fp_target_weight
+from lmshrink.models.adapters import linear_weight
+
+
+def solve_layer(stage, job, solve: Callable[[torch.Tensor, torch.Tensor | None], object]):
+    """``solve(weight, hessian)`` on the layer of ``job``, with ``weight`` a float32 copy of the layer's weight.
+
+    With ``fp_target`` the sweep runs on the asymmetric target ``W* = W (C + l I)(H~ + l I)^-1`` instead of the
+    layer's current weight (``fp_target_weight``), where W is the weight of the same layer in the unmodified copy of
+    the block (``job.uncompressed``): the target is the uncompressed model's output, also for a stage that follows
+    another one (prune, then GPTQ). Building it from the weight an earlier stage left would aim at that stage's
+    output on the uncompressed inputs instead, and when the earlier stage had ``fp_target`` too, apply the drift
+    correction twice. The result's ``rel_output_error`` then becomes the asymmetric error
+    ``||W X - Q X~||^2 / ||W X||^2``; the sweep's own error on its target is kept as ``rel_output_error_local``.
+    """
+    hessian = job.stats.hessian
+    drift = job.stats.fp_target if Stat.FP_TARGET in stage.needs() else None
+    source = job.uncompressed if drift is not None and job.uncompressed is not None else job.module
+    weight = linear_weight(source).detach().float().clone()
+    original = None
+    drift_info: dict = {}
+    if drift is not None:
+        original = weight
+        if drift.identical:  # X~ == X on every token (e.g. block 0's first group): W* = W, skip the solve
+            drift_info = {"fp_target_identical_inputs": True}
+        else:
+            weight, drift_info = fp_target_weight(weight, drift.cross.cross.to(hessian.device), hessian,
+                                                  damp_percent=stage.damp_percent)
+    result = solve(weight, hessian)
+    if drift is not None:
+        reference, cross = drift.reference.hessian.to(hessian.device), drift.cross.cross.to(hessian.device)
+        drift_only, after = asymmetric_output_error(original, result.weight, reference, cross, hessian)
+        result.info = {**(result.info or {}), **drift_info, "fp_target": True,
+                       "rel_output_error_local": result.rel_output_error,
+                       "rel_output_error_drift_only": drift_only, "rel_output_error": after}
+        result.rel_output_error = after
+    return result

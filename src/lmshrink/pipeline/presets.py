@@ -1,0 +1,59 @@
+"""The recipe presets: a name, a one-line summary and the stages (as a recipe file would hold them). Presets named
+after a published method run it as published; the evidence behind each other choice is in docs/decisions.md."""
+
+from __future__ import annotations
+
+
+def _quant(method: str, bits: int, group_size: int, symmetric: bool = False, **kw) -> dict:
+    return {"method": method, "bits": bits, "group_size": group_size, "symmetric": symmetric, **kw}
+
+
+def _preset(summary: str, *stages: dict) -> dict:
+    return {"summary": summary, "stages": list(stages)}
+
+
+PRESETS: dict[str, dict] = {
+    "w8": _preset("GPTQ 8-bit, per channel, symmetric", _quant("gptq", 8, -1, symmetric=True)),
+    # fp_target and refit_scales: each measured better at 4 and 3 bits, for about twice the engine time
+    "w4g128": _preset("GPTQ 4-bit, groups of 128, fp_target + least-squares scales (best 4-bit)",
+                      _quant("gptq", 4, 128, fp_target=True, refit_scales=True)),
+    "w4g32": _preset("GPTQ 4-bit, groups of 32", _quant("gptq", 4, 32)),
+    "w4g32-sym": _preset("GPTQ 4-bit, groups of 32, symmetric (maps to GGUF Q4_0)",
+                         _quant("gptq", 4, 32, symmetric=True)),
+    "w3g128": _preset("GPTQ 3-bit, groups of 128, fp_target + least-squares scales",
+                      _quant("gptq", 3, 128, fp_target=True, refit_scales=True)),
+    "w2g64": _preset("GPTQ 2-bit, groups of 64", _quant("gptq", 2, 64)),
+    "rtn-w8": _preset("round to nearest 8-bit, per channel, symmetric", _quant("rtn", 8, -1, symmetric=True)),
+    "rtn-w4g128": _preset("round to nearest 4-bit, groups of 128", _quant("rtn", 4, 128)),
+    "rtn-w4g32": _preset("round to nearest 4-bit, groups of 32 (maps to GGUF Q4_1)", _quant("rtn", 4, 32)),
+    "rtn-w3g128": _preset("round to nearest 3-bit, groups of 128", _quant("rtn", 3, 128)),
+    "magnitude50": _preset("magnitude pruning, 50% unstructured", {"method": "magnitude", "sparsity": 0.5}),
+    "magnitude-2:4": _preset("magnitude pruning, 2:4", {"method": "magnitude", "pattern": "2:4"}),
+    "wanda50": _preset("Wanda, 50% unstructured", {"method": "wanda", "sparsity": 0.5}),
+    "wanda-2:4": _preset("Wanda, 2:4", {"method": "wanda", "pattern": "2:4"}),
+    "sparse50": _preset("SparseGPT, 50% unstructured", {"method": "sparsegpt", "sparsity": 0.5}),
+    "2:4": _preset("SparseGPT, 2:4", {"method": "sparsegpt", "pattern": "2:4"}),
+    "4:8": _preset("SparseGPT, 4:8", {"method": "sparsegpt", "pattern": "4:8"}),
+    "sparse50-w4g128": _preset("SparseGPT 50% and 4-bit g128 in one joint sweep",
+                               {"method": "sparsegpt", "sparsity": 0.5, "bits": 4, "group_size": 128}),
+    # the kept weights refit by least squares before GPTQ
+    "sparse50-then-w4g128": _preset("SparseGPT 50% with refit, then GPTQ 4-bit g128 keeping the zeros",
+                                    {"method": "sparsegpt", "sparsity": 0.5, "refit_iterations": 20},
+                                    _quant("gptq", 4, 128)),
+    "sparse50-refit": _preset("SparseGPT 50%, kept weights refit by least squares",
+                              {"method": "sparsegpt", "sparsity": 0.5, "refit_iterations": 20}),
+    "owl-sparse50": _preset("SparseGPT 50% with OWL per-block sparsity",
+                            {"method": "sparsegpt", "sparsity": 0.5, "allocation": "owl"}),
+    "owl-wanda50": _preset("Wanda 50% with OWL per-block sparsity",
+                           {"method": "wanda", "sparsity": 0.5, "allocation": "owl"}),
+    "sparse50+recover": _preset("SparseGPT 50%, then LoRA distillation (hours on a CPU)",
+                                {"method": "sparsegpt", "sparsity": 0.5}, {"method": "recover"}),
+    "2:4+recover": _preset("SparseGPT 2:4, then LoRA distillation (hours on a CPU)",
+                           {"method": "sparsegpt", "pattern": "2:4"}, {"method": "recover"}),
+    # rounding a merge onto a 3-bit grid can lose the adapters' whole gain; a GPTQ sweep on the fixed grid keeps much
+    "w3g128+recover": _preset("GPTQ 3-bit g128, then LoRA distillation merged by GPTQ",
+                              _quant("gptq", 3, 128), {"method": "recover", "requantize": "gptq"}),
+    "iterative-sparse": _preset("SparseGPT 30% -> recover -> 50% -> recover",
+                                {"method": "sparsegpt", "sparsity": 0.3}, {"method": "recover", "steps": 100},
+                                {"method": "sparsegpt", "sparsity": 0.5}, {"method": "recover", "steps": 100}),
+}
