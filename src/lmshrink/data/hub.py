@@ -1,36 +1,11 @@
-"""Whether the Hugging Face hub can be asked for data: its offline switches, then one quick connection.
-
-Asked before ``datasets.load_dataset``, which otherwise retries an unreachable hub for about 25 seconds before it
-gives up; when the hub cannot be asked, ``load_dataset`` reads the local datasets cache only
-(``load_dataset_or_cache``).
+"""Data sets from the Hugging Face hub without a minute of retries: ``datasets.load_dataset`` otherwise retries an
+unreachable hub for about 25 seconds before it gives up; when the hub cannot be asked (``core.hub``),
+``load_dataset`` reads the local datasets cache only (``load_dataset_or_cache``).
 """
 
 from __future__ import annotations
 
-import os
-import socket
-
-OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-HUB_HOST = "huggingface.co"
-
-
-def _is_true(value: str | None) -> bool:
-    """huggingface_hub's reading of a boolean environment variable."""
-    return value is not None and value.strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-def hub_unavailable_reason(timeout: float = 3.0) -> str | None:
-    """None when the hub may be asked; otherwise why not (an offline variable set, or no connection)."""
-    for var in OFFLINE_VARS:
-        if _is_true(os.environ.get(var)):
-            return f"{var}={os.environ[var]} is set"
-    if any(os.environ.get(var) for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None  # through a proxy a direct connection says nothing: let datasets try
-    try:
-        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
-    except OSError as exc:
-        return f"{HUB_HOST}:443 cannot be reached ({type(exc).__name__}: {exc})"
-    return None
+from lmshrink.core.hub import hub_unavailable_reason
 
 
 class HubUnavailable(Exception):

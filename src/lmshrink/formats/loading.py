@@ -22,9 +22,9 @@ from lmshrink.models.loader import (
     max_context,
     meta_model,
     parse_dtype,
-    resolve,
     wrap_model,
 )
+from lmshrink.models.resolve import resolve
 from lmshrink.runtime.packed import replace_linears
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -16,14 +16,15 @@ from typing import Any, Callable
 import torch
 from safetensors import SafetensorError
 
+from lmshrink.core.atomic import with_umask_permissions
 from lmshrink.core.errors import LmshrinkError, ModelSourceError, UnsupportedArchitectureError
 from lmshrink.core.fetch import cache_root, fetch
+from lmshrink.core.hub import hub_offline, hub_unavailable_reason
 from lmshrink.models.adapters import SUPPORTED_MODEL_TYPES, get_adapter
-from lmshrink.models.registry import PACKAGED_MODELS, get_packaged
+from lmshrink.models.registry import get_packaged
+from lmshrink.models.resolve import DTYPE_NAMES, hub_unreachable_error, resolve
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {name: getattr(torch, value) for name, value in DTYPE_NAMES.items()}
 # Bump when the GGUF -> HF conversion cache layout changes, so stale conversions are redone.
 _CONVERSION_VERSION = 1
 
@@ -87,41 +88,6 @@ def max_context(config) -> int | None:
     return None
 
 
-def _is_path_like(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.endswith(".gguf") or os.sep in source and not _HUB_ID.match(source)
-
-
-def resolve(source: str) -> tuple[str, Path | str]:
-    """Classify ``source``; return (kind, path or hub id). Never touches the network."""
-    if source in PACKAGED_MODELS:
-        return "packaged", source
-    path = Path(source).expanduser()
-    if path.exists():
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                ggufs = sorted(path.glob("*.gguf"))
-                if len(ggufs) == 1:
-                    return "gguf", ggufs[0]
-                raise ModelSourceError(
-                    f"{source} is a folder but holds no config.json (not a Hugging Face model folder)",
-                    fix="point at the folder that holds config.json and the *.safetensors weights, or at a .gguf file",
-                )
-            return "hf-folder", path
-        if path.suffix == ".gguf":
-            return "gguf", path
-        raise ModelSourceError(f"{source} is a file but not a .gguf file",
-                               fix="pass a .gguf file, a Hugging Face model folder, a packaged name or a hub id")
-    if _is_path_like(source):
-        raise ModelSourceError(f"model path {source} does not exist",
-                               fix="check the path, or use a packaged name (`lmshrink models` lists them)")
-    if _HUB_ID.match(source):
-        return "hub", source
-    raise ModelSourceError(
-        f"{source!r} is neither an existing path, a packaged model name nor a hub id (owner/name)",
-        fix=f"use one of the packaged models ({', '.join(PACKAGED_MODELS)}), a local folder, a .gguf file or a hub id",
-    )
-
-
 def _gguf_cache_dir(gguf_path: Path, key: str | None) -> Path:
     if key is None:
         st = gguf_path.stat()
@@ -160,6 +126,7 @@ def _convert_gguf(gguf_path: Path, target: Path, progress: bool) -> None:
         model.save_pretrained(tmp_dir, safe_serialization=True)
         tokenizer.save_pretrained(tmp_dir)
         (tmp_dir / "lmshrink-source.json").write_text(json.dumps({"gguf": str(gguf_path), "dequantized": "float32"}))
+        with_umask_permissions(tmp_dir)
         if target.exists():  # another process finished first
             shutil.rmtree(tmp_dir)
         else:
@@ -190,16 +157,21 @@ def _load_hf(path_or_id: str, dtype: torch.dtype, device: str, trust_remote_code
              build: Callable | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=local)
+    # a hub id while the hub cannot be asked: the local hub cache only, at once (transformers would retry for a minute)
+    offline = None if local else hub_unavailable_reason(variables=("HF_HUB_OFFLINE",))
+    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=local or offline is not None)
     if local:
         _check_architecture(Path(path_or_id), trust_remote_code)
     try:
-        model = (build or AutoModelForCausalLM.from_pretrained)(path_or_id, dtype=dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
+        with hub_offline() if offline is not None else contextlib.nullcontext():
+            model = (build or AutoModelForCausalLM.from_pretrained)(path_or_id, dtype=dtype, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
     except OSError as exc:
         if local:
             raise ModelSourceError(f"could not load the model folder {path_or_id}: {exc}",
                                    fix="check that it holds config.json, tokenizer files and *.safetensors weights") from exc
+        if offline is not None:
+            raise hub_unreachable_error(path_or_id, offline) from exc
         raise ModelSourceError(
             f"could not load {path_or_id!r} from the Hugging Face hub: {str(exc).splitlines()[0]}",
             fix="check the id and your network (HF_HUB_OFFLINE must be unset), or download it and pass the local folder",
