@@ -60,6 +60,7 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False,
     staging.mkdir()
     try:
         yield staging
+        with_umask_permissions(staging)  # files some writers create private (safetensors: 0600)
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
@@ -86,6 +87,17 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def with_umask_permissions(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or every file in a folder tree) the permissions a plain ``open(path, "w")`` gives:
+    ``0o666`` less the umask, keeping execute bits. Some writers create files private (mkstemp, safetensors' 0600),
+    which other users of a shared cache or output folder then cannot read."""
+    path = Path(path)
+    mode = 0o666 & ~_umask()
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+    for file in files:
+        os.chmod(file, mode | (file.stat().st_mode & 0o111 & ~_umask()))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
