@@ -140,7 +140,7 @@ def test_unreadable_saved_progress_fails_with_a_fix(tmp_path):
     (tmp_path / "ck" / "block_0001.safetensors").write_bytes(b"truncated")
     with pytest.raises(LmshrinkError, match="block_0001.safetensors from the saved progress cannot be read") as info:
         _engine(copy.deepcopy(base), GPTQ, checkpoint=Checkpoint(tmp_path / "ck", "key"), resume=True)
-    assert "without --resume" in info.value.fix
+    assert "--restart" in info.value.fix
 
 
 @pytest.mark.parametrize("stage", [{"method": "rtn", "bits": 4, "group_size": 32},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from lmshrink.formats.gguf_export import export_gguf
 from lmshrink.formats.gptq_export import export_gptq
 from lmshrink.formats.loading import as_loaded, load_model
 from lmshrink.formats.onnx_export import export_onnx
+from lmshrink.formats.storage import stored_size
 from lmshrink.models.loader import LoadedModel
 from lmshrink.pipeline.compress import compress
 
@@ -37,14 +39,32 @@ def _split_names(value: str | list[str] | None) -> list[str]:
 
 
 def _sparsity(loaded: LoadedModel) -> dict[str, Any]:
-    """Measured sparsity of the block linears; layers held packed (a compressed-tensors folder) are decoded."""
+    """Measured sparsity of the block linears; layers held packed (a compressed-tensors folder) are decoded.
+
+    ``pruned``: whether the zeros were asked for: True when the folder records pruned layers (a compressed-tensors
+    ``sparsity_config``), False for a quantized folder without one (its zeros are weights whose code rounds to
+    zero), None for other models (unknown)."""
     record = model_sparsity(loaded.model)
     path = loaded.info.path
     if record["skipped_packed_layers"] and path is not None:
         if is_compressed_tensors_folder(path):
             decoded = {name: result.weight for name, result in load_quantized_results(path).items()}
             record = model_sparsity(loaded.model, decoded)
+    record["pruned"] = None
+    if path is not None and Path(path).is_dir() and is_compressed_tensors_folder(path):
+        config = json.loads((Path(path) / "config.json").read_text())
+        record["pruned"] = bool(config["quantization_config"].get("sparsity_config"))
+    if record["pruned"] is False:
+        record["zeros_from"] = "rounding: weights whose quantization code decodes to exactly zero (no pruning)"
     return record
+
+
+def _storage(loaded: LoadedModel) -> dict[str, Any] | None:
+    """Bytes of the model's weights on disk (``formats.storage``), for models loaded from a folder."""
+    path = loaded.info.path
+    if path is None or not Path(path).is_dir():
+        return None
+    return stored_size(path)
 
 
 def evaluate(model: LoadedModel | str | torch.nn.Module, *, ppl: str | list[str] | None = None,
@@ -78,7 +98,8 @@ def evaluate(model: LoadedModel | str | torch.nn.Module, *, ppl: str | list[str]
     loaded = as_loaded(model, tokenizer, **load)
     base = as_loaded(kl_base, **load) if kl_base is not None else None
     record: dict[str, Any] = {"model": loaded.info.to_dict(), "size": model_size(loaded.model),
-                              "sparsity": _sparsity(loaded), "perplexity": [], "environment": environment()}
+                              "storage": _storage(loaded), "sparsity": _sparsity(loaded), "perplexity": [],
+                              "environment": environment()}
     for i, source in enumerate(sources):
         windows = evaluation_windows(loaded.tokenizer, source, seqlen, limit, loaded.info.max_context,
                                      bos_per_window=bos_per_window)

@@ -140,9 +140,20 @@ def _from_hub(name: str, split: str) -> tuple[list[str], str]:
 
 
 def read_text_file(path: Path) -> list[str]:
-    """Documents of a .txt (blank-line separated paragraphs), .jsonl (field text) or .parquet (column text) file."""
+    """Documents of a .txt (blank-line separated paragraphs), .jsonl (field text) or .parquet (column text) file;
+    a file without any text is an error that says so."""
     if not path.is_file():
         raise DataSourceError(f"text file {path} does not exist", fix="check the path after file:")
+    documents = _read_documents(path)
+    if not documents:
+        what = {".jsonl": "no record with text", ".parquet": "no row with text"}.get(path.suffix.lower(),
+                                                                                    "only blank lines")
+        raise DataSourceError(f"text file {path} has no text ({'it is empty' if path.stat().st_size == 0 else what})",
+                              fix="pass a file with text in it (file:PATH), or use a named set such as enwiki-sample")
+    return documents
+
+
+def _read_documents(path: Path) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _read_jsonl(path)
@@ -163,6 +174,22 @@ def read_text_file(path: Path) -> list[str]:
     raise DataSourceError(f"unsupported text file type {suffix!r} for {path}", fix="use .txt, .jsonl or .parquet")
 
 
+def check_text(name: str | None, split: str) -> None:
+    """Refuse at once (before any model is loaded) a text set name or split that ``load_text`` cannot resolve, and a
+    ``file:PATH`` that does not exist or holds no text (read once more here: a text file is cheap to read, a model
+    is not); whether a named set is in the data directory is found when it is read."""
+    if name is None or name.startswith("file:"):
+        if name is not None:
+            read_text_file(Path(name[5:]).expanduser())
+        return
+    name = _ALIASES.get(name, name)
+    if name not in _SPLITS:
+        raise DataSourceError(f"unknown text set {name!r}", fix=f"use one of: {', '.join(known_sets())}")
+    if split not in _SPLITS[name]:
+        raise DataSourceError(f"{name} has no split {split!r}",
+                              fix=f"use one of: {', '.join(sorted(set(_SPLITS[name])))}")
+
+
 def load_text(name: str | None, split: str = "test", data_dir: str | Path | None = None) -> TextSource:
     """Resolve a text set name (or ``file:PATH``) and split to its documents.
 
@@ -176,12 +203,8 @@ def load_text(name: str | None, split: str = "test", data_dir: str | Path | None
         stream = path.suffix.lower() not in (".jsonl", ".parquet")  # a .txt file's documents are its paragraphs
         return TextSource(name=name, split="all", documents=read_text_file(path), join="\n\n", origin=str(path),
                           calibration="stream" if stream else "documents")
+    check_text(name, split)
     name = _ALIASES.get(name, name)
-    if name not in _SPLITS:
-        raise DataSourceError(f"unknown text set {name!r}", fix=f"use one of: {', '.join(known_sets())}")
-    if split not in _SPLITS[name]:
-        raise DataSourceError(f"{name} has no split {split!r}",
-                              fix=f"use one of: {', '.join(sorted(set(_SPLITS[name])))}")
     split = _SPLITS[name][split]
     if name == "enwiki-sample":
         from lmshrink.data.enwiki import load_enwiki_sample

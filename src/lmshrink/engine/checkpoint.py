@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from lmshrink.core.atomic import atomic_write_text
+from lmshrink.core.atomic import atomic_write_text, with_umask_permissions
 from lmshrink.core.errors import LmshrinkError
 from lmshrink.core.results import RESULT_KINDS
 
@@ -55,6 +55,7 @@ def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     with open(tmp, "rb") as handle:  # on disk before the rename, as state.json is
         os.fsync(handle.fileno())
+    with_umask_permissions(tmp)
     os.replace(tmp, path)
 
 
@@ -74,6 +75,10 @@ class Checkpoint:
         self.key = key
         self.finished_blocks = 0
 
+    @property
+    def _start_over(self) -> str:
+        return f"run again with --restart to discard it and start over, or delete {self.folder}"
+
     def load(self) -> dict | None:
         """The saved state if this folder holds progress of the same run; None if it holds nothing."""
         state_path = self.folder / _STATE
@@ -83,7 +88,7 @@ class Checkpoint:
         if state.get("fingerprint") != self.key:
             raise LmshrinkError(
                 f"{self.folder} holds progress of a different run (other model, recipe, calibration or options)",
-                fix=f"run again without --resume to start over, or delete {self.folder}")
+                fix=self._start_over)
         self.finished_blocks = int(state["finished_blocks"])
         return state
 
@@ -128,7 +133,7 @@ class Checkpoint:
             kind = layer_meta.pop("kind")
             if kind not in RESULT_KINDS:
                 raise LmshrinkError(f"{path} holds a layer result of kind {kind!r}, which no loaded method provides",
-                                    fix=f"run again without --resume to start over, or delete {self.folder}")
+                                    fix=self._start_over)
             parts = {key[len(name) + 1:]: value for key, value in stored.items() if key.startswith(name + ".")}
             results[name] = RESULT_KINDS[kind].from_state(parts, layer_meta)
         tensors = {key[len(_TENSOR):]: value for key, value in stored.items() if key.startswith(_TENSOR)}
@@ -139,7 +144,7 @@ class Checkpoint:
             return load_file(str(path))
         except (OSError, SafetensorError) as exc:  # missing, truncated or not safetensors (not e.g. out of memory)
             raise LmshrinkError(f"{path} from the saved progress cannot be read ({type(exc).__name__}: {exc})",
-                                fix=f"run again without --resume to start over, or delete {self.folder}") from exc
+                                fix=self._start_over) from exc
 
     def _hidden_path(self) -> Path:
         if not self.finished_blocks:  # not loaded yet: the state names the blocks finished
@@ -155,7 +160,7 @@ class Checkpoint:
         streams = self._read(self._hidden_path())
         if "reference_hidden" not in streams:
             raise LmshrinkError(f"{self.folder} holds no uncompressed-model hidden states (fp_target)",
-                                fix=f"run again without --resume to start over, or delete {self.folder}")
+                                fix=self._start_over)
         return streams["reference_hidden"]
 
     def remove(self) -> None:

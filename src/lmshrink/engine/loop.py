@@ -395,8 +395,8 @@ class Engine:
         full = f"{self.adapter.block_path(self.model)}.{index}.{name}"
         block_results[full] = _on_cpu(result) if self.device.type != "cpu" else result
         out_f, in_f = linear_dims(module)
-        layers.append({"name": full, "block": index, "method": stage.method, "out_features": out_f,
-                       "in_features": in_f, "rel_output_error": result.rel_output_error,
+        layers.append({"name": full, "block": index, "method": stage.method, "objective": stage.objective(),
+                       "out_features": out_f, "in_features": in_f, "rel_output_error": result.rel_output_error,
                        "seconds": round(seconds, 4), "tokens": tokens, **extra})
 
     def _run_block_stage(self, task: Task, index: int, block: nn.Module, hidden: list[torch.Tensor], args, kwargs,

@@ -456,8 +456,19 @@ def export_gguf(folder: str | os.PathLike, output: str | os.PathLike, *, source_
         "exact_layers": len(exact), "requantized_layers": len(requantized),
         "max_abs_change_exact": max((layer.max_abs_change for layer in exact), default=0.0),
         "max_rel_error_requantized": max((layer.rel_error for layer in requantized), default=0.0),
+        "notes": _layout_notes(folder),
         "layers": [layer.__dict__ for layer in layers],
     }
+
+
+def _layout_notes(folder: Path) -> list[str]:
+    """The facts about the stored layout that the compression recorded (``notes`` in ``lmshrink.json``, e.g. a
+    group size that does not divide a width), stated once here, where they matter."""
+    try:
+        notes = json.loads((folder / "lmshrink.json").read_text()).get("notes") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(note) for note in notes]
 
 
 def read_gguf_weight(path: str | os.PathLike, name: str) -> np.ndarray:

@@ -42,7 +42,7 @@ from lmshrink.formats.sparse_bitmask import LAYERS_KEY, check_sparse_format, enc
 
 
 def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult], out_dir: str | os.PathLike, *,
-                   ignore: list[str] | tuple[str, ...] = (), extra_files: dict[str, bytes | str] | None = None,
+                   ignore: list[str] | tuple[str, ...] = (), extra_files: dict[str, Any] | None = None,
                    overwrite: bool = False, input_dir: str | os.PathLike | None = None,
                    max_shard_size: int = 4 * 1024**3, transformers_compatible: bool = True,
                    source_tensors=None, sparse_format: str = "dense") -> Path:
@@ -51,7 +51,8 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
     results: full module names (``model.named_modules()``) -> QuantResult; the packed tensors come from the results
     only (the module's current weight is not read for those layers). ignore: extra module names for the config's
     ``ignore`` list; ``lm_head`` and every Linear not in ``results`` are always added. extra_files: file name ->
-    content written beside the weights (e.g. ``lmshrink.json``). Other tensors are saved as they are in the model
+    content written beside the weights (e.g. ``lmshrink.json``), or a function of the folder being written that
+    returns the content, called once the weights are in it. Other tensors are saved as they are in the model
     (tied weights once). Weights go to ``model.safetensors``, or to shards of at most ``max_shard_size`` bytes with
     an index. The folder is built beside ``out_dir`` and renamed into place at the end, so an interrupted call
     leaves nothing. Returns the folder's path.
@@ -173,6 +174,8 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
         for filename, content in (extra_files or {}).items():
             if Path(filename).name != filename or filename in ("", ".", ".."):
                 raise ValueError(f"extra file name {filename!r} must be a plain file name")
+            if callable(content):  # built once the weights are on disk (e.g. a record stating their bytes)
+                content = content(staging)
             data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
             (staging / filename).write_bytes(data)
     return Path(out_dir).expanduser().resolve()

@@ -89,9 +89,16 @@ def check_recipe(recipe: Recipe, layers: list[tuple[str, int]], *, dtype: str | 
                      and w % recipe.stages[selected[n]].group_size})
     if widths:
         sizes = sorted({recipe.stages[i].group_size for i in set(selected.values())})
-        warnings.warn(f"group size {sizes} does not divide the input width(s) {widths}: the last group of each row "
-                      "is shorter (as the GPTQ reference does). Runtimes that need a divisor (Marlin kernels; "
-                      "llama.cpp blocks of 32) cannot use such layers directly.", stacklevel=2)
+        warnings.warn(LayoutNote(
+            f"group size {sizes} does not divide the input width(s) {widths}: the last group of each row is shorter "
+            "(as the GPTQ reference does). The checkpoint stores it exactly; a GGUF export maps such layers code for "
+            "code where every group starts on a multiple of 32 and re-quantizes the others (it says which); kernels "
+            "that need the group size to divide the width (e.g. Marlin) cannot use them directly."), stacklevel=2)
+
+
+class LayoutNote(UserWarning):
+    """A fact about how the result will be stored, not a problem with the run: recorded in ``lmshrink.json``
+    (``notes``) and stated where it matters (the GGUF export), not printed on every compression."""
 
 
 # scale dtypes whose values a model dtype holds exactly (the saved scales are cast to the model's dtype)

@@ -14,25 +14,39 @@ import torch
 from lmshrink.core.atomic import atomic_directory, check_output_dir, is_within
 from lmshrink.core.digest import fingerprint
 from lmshrink.core.errors import LmshrinkError
-from lmshrink.core.process import environment
+from lmshrink.core.process import environment, peak_rss_bytes
 from lmshrink.core.version import __version__
 from lmshrink.data.sources import load_text
-from lmshrink.data.windows import calibration_windows
+from lmshrink.data.windows import calibration_windows, check_seqlen
 from lmshrink.engine.checkpoint import Checkpoint, weights_digest
 from lmshrink.engine.loop import Engine
 from lmshrink.engine.offload import BlockStreamer
 from lmshrink.formats.loading import as_loaded, load_model
 from lmshrink.formats.save import save_quantized
 from lmshrink.formats.sparse_bitmask import check_sparse_format, storage_summary
+from lmshrink.formats.storage import stored_size
 from lmshrink.models.adapters import get_adapter, iter_linears, linear_dims
 from lmshrink.models.loader import LoadedModel
-from lmshrink.pipeline.checks import check_recipe
+from lmshrink.pipeline.checks import LayoutNote, check_recipe
 from lmshrink.pipeline.phases import run_phases, snapshot_teacher, split_phases
 from lmshrink.pipeline.recipe import Recipe, load_recipe, scale_dtype_for_model
 
 ADAPTER_FOLDER = "adapter"  # where the adapters of a final phase stage with merge: false are written
 
 DEFAULT_CALIBRATION = "enwiki-sample"
+
+PEAK_RSS_MEASURED = ("peak resident memory of this process from its start to the end of the compression: model "
+                     "loading, calibration, every block and, with an output, writing the checkpoint (in a longer "
+                     "Python session, whatever ran before too)")
+
+
+def check_calibration_numbers(nsamples: int, seqlen: int, seed: int) -> None:
+    """Refuse calibration numbers that cannot work, before a model is loaded."""
+    if nsamples < 1:
+        raise LmshrinkError(f"nsamples {nsamples} must be at least 1", fix="pass --nsamples 1 or more")
+    check_seqlen(seqlen, None)
+    if seed < 0:
+        raise LmshrinkError(f"seed {seed} must be 0 or more", fix="pass --seed 0 or more")
 
 
 def _check_output(out_dir: Path, loaded: LoadedModel) -> tuple[Path, Path]:
@@ -55,8 +69,8 @@ def _check_output(out_dir: Path, loaded: LoadedModel) -> tuple[Path, Path]:
 def _check_replace(out_dir: Path, overwrite: bool) -> None:
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise LmshrinkError(f"output folder {out_dir} exists and is not empty",
-                            fix="choose a new -o folder, or pass --overwrite to replace it (--resume replaces it only "
-                                "when it finds this run's progress in the .partial folder beside it)")
+                            fix="choose a new -o folder, or pass --overwrite to replace it (a run replaces it by itself "
+                                "only when the .partial folder beside it holds this run's progress)")
 
 
 def _sparsity_summary(layers: list[dict]) -> dict[str, Any] | None:
@@ -90,7 +104,7 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
              seqlen: int = 512, seed: int = 0, data_dir: str | Path | None = None, device: str = "cpu",
              resume: bool = False, overwrite: bool = False, progress: bool = True, tokenizer=None,
              dtype: str = "float32", on_block_done=None, offload: str = "none",
-             sparse_format: str = "dense") -> dict[str, Any]:
+             sparse_format: str = "dense", restart: bool = False) -> dict[str, Any]:
     """Compress ``model`` in place with ``recipe``; with ``output``, save the checkpoint there.
 
     ``offload="disk"`` streams the decoder blocks: only the tensors outside the blocks are loaded, each block is read
@@ -104,14 +118,27 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
     transformers loads it) or ``"bitmask"`` (bitmask + kept values, read back by lmshrink; see
     ``formats.sparse_bitmask``). The record's ``summary.sparse_storage`` gives their stored bytes against dense.
 
+    Progress of a killed run (``OUT.partial``, with ``output``): ``resume=None`` (the default) continues this same
+    run's progress when there is some, saying so; ``resume=True`` does too and says when there is none;
+    ``resume=False`` refuses to start while this run's progress exists; ``restart=True`` discards any progress and
+    starts over. Progress of a different run (other model, recipe, calibration or options) is refused unless
+    ``restart``.
+
     Returns the record written to ``lmshrink.json``: recipe, calibration protocol, per-layer errors and times,
-    peak memory, library versions, and ``results`` (name -> QuantResult, not serialized).
+    peak memory, bytes on disk, library versions, and ``results`` (name -> QuantResult, not serialized).
     """
     recipe = load_recipe(recipe)
     check_sparse_format(sparse_format)  # before the compression runs
+    check_calibration_numbers(nsamples, seqlen, seed)
+    if resume and restart:
+        raise LmshrinkError("resume and restart both asked for", fix="pass --resume (continue) or --restart "
+                                                                     "(discard the progress), not both")
     if offload not in ("none", "disk"):
         raise LmshrinkError(f"offload {offload!r} is not known", fix="use offload='none' or 'disk'")
     streamed = offload == "disk"
+    # the text before the model: a missing or empty text set fails before any loading
+    calib_name = calibration or DEFAULT_CALIBRATION
+    source = load_text(calib_name, calibration_split, data_dir)  # enwiki-sample maps "train" to its calib split
     if streamed and isinstance(model, (str, Path)):
         model = load_model(str(model), dtype=dtype, device="cpu", progress=progress, lazy_blocks=True)
     model = as_loaded(model, tokenizer, dtype=dtype, device="cpu", progress=progress)
@@ -133,25 +160,37 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
             warnings.warn(note, stacklevel=1)
         check_recipe(recipe, layers, dtype=None if output is None else model.model.dtype,  # what saving refuses
                      unpacked=[n for n, m in linears if not isinstance(m, torch.nn.Linear)])
-    notes = [str(w.message) for w in caught]
+    # facts about the stored layout go to the record only (the GGUF export states them); the rest is printed
+    layout_notes = [str(w.message) for w in caught if issubclass(w.category, LayoutNote)]
+    notes = [str(w.message) for w in caught if not issubclass(w.category, LayoutNote)]
     for note in notes:
         print(f"lmshrink: warning: {note}", file=sys.stderr)
     out_dir = partial_dir = None
     if output is not None:
         out_dir, partial_dir = _check_output(Path(output), model)
-    calib_name = calibration or DEFAULT_CALIBRATION
-    source = load_text(calib_name, calibration_split, data_dir)  # enwiki-sample maps "train" to its calib split
     windows = calibration_windows(model.tokenizer, source, nsamples, seqlen, seed, model.info.max_context)
     checkpoint, saved_state = None, None
     if out_dir is not None:
         key = fingerprint(recipe.to_dict(), windows.protocol, model.info.to_dict(), windows.input_ids, device,
                           weights_digest(model.model, model.weights), {"lmshrink": __version__})
         checkpoint = Checkpoint(partial_dir, key)
-        saved_state = checkpoint.load() if resume else None  # refuses progress of another run
-        if resume and saved_state is None:
+        saved_state = None if restart else checkpoint.load()  # refuses progress of another run
+        blocks = len(adapter.blocks(model.model))
+        if saved_state is not None:
+            done = int(saved_state["finished_blocks"])
+            if resume is False:
+                raise LmshrinkError(f"{checkpoint.folder} holds this run's progress ({done} of {blocks} blocks done)",
+                                    fix="continue it (CLI: --resume, or leave both flags out), or discard it "
+                                        "(CLI: --restart)")
+            where = (f"resuming at block {done + 1} of {blocks}" if done < blocks else
+                     f"all {blocks} blocks are done; resuming after them")
+            print(f"lmshrink: {where} ({checkpoint.folder} holds this run's progress; --restart discards it)",
+                  file=sys.stderr)
+        elif resume:
             print(f"lmshrink: nothing to resume in {checkpoint.folder}; starting from block 1",
                   file=sys.stderr)
         _check_replace(out_dir, overwrite or saved_state is not None)
+    resume = saved_state is not None
     streamer = BlockStreamer(model.model, model.weights, adapter.block_path(model.model)) if streamed else None
     # phase stages (e.g. recover) split the recipe: the engine runs the stages before the first one, then the phase
     # stages and the engine stages after them run on the whole model (pipeline.phases)
@@ -181,10 +220,12 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
         "summary": {"layers": len(result.layers), "mean_rel_output_error": sum(errors) / len(errors) if errors else None,
                     "max_rel_output_error": max(errors) if errors else None,
                     "seconds": result.seconds, "cpu_seconds": result.cpu_seconds,
-                    "peak_rss_bytes": result.peak_rss_bytes,
+                    "peak_rss_bytes": result.peak_rss_bytes, "peak_rss_measured": PEAK_RSS_MEASURED,
+                    "engine_peak_rss_bytes": result.peak_rss_bytes,
                     "resumed_from_block": result.resumed_from_block, "device": device, "offload": offload,
                     "recover_seconds": time.perf_counter() - phases_started if phases else None},
         "warnings": notes,
+        "notes": layout_notes,
         "environment": environment(),
     }
     if phase_records:
@@ -204,8 +245,16 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
         storage = storage_summary(model.model, result.results, sparse_format)
         if storage is not None:
             record["summary"]["sparse_storage"] = storage
+        shapes = {layer["name"]: (layer["out_features"], layer["in_features"]) for layer in result.layers}
+
+        def final_record(folder: Path) -> str:
+            # written after the weights: their bytes on disk, and the peak memory with the writing included
+            record["summary"]["storage"] = stored_size(folder, shapes)
+            record["summary"]["peak_rss_bytes"] = peak_rss_bytes()
+            return json.dumps(record, indent=1, default=str)
+
         save_quantized(model.model, model.tokenizer, result.results, out_dir, ignore=ignore, input_dir=model.info.path,
-                       extra_files={"lmshrink.json": json.dumps(record, indent=1, default=str)},
+                       extra_files={"lmshrink.json": final_record},
                        overwrite=overwrite or saved_state is not None,
                        source_tensors=_streamed_source(model.weights, result.tensors) if streamed else None,
                        sparse_format=sparse_format)
@@ -215,5 +264,7 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
                     (staging / filename).write_bytes(content)
         checkpoint.remove()
         record["output"] = str(out_dir)
+    else:
+        record["summary"]["peak_rss_bytes"] = peak_rss_bytes()
     record["results"] = result.results
     return record

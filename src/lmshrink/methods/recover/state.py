@@ -46,7 +46,7 @@ def load_state(folder: Path, key: str, peft_model, optimizer: torch.optim.Optimi
     meta = json.loads((folder / _STATE_JSON).read_text())
     if meta.get("key") != key:
         raise LmshrinkError(f"{folder} holds recover progress of a different run",
-                            fix=f"run again without --resume to start over, or delete {folder}")
+                            fix=f"run again with --restart to discard it and start over, or delete {folder}")
     tensors = load_file(str(folder / _STATE_TENSORS))
     lora.load_adapter_state(peft_model, {n[len("adapter."):]: v for n, v in tensors.items()
                                          if n.startswith("adapter.")})
