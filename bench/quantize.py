@@ -113,7 +113,8 @@ def main() -> None:
                          "seconds": record["summary"]["seconds"],
                          "cpu_seconds": record["summary"].get("cpu_seconds"),
                          "peak_rss_gib": record["process_peak_rss_bytes"] / 2**30,
-                         "engine_peak_rss_gib": record["summary"]["peak_rss_bytes"] / 2**30})
+                         "engine_peak_rss_gib": record["summary"].get("engine_peak_rss_bytes",
+                                                                      record["summary"]["peak_rss_bytes"]) / 2**30})
             keep_row(args, rows, recipe)
     reused = f"; dense row reused from {args.reuse_dense}" if args.reuse_dense else ""
     print(f"{protocol_line(args)}; KL on WikiText-2; torch {environment['torch'] if environment else '?'}, "
