@@ -282,8 +282,7 @@ def _storage_line(storage: dict | None, what: str = "on disk") -> str | None:
             f"{_mib(storage['dense_bytes'])} of the same model stored dense")
     layers = storage.get("compressed_layers")
     if layers:
-        text += (f"; the {layers['layers']} compressed layers take {layers['bits_per_weight']:.2f} bits per weight "
-                 f"({_mib(layers['stored_bytes'])} for {layers['weights'] / 1e6:.1f}M weights)")
+        text += f"; the {layers['layers']} compressed layers take {layers['bits_per_weight']:.2f} bits per weight"
     return text
 
 

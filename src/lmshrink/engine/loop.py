@@ -371,11 +371,13 @@ class Engine:
                 _share_weights(self.model, block_results)
             results.update(block_results)
             release_free_heap()  # the final forwards' and the block copy's memory
-            errors = " ".join(f"{n.rsplit('.', 1)[-1]}={r.rel_output_error:.4f}" for n, r in block_results.items()
-                              if r.rel_output_error is not None)
-            if self.progress:
-                bar.write(f"block {index + 1}/{len(blocks)} ({time.perf_counter() - block_start:.1f}s) "
-                          f"rel. output error: {errors}")
+            if self.progress:  # one short line per block (the record keeps every layer's error)
+                errors = {n.rsplit(".", 1)[-1]: r.rel_output_error for n, r in block_results.items()
+                          if r.rel_output_error is not None}
+                worst = max(errors, key=errors.get) if errors else None
+                summary = (f": relative output error mean {sum(errors.values()) / len(errors):.4f}, max "
+                           f"{errors[worst]:.4f} ({worst})" if errors else "")
+                bar.write(f"block {index + 1}/{len(blocks)} ({time.perf_counter() - block_start:.1f}s){summary}")
             if self.checkpoint is not None:
                 self.checkpoint.save_block(index, block_results, hidden, {"layers": layers},
                                            reference_hidden=reference_hidden, tensors=block_tensors)
