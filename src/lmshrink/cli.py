@@ -278,9 +278,11 @@ def _storage_line(storage: dict | None, what: str = "on disk") -> str | None:
         return None
     files = storage["files"]
     where = files[0] if len(files) == 1 else f"{len(files)} files"
+    layers = storage.get("compressed_layers")
+    if not layers:
+        return f"{what}: {_mib(storage['stored_bytes'])} of weights ({where}), no compressed layer"
     text = (f"{what}: {_mib(storage['stored_bytes'])} of weights ({where}), {storage['ratio']:.3f}x the "
             f"{_mib(storage['dense_bytes'])} of the same model stored dense")
-    layers = storage.get("compressed_layers")
     if layers:
         text += f"; the {layers['layers']} compressed layers take {layers['bits_per_weight']:.2f} bits per weight"
     return text
