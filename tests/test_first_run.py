@@ -324,6 +324,9 @@ def test_running_again_resumes_and_restart_discards(capsys, tmp_path, tiny_dir, 
         compress(str(tiny_dir), "rtn-w4g32", output=tmp_path / "api", calibration=f"file:{calib_file}", nsamples=2,
                  seqlen=32, progress=False, resume=False)
     assert "--resume" in info.value.fix and "--restart" in info.value.fix
+    record = compress(str(tiny_dir), "rtn-w4g32", output=tmp_path / "api", calibration=f"file:{calib_file}",
+                      nsamples=2, seqlen=32, progress=False)  # the default: continue
+    assert record["summary"]["resumed_from_block"] == 1 and folder_digest(tmp_path / "api") == folder_digest(full)
 
 
 def test_progress_of_another_run_is_refused_until_restart(capsys, tmp_path, tiny_dir, calib_file):

@@ -102,7 +102,7 @@ def _streamed_source(weights, changed: dict[str, torch.Tensor]):
 def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | dict, *, output: str | Path | None = None,
              calibration: str | None = None, calibration_split: str = "train", nsamples: int = 128,
              seqlen: int = 512, seed: int = 0, data_dir: str | Path | None = None, device: str = "cpu",
-             resume: bool = False, overwrite: bool = False, progress: bool = True, tokenizer=None,
+             resume: bool | None = None, overwrite: bool = False, progress: bool = True, tokenizer=None,
              dtype: str = "float32", on_block_done=None, offload: str = "none",
              sparse_format: str = "dense", restart: bool = False) -> dict[str, Any]:
     """Compress ``model`` in place with ``recipe``; with ``output``, save the checkpoint there.
