@@ -228,7 +228,7 @@ def _model_lines(rows: list[dict], columns: int) -> str:
     (wrapped under itself)."""
     head = ("name", "params", "cached")
     widths = [max(len(head[0]), *(len(r["name"]) for r in rows)) + 2, len(head[1]) + 2, len(head[2]) + 2]
-    body = max(columns - sum(widths), 30)
+    body = max(columns - 1 - sum(widths), 30)  # a line as wide as the terminal wraps in some
 
     def line(cells, what):
         return "".join(c.ljust(w) for c, w in zip(cells, widths)) + what
