@@ -39,10 +39,9 @@ from p1 import (
     run_json,
     stamp,
 )
-from safetensors import safe_open
 
-_PACKED = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_outlier_index",
-           "weight_outlier_values")
+from lmshrink.formats.compressed_tensors import packed_storage
+
 _QUANTIZING = ("rtn", "gptq", "owq")
 
 
@@ -51,16 +50,8 @@ def _layers(record: dict) -> list[dict]:
     return list({layer["name"]: layer for layer in record["layers"]}.values())
 
 
-def _stored_bits(folder: Path, record: dict) -> float:
-    total_bits = 0
-    for path in folder.glob("*.safetensors"):
-        with safe_open(str(path), "pt") as handle:
-            for key in handle.keys():
-                if key.rsplit(".", 1)[-1] in _PACKED:
-                    tensor = handle.get_tensor(key)
-                    total_bits += tensor.numel() * tensor.element_size() * 8
-    weights = sum(layer["out_features"] * layer["in_features"] for layer in _layers(record))
-    return total_bits / weights
+def _stored_bits(folder: Path) -> float:
+    return packed_storage(folder)["bits_per_weight"]
 
 
 def _grid_bits(record: dict) -> float:
@@ -119,7 +110,7 @@ def main() -> None:
             environment = environment or result["environment"]
             rows.append({"recipe": recipe, "wikitext2": result["perplexity"][0]["ppl"],
                          "enwiki": result["perplexity"][1]["ppl"], "kl": result["kl"]["kl_mean"],
-                         "grid_bpw": _grid_bits(record), "stored_bpw": _stored_bits(out, record),
+                         "grid_bpw": _grid_bits(record), "stored_bpw": _stored_bits(out),
                          "seconds": record["summary"]["seconds"],
                          "cpu_seconds": record["summary"].get("cpu_seconds"),
                          "peak_rss_gib": record["process_peak_rss_bytes"] / 2**30,

@@ -286,6 +286,36 @@ def is_compressed_tensors_folder(folder: str | os.PathLike) -> bool:
     return isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD
 
 
+PACKED_KEYS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", *OUTLIER_KEYS)
+_ELEMENT_BYTES = {"I8": 1, "U8": 1, "BOOL": 1, "I16": 2, "F16": 2, "BF16": 2, "I32": 4, "F32": 4, "I64": 8, "F64": 8}
+
+
+def packed_storage(folder: str | os.PathLike) -> dict[str, Any]:
+    """What the packed layers of a compressed folder take on disk: the bytes of every tensor that stores them
+    (codes, scales, zero points, group index, 16-bit outlier columns with their indices), the weights they stand
+    for (``out * in`` from ``weight_shape``) and the bits per weight; read from the safetensors headers."""
+    from safetensors import safe_open
+
+    files = weight_files(Path(folder))
+    stored = weights = layers = 0
+    by_file: dict[Path, list[str]] = {}
+    for key, path in files.items():
+        by_file.setdefault(path, []).append(key)
+    for path, keys in by_file.items():
+        with safe_open(str(path), framework="pt") as handle:
+            for key in keys:
+                leaf = key.rsplit(".", 1)[-1]
+                if leaf == "weight_shape":
+                    out_features, in_features = (int(v) for v in handle.get_tensor(key).tolist())
+                    weights += out_features * in_features
+                    layers += 1
+                elif leaf in PACKED_KEYS:
+                    tensor = handle.get_slice(key)
+                    stored += math.prod(tensor.get_shape()) * _ELEMENT_BYTES[tensor.get_dtype()]
+    return {"layers": layers, "weights": weights, "bytes": stored,
+            "bits_per_weight": 8 * stored / weights if weights else None}
+
+
 def is_outlier_folder(folder: str | os.PathLike) -> bool:
     """True when a config group of ``folder``'s compressed-tensors config keeps 16-bit outlier columns (OWQ)."""
     if not is_compressed_tensors_folder(folder):
