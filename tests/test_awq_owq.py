@@ -188,8 +188,10 @@ def test_outlier_result_round_trips_its_checkpoint_form():
 def test_owq_folder_loads_exactly_runs_packed_and_counts_its_stored_bits(tiny_dir, calib_file, tmp_path):
     model = load_model(str(tiny_dir), progress=False)
     out = tmp_path / "owq"
-    record = compress(model, OWQ, output=out, calibration=f"file:{calib_file}", nsamples=4, seqlen=32,
-                      progress=False)
+    with pytest.warns(UserWarning, match="14 layers \\(e.g. model.layers.0.mlp.down_proj\\) keep input columns in 16 "
+                                         "bits.*plain transformers refuse.*lmshrink.load_model reads it"):
+        record = compress(model, OWQ, output=out, calibration=f"file:{calib_file}", nsamples=4, seqlen=32,
+                          progress=False)
     reference = _logits(model.model)
     torch.testing.assert_close(_logits(load_model(str(out), progress=False).model), reference, rtol=0, atol=0)
     packed = load_model(str(out), progress=False, runtime="packed")

@@ -18,6 +18,7 @@ from lmshrink.core.atomic import atomic_directory
 from lmshrink.core.errors import LmshrinkError
 from lmshrink.core.results import PruneResult, QuantResult
 from lmshrink.formats.compressed_tensors import (
+    OUTLIER_FORMAT,
     QUANT_METHOD,
     SPECS_KEY,
     StoredScheme,
@@ -125,6 +126,12 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
         specs[name] = asdict(result.spec)
     # a folder with outlier columns is refused by transformers anyway (its config group's format names them)
     outliers = any(scheme.outliers for scheme in groups)
+    if outliers:
+        kept = sorted((n for scheme, names in groups.items() if scheme.outliers for n in names), key=natural_key)
+        warnings.warn(f"{len(kept)} layers (e.g. {kept[0]}) keep input columns in 16 bits (OWQ), which "
+                      f"compressed-tensors cannot hold: their config group's format {OUTLIER_FORMAT!r} makes plain "
+                      "transformers refuse the folder; lmshrink.load_model reads it (also runtime='packed'). For a "
+                      "folder transformers loads, compress without outlier columns (e.g. w4g128, w3g128)", stacklevel=2)
     if transformers_compatible and not outliers and len(groups) > 1 and any(not s.symmetric for s in groups):
         raise LmshrinkError(
             "asymmetric grids mixed with other grids (" + "; ".join(describe_scheme(s) for s in groups) + ") give several "
