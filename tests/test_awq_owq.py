@@ -315,3 +315,16 @@ def test_awq_keeps_the_float_layers_it_scales_on_streamed_runs(tiny_dir, calib_f
     scaled = linear_weight(reloaded.model.layers[0].self_attn.q_proj)
     assert not torch.equal(scaled, linear_weight(load_model(str(tiny_dir), progress=False).model.model.layers[0]
                                                  .self_attn.q_proj))
+
+
+def test_the_sweep_takes_an_explicit_column_order_and_refuses_a_wrong_one():
+    from lmshrink.methods.quant.gptq import GridRule
+    from lmshrink.methods.solver import solve_columns
+
+    weight, _, hessian = correlated_layer(16, 32)
+    spec = GridSpec(bits=4, group_size=-1)
+    reverse = torch.arange(31, -1, -1)
+    result = solve_columns(weight, hessian, GridRule(spec), order=reverse)
+    assert torch.equal(result.perm, reverse) and result.weight.shape == weight.shape
+    with pytest.raises(ValueError, match="permutation of the 32 columns"):
+        solve_columns(weight, hessian, GridRule(spec), order=torch.zeros(32, dtype=torch.long))
