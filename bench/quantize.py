@@ -12,9 +12,11 @@ saved checkpoint is loaded back through transformers for evaluation (`lmshrink e
 the numbers are those of the files a user gets. KL(base || model) is on the WikiText-2 windows.
 Compress seconds: wall time of the engine and its CPU time (user + system, all threads; less sensitive to other
 jobs on the machine than wall time).
-bits/weight: "grid" = bits + (16-bit scale + zero bits if asymmetric) / group size, over the quantized layers;
-"stored" = bytes of the packed tensors (weight_packed, weight_scale, weight_zero_point, g_idx) in the checkpoint,
-over the same weights.
+bits/weight: "grid" = bits + (16-bit scale + zero bits if asymmetric) / group size, over the quantized layers, plus
+16 bits per weight of the input columns kept in 16 bits (OWQ); "stored" = bytes of the packed tensors
+(weight_packed, weight_scale, weight_zero_point, g_idx, and OWQ's weight_outlier_index and weight_outlier_values) in
+the checkpoint, over the same weights. Recipes of several stages (awq then rtn) take the grid of their quantizing
+stage, and weights count once per layer.
 """
 
 from __future__ import annotations
@@ -37,32 +39,31 @@ from p1 import (
     run_json,
     stamp,
 )
-from safetensors import safe_open
 
-_PACKED = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")
+from lmshrink.formats.compressed_tensors import packed_storage
+
+_QUANTIZING = ("rtn", "gptq", "owq")
 
 
-def _stored_bits(folder: Path, record: dict) -> float:
-    total_bits = 0
-    for path in folder.glob("*.safetensors"):
-        with safe_open(str(path), "pt") as handle:
-            for key in handle.keys():
-                if key.rsplit(".", 1)[-1] in _PACKED:
-                    tensor = handle.get_tensor(key)
-                    total_bits += tensor.numel() * tensor.element_size() * 8
-    weights = sum(layer["out_features"] * layer["in_features"] for layer in record["layers"])
-    return total_bits / weights
+def _layers(record: dict) -> list[dict]:
+    """One line per layer: the last stage's (a recipe of several stages records a layer once per stage)."""
+    return list({layer["name"]: layer for layer in record["layers"]}.values())
+
+
+def _stored_bits(folder: Path) -> float:
+    return packed_storage(folder)["bits_per_weight"]
 
 
 def _grid_bits(record: dict) -> float:
-    stage = record["recipe"]["stages"][0]
+    stage = next(s for s in reversed(record["recipe"]["stages"]) if s["method"] in _QUANTIZING)
     bits, group = stage["bits"], stage["group_size"]
     per_group = 16 + (0 if stage["symmetric"] else bits)
     total = weights = 0
-    for layer in record["layers"]:
+    for layer in _layers(record):
         n = layer["out_features"] * layer["in_features"]
         groups = 1 if group == -1 else -(-layer["in_features"] // group)
         total += n * bits + layer["out_features"] * groups * per_group
+        total += 16 * layer["out_features"] * (layer.get("kept_columns") or 0)
         weights += n
     return total / weights
 
@@ -109,7 +110,7 @@ def main() -> None:
             environment = environment or result["environment"]
             rows.append({"recipe": recipe, "wikitext2": result["perplexity"][0]["ppl"],
                          "enwiki": result["perplexity"][1]["ppl"], "kl": result["kl"]["kl_mean"],
-                         "grid_bpw": _grid_bits(record), "stored_bpw": _stored_bits(out, record),
+                         "grid_bpw": _grid_bits(record), "stored_bpw": _stored_bits(out),
                          "seconds": record["summary"]["seconds"],
                          "cpu_seconds": record["summary"].get("cpu_seconds"),
                          "peak_rss_gib": record["process_peak_rss_bytes"] / 2**30,

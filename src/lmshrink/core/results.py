@@ -1,5 +1,6 @@
 """Layer results as methods return them, the engine checkpoints them and writers consume them: a weight quantized
-onto a grid (``QuantResult``) and a pruned weight (``PruneResult``).
+onto a grid (``QuantResult``), one quantized except a few input columns kept in 16 bits (``OutlierQuantResult``)
+and a pruned weight (``PruneResult``).
 
 Every result kind has ``weight`` (float32 dense ``[out, in]``, or empty once dropped to save memory),
 ``rel_output_error`` and ``info``, and converts to and from its checkpoint form (``to_state`` / ``from_state``:
@@ -9,6 +10,7 @@ checkpoint reads back any kind a method registers (``register_result_kind``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,7 +145,44 @@ class PruneResult:
         return result
 
 
-RESULT_KINDS: dict[str, type] = {QuantResult.kind: QuantResult, PruneResult.kind: PruneResult}
+@dataclass
+class OutlierQuantResult(QuantResult):
+    """A weight quantized onto a grid except a few input columns kept in 16 bits (OWQ).
+
+    The grid fields are those of ``QuantResult``; the codes of the kept columns are their zero points, so the grid
+    alone decodes them to exactly 0. columns: int64 ``[k]`` sorted indices of the kept input columns. values:
+    ``[out, k]`` their weights in a 16-bit dtype (float16, or bfloat16 for bfloat16 models). weight: float32
+    ``[out, in]``: the grid's weights with the kept columns replaced by ``values`` (exactly; see ``dense``).
+    """
+
+    kind = "quant-outlier"
+
+    columns: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    def dense(self) -> torch.Tensor:
+        if self.weight.numel():
+            return self.weight
+        weight = dequantize(self.codes, self.scale, self.zero, self.group_index())
+        weight[:, self.columns.long()] = self.values.float()
+        return weight
+
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, meta = super().to_state()
+        return {**tensors, "columns": self.columns, "values": self.values}, meta
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "OutlierQuantResult":
+        base = QuantResult.from_state({k: v for k, v in tensors.items() if k not in ("columns", "values")}, meta)
+        result = cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(QuantResult)},
+                     columns=tensors["columns"], values=tensors["values"])
+        result.weight = torch.empty(0)
+        result.weight = result.dense()
+        return result
+
+
+RESULT_KINDS: dict[str, type] = {QuantResult.kind: QuantResult, PruneResult.kind: PruneResult,
+                                 OutlierQuantResult.kind: OutlierQuantResult}
 
 
 def register_result_kind(cls: type) -> type:

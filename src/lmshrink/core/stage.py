@@ -106,6 +106,11 @@ class StageBase(BaseModel):
         nothing, e.g. magnitude pruning)."""
         return None
 
+    def check_in_recipe(self, index: int, stages: list["StageBase"]) -> list["Problem"]:
+        """What is wrong with this stage at position ``index`` among the recipe's ``stages`` (e.g. nothing after it
+        uses what it prepares), found before any work starts: problems with a ``fix`` are errors, others warnings."""
+        return []
+
     def before_blocks(self, job: "ModelJob", number: int) -> None:
         """Model-wide work before the block loop (``number``: this stage's index in the recipe). Runs again, the
         same way, when an interrupted run resumes, so it must be deterministic."""
@@ -168,12 +173,14 @@ class BlockJob(Protocol):
 class BlockOutcome(BaseModel):
     """What a block stage did: results for the layers it compressed (relative names), and the names of other
     block tensors it changed in place (e.g. a norm weight that absorbed a scale), which the engine checkpoints and
-    writes."""
+    writes. ``record``: JSON-friendly facts about the block as a whole (e.g. the scales chosen per group of
+    layers), kept in the run record's ``block_stages`` list."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
     results: dict[str, Any] = Field(default_factory=dict)
     records: dict[str, dict[str, Any]] = Field(default_factory=dict)
     changed: list[str] = Field(default_factory=list)
+    record: dict[str, Any] = Field(default_factory=dict)
 
 
 class ModelJob(Protocol):

@@ -48,6 +48,7 @@ class EngineResult:
     cpu_seconds: float = 0.0
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     block_options: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+    block_records: list[dict] = field(default_factory=list)  # what block stages reported per block (``record``)
 
 
 def _on_cpu(result):
@@ -241,6 +242,7 @@ class Engine:
         results: dict[str, Any] = {}
         tensors: dict[str, torch.Tensor] = {}
         layers: list[dict] = []
+        block_records: list[dict] = []
         first = 0
         if self.checkpoint is not None:
             state = self.checkpoint.load() if self.resume else None
@@ -249,6 +251,7 @@ class Engine:
             else:
                 first = state["finished_blocks"]
                 layers = state["layers"]
+                block_records = state.get("block_records", [])
                 for index in range(first):
                     loaded, saved_tensors = self.checkpoint.load_block(index)
                     for name, result in loaded.items():
@@ -307,6 +310,9 @@ class Engine:
                         outcome = self._run_block_stage(task, index, block, hidden, args, kwargs, handover, memo)
                         _for_memos((memo, reference_memo), "end_pass")
                         changed.update(outcome.changed)
+                        if outcome.record:
+                            block_records.append({"block": index, "stage": task.number + 1, "method": stage.method,
+                                                  **outcome.record})
                         for name, result in outcome.results.items():
                             self._keep(stage, block, index, name, result, block_results, layers, None, 0.0,
                                        outcome.records.get(name, {}))
@@ -379,7 +385,8 @@ class Engine:
                            f"{errors[worst]:.4f} ({worst})" if errors else "")
                 bar.write(f"block {index + 1}/{len(blocks)} ({time.perf_counter() - block_start:.1f}s){summary}")
             if self.checkpoint is not None:
-                self.checkpoint.save_block(index, block_results, hidden, {"layers": layers},
+                self.checkpoint.save_block(index, block_results, hidden,
+                                           {"layers": layers, "block_records": block_records},
                                            reference_hidden=reference_hidden, tensors=block_tensors)
             bar.update(1)
             if self.on_block_done is not None:
@@ -387,7 +394,8 @@ class Engine:
         bar.close()
         return EngineResult(results=results, layers=layers, seconds=time.perf_counter() - started,
                             peak_rss_bytes=peak_rss_bytes(), resumed_from_block=first, blocks=len(blocks),
-                            cpu_seconds=cpu_seconds() - cpu_started, tensors=tensors, block_options=options)
+                            cpu_seconds=cpu_seconds() - cpu_started, tensors=tensors, block_options=options,
+                            block_records=block_records)
 
     def _keep(self, stage: StageBase, block: nn.Module, index: int, name: str, result, block_results: dict,
               layers: list[dict], tokens: int | None, seconds: float, extra: dict) -> None:

@@ -45,7 +45,7 @@ from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder
 from lmshrink.formats.loading import load_model
 from lmshrink.models.adapters import get_adapter, is_linear
 from lmshrink.runtime.fastpath import FastDecoder
-from lmshrink.runtime.qlinear import KERNEL_MAX_ROWS, QuantLinear, packed_bytes
+from lmshrink.runtime.qlinear import KERNEL_MAX_ROWS, OutlierLinear, QuantLinear, packed_bytes
 
 # ---------------------------------------------------------------------------------------------------------------
 # worker side
@@ -66,6 +66,8 @@ def _linear_bytes(model) -> dict[str, int]:
             if isinstance(module, QuantLinear):
                 total += packed_bytes(module) - (0 if module.bias is None else module.bias.numel() * module.bias.element_size())
                 weights += module.in_features * module.out_features
+            elif isinstance(module, OutlierLinear):  # its QuantLinear is counted on its own
+                total += sum(t.numel() * t.element_size() for t in (module.columns, module.values))
             elif is_linear(module):
                 total += module.weight.numel() * module.weight.element_size()
                 weights += module.weight.numel()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lmshrink.runtime.qlinear import QuantLinear
+from lmshrink.runtime.qlinear import OutlierLinear, QuantLinear
 
 
 def _unique_tensors(model: torch.nn.Module):
@@ -23,9 +23,12 @@ def _unique_tensors(model: torch.nn.Module):
 
 
 def _packed_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """``name -> module`` of the layers that store their weight packed (``QuantLinear``)."""
+    """``name -> module`` of the layers that store their weight packed (``QuantLinear``, or ``OutlierLinear`` with
+    the QuantLinear it holds)."""
 
-    return {name: module for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+    outer = {name for name, module in model.named_modules() if isinstance(module, OutlierLinear)}
+    return {name: module for name, module in model.named_modules()
+            if name in outer or (isinstance(module, QuantLinear) and name.rpartition(".")[0] not in outer)}
 
 
 def _weight_count(module: torch.nn.Module) -> int:

@@ -28,6 +28,16 @@ What compressed-tensors 0.20.1 cannot load, and what the writer does about it:
   decodes at load time; other readers ignore the key). That route applies the first config group to every layer,
   so asymmetric grids are only written as a single config group unless ``transformers_compatible=False``.
 
+Layers with input columns kept in 16 bits (OWQ, ``OutlierQuantResult``) add two tensors to the layout above:
+
+* ``name.weight_outlier_index`` int32 ``[k]``: the kept input columns, ascending;
+* ``name.weight_outlier_values`` float16 (bfloat16 for bfloat16 models) ``[out, k]``: their weights.
+
+Their codes on the grid are the zero points (they decode to 0), so the layer is the packed grid plus
+``x[:, index] @ values^T``. compressed-tensors has no such layout: the config group of these layers gets the format
+``lmshrink-outlier-columns``, which compressed-tensors' schema (and so transformers) refuses to load, naming it,
+rather than loading the grid without the columns. lmshrink's ``load_model`` (dense or packed runtime) reads it.
+
 Pruned layers (``PruneResult``) are written densely with their zeros and a compressed-tensors ``sparsity_config`` of
 format ``dense`` (plain transformers loads them), or with ``sparse_format="bitmask"`` as bitmask + kept values
 (format ``sparse-bitmask``, read back by lmshrink only: see ``sparse_bitmask``). Layers pruned and quantized are
@@ -50,11 +60,16 @@ from torch import nn
 from lmshrink.core.errors import LmshrinkError
 from lmshrink.core.grids import GridSpec, dequantize
 from lmshrink.core.packing import pack_int32, unpack_int32
-from lmshrink.core.results import QuantResult
+from lmshrink.core.results import OutlierQuantResult, QuantResult
 from lmshrink.formats.hf_folder import natural_key, read_config, weight_files
 from lmshrink.formats.layout import group_size_fix, stored_group_size
 
 FORMAT = "pack-quantized"
+OUTLIER_FORMAT = "lmshrink-outlier-columns"  # a config group whose layers keep 16-bit input columns beside the grid
+OUTLIER_KEYS = ("weight_outlier_index", "weight_outlier_values")
+# what an export that cannot hold outlier columns suggests instead ({target}: the export's name)
+ALTERNATIVE = ("compress without outlier columns for {target} (e.g. the w4g128 or w3g128 presets, or gptq with "
+               "group_size -1), or run this folder with lmshrink (load_model, also runtime='packed')")
 QUANT_METHOD = "compressed-tensors"
 SPECS_KEY = "lmshrink.grid_specs"  # safetensors metadata: the GridSpec of every packed layer, as JSON
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -68,6 +83,7 @@ class StoredScheme:
     group_size: int  # -1 per channel
     symmetric: bool
     actorder: str | None  # None or "static"
+    outliers: bool = False  # its layers keep 16-bit input columns (format OUTLIER_FORMAT)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,10 +110,10 @@ def stored_group_sizes(layers: dict[str, tuple[int, QuantResult]]) -> dict[str, 
     by_grid: dict[tuple, list[str]] = {}
     for name, (_, result) in layers.items():
         spec = result.spec
-        key = (spec.bits, spec.group_size, spec.symmetric, _actorder(name, result))
+        key = (spec.bits, spec.group_size, spec.symmetric, _actorder(name, result), has_outliers(result))
         by_grid.setdefault(key, []).append(name)
     stored = {}
-    for (_, group_size, _, _), names in by_grid.items():
+    for (_, group_size, _, _, _), names in by_grid.items():
         widths = [layers[n][0] for n in names]
         size = stored_group_size(group_size, widths)
         if size is None:
@@ -159,13 +175,23 @@ def pack_layer(name: str, module: nn.Module, result: QuantResult,
     }
     if not spec.symmetric:
         tensors["weight_zero_point"] = pack_int32(zero, spec.bits, dim=0)
-    scheme = StoredScheme(spec.bits, stored_group, spec.symmetric, _actorder(name, result))
+    outliers = has_outliers(result)
+    if outliers:
+        tensors["weight_outlier_index"] = result.columns.to(torch.int32).contiguous()
+        tensors["weight_outlier_values"] = result.values.contiguous()
+    scheme = StoredScheme(spec.bits, stored_group, spec.symmetric, _actorder(name, result), outliers)
     return scheme, tensors
+
+
+def has_outliers(result: QuantResult) -> bool:
+    """Whether a result keeps input columns in 16 bits (an ``OutlierQuantResult`` with at least one)."""
+    return isinstance(result, OutlierQuantResult) and result.columns is not None and result.columns.numel() > 0
 
 
 def describe_scheme(scheme: StoredScheme) -> str:
     group = "per channel" if scheme.group_size == -1 else f"group {scheme.group_size}"
-    return f"{scheme.bits}-bit {group} {'symmetric' if scheme.symmetric else 'asymmetric'}"
+    outliers = " with 16-bit outlier columns" if scheme.outliers else ""
+    return f"{scheme.bits}-bit {group} {'symmetric' if scheme.symmetric else 'asymmetric'}{outliers}"
 
 
 def quantization_config(groups: dict[StoredScheme, list[str]], ignore: list[str]) -> dict[str, Any]:
@@ -187,6 +213,9 @@ def quantization_config(groups: dict[StoredScheme, list[str]], ignore: list[str]
                                 ignore=ignore)
     data = {"version": compressed_tensors.__version__, "quant_method": QUANT_METHOD, "sparsity_config": {},
             "transform_config": {}, **config.model_dump(exclude={"quant_method"})}
+    for index, scheme in enumerate(groups):
+        if scheme.outliers:  # a format compressed-tensors does not know: transformers refuses it by name
+            data["config_groups"][f"group_{index}"]["format"] = OUTLIER_FORMAT
     if any(not scheme.symmetric for scheme in groups):
         # transformers' default route cannot load packed zero points (it expects them unpacked); its
         # dequantize-at-load route can. Other readers ignore this key.
@@ -257,6 +286,57 @@ def is_compressed_tensors_folder(folder: str | os.PathLike) -> bool:
     return isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD
 
 
+PACKED_KEYS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", *OUTLIER_KEYS)
+_ELEMENT_BYTES = {"I8": 1, "U8": 1, "BOOL": 1, "I16": 2, "F16": 2, "BF16": 2, "I32": 4, "F32": 4, "I64": 8, "F64": 8}
+
+
+def packed_storage(folder: str | os.PathLike) -> dict[str, Any]:
+    """What the packed layers of a compressed folder take on disk: the bytes of every tensor that stores them
+    (codes, scales, zero points, group index, 16-bit outlier columns with their indices), the weights they stand
+    for (``out * in`` from ``weight_shape``) and the bits per weight; read from the safetensors headers."""
+    from safetensors import safe_open
+
+    files = weight_files(Path(folder))
+    stored = weights = layers = 0
+    by_file: dict[Path, list[str]] = {}
+    for key, path in files.items():
+        by_file.setdefault(path, []).append(key)
+    for path, keys in by_file.items():
+        with safe_open(str(path), framework="pt") as handle:
+            for key in keys:
+                leaf = key.rsplit(".", 1)[-1]
+                if leaf == "weight_shape":
+                    out_features, in_features = (int(v) for v in handle.get_tensor(key).tolist())
+                    weights += out_features * in_features
+                    layers += 1
+                elif leaf in PACKED_KEYS:
+                    tensor = handle.get_slice(key)
+                    stored += math.prod(tensor.get_shape()) * _ELEMENT_BYTES[tensor.get_dtype()]
+    return {"layers": layers, "weights": weights, "bytes": stored,
+            "bits_per_weight": 8 * stored / weights if weights else None}
+
+
+def is_outlier_folder(folder: str | os.PathLike) -> bool:
+    """True when a config group of ``folder``'s compressed-tensors config keeps 16-bit outlier columns (OWQ)."""
+    if not is_compressed_tensors_folder(folder):
+        return False
+    groups = (read_config(Path(folder))["quantization_config"].get("config_groups") or {}).values()
+    return any(isinstance(group, dict) and group.get("format") == OUTLIER_FORMAT for group in groups)
+
+
+def refuse_outlier_columns(folder: str | os.PathLike, target: str, alternative: str) -> None:
+    """Raise a LmshrinkError naming a layer of ``folder`` that keeps 16-bit input columns, which ``target`` cannot
+    hold, and ``alternative``; nothing when no layer does."""
+    if not is_outlier_folder(folder):
+        return
+    files = weight_files(Path(folder))
+    names = sorted((k[: -len(".weight_outlier_values")] for k in files if k.endswith(".weight_outlier_values")),
+                   key=natural_key)
+    first = names[0] if names else "a layer"
+    raise LmshrinkError(f"{folder}: {len(names)} layers (e.g. {first}) keep input columns in 16 bits beside their "
+                        f"grid (OWQ), which {target} cannot hold", fix=alternative)
+
+
 
 
 def _matches(name: str, patterns: list[str] | None) -> bool:
@@ -304,12 +384,27 @@ def _collapse(name: str, stored: torch.Tensor, stored_group: int, spec: GridSpec
     return collapsed
 
 
+def _outlier_result(name: str, fields: dict[str, Any], index: torch.Tensor,
+                    values: torch.Tensor) -> OutlierQuantResult:
+    """The ``OutlierQuantResult`` of a layer's grid fields and its stored outlier columns, checked."""
+    rows, columns = fields["codes"].shape
+    index = index.to(torch.int64)
+    if (index.dim() != 1 or tuple(values.shape) != (rows, index.numel()) or index.numel() >= columns
+            or (index.numel() and (int(index.min()) < 0 or int(index.max()) >= columns))
+            or not bool((index[1:] > index[:-1]).all())):
+        raise LmshrinkError(f"layer {name}: weight_outlier_index {tuple(index.shape)} and weight_outlier_values "
+                            f"{tuple(values.shape)} do not fit its [{rows}, {columns}] weight",
+                            fix="the checkpoint is inconsistent; re-save it")
+    return OutlierQuantResult(**fields, columns=index, values=values)
+
+
 def load_quantized_results(folder: str | os.PathLike) -> dict[str, QuantResult]:
     """The packed layers of a compressed-tensors ``pack-quantized`` folder, as QuantResults (without transformers).
 
     Returns module name -> QuantResult with codes, scale (float32), zero, g_idx (from ``weight_g_idx`` when a
     checkpoint has one, else None), the GridSpec (the writer's own when the folder came from ``save_quantized``,
-    else bits/group size/symmetry from the config) and ``weight`` decoded in float32. Layers stored dense (ignored
+    else bits/group size/symmetry from the config) and ``weight`` decoded in float32. Layers with 16-bit outlier
+    columns come as ``OutlierQuantResult`` (their ``weight`` includes the columns). Layers stored dense (ignored
     ones, GPT-2 Conv1D) are not included.
     """
     return dict(iter_quantized_results(folder))
@@ -362,11 +457,16 @@ def iter_quantized_results(folder: str | os.PathLike, *, decode: bool = True):
             g_idx = None
             if f"{name}.weight_g_idx" in files:
                 g_idx = tensor(f"{name}.weight_g_idx").to(torch.int32)
-            result = QuantResult(codes=codes, scale=scale.contiguous(), zero=zero.contiguous(), g_idx=g_idx,
-                                 weight=torch.empty(0), spec=spec,
-                                 info={"format": QUANT_METHOD, "actorder": args.get("actorder")})
+            fields = dict(codes=codes, scale=scale.contiguous(), zero=zero.contiguous(), g_idx=g_idx,
+                          weight=torch.empty(0), spec=spec,
+                          info={"format": QUANT_METHOD, "actorder": args.get("actorder")})
+            if f"{name}.weight_outlier_values" in files:
+                result = _outlier_result(name, fields, tensor(f"{name}.weight_outlier_index"),
+                                         tensor(f"{name}.weight_outlier_values"))
+            else:
+                result = QuantResult(**fields)
             if decode:
-                result.weight = dequantize(codes, result.scale, result.zero, result.group_index())
+                result.weight = result.dense()
             yield name, result
     finally:
         handles.clear()

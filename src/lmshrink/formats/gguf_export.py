@@ -40,7 +40,12 @@ import torch
 from lmshrink.core.atomic import is_within
 from lmshrink.core.errors import LmshrinkError
 from lmshrink.core.results import QuantResult
-from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder, load_quantized_results
+from lmshrink.formats.compressed_tensors import (
+    ALTERNATIVE,
+    is_compressed_tensors_folder,
+    load_quantized_results,
+    refuse_outlier_columns,
+)
 from lmshrink.formats.sparse_bitmask import decoded_bitmask_weights, dense_tensor_keys
 from lmshrink.models.loader import SafetensorsWeights
 
@@ -324,6 +329,7 @@ def export_gguf(folder: str | os.PathLike, output: str | os.PathLike, *, source_
     if not is_compressed_tensors_folder(folder):
         raise LmshrinkError(f"{folder} is not a compressed checkpoint folder",
                             fix="export a folder written by lmshrink compress")
+    refuse_outlier_columns(folder, "GGUF", ALTERNATIVE.format(target="GGUF"))
     _check_output_file(output, folder, overwrite=overwrite)
     if dense_type not in ("f16", "f32", "q8_0"):
         raise LmshrinkError(f"dense_type={dense_type!r} is not supported", fix="use f16, f32 or q8_0")

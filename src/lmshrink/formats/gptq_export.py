@@ -31,7 +31,12 @@ from lmshrink.core.errors import LmshrinkError
 from lmshrink.core.grids import GridSpec, dequantize
 from lmshrink.core.packing import pack_gptq_qweight, pack_gptq_qzeros, unpack_gptq_qweight, unpack_gptq_qzeros
 from lmshrink.core.results import QuantResult
-from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder, load_quantized_results
+from lmshrink.formats.compressed_tensors import (
+    ALTERNATIVE,
+    is_compressed_tensors_folder,
+    load_quantized_results,
+    refuse_outlier_columns,
+)
 from lmshrink.formats.sparse_bitmask import decoded_bitmask_weights, dense_tensor_keys
 from lmshrink.models.loader import SafetensorsWeights
 
@@ -66,6 +71,7 @@ def export_gptq(folder: str | os.PathLike, output: str | os.PathLike, *, overwri
     if not is_compressed_tensors_folder(folder):
         raise LmshrinkError(f"{folder} is not a compressed checkpoint folder",
                             fix="export a folder written by lmshrink compress")
+    refuse_outlier_columns(folder, "a GPTQ v1 checkpoint", ALTERNATIVE.format(target="GPTQ"))
     results = load_quantized_results(folder)
     if not results:
         raise LmshrinkError(f"{folder} has no quantized layer to export", fix="compress it with a quantizing recipe")

@@ -10,7 +10,11 @@ import torch
 
 from lmshrink.core.errors import LmshrinkError
 from lmshrink.core.process import release_free_heap
-from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder, iter_quantized_results
+from lmshrink.formats.compressed_tensors import (
+    is_compressed_tensors_folder,
+    is_outlier_folder,
+    iter_quantized_results,
+)
 from lmshrink.formats.sparse_bitmask import fill_bitmask_weights, is_bitmask_folder, load_bitmask_model
 from lmshrink.models import loader
 from lmshrink.models.loader import (
@@ -45,8 +49,13 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
     if runtime == "packed":
         return _load_packed_source(source, parse_dtype(dtype), device, trust_remote_code)
     kind, where = resolve(source)
-    # pruned weights stored as bitmask + values: transformers loads the rest, the bitmask layers are decoded exactly
-    build = load_bitmask_model if kind == "hf-folder" and is_bitmask_folder(where) else None
+    # pruned weights stored as bitmask + values: transformers loads the rest, the bitmask layers are decoded exactly;
+    # layers with 16-bit outlier columns, which transformers refuses, are decoded by lmshrink
+    build = None
+    if kind == "hf-folder" and is_outlier_folder(where):
+        build = load_outlier_model
+    elif kind == "hf-folder" and is_bitmask_folder(where):
+        build = load_bitmask_model
     return loader.load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                              progress=progress, lazy_blocks=lazy_blocks, build=build)
 
@@ -79,6 +88,33 @@ def _load_packed_source(source: str, dtype: torch.dtype, device: str, trust_remo
                      dtype=str(dtype).replace("torch.", ""), parameters=count_parameters(model),
                      max_context=max_context(model.config), extra={"runtime": "packed", "packed_layers": counts})
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def load_outlier_model(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                       **_kwargs) -> torch.nn.Module:
+    """The model of a compressed folder whose quantized layers lmshrink decodes itself (transformers refuses layers
+    with 16-bit outlier columns): every quantized Linear gets its exact dense weight, grid plus kept columns, in
+    ``dtype``; everything else is read as stored."""
+    folder = Path(folder)
+    model, _ = meta_model(folder, dtype, trust_remote_code, drop_quantization=True)
+    weights = SafetensorsWeights(folder)
+    quantized = {key[: -len("_packed")] for key in weights.keys() if key.endswith(".weight_packed")}
+    fill_meta_tensors(model, weights, skip=quantized.__contains__)
+    if is_bitmask_folder(folder):
+        fill_bitmask_weights(model, folder)
+    modules = dict(model.named_modules())
+    for name, result in iter_quantized_results(folder):
+        module = modules.get(name)
+        if not isinstance(module, torch.nn.Linear) or tuple(module.weight.shape) != tuple(result.codes.shape):
+            raise LmshrinkError(f"{folder} stores a quantized layer {name} of shape {tuple(result.codes.shape)} that "
+                                "the model has no matching Linear for",
+                                fix="the checkpoint does not match its config.json")
+        module.weight = torch.nn.Parameter(result.dense().to(dtype), requires_grad=module.weight.requires_grad)
+    missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
+    if missing:
+        raise LmshrinkError(f"{folder} lacks tensors the model needs: {missing[:5]}",
+                            fix="the checkpoint is incomplete or its tensor names differ from the model's")
+    return model.eval()
 
 
 def load_packed(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,

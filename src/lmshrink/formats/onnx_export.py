@@ -46,7 +46,12 @@ from torch import nn
 from lmshrink.core.atomic import atomic_directory, check_output_dir
 from lmshrink.core.errors import LmshrinkError
 from lmshrink.core.results import QuantResult
-from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder, iter_quantized_results
+from lmshrink.formats.compressed_tensors import (
+    ALTERNATIVE,
+    is_compressed_tensors_folder,
+    iter_quantized_results,
+    refuse_outlier_columns,
+)
 from lmshrink.formats.loading import load_model, load_packed
 
 DOMAIN = "com.microsoft"
@@ -325,6 +330,7 @@ def export_onnx(folder: str | os.PathLike, output: str | os.PathLike, *, overwri
         raise LmshrinkError(f"{folder} is not a compressed checkpoint folder (config.json has no compressed-tensors "
                             "quantization_config)", fix="export a folder written by lmshrink compress with a "
                                                         "quantizing recipe")
+    refuse_outlier_columns(folder, "ONNX's MatMulNBits", ALTERNATIVE.format(target="ONNX"))
     check_output_dir(output, overwrite=overwrite, protected=[folder])
     # every layer is packed (and refused) before any model is loaded
     packed_layers = {name: pack_matmul_nbits(result, name)

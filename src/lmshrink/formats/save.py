@@ -16,9 +16,9 @@ from torch import nn
 
 from lmshrink.core.atomic import atomic_directory
 from lmshrink.core.errors import LmshrinkError
-from lmshrink.core.grids import dequantize
 from lmshrink.core.results import PruneResult, QuantResult
 from lmshrink.formats.compressed_tensors import (
+    OUTLIER_FORMAT,
     QUANT_METHOD,
     SPECS_KEY,
     StoredScheme,
@@ -109,9 +109,7 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
             sparse[name] = (result.info["pattern"], result.info["sparsity"] * result.codes.numel())
         if is_conv1d(module):
             # Conv1D stores [in, out]; the loader only packs nn.Linear, so keep the exact dequantized weight
-            weight = result.weight if result.weight.numel() else dequantize(result.codes, result.scale, result.zero,
-                                                                           result.group_index())
-            replaced[name] = {"weight": weight.t().to(module.weight.dtype).contiguous()}
+            replaced[name] = {"weight": result.dense().t().to(module.weight.dtype).contiguous()}
             dense_conv1d.append(name)
             continue
         if not isinstance(module, nn.Linear):
@@ -127,7 +125,15 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
         groups.setdefault(scheme, []).append(name)
         replaced[name] = tensors
         specs[name] = asdict(result.spec)
-    if transformers_compatible and len(groups) > 1 and any(not scheme.symmetric for scheme in groups):
+    # a folder with outlier columns is refused by transformers anyway (its config group's format names them)
+    outliers = any(scheme.outliers for scheme in groups)
+    if outliers:
+        kept = sorted((n for scheme, names in groups.items() if scheme.outliers for n in names), key=natural_key)
+        warnings.warn(f"{len(kept)} layers (e.g. {kept[0]}) keep input columns in 16 bits (OWQ), which "
+                      f"compressed-tensors cannot hold: their config group's format {OUTLIER_FORMAT!r} makes plain "
+                      "transformers refuse the folder; lmshrink.load_model reads it (also runtime='packed'). For a "
+                      "folder transformers loads, compress without outlier columns (e.g. w4g128, w3g128)", stacklevel=2)
+    if transformers_compatible and not outliers and len(groups) > 1 and any(not s.symmetric for s in groups):
         raise LmshrinkError(
             "asymmetric grids mixed with other grids (" + "; ".join(describe_scheme(s) for s in groups) + ") give several "
             "compressed-tensors config groups, and transformers loads asymmetric checkpoints with one group only",

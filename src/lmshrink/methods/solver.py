@@ -219,12 +219,14 @@ def solve_columns(
     max_retries: int = 5,
     cholesky_dtype: torch.dtype = torch.float32,
     overwrite_hessian: bool = False,
+    order: torch.Tensor | None = None,
 ) -> SolveResult:
     """Sweep the columns of ``weight`` (``[out, in]``) with ``rule`` deciding each, compensating with ``hessian``.
 
     damp_percent: added to the diagonal as a fraction of its mean (0.01 = 1%); if the Cholesky factorisation fails
     it is raised 10x, up to ``max_retries`` times (then ``SolverError``). Dead inputs (``H_ii == 0``) get
-    ``H_ii = 1`` and zero weights. act_order: visit columns by decreasing ``H_ii``. The Hessian is copied unless
+    ``H_ii = 1`` and zero weights. act_order: visit columns by decreasing ``H_ii``. order: visit columns in this
+    order instead (a permutation of ``0 .. in-1``, e.g. OWQ's kept columns last). The Hessian is copied unless
     ``overwrite_hessian`` (then it is left damped and permuted: do not reuse it).
     """
     started = time.perf_counter()
@@ -234,12 +236,13 @@ def solve_columns(
     device = hessian.device
     work = weight.to(device=device, dtype=torch.float32, copy=True)
     hessian = hessian.float()
-    if not overwrite_hessian and not act_order:  # the act-order permutation copies anyway
+    permuted = act_order or order is not None
+    if not overwrite_hessian and not permuted:  # the permutation copies anyway
         hessian = hessian.clone()
 
     original_diag = hessian.diagonal().clone()
     dead = original_diag == 0
-    if act_order and not overwrite_hessian and bool(dead.any()):
+    if permuted and not overwrite_hessian and bool(dead.any()):
         hessian = hessian.clone()
     if bool(dead.any()):
         # an input that is always 0 carries no information: its weight cannot matter, so drop it
@@ -247,8 +250,13 @@ def solve_columns(
         work[:, dead] = 0.0
 
     perm = None
-    if act_order:
+    if order is not None:
+        if tuple(order.shape) != (columns,) or not torch.equal(torch.sort(order.cpu().long()).values, torch.arange(columns)):
+            raise ValueError(f"order must be a permutation of the {columns} columns")
+        perm = order.to(device=device, dtype=torch.long)
+    elif act_order:
         perm = torch.argsort(hessian.diagonal(), descending=True, stable=True)
+    if perm is not None:
         work = work[:, perm]
         hessian = hessian[perm][:, perm]
         original_diag = original_diag[perm]

@@ -99,6 +99,58 @@ _GPT2: Layout = (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj
 
 
 @dataclass(frozen=True)
+class ScaleLink:
+    """A module whose output channels feed a group of linears only, so that a per-channel scale ``s`` of those
+    linears' input can move into it: dividing its output channel ``j`` by ``s_j`` and multiplying the linears' input
+    column ``j`` by ``s_j`` leaves the block's function unchanged (AWQ and SmoothQuant fold their scales this way).
+
+    producer: the module (relative to the block): an RMSNorm/LayerNorm (weight, and bias where it has one) or a
+    Linear (its output rows and bias). rows: ``all`` (the producer's outputs are the consumers' inputs) or ``tail``
+    (its last rows are: the value part of a fused q/k/v, the up half of a fused gate/up). requires: what must hold
+    for the fold to be exact, checked on the block's config: ``kv_heads`` (value heads = query heads, so each value
+    channel feeds one input of the output projection; grouped-query attention repeats it), ``relu`` (the activation
+    between producer and consumer is ReLU, which commutes with a positive scale), ``pre_norm`` (the norm is applied
+    before the linears, not after the residual sum).
+    """
+
+    producer: str
+    consumers: tuple[str, ...]
+    rows: str = "all"
+    requires: str | None = None
+
+
+# the producer -> consumers links of each layout above (same order as the family's ``layouts``)
+_SPLIT_LINKS = (
+    ScaleLink("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ScaleLink("self_attn.v_proj", ("self_attn.o_proj",), requires="kv_heads"),
+    ScaleLink("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ScaleLink("mlp.up_proj", ("mlp.down_proj",)),
+)
+# gemma 2/3 normalise the attention output after o_proj, and the MLP input with a norm of its own
+_SANDWICH_LINKS = (_SPLIT_LINKS[0], _SPLIT_LINKS[1],
+                   ScaleLink("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")), _SPLIT_LINKS[3])
+_FUSED_LINKS = (
+    ScaleLink("input_layernorm", ("self_attn.qkv_proj",)),
+    ScaleLink("self_attn.qkv_proj", ("self_attn.o_proj",), rows="tail", requires="kv_heads"),
+    ScaleLink("post_attention_layernorm", ("mlp.gate_up_proj",)),
+    ScaleLink("mlp.gate_up_proj", ("mlp.down_proj",), rows="tail"),
+)
+_OPT_LINKS = (
+    ScaleLink("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              requires="pre_norm"),
+    ScaleLink("self_attn.v_proj", ("self_attn.out_proj",), requires="kv_heads"),
+    ScaleLink("final_layer_norm", ("fc1",), requires="pre_norm"),
+    ScaleLink("fc1", ("fc2",), requires="relu"),
+)
+_GPT2_LINKS = (
+    ScaleLink("ln_1", ("attn.c_attn",)),
+    ScaleLink("attn.c_attn", ("attn.c_proj",), rows="tail", requires="kv_heads"),
+    ScaleLink("ln_2", ("mlp.c_fc",)),
+    ScaleLink("mlp.c_fc", ("mlp.c_proj",), requires="relu"),
+)
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """Where one family keeps its parts. Paths under the decoder are relative to it; ``head`` is from the root."""
 
@@ -112,12 +164,17 @@ class FamilySpec:
     final_norm: str = "norm"
     rotary: str | None = "rotary_emb"
     head: str = "lm_head"
+    scale_links: tuple[tuple[ScaleLink, ...], ...] = ()  # per layout: where an input scale can be folded
+    norm_offset: float = 0.0  # the norms compute x_hat * (offset + weight): gemma stores weight - 1
 
 
 def _llama_like(family: str, *model_types: str, decoder_paths: tuple[str, ...] = ("model",),
-                layouts: tuple[Layout, ...] = (_SPLIT_ATTN_GATED_MLP,)) -> FamilySpec:
+                layouts: tuple[Layout, ...] = (_SPLIT_ATTN_GATED_MLP,),
+                scale_links: tuple[tuple[ScaleLink, ...], ...] = (_SPLIT_LINKS,), norm_offset: float = 0.0
+                ) -> FamilySpec:
     return FamilySpec(family=family, model_types=model_types or (family,), decoder_paths=decoder_paths,
-                      blocks="layers", layouts=layouts, embeddings=("embed_tokens",))
+                      blocks="layers", layouts=layouts, embeddings=("embed_tokens",), scale_links=scale_links,
+                      norm_offset=norm_offset)
 
 
 _SPECS: tuple[FamilySpec, ...] = (
@@ -125,17 +182,21 @@ _SPECS: tuple[FamilySpec, ...] = (
     _llama_like("mistral"),
     _llama_like("qwen2"),
     _llama_like("qwen3"),
-    _llama_like("gemma"),
-    _llama_like("gemma2"),
+    _llama_like("gemma", norm_offset=1.0),
+    _llama_like("gemma2", scale_links=(_SANDWICH_LINKS,), norm_offset=1.0),
     # gemma3 (multimodal) keeps the text decoder inside; Gemma3ForCausalLM ("gemma3_text") has it at "model".
     _llama_like("gemma3", "gemma3_text", "gemma3",
-                decoder_paths=("model", "model.language_model", "language_model.model", "language_model")),
-    _llama_like("phi3", layouts=(_FUSED_ATTN_GATED_MLP, _SPLIT_ATTN_GATED_MLP)),
+                decoder_paths=("model", "model.language_model", "language_model.model", "language_model"),
+                scale_links=(_SANDWICH_LINKS,), norm_offset=1.0),
+    _llama_like("phi3", layouts=(_FUSED_ATTN_GATED_MLP, _SPLIT_ATTN_GATED_MLP),
+                scale_links=(_FUSED_LINKS, _SPLIT_LINKS)),
     FamilySpec(family="opt", model_types=("opt",), decoder_paths=("model.decoder",), blocks="layers",
                layouts=(_OPT,), embeddings=("embed_tokens", "embed_positions"),
-               optional_embeddings=("project_in", "project_out"), final_norm="final_layer_norm", rotary=None),
+               optional_embeddings=("project_in", "project_out"), final_norm="final_layer_norm", rotary=None,
+               scale_links=(_OPT_LINKS,)),
     FamilySpec(family="gpt2", model_types=("gpt2",), decoder_paths=("transformer",), blocks="h",
-               layouts=(_GPT2,), embeddings=("wte", "wpe"), final_norm="ln_f", rotary=None),
+               layouts=(_GPT2,), embeddings=("wte", "wpe"), final_norm="ln_f", rotary=None,
+               scale_links=(_GPT2_LINKS,)),
 )
 _BY_MODEL_TYPE: dict[str, FamilySpec] = {t: spec for spec in _SPECS for t in spec.model_types}
 
@@ -207,20 +268,60 @@ class ModelAdapter:
         Picks the first layout of the family whose names all exist as linears and cover every linear in the block
         exactly once; otherwise raises ``UnsupportedArchitectureError`` naming the missing and uncovered layers.
         """
+        return [list(group) for group in self.spec.layouts[self._layout_index(block)]]
+
+    def _layout_index(self, block: nn.Module) -> int:
         present = [name for name, module in block.named_modules() if name and is_linear(module)]
         problems = []
-        for layout in self.spec.layouts:
+        for index, layout in enumerate(self.spec.layouts):
             names = [n for group in layout for n in group]
             missing = [n for n in names if not is_linear(_find(block, n))]
             uncovered = [n for n in present if n not in names]
             if not missing and not uncovered:
-                return [list(group) for group in layout]
+                return index
             problems.append(f"missing {missing}, not in layout {uncovered}")
         raise UnsupportedArchitectureError(
             f"a {type(block).__name__} block (model_type {self.model_type!r}) does not match the "
             f"{self.family} layout(s): " + "; ".join(problems) + f"; its linears are {present}",
             fix="add this block layout to lmshrink/models/adapters.py",
         )
+
+    def scale_links(self, block: nn.Module) -> list["FoldableLink"]:
+        """The block's producer -> consumers links (``ScaleLink``) in execution order, each with the rows of the
+        producer that feed the consumers and, where an input scale cannot be folded exactly, why not."""
+        links = self.spec.scale_links[self._layout_index(block)] if self.spec.scale_links else ()
+        config = _block_config(block)
+        return [_resolve(block, link, config) for link in links]
+
+    def fold_input_scale(self, block: nn.Module, link: "FoldableLink", scale: torch.Tensor) -> list[str]:
+        """Multiply the consumers' input columns by ``scale`` (``[in]``, positive) and divide the producer's output
+        channels by it, in place: the block computes the same function (up to float rounding). Returns the names
+        (relative to the block) of the tensors changed."""
+        if link.reason is not None:
+            raise ValueError(f"{link.link.producer} cannot absorb an input scale: {link.reason}")
+        producer = block.get_submodule(link.link.producer)
+        changed = []
+        with torch.no_grad():
+            if is_linear(producer):
+                weight = linear_weight(producer)
+                rows = weight[link.rows]
+                rows.copy_((rows.float() / scale[:, None]).to(rows.dtype))
+                changed.append(f"{link.link.producer}.weight")
+            else:
+                weight = producer.weight
+                offset = self.spec.norm_offset
+                weight.copy_(((weight.float() + offset) / scale - offset).to(weight.dtype))
+                changed.append(f"{link.link.producer}.weight")
+            bias = getattr(producer, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                part = bias[link.rows] if is_linear(producer) else bias
+                part.copy_((part.float() / scale).to(part.dtype))
+                changed.append(f"{link.link.producer}.bias")
+            for name in link.link.consumers:
+                weight = linear_weight(block.get_submodule(name))
+                weight.copy_((weight.float() * scale[None, :]).to(weight.dtype))
+                changed.append(f"{name}.weight")
+        return changed
 
     def linears(self, block: nn.Module) -> list[tuple[str, nn.Module]]:
         """``(name, module)`` of the block's linears, flattened in execution order."""
@@ -280,6 +381,64 @@ class ModelAdapter:
             "hidden_size": _hidden_size(model),
             "tied_head": self.head_is_tied(model),
         }
+
+
+@dataclass(frozen=True)
+class FoldableLink:
+    """A ``ScaleLink`` of one block: ``rows`` of the producer's outputs feed the consumers (``width`` inputs each);
+    ``reason`` says why an input scale cannot be folded through it (None: it can)."""
+
+    link: ScaleLink
+    rows: slice
+    width: int
+    reason: str | None = None
+
+
+def _block_config(block: nn.Module) -> Any:
+    """The model config a block's modules carry (transformers gives each attention module its config)."""
+    for module in block.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "num_attention_heads"):
+            return config
+    return None
+
+
+def _resolve(block: nn.Module, link: ScaleLink, config: Any) -> FoldableLink:
+    producer = _find(block, link.producer)
+    consumers = [_find(block, name) for name in link.consumers]
+    width = linear_dims(consumers[0])[1] if consumers and all(is_linear(c) for c in consumers) else 0
+
+    def refuse(reason: str) -> FoldableLink:
+        return FoldableLink(link, slice(0, 0), width, reason)
+
+    if producer is None or not consumers or not all(is_linear(c) for c in consumers):
+        return refuse(f"the block has no {link.producer} feeding linears {', '.join(link.consumers)}")
+    if any(linear_dims(c)[1] != width for c in consumers):
+        return refuse(f"{', '.join(link.consumers)} differ in input width")
+    if is_linear(producer):
+        outputs = linear_dims(producer)[0]
+    else:
+        weight = getattr(producer, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            return refuse(f"{link.producer} ({type(producer).__name__}) has no weight to absorb a scale")
+        outputs = weight.numel()
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if link.requires == "kv_heads" and heads != kv_heads:
+        return refuse(f"grouped-query attention ({heads} query heads, {kv_heads} value heads): each value channel "
+                      f"of {link.producer} feeds {heads // max(kv_heads, 1)} inputs of {link.consumers[0]}, which "
+                      "would need one scale")
+    activation = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
+    if link.requires == "relu" and activation != "relu":
+        return refuse(f"the activation between {link.producer} and {link.consumers[0]} is {activation}, which does "
+                      "not commute with a scale (ReLU would)")
+    if link.requires == "pre_norm" and not getattr(config, "do_layer_norm_before", True):
+        return refuse(f"{link.producer} normalises after the residual sum (post-norm), not the linears' input")
+    if link.rows == "tail" and outputs >= width:
+        return FoldableLink(link, slice(outputs - width, outputs), width)
+    if link.rows == "all" and outputs == width:
+        return FoldableLink(link, slice(0, outputs), width)
+    return refuse(f"{link.producer} has {outputs} outputs for the {width} inputs of {link.consumers[0]}")
 
 
 def _text_config(config: Any) -> Any:

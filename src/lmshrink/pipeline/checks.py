@@ -29,6 +29,11 @@ def check_recipe(recipe: Recipe, layers: list[tuple[str, int]], *, dtype: str | 
     pruned: dict[str, int] = {}
     pruned_before_recover: dict[str, int] = {}  # layers pruned in an earlier phase (before a recover stage)
     for index, stage in enumerate(recipe.stages):
+        for problem in stage.check_in_recipe(index, recipe.stages):
+            if problem.fix is None:
+                warnings.warn(problem.message)
+            else:
+                raise RecipeError(problem.message, fix=problem.fix)
         names = [(n, width) for n, width in layers if stage.selects(n)]
         if not names:
             raise RecipeError(f"stage {index + 1} ({stage.method}) selects no layer "
@@ -71,6 +76,10 @@ def check_recipe(recipe: Recipe, layers: list[tuple[str, int]], *, dtype: str | 
                                       f"act_order on {name}, which stage {pruned[name] + 1} prunes: keeping the "
                                       "pruned zeros through GPTQ needs static groups with act-order",
                                       fix="set static_groups: true (the default), or act_order: false")
+                if name in pruned and getattr(stage, "stores_outliers", False):
+                    raise RecipeError(f"stage {index + 1} ({stage.method}) quantizes {name}, which stage "
+                                      f"{pruned[name] + 1} prunes: {stage.method} does not keep pruned zeros",
+                                      fix="quantize pruned layers with gptq or rtn, or drop the pruning stage")
                 if name in selected:
                     raise RecipeError(
                         f"stages {selected[name] + 1} and {index + 1} both quantize {name}",
@@ -151,7 +160,9 @@ def _check_saving(recipe: Recipe, widths: dict[str, int], packed: dict[str, int]
                 f"grid (input widths {', '.join(map(str, sorted(set(layer_widths))))}) would store a scale every "
                 f"{common} weights, which is refused, {_NOT_SAVED}", fix=group_size_fix(layer_widths))
         schemes.add((bits, size, symmetric, act_order))
-    if len(schemes) > 1 and not all(symmetric for _, _, symmetric, _ in schemes):
+    # a folder with 16-bit outlier columns is read by lmshrink only: transformers' single-group limit does not apply
+    outliers = any(getattr(recipe.stages[i], "stores_outliers", False) for i in set(packed.values()))
+    if len(schemes) > 1 and not outliers and not all(symmetric for _, _, symmetric, _ in schemes):
         described = "; ".join(f"{bits}-bit {'per channel' if size == -1 else f'group {size}'} "
                               f"{'symmetric' if symmetric else 'asymmetric'}{' act-order' if act_order else ''}"
                               for bits, size, symmetric, act_order in sorted(schemes, key=str))

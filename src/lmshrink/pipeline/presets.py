@@ -8,6 +8,10 @@ def _quant(method: str, bits: int, group_size: int, symmetric: bool = False, **k
     return {"method": method, "bits": bits, "group_size": group_size, "symmetric": symmetric, **kw}
 
 
+def _awq(bits: int, **kw) -> dict:
+    return {"method": "awq", "bits": bits, "group_size": 128, "symmetric": False, **kw}
+
+
 def _preset(summary: str, *stages: dict) -> dict:
     return {"summary": summary, "stages": list(stages)}
 
@@ -27,6 +31,20 @@ PRESETS: dict[str, dict] = {
     "rtn-w4g128": _preset("round to nearest 4-bit, groups of 128", _quant("rtn", 4, 128)),
     "rtn-w4g32": _preset("round to nearest 4-bit, groups of 32 (maps to GGUF Q4_1)", _quant("rtn", 4, 32)),
     "rtn-w3g128": _preset("round to nearest 3-bit, groups of 128", _quant("rtn", 3, 128)),
+    # AWQ as published: its scales and clipping, then round to nearest on the full range of each group
+    "awq-w4g128": _preset("AWQ 4-bit g128 as published: activation-aware scales + clipping, then round to nearest",
+                          _awq(4), _quant("rtn", 4, 128, clip_search=False)),
+    "awq-w3g128": _preset("AWQ 3-bit g128 as published: activation-aware scales + clipping, then round to nearest",
+                          _awq(3), _quant("rtn", 3, 128, clip_search=False)),
+    # GPTQ's own sweep, clip search and scale refit replace AWQ's clipping
+    "awq-gptq-w4g128": _preset("AWQ scales, then the w4g128 GPTQ stage",
+                               _awq(4, clip=False), _quant("gptq", 4, 128, fp_target=True, refit_scales=True)),
+    "awq-gptq-w3g128": _preset("AWQ scales, then the w3g128 GPTQ stage",
+                               _awq(3, clip=False), _quant("gptq", 3, 128, fp_target=True, refit_scales=True)),
+    "owq-w3": _preset("OWQ: 3-bit per channel, the most sensitive columns in 16 bits (3.01 bits before scales)",
+                      {"method": "owq", "bits": 3, "group_size": -1, "extra_bits": 0.01}),
+    "owq-w4": _preset("OWQ: 4-bit per channel, the most sensitive columns in 16 bits (4.01 bits before scales)",
+                      {"method": "owq", "bits": 4, "group_size": -1, "extra_bits": 0.01}),
     "magnitude50": _preset("magnitude pruning, 50% unstructured", {"method": "magnitude", "sparsity": 0.5}),
     "magnitude-2:4": _preset("magnitude pruning, 2:4", {"method": "magnitude", "pattern": "2:4"}),
     "wanda50": _preset("Wanda, 50% unstructured", {"method": "wanda", "sparsity": 0.5}),

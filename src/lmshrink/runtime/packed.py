@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from lmshrink.core.errors import LmshrinkError
-from lmshrink.core.results import QuantResult
-from lmshrink.runtime.qlinear import QuantLinear
+from lmshrink.core.results import OutlierQuantResult, QuantResult
+from lmshrink.runtime.qlinear import OutlierLinear, QuantLinear
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -17,7 +17,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def replace_linears(model: nn.Module, results: dict[str, QuantResult], *, kernels: bool = True,
                     kernel_max_rows: int | None = None, cache_dense: bool = False) -> dict[str, str]:
-    """Replace each ``nn.Linear`` named in ``results`` by a QuantLinear built from its codes; returns name -> kind.
+    """Replace each ``nn.Linear`` named in ``results`` by a QuantLinear built from its codes (an OutlierLinear for
+    results with 16-bit outlier columns); returns name -> kind.
 
     The Linear's own weight is dropped (it may be on the meta device); its bias is kept.
     """
@@ -38,8 +39,10 @@ def replace_linears(model: nn.Module, results: dict[str, QuantResult], *, kernel
         bias = linear.bias
         if bias is not None and bias.device.type == "meta":
             raise LmshrinkError(f"layer {name}: its bias was not loaded", fix="the checkpoint is incomplete")
-        module = QuantLinear.from_result(result, bias, kernels=kernels, kernel_max_rows=kernel_max_rows,
-                                         cache_dense=cache_dense)
+        # layers with 16-bit outlier columns (OWQ): the grid's kernel plus a dense matmul on those columns
+        kind = OutlierLinear if isinstance(result, OutlierQuantResult) and result.columns.numel() else QuantLinear
+        module = kind.from_result(result, bias, kernels=kernels, kernel_max_rows=kernel_max_rows,
+                                  cache_dense=cache_dense)
         _set_submodule(model, name, module)
         kinds[name] = module.kind
     return kinds

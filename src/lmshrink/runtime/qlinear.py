@@ -306,6 +306,55 @@ class QuantLinear(nn.Module):
                 f"kind={self.kind}{group}, bias={self.bias is not None}, kernel_max_rows={self.kernel_max_rows}")
 
 
+class OutlierLinear(nn.Module):
+    """A ``QuantLinear`` whose grid leaves a few input columns at 0, plus those columns in 16 bits (OWQ):
+    ``y = base(x) + x[..., columns] @ values.T``, a small dense matmul on the gathered columns beside the quantized
+    one. ``base`` carries the bias and the kernel kind."""
+
+    def __init__(self, base: QuantLinear, columns: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.register_buffer("columns", columns.detach().to(torch.int64).clone())
+        self.register_buffer("values", values.detach().clone())
+
+    @classmethod
+    def from_result(cls, result, bias: torch.Tensor | None = None, **kwargs) -> "OutlierLinear":
+        """From an ``OutlierQuantResult``: its grid as a QuantLinear (``kwargs`` as ``QuantLinear.from_result``)
+        and its kept columns."""
+        return cls(QuantLinear.from_result(result, bias, **kwargs), result.columns, result.values)
+
+    @property
+    def kind(self) -> str:
+        return f"{self.base.kind}+columns"
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def _apply(self, fn, recurse=True):
+        """Device moves reach the buffers; dtype casts leave the 16-bit values as stored (see QuantLinear)."""
+        values = self._buffers["values"]
+        self._buffers["values"] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["values"] = values.to(device=fn(values[..., :0]).device)
+        return self
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        weight = self.base.dequantized_weight(torch.float32)
+        weight[:, self.columns] = self.values.float()
+        return weight.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gathered = x.index_select(-1, self.columns)
+        return self.base(x) + F.linear(gathered, self.values.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"kept_columns={self.columns.numel()}, values={str(self.values.dtype).replace('torch.', '')}"
+
+
 def packed_bytes(module: nn.Module) -> int:
     """Bytes of the tensors a module holds (parameters and buffers, tied ones once)."""
     seen, total = set(), 0
@@ -317,5 +366,5 @@ def packed_bytes(module: nn.Module) -> int:
     return total
 
 
-__all__ = ["QuantLinear", "unpack_int4pack", "int4_group", "packed_bytes", "DEFAULT_KERNEL_MAX_ROWS",
+__all__ = ["QuantLinear", "OutlierLinear", "unpack_int4pack", "int4_group", "packed_bytes", "DEFAULT_KERNEL_MAX_ROWS",
            "AVX2_KERNEL_MAX_ROWS", "KERNEL_MAX_ROWS", "INT4_GROUPS", "KERNEL_DTYPE"]
