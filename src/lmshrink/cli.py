@@ -343,6 +343,17 @@ def _print_compression(record: dict) -> None:
         console.print(f"pruned layers stored {storage['format']}: {storage['stored_bytes'] / 2**20:.2f} MiB "
                       f"({storage['dense_bytes'] / 2**20:.2f} MiB dense, {storage['saved_bytes'] / 2**20:.2f} MiB "
                       "saved)")
+    lowrank = record["summary"].get("lowrank_storage")
+    if lowrank:
+        params = lowrank["block_linear_params"]
+        ranks = sorted(set(lowrank["ranks"].values()))
+        console.print(f"low-rank layers: {lowrank['factorized_layers']} factorized, {lowrank['corrected_layers']} "
+                      f"corrected, {lowrank['merged_layers']} merged back to dense; ranks {ranks[0]}..{ranks[-1]}; "
+                      f"block linears hold {params['stored']:,} of {params['dense']:,} parameters "
+                      f"({100 * params['removed_fraction']:.1f}% removed)" if ranks else
+                      f"low-rank layers: {lowrank['merged_layers']} merged back to dense (no parameters saved)")
+        if lowrank.get("loading"):
+            console.print(lowrank["loading"])
     console.print(f"calibration: {cal['nsamples']} windows x {cal['seqlen']} tokens of {cal['dataset']} "
                   f"({cal['split']}, {cal['origin']}), seed {cal['seed']}")
     console.print(f"compressed {summary['layers']} layers in {summary['seconds']:.1f}s, peak RSS "
