@@ -205,12 +205,13 @@ RECIPES = {
     "share": [{"method": "basis-sharing", "ratio": 0.3, "layers_per_basis": 2},
               {"method": "svd", "ratio": 0.3, "targets": ["*o_proj", "*down_proj"]}],
     "share-refit": [{"method": "basis-sharing", "ratio": 0.3, "refit": True}],
+    "factors-w4": [{"method": "svd", "ratio": 0.3}, {"method": "gptq-factors", "bits": 4, "group_size": 16}],
     "gptq+lrc": {"order": "group", "stages": [{"method": "gptq", "bits": 3, "group_size": 32, "fp_target": True},
                                               {"method": "lowrank-correction", "rank": 4}]},
 }
 
 
-@pytest.mark.parametrize("recipe", ["svd-llm", "asvd", "share", "gptq+lrc"])
+@pytest.mark.parametrize("recipe", ["svd-llm", "asvd", "share", "factors-w4", "gptq+lrc"])
 def test_saved_folder_reloads_to_the_same_logits(tiny_dir, calib_file, tmp_path, recipe):
     model = _loaded(tiny_dir)
     record = _compress(model, calib_file, RECIPES[recipe], output=tmp_path / "out")
@@ -274,6 +275,25 @@ def test_lowrank_correction_lowers_the_error_of_the_quantized_layer(tiny_dir, ca
     torch.testing.assert_close(_logits(packed), _logits(model.model), rtol=2e-3, atol=2e-3)
 
 
+def test_gptq_on_the_factors_stores_codes(tiny_dir, calib_file, tmp_path):
+    record = _compress(_loaded(tiny_dir), calib_file, RECIPES["factors-w4"], output=tmp_path / "out")
+    result = record["results"]["model.layers.0.mlp.down_proj"]
+    assert result.quantized and result.left_quant.spec.bits == 4
+    assert torch.equal(result.left, result.left_quant.dense()) and int(result.right_quant.codes.max()) <= 15
+    lines = [line for line in record["layers"] if line["method"] == "gptq-factors"]
+    assert len(lines) == 14 and all(line["rel_output_error"] < 0.2 for line in lines)
+    layers = lowrank_layers(tmp_path / "out")
+    assert all(spec["grid"]["bits"] == 4 for spec in layers.values())
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as handle:
+        name = "model.layers.0.mlp.down_proj"
+        assert handle.get_tensor(f"{name}.left.codes").dtype == torch.int32
+        assert f"{name}.left.weight" not in handle.keys()
+    with pytest.raises(RecipeError, match="which no earlier stage factorizes"):
+        _compress(_loaded(tiny_dir), calib_file, [{"method": "gptq-factors", "group_size": 16}])
+
+
 def test_merge_stores_dense_weights_that_plain_transformers_loads(tiny_dir, calib_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -313,7 +333,8 @@ def test_factorized_layers_cannot_be_quantized_or_recovered_after(tiny_dir, cali
         _compress(_loaded(tiny_dir), calib_file, [{"method": "lowrank-correction", "rank": 2}])
 
 
-@pytest.mark.parametrize("recipe", ["svd-llm", "update", "sensitivity", "share", "share-refit", "gptq+lrc"])
+@pytest.mark.parametrize("recipe", ["svd-llm", "update", "sensitivity", "share", "share-refit", "factors-w4",
+                                    "gptq+lrc"])
 def test_resume_and_streaming_are_bit_identical(tiny_dir, calib_file, tmp_path, recipe):
     def run(output, streamed=False, **kw):
         source = str(tiny_dir) if streamed else _loaded(tiny_dir)

@@ -159,7 +159,9 @@ class LowRankResult:
     (``left @ right``), what the engine writes into the layer; may be empty (``dense()`` rebuilds it). basis: the
     key of a right factor shared by several layers (Basis Sharing: the same tensor in every layer of the group,
     stored once), or None. merge: the writer stores the dense product instead of the factors. storage_dtype: the
-    dtype the factors are stored in (their values are exact in it), or None for the layer's dtype.
+    dtype the factors are stored in (their values are exact in it), or None for the layer's dtype. left_quant,
+    right_quant: the factors quantized onto grids (``QuantResult``; ``left``/``right`` are then their dequantized
+    values), or None.
     """
 
     kind = "lowrank"
@@ -172,6 +174,21 @@ class LowRankResult:
     storage_dtype: str | None = None
     rel_output_error: float | None = None
     info: dict = field(default_factory=dict)
+    left_quant: QuantResult | None = None
+    right_quant: QuantResult | None = None
+
+    @classmethod
+    def from_quantized(cls, left: QuantResult, right: QuantResult, **kw) -> "LowRankResult":
+        """Factors quantized onto grids: ``left``/``right`` hold their dequantized values."""
+        result = cls(left=left.dense().float().contiguous(), right=right.dense().float().contiguous(),
+                     weight=torch.empty(0), left_quant=left, right_quant=right, **kw)
+        left.weight = right.weight = torch.empty(0)  # the factors above hold these values
+        result.weight = result.dense()
+        return result
+
+    @property
+    def quantized(self) -> bool:
+        return self.left_quant is not None
 
     @classmethod
     def from_factors(cls, left: torch.Tensor, right: torch.Tensor, **kw) -> "LowRankResult":
@@ -192,15 +209,27 @@ class LowRankResult:
         return self.left @ self.right
 
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return ({"left": self.left, "right": self.right},
-                {"basis": self.basis, "merge": self.merge, "storage_dtype": self.storage_dtype,
-                 "rel_output_error": self.rel_output_error, "info": self.info})
+        tensors = {"left": self.left, "right": self.right}
+        meta = {"basis": self.basis, "merge": self.merge, "storage_dtype": self.storage_dtype,
+                "rel_output_error": self.rel_output_error, "info": self.info}
+        for side in ("left_quant", "right_quant"):
+            quant = getattr(self, side)
+            if quant is not None:
+                parts, meta[side] = quant.to_state()
+                tensors.update({f"{side}.{key}": value for key, value in parts.items()})
+        return tensors, meta
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "LowRankResult":
+        quant = {}
+        for side in ("left_quant", "right_quant"):
+            if meta.get(side) is not None:
+                parts = {key[len(side) + 1:]: value for key, value in tensors.items() if key.startswith(side + ".")}
+                quant[side] = QuantResult.from_state(parts, meta[side])
+                quant[side].weight = torch.empty(0)
         result = cls(left=tensors["left"], right=tensors["right"], weight=torch.empty(0), basis=meta["basis"],
                      merge=meta["merge"], storage_dtype=meta["storage_dtype"],
-                     rel_output_error=meta["rel_output_error"], info=meta["info"])
+                     rel_output_error=meta["rel_output_error"], info=meta["info"], **quant)
         result.weight = result.dense()
         return result
 

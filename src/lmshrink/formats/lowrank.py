@@ -7,6 +7,10 @@ Layout of a layer ``name`` (``out`` x ``in``, rank ``r``), tensor names relative
   (the bias, if any, stays ``name.bias``): the state-dict names of ``runtime.LowRankLinear``. Layers that share a
   basis (Basis Sharing) store ``right.weight`` once, under the first layer of their group; the others name that
   layer in the record (``right_from``);
+* factorized with quantized factors (GPTQ on the factors): ``name.left.codes`` / ``name.right.codes`` (codes
+  packed into int32 words along each row, ``core.packing``), ``.scale`` (the grid's scale dtype), ``.zero``
+  (asymmetric grids, packed likewise) and ``.g_idx`` (only for a permuted group map); the record holds the grid and
+  the factors' shapes. They run dequantized;
 * corrected: the earlier stage's tensors as its kind is stored (``weight_packed``/``weight_scale``/... for a
   quantized layer, ``weight`` or bitmask tensors for a pruned one) plus ``name.correction.left.weight`` and
   ``name.correction.right.weight``.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +34,40 @@ import torch
 from torch import nn
 
 from lmshrink.core.errors import LmshrinkError
-from lmshrink.core.results import CorrectedResult, LowRankResult
+from lmshrink.core.grids import GridSpec, dequantize, group_index
+from lmshrink.core.packing import pack_int32, unpack_int32
+from lmshrink.core.results import CorrectedResult, LowRankResult, QuantResult
 from lmshrink.formats.hf_folder import is_conv1d, natural_key, weight_files
 from lmshrink.runtime.lowrank import CorrectedLinear, LowRankLinear
 
 LOWRANK_KEY = "lmshrink.lowrank_layers"
 FACTORS, CORRECTION = "factors", "correction"
+
+
+def _quantized_parts(prefix: str, quant: QuantResult) -> dict[str, torch.Tensor]:
+    """The stored tensors of a quantized factor: codes and (asymmetric) zero points packed into int32 words along
+    the rows (``core.packing``), scales in the grid's scale dtype, and the group map when it is not contiguous."""
+    spec = quant.spec
+    parts = {f"{prefix}.codes": pack_int32(quant.codes, spec.bits, dim=1),
+             f"{prefix}.scale": quant.scale.to(getattr(torch, spec.scale_dtype)).contiguous()}
+    if not spec.symmetric:
+        parts[f"{prefix}.zero"] = pack_int32(quant.zero, spec.bits, dim=1)
+    if quant.g_idx is not None:
+        parts[f"{prefix}.g_idx"] = quant.g_idx.to(torch.int32).contiguous()
+    return parts
+
+
+def _dequantized(read, prefix: str, spec: GridSpec, shape: list[int]) -> torch.Tensor:
+    """A quantized factor's float32 values from its stored tensors (``read(key)``)."""
+    rows, cols = shape
+    codes = unpack_int32(read(f"{prefix}.codes"), spec.bits, cols, dim=1)
+    scale = read(f"{prefix}.scale").float()
+    groups = scale.shape[1]
+    zero = (unpack_int32(read(f"{prefix}.zero"), spec.bits, groups, dim=1) if not spec.symmetric
+            else torch.full((rows, groups), 2 ** (spec.bits - 1), dtype=torch.uint8))
+    g_idx = read(f"{prefix}.g_idx", optional=True)
+    g_idx = group_index(cols, spec.group_width(cols)) if g_idx is None else g_idx
+    return dequantize(codes, scale, zero, g_idx)
 
 
 def _dtype(result, module: nn.Module) -> torch.dtype:
@@ -55,6 +88,17 @@ def factor_tensors(results: dict[str, Any], modules: dict[str, nn.Module]
         if isinstance(result, LowRankResult) and not result.merge:
             dtype = _dtype(result, modules[name])
             record = {"form": FACTORS, "rank": result.rank, "dtype": str(dtype).removeprefix("torch.")}
+            if result.quantized:  # GPTQ on the factors: codes and grids instead of float factors
+                if result.basis is not None:
+                    raise LmshrinkError(f"layer {name}: quantized factors of a shared basis cannot be stored",
+                                        fix="quantize the factors of per-layer factorizations only")
+                tensors[name] = {**_quantized_parts("left", result.left_quant),
+                                 **_quantized_parts("right", result.right_quant)}
+                records[name] = {**record, "dtype": "quantized", "grid": asdict(result.left_quant.spec),
+                                 "left_shape": list(result.left.shape), "right_shape": list(result.right.shape),
+                                 "left_g_idx": result.left_quant.g_idx is not None,
+                                 "right_g_idx": result.right_quant.g_idx is not None}
+                continue
             stored = {"left.weight": result.left.to(dtype).contiguous()}
             if result.basis is not None:
                 record["basis"] = result.basis
@@ -146,7 +190,14 @@ def stored_names(layers: dict[str, dict[str, Any]]) -> set[str]:
     """The tensor names the low-rank layers of a folder hold (none of which a transformers model has)."""
     names = set()
     for name, spec in layers.items():
-        if spec["form"] == FACTORS:
+        if spec["form"] == FACTORS and "grid" in spec:
+            for side in ("left", "right"):
+                names.update({f"{name}.{side}.codes", f"{name}.{side}.scale"})
+                if not spec["grid"]["symmetric"]:
+                    names.add(f"{name}.{side}.zero")
+                if spec[f"{side}_g_idx"]:
+                    names.add(f"{name}.{side}.g_idx")
+        elif spec["form"] == FACTORS:
             names.add(f"{name}.left.weight")
             if "right_from" not in spec:
                 names.add(f"{name}.right.weight")
@@ -172,12 +223,17 @@ def install_lowrank(model: nn.Module, folder: str | os.PathLike, dtype: torch.dt
     files = weight_files(folder)
     modules = dict(model.named_modules())
 
-    def read(key: str) -> torch.Tensor:
+    def stored(key: str, optional: bool = False) -> torch.Tensor | None:
         if key not in files:
+            if optional:
+                return None
             raise LmshrinkError(f"{folder} lacks the tensor {key} of a low-rank layer",
                                 fix="the checkpoint is incomplete; save it again")
         with safe_open(str(files[key]), framework="pt") as handle:
-            return handle.get_tensor(key).to(dtype)
+            return handle.get_tensor(key)
+
+    def read(key: str) -> torch.Tensor:
+        return stored(key).to(dtype)
 
     rights: dict[str, nn.Linear] = {}
     done = []
@@ -189,13 +245,22 @@ def install_lowrank(model: nn.Module, folder: str | os.PathLike, dtype: torch.dt
                                 fix="check that config.json matches the weights")
         if spec["form"] == FACTORS:
             owner = spec.get("right_from", name)
+            if "grid" in spec:  # quantized factors: they run dequantized
+                grid = GridSpec(**spec["grid"])
+                right_weight = _dequantized(lambda k, optional=False: stored(f"{name}.{k}", optional),
+                                            "right", grid, spec["right_shape"]).to(dtype)
+                right = nn.Linear(right_weight.shape[1], right_weight.shape[0], bias=False, device="meta")
+                right.weight = nn.Parameter(right_weight, requires_grad=False)
+                rights[owner] = right
             if owner not in rights:
                 right_weight = read(f"{owner}.right.weight")
                 right = nn.Linear(right_weight.shape[1], right_weight.shape[0], bias=False, device="meta")
                 right.weight = nn.Parameter(right_weight, requires_grad=False)
                 rights[owner] = right
             right = rights[owner]
-            left_weight = read(f"{name}.left.weight")
+            left_weight = (_dequantized(lambda k, optional=False: stored(f"{name}.{k}", optional), "left",
+                                        GridSpec(**spec["grid"]), spec["left_shape"]).to(dtype)
+                           if "grid" in spec else read(f"{name}.left.weight"))
             bias = getattr(old, "bias", None)
             module = LowRankLinear(right.in_features, left_weight.shape[0], right.out_features, right=right,
                                    device="meta")

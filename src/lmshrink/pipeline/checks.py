@@ -52,6 +52,15 @@ def check_recipe(recipe: Recipe, layers: list[tuple[str, int]], *, dtype: str | 
             pruned = {}  # iterative schedules: a layer may be pruned again after recovery
             continue
         for name, width in names:
+            if getattr(stage, "quantizes_factors", False):
+                if name not in factorized or not factorizes(recipe.stages[factorized[name]]):
+                    raise RecipeError(f"stage {index + 1} ({stage.method}) quantizes the factors of {name}, which no "
+                                      "earlier stage factorizes", fix="put it after an svd stage on the same layers")
+                if getattr(recipe.stages[factorized[name]], "merge", False):
+                    raise RecipeError(f"stage {index + 1} ({stage.method}): stage {factorized[name] + 1} merges the "
+                                      f"factors of {name} back to a dense weight, so there are no factors to quantize",
+                                      fix="set merge: false on the factorizing stage")
+                continue
             if name in factorized:
                 earlier = factorized[name]
                 raise RecipeError(f"stage {index + 1} ({stage.method}) selects {name}, which stage {earlier + 1} "

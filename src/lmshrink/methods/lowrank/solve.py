@@ -138,3 +138,34 @@ def solve_shared(stage, job, factors: dict) -> LowRankResult:
     else:  # the layer's error on the dense model's inputs, measured in the statistics pass
         result.rel_output_error = rel_output_error
     return result
+
+
+def solve_factor_gptq(stage, job) -> LowRankResult:
+    """GPTQ on the factors the layer's earlier ``svd`` stage left: the right factor B on the layer's input Hessian
+    H; the left factor refit for the quantized ``Q_B`` (``min ||A B X - A' Q_B X||``) and quantized on the Hessian
+    of its own input, ``Q_B H Q_B^T``."""
+    from lmshrink.core.stage import LAST_RESULT
+    from lmshrink.methods.quant.gptq import gptq_quantize
+
+    factorized = job.state.get(LAST_RESULT)
+    if not isinstance(factorized, LowRankResult) or factorized.merge or factorized.quantized:
+        raise LmshrinkError(f"gptq-factors: {job.name} has no float factors from an earlier svd stage of its block",
+                            fix="put gptq-factors right after an svd stage (without merge) on the same layers")
+    if factorized.basis is not None:
+        raise LmshrinkError(f"gptq-factors: {job.name} shares its basis {factorized.basis!r} with other layers",
+                            fix="quantize the factors of per-layer factorizations (svd) only")
+    hessian = job.stats.hessian
+    spec = stage.grid()
+    options = dict(damp_percent=stage.damp_percent, block_size=stage.block_size, act_order=stage.act_order,
+                   static_groups=True, refit=stage.refit_scales)
+    right = gptq_quantize(factorized.right, hessian, spec, **options)
+    product = factorized.left @ factorized.right
+    left_target = refit_left(product, right.weight, hessian)
+    right_q = right.weight.to(hessian.device)
+    left = gptq_quantize(left_target, right_q @ hessian @ right_q.t(), spec, **options)
+    result = LowRankResult.from_quantized(left, right, storage_dtype=factorized.storage_dtype)
+    result.rel_output_error = output_error(product, result.weight, hessian)
+    result.info = {**factorized.info, "factor_bits": spec.bits, "factor_group_size": spec.group_size,
+                   "rel_output_error_factorized": factorized.rel_output_error,
+                   "rel_weight_error": relative_weight_error(product, result.weight)}
+    return result

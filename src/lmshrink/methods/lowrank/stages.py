@@ -1,5 +1,6 @@
 """Low-rank stages: ``svd`` (plain SVD, ASVD, SVD-LLM), ``basis-sharing`` (one basis for a type of layer across
-adjacent blocks) and ``lowrank-correction`` (a low-rank term fitted to an earlier stage's error). Options, the
+adjacent blocks), ``gptq-factors`` (GPTQ on the factors an ``svd`` stage left) and ``lowrank-correction`` (a
+low-rank term fitted to an earlier stage's error). Options, the
 statistics each needs, and the solves, which load the algorithms (``factorize``, ``sharing``, ``correction``) when
 they run.
 
@@ -14,11 +15,13 @@ from typing import Any, Literal
 from pydantic import Field, PrivateAttr, model_validator
 
 from lmshrink.core.stage import StageBase, Stat, register_stage
+from lmshrink.methods.quant.stages import GridOptions
 
 # the layer record keys a low-rank result's info contributes
 RECORD_KEYS = ("rank", "dense_params", "stored_params", "whitening", "whitening_shift", "basis", "update",
                "fp_target", "rel_output_error_before_update", "rel_output_error_local", "rel_output_error_drift_only",
-               "rel_weight_error", "correction_rank", "base_rel_output_error", "storage_dtype", "merged")
+               "rel_weight_error", "correction_rank", "base_rel_output_error", "storage_dtype", "merged",
+               "factor_bits", "factor_group_size", "rel_output_error_factorized")
 
 SHARED_TYPES = ["*q_proj", "*k_proj", "*v_proj", "*gate_proj", "*up_proj"]
 
@@ -165,6 +168,48 @@ class BasisSharingStage(LowRankStage):
         from lmshrink.methods.lowrank.solve import solve_shared
 
         return solve_shared(self, job, self._factors)
+
+
+@register_stage
+class FactorGPTQStage(StageBase, GridOptions):
+    """GPTQ on the two factors of layers an earlier ``svd`` stage factorized: the right factor on the layer's input
+    Hessian H, then the left factor refit by least squares for the quantized right factor Q_B and quantized on the
+    Hessian of its own input, ``Q_B H Q_B^T``."""
+
+    summary = "GPTQ on the factors of factorized layers (after an svd stage)"
+    leading_options = ("bits", "group_size", "symmetric")
+    method: Literal["gptq-factors"] = "gptq-factors"
+    bits: Literal[2, 3, 4, 8] = 4
+    act_order: bool = Field(True, description="quantize columns by decreasing Hessian diagonal")
+    damp_percent: float = Field(0.01, gt=0, le=1, description="damping: this fraction of the mean Hessian diagonal")
+    block_size: int = Field(128, ge=1, description="columns per lazy-update block")
+    refit_scales: bool = Field(False, description="after the sweep, least-squares group scales for the chosen codes")
+    true_sequential: bool = Field(True, description="re-collect inputs after each group of layers is quantized")
+
+    @property
+    def quantizes_factors(self) -> bool:
+        return True
+
+    def grid(self):
+        return self._grid_spec(self.bits)
+
+    def needs(self) -> frozenset[Stat]:
+        return frozenset({Stat.HESSIAN})
+
+    @property
+    def sequential(self) -> bool:
+        return self.true_sequential
+
+    def objective(self) -> str | None:
+        return "||(A B - Q_A Q_B) X~||^2 / ||A B X~||^2"
+
+    def record(self, result: Any) -> dict[str, Any]:
+        return {k: v for k, v in (result.info or {}).items() if k in RECORD_KEYS}
+
+    def solve(self, job) -> Any:
+        from lmshrink.methods.lowrank.solve import solve_factor_gptq
+
+        return solve_factor_gptq(self, job)
 
 
 @register_stage
