@@ -64,6 +64,15 @@ def _element_bits(dtype: str) -> int:
     return {"F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I8": 8, "U8": 8}[dtype]
 
 
+def _rank_summary(ranks: dict[str, int]) -> dict[str, list[int]]:
+    """``layer type -> [min, max]`` rank over the blocks (the run record keeps every layer's rank)."""
+    summary: dict[str, list[int]] = {}
+    for name, rank in ranks.items():
+        low_high = summary.setdefault(name.rsplit(".", 1)[-1], [rank, rank])
+        low_high[0], low_high[1] = min(low_high[0], rank), max(low_high[1], rank)
+    return summary
+
+
 def _print_table(rows: list[dict]) -> None:
     print("| recipe | wikitext2 ppl | enwiki-sample ppl | KL to base | block params removed | stored bits/weight "
           "| compress s (wall) | compress CPU s | peak RSS GiB |")
@@ -125,7 +134,7 @@ def main() -> None:
                          "seconds": record["summary"]["seconds"],
                          "cpu_seconds": record["summary"].get("cpu_seconds"),
                          "peak_rss_gib": record["process_peak_rss_bytes"] / 2**30,
-                         "ranks": storage.get("ranks"), "block_options": record.get("block_options")})
+                         "ranks": _rank_summary(storage.get("ranks") or {})})
             keep_row(args, rows, recipe)
     reused = f"; dense row reused from {args.reuse_dense}" if args.reuse_dense else ""
     print(f"{protocol_line(args)}; KL on WikiText-2; torch {environment['torch'] if environment else '?'}, "
