@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from lmshrink.core.errors import LmshrinkError
@@ -99,16 +101,22 @@ def allocate_by_sensitivity(stage, job, number: int) -> None:
     if not curves:
         raise LmshrinkError(f"svd stage {number + 1} selects no layer", fix="check its targets")
     ranks = allocate_ranks(curves, stage.budget_ratio())
-    by_block: dict[int, dict[str, int]] = {}
+    by_block: dict[int, dict[str, Any]] = {}
     for key, rank in ranks.items():
         index, _, name = key.partition(":")
-        by_block.setdefault(int(index), {})[name] = rank
-    for index, block_ranks in by_block.items():
-        job.set_block_options(number, index, {"ranks": block_ranks})
-    kept = sum(rank * (c.out_features + c.in_features) for c, rank in zip(curves, ranks.values()))
+        options = by_block.setdefault(int(index), {"ranks": {}})
+        if rank is None:  # left dense: this block's variant of the stage does not select it
+            options.setdefault("ignore", list(stage.ignore)).append(f"{job.prefix}.{index}.{name}")
+        else:
+            options["ranks"][name] = rank
+    for index, options in by_block.items():
+        job.set_block_options(number, index, options)
+    kept = sum(c.out_features * c.in_features if rank is None else rank * (c.out_features + c.in_features)
+               for c, rank in zip(curves, ranks.values()))
     dense = sum(c.out_features * c.in_features for c in curves)
     job.log(f"svd stage {number + 1}: sensitivity allocation keeps {kept / dense:.3f} of {len(curves)} layers' "
-            f"parameters; ranks by block in the record's block_options")
+            f"parameters, {sum(r is None for r in ranks.values())} of them dense; ranks by block in the record's "
+            "block_options")
 
 
 def solve_shared(stage, job, factors: dict) -> LowRankResult:
