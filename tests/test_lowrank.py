@@ -244,6 +244,20 @@ def test_evaluate_reads_a_factorized_folder(tiny_dir, calib_file, tmp_path):
     assert record["size"]["body_parameters"] < dense_body["size"]["body_parameters"]
 
 
+def test_bench_runs_a_factorized_folder_beside_the_dense_model(tiny_dir, calib_file, tmp_path):
+    from lmshrink import bench
+
+    record = _compress(_loaded(tiny_dir), calib_file, RECIPES["share"], output=tmp_path / "out")
+    result = bench([str(tiny_dir), str(tmp_path / "out")], prompt_tokens=12, new_tokens=3, trials=1, warmup=0,
+                   decode="fast")
+    dense, factorized = result["models"]
+    params = record["summary"]["lowrank_storage"]["block_linear_params"]
+    # the bench counts the linears' bytes as held in memory: factors, each shared basis once
+    assert factorized["size"]["linear_weight_bytes"] == 4 * params["stored"]
+    assert dense["size"]["linear_weight_bytes"] == 4 * params["dense"]
+    assert factorized["fast_linears"]["o:modules"] == 2  # the lean decoder runs the factorized modules as they are
+
+
 def test_shared_bases_are_stored_once_and_shared_on_reload(tiny_dir, calib_file, tmp_path):
     model = _loaded(tiny_dir)
     record = _compress(model, calib_file, RECIPES["share"], output=tmp_path / "out")
