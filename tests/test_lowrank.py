@@ -213,10 +213,12 @@ RECIPES = {
     "factors-w4": [{"method": "svd", "ratio": 0.3}, {"method": "gptq-factors", "bits": 4, "group_size": 16}],
     "gptq+lrc": {"order": "group", "stages": [{"method": "gptq", "bits": 3, "group_size": 32, "fp_target": True},
                                               {"method": "lowrank-correction", "rank": 4}]},
+    "gptq+lrc4": [{"method": "gptq", "bits": 3, "group_size": 32},
+                  {"method": "lowrank-correction", "bits_per_weight": 1.0, "factor_bits": 4, "factor_group_size": 16}],
 }
 
 
-@pytest.mark.parametrize("recipe", ["svd-llm", "asvd", "share", "factors-w4", "gptq+lrc"])
+@pytest.mark.parametrize("recipe", ["svd-llm", "asvd", "share", "factors-w4", "gptq+lrc", "gptq+lrc4"])
 def test_saved_folder_reloads_to_the_same_logits(tiny_dir, calib_file, tmp_path, recipe):
     model = _loaded(tiny_dir)
     record = _compress(model, calib_file, RECIPES[recipe], output=tmp_path / "out")
@@ -225,10 +227,10 @@ def test_saved_folder_reloads_to_the_same_logits(tiny_dir, calib_file, tmp_path,
     layers = lowrank_layers(tmp_path / "out")
     modules = dict(reloaded.named_modules())
     kinds = {type(modules[name]).__name__ for name in layers}
-    assert kinds == ({"CorrectedLinear"} if recipe == "gptq+lrc" else {"LowRankLinear"})
+    assert kinds == ({"CorrectedLinear"} if recipe.startswith("gptq+lrc") else {"LowRankLinear"})
     storage = record["summary"]["lowrank_storage"]
     assert "plain transformers cannot load" in storage["loading"]
-    if recipe != "gptq+lrc":
+    if not recipe.startswith("gptq+lrc"):
         assert storage["block_linear_params"]["removed_fraction"] >= 0.29
         # the folder holds the factors, not the dense weights
         assert all(f"{name}.weight" not in dict(reloaded.named_parameters()) for name in layers)
@@ -313,6 +315,16 @@ def test_gptq_on_the_factors_stores_codes(tiny_dir, calib_file, tmp_path):
         _compress(_loaded(tiny_dir), calib_file, [{"method": "gptq-factors", "group_size": 16}])
 
 
+def test_quantized_correction_fills_its_bit_budget_with_a_higher_rank(tiny_dir, calib_file):
+    record = _compress(_loaded(tiny_dir), calib_file, RECIPES["gptq+lrc4"])
+    lines = {line["name"]: line for line in record["layers"] if line["method"] == "lowrank-correction"}
+    # 1 bit per weight of a 64 x 64 layer at 4 + 20/16 bits per factor element: rank floor(4096 / (5.25 * 128)) = 6
+    assert lines["model.layers.0.self_attn.q_proj"]["correction_rank"] == 6
+    assert all(line["rel_output_error"] < line["base_rel_output_error"] for line in lines.values())
+    result = record["results"]["model.layers.0.self_attn.q_proj"]
+    assert result.quantized and int(result.left_quant.codes.max()) <= 15
+
+
 def test_merge_stores_dense_weights_that_plain_transformers_loads(tiny_dir, calib_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -356,7 +368,7 @@ def test_factorized_layers_cannot_be_quantized_or_recovered_after(tiny_dir, cali
 
 
 @pytest.mark.parametrize("recipe", ["svd-llm", "update", "sensitivity", "share", "share-refit", "factors-w4",
-                                    "gptq+lrc"])
+                                    "gptq+lrc", "gptq+lrc4"])
 def test_resume_and_streaming_are_bit_identical(tiny_dir, calib_file, tmp_path, recipe):
     def run(output, streamed=False, **kw):
         source = str(tiny_dir) if streamed else _loaded(tiny_dir)

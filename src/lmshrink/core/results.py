@@ -151,6 +151,26 @@ def _round_to(tensor: torch.Tensor, dtype: str | None) -> torch.Tensor:
     return tensor.to(getattr(torch, dtype)).float()
 
 
+def _quant_to_state(result, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Add a low-rank result's quantized factors (if any) to its checkpoint form."""
+    for side in ("left_quant", "right_quant"):
+        quant = getattr(result, side)
+        if quant is not None:
+            parts, meta[side] = quant.to_state()
+            tensors.update({f"{side}.{key}": value for key, value in parts.items()})
+
+
+def _quant_from_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, QuantResult]:
+    """The quantized factors of a low-rank result's checkpoint form (``{}`` for float factors)."""
+    quant = {}
+    for side in ("left_quant", "right_quant"):
+        if meta.get(side) is not None:
+            parts = {key[len(side) + 1:]: value for key, value in tensors.items() if key.startswith(side + ".")}
+            quant[side] = QuantResult.from_state(parts, meta[side])
+            quant[side].weight = torch.empty(0)
+    return quant
+
+
 @dataclass
 class LowRankResult:
     """A linear layer factorized as ``W ~ left @ right``, run as two matmuls (``x -> right x -> left (right x)``).
@@ -212,24 +232,14 @@ class LowRankResult:
         tensors = {"left": self.left, "right": self.right}
         meta = {"basis": self.basis, "merge": self.merge, "storage_dtype": self.storage_dtype,
                 "rel_output_error": self.rel_output_error, "info": self.info}
-        for side in ("left_quant", "right_quant"):
-            quant = getattr(self, side)
-            if quant is not None:
-                parts, meta[side] = quant.to_state()
-                tensors.update({f"{side}.{key}": value for key, value in parts.items()})
+        _quant_to_state(self, tensors, meta)
         return tensors, meta
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "LowRankResult":
-        quant = {}
-        for side in ("left_quant", "right_quant"):
-            if meta.get(side) is not None:
-                parts = {key[len(side) + 1:]: value for key, value in tensors.items() if key.startswith(side + ".")}
-                quant[side] = QuantResult.from_state(parts, meta[side])
-                quant[side].weight = torch.empty(0)
         result = cls(left=tensors["left"], right=tensors["right"], weight=torch.empty(0), basis=meta["basis"],
                      merge=meta["merge"], storage_dtype=meta["storage_dtype"],
-                     rel_output_error=meta["rel_output_error"], info=meta["info"], **quant)
+                     rel_output_error=meta["rel_output_error"], info=meta["info"], **_quant_from_state(tensors, meta))
         result.weight = result.dense()
         return result
 
@@ -252,6 +262,22 @@ class CorrectedResult:
     storage_dtype: str | None = "float16"
     rel_output_error: float | None = None
     info: dict = field(default_factory=dict)
+    left_quant: QuantResult | None = None
+    right_quant: QuantResult | None = None
+
+    @classmethod
+    def from_quantized(cls, base, left: QuantResult, right: QuantResult, **kw) -> "CorrectedResult":
+        """A correction whose factors are quantized onto grids (``left``/``right`` hold their dequantized values)."""
+        result = cls(base=base, left=left.dense().float().contiguous(), right=right.dense().float().contiguous(),
+                     weight=torch.empty(0), left_quant=left, right_quant=right, storage_dtype=None, **kw)
+        left.weight = right.weight = torch.empty(0)
+        result.weight = result.dense()
+        base.weight = torch.empty(0)
+        return result
+
+    @property
+    def quantized(self) -> bool:
+        return self.left_quant is not None
 
     @classmethod
     def from_factors(cls, base, left: torch.Tensor, right: torch.Tensor, **kw) -> "CorrectedResult":
@@ -276,8 +302,10 @@ class CorrectedResult:
         base_tensors, base_meta = self.base.to_state()
         tensors = {f"base.{key}": value for key, value in base_tensors.items()}
         tensors.update(left=self.left, right=self.right)
-        return tensors, {"base_kind": self.base.kind, "base": base_meta, "storage_dtype": self.storage_dtype,
-                         "rel_output_error": self.rel_output_error, "info": self.info}
+        meta = {"base_kind": self.base.kind, "base": base_meta, "storage_dtype": self.storage_dtype,
+                "rel_output_error": self.rel_output_error, "info": self.info}
+        _quant_to_state(self, tensors, meta)
+        return tensors, meta
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "CorrectedResult":
@@ -286,7 +314,7 @@ class CorrectedResult:
         base.weight = torch.empty(0)
         result = cls(base=base, left=tensors["left"], right=tensors["right"], weight=torch.empty(0),
                      storage_dtype=meta["storage_dtype"], rel_output_error=meta["rel_output_error"],
-                     info=meta["info"])
+                     info=meta["info"], **_quant_from_state(tensors, meta))
         result.weight = result.dense()
         return result
 

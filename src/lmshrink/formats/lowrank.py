@@ -57,6 +57,13 @@ def _quantized_parts(prefix: str, quant: QuantResult) -> dict[str, torch.Tensor]
     return parts
 
 
+def _grid_record(result) -> dict[str, Any]:
+    """What a reader needs to decode quantized factors: the grid, the factors' shapes, which have a group map."""
+    return {"grid": asdict(result.left_quant.spec), "left_shape": list(result.left.shape),
+            "right_shape": list(result.right.shape), "left_g_idx": result.left_quant.g_idx is not None,
+            "right_g_idx": result.right_quant.g_idx is not None}
+
+
 def _dequantized(read, prefix: str, spec: GridSpec, shape: list[int]) -> torch.Tensor:
     """A quantized factor's float32 values from its stored tensors (``read(key)``)."""
     rows, cols = shape
@@ -94,10 +101,7 @@ def factor_tensors(results: dict[str, Any], modules: dict[str, nn.Module]
                                         fix="quantize the factors of per-layer factorizations only")
                 tensors[name] = {**_quantized_parts("left", result.left_quant),
                                  **_quantized_parts("right", result.right_quant)}
-                records[name] = {**record, "dtype": "quantized", "grid": asdict(result.left_quant.spec),
-                                 "left_shape": list(result.left.shape), "right_shape": list(result.right.shape),
-                                 "left_g_idx": result.left_quant.g_idx is not None,
-                                 "right_g_idx": result.right_quant.g_idx is not None}
+                records[name] = {**record, "dtype": "quantized", **_grid_record(result)}
                 continue
             stored = {"left.weight": result.left.to(dtype).contiguous()}
             if result.basis is not None:
@@ -113,6 +117,11 @@ def factor_tensors(results: dict[str, Any], modules: dict[str, nn.Module]
             else:
                 stored["right.weight"] = result.right.to(dtype).contiguous()
             tensors[name], records[name] = stored, record
+        elif isinstance(result, CorrectedResult) and result.quantized:
+            tensors[name] = {**_quantized_parts("correction.left", result.left_quant),
+                             **_quantized_parts("correction.right", result.right_quant)}
+            records[name] = {"form": CORRECTION, "rank": result.rank, "dtype": "quantized",
+                             "base": result.base.kind, **_grid_record(result)}
         elif isinstance(result, CorrectedResult):
             dtype = _dtype(result, modules[name])
             tensors[name] = {"correction.left.weight": result.left.to(dtype).contiguous(),
@@ -190,13 +199,14 @@ def stored_names(layers: dict[str, dict[str, Any]]) -> set[str]:
     """The tensor names the low-rank layers of a folder hold (none of which a transformers model has)."""
     names = set()
     for name, spec in layers.items():
-        if spec["form"] == FACTORS and "grid" in spec:
+        if "grid" in spec:
+            prefix = f"{name}.correction" if spec["form"] == CORRECTION else name
             for side in ("left", "right"):
-                names.update({f"{name}.{side}.codes", f"{name}.{side}.scale"})
+                names.update({f"{prefix}.{side}.codes", f"{prefix}.{side}.scale"})
                 if not spec["grid"]["symmetric"]:
-                    names.add(f"{name}.{side}.zero")
+                    names.add(f"{prefix}.{side}.zero")
                 if spec[f"{side}_g_idx"]:
-                    names.add(f"{name}.{side}.g_idx")
+                    names.add(f"{prefix}.{side}.g_idx")
         elif spec["form"] == FACTORS:
             names.add(f"{name}.left.weight")
             if "right_from" not in spec:
@@ -269,8 +279,14 @@ def install_lowrank(model: nn.Module, folder: str | os.PathLike, dtype: torch.dt
                 if bias.device.type == "meta":
                     raise LmshrinkError(f"layer {name}: its bias was not loaded", fix="the checkpoint is incomplete")
                 module.bias = bias
+        elif "grid" in spec:  # a correction with quantized factors: they run dequantized
+            grid = GridSpec(**spec["grid"])
+            left_weight, right_weight = (
+                _dequantized(lambda k, optional=False: stored(f"{name}.correction.{k}", optional), side, grid,
+                             spec[f"{side}_shape"]).to(dtype) for side in ("left", "right"))
         else:
             left_weight, right_weight = read(f"{name}.correction.left.weight"), read(f"{name}.correction.right.weight")
+        if spec["form"] == CORRECTION:
             correction = LowRankLinear(right_weight.shape[1], left_weight.shape[0], right_weight.shape[0],
                                        device="meta")
             correction.right.weight = nn.Parameter(right_weight, requires_grad=False)

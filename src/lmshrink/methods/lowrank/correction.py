@@ -21,15 +21,28 @@ from lmshrink.methods.lowrank.factorize import check_rank, cholesky_whitening, t
 from lmshrink.methods.solver import asymmetric_output_error, fp_target_weight, output_error
 from lmshrink.models.adapters import linear_weight
 
-_BITS = {"float16": 16, "bfloat16": 16, "float32": 32}
-
-
 def correction_rank(stage, out_features: int, in_features: int) -> int:
-    """The stage's rank for an ``out x in`` layer: ``rank``, or the most that fits ``bits_per_weight``."""
+    """The stage's rank for an ``out x in`` layer: ``rank``, or the most that fits ``bits_per_weight`` at the
+    factors' stored bits per element."""
     if stage.rank is not None:
         return stage.rank
     bits = stage.correction_bits() * out_features * in_features
-    return math.floor(bits / (_BITS[stage.storage_dtype] * (out_features + in_features)) + 1e-9)
+    return math.floor(bits / (stage.element_bits() * (out_features + in_features)) + 1e-9)
+
+
+def _quantized_factors(stage, residual: torch.Tensor, truncation, hessian: torch.Tensor):
+    """GPTQ on the correction's factors: the right one on the layer's input Hessian H, then the left one refit for
+    the quantized right one ``Q_R`` (least squares toward the residual) and quantized on ``Q_R H Q_R^T``."""
+    from lmshrink.core.grids import GridSpec
+    from lmshrink.methods.lowrank.factorize import refit_left
+    from lmshrink.methods.quant.gptq import gptq_quantize
+
+    spec = GridSpec(bits=stage.factor_bits, group_size=stage.factor_group_size, symmetric=False, clip_search=True,
+                    scale_dtype="float16")
+    right = gptq_quantize(truncation.right, hessian, spec)
+    right_q = right.weight.to(hessian.device)
+    left = gptq_quantize(refit_left(residual, right_q, hessian), right_q @ hessian @ right_q.t(), spec)
+    return left, right
 
 
 def solve_correction(stage, job) -> CorrectedResult:
@@ -61,7 +74,12 @@ def solve_correction(stage, job) -> CorrectedResult:
                                         damp_percent=stage.damp_percent)
     lower, whitening_info = cholesky_whitening(hessian)
     truncation = truncated_svd(target - compressed, rank, lower)
-    result = CorrectedResult.from_factors(base, truncation.left, truncation.right, storage_dtype=stage.storage_dtype)
+    if stage.factor_bits is not None:
+        left, right = _quantized_factors(stage, target - compressed, truncation, hessian)
+        result = CorrectedResult.from_quantized(base, left, right)
+    else:
+        result = CorrectedResult.from_factors(base, truncation.left, truncation.right,
+                                              storage_dtype=stage.storage_dtype)
 
     def error(solved: torch.Tensor) -> float:
         if stage.fp_target:
@@ -70,7 +88,8 @@ def solve_correction(stage, job) -> CorrectedResult:
 
     result.rel_output_error = error(result.weight)
     result.info = {**info, **whitening_info, "correction_rank": rank, "rank": rank,
-                   "stored_params": rank * (out_features + in_features), "storage_dtype": stage.storage_dtype,
+                   "stored_params": rank * (out_features + in_features),
+                   "storage_dtype": f"int{stage.factor_bits}" if stage.factor_bits else stage.storage_dtype,
                    "base_rel_output_error": error(compressed), "fp_target": stage.fp_target,
                    "base_kind": base.kind}
     return result

@@ -227,7 +227,12 @@ class LowRankCorrectionStage(StageBase):
                                           "(m + n)))); default 1.0 when no rank is given")
     rank: int | None = Field(None, ge=1, description="one rank for every selected layer (instead of bits_per_weight)")
     storage_dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype of the stored "
-                                                                     "factors")
+                                                                     "factors (without factor_bits)")
+    factor_bits: Literal[4, 8] | None = Field(None, description="quantize the two factors with GPTQ on asymmetric "
+                                              "grids of this many bits (groups of factor_group_size, float16 "
+                                              "scales) instead of storing them as floats; the rank grows to fill "
+                                              "bits_per_weight")
+    factor_group_size: int = Field(64, ge=8, description="factor_bits: columns per group of the factors' grids")
     fp_target: bool = Field(True, description="fit the correction to the uncompressed model's output on its own "
                             "inputs (min ||W X - (Q + L R) X~||) rather than to the uncompressed weight on the "
                             "compressed inputs (min ||(W - Q - L R) X~||)")
@@ -248,7 +253,15 @@ class LowRankCorrectionStage(StageBase):
         return 1.0 if self.bits_per_weight is None else self.bits_per_weight
 
     def inapplicable_options(self) -> set[str]:
-        return set() if self.fp_target else {"damp_percent"}
+        skip = set() if self.fp_target else {"damp_percent"}
+        return skip | ({"storage_dtype"} if self.factor_bits else {"factor_group_size"})
+
+    def element_bits(self) -> float:
+        """Stored bits per element of a factor: the float dtype's, or a grid's codes plus its scale and zero point
+        shared by a group."""
+        if self.factor_bits is None:
+            return 32.0 if self.storage_dtype == "float32" else 16.0
+        return self.factor_bits + (16 + self.factor_bits) / self.factor_group_size
 
     def needs(self) -> frozenset[Stat]:
         # FP_TARGET also gives the uncompressed layer (the target) in LayerJob.uncompressed
