@@ -4,7 +4,9 @@ A dense statistics pass runs the calibration windows through the uncompressed mo
 Hessian of each selected layer type in every block. The layers of one type (e.g. every ``self_attn.q_proj``) are
 grouped by ``layers_per_basis`` adjacent blocks; as soon as a group's blocks have been seen, its weights are stacked,
 whitened with the Cholesky factor of the summed Hessians and truncated by one SVD (``factorize.shared_basis``), so
-only the factors of finished groups and the Hessians of the groups in progress are held.
+only the factors of finished groups and the Hessians of the groups in progress are held. The factors of every
+selected layer stay in CPU memory until the block loop reaches it (a basis needs the weights of all its blocks at
+once, which a streamed loop never holds): about the size of those layers once compressed.
 """
 
 from __future__ import annotations
@@ -66,10 +68,11 @@ def compute_shared_bases(stage, job, number: int) -> dict[str, dict[str, Any]]:
             total += hessian.double()
         lefts, right, info = shared_basis(weights, total, rank)
         ranks.setdefault(name, []).append(rank)
+        right_cpu = right.cpu()  # held until the block loop reaches each layer: off the compute device
         for position, (index, weight, hessian) in enumerate(seen):
             error = output_error(weight, lefts[position] @ right, hessian)
             factors[f"{job.prefix}.{index}.{name}"] = {
-                "left": lefts[position], "right": right, "basis": key, "owner": position == 0,
+                "left": lefts[position].cpu(), "right": right_cpu, "basis": key, "owner": position == 0,
                 "info": {**info, "layers_per_basis": len(weights), "rel_output_error_dense_inputs": error}}
 
     def observe(index, block, stats):

@@ -129,6 +129,7 @@ def solve_shared(stage, job, factors: dict) -> LowRankResult:
     weight = linear_weight(job.module).detach().float().clone()
     out_features, in_features = weight.shape
     left, right, basis, info = entry["left"], entry["right"], entry["basis"], dict(entry["info"])
+    left, right = left.to(weight.device), right.to(weight.device)
     rel_output_error = info.pop("rel_output_error_dense_inputs", None)
     if stage.refit:
         info["rel_output_error_before_update"] = output_error(weight, left @ right, job.stats.hessian)
