@@ -22,6 +22,7 @@ from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder, lo
 from lmshrink.formats.gguf_export import export_gguf
 from lmshrink.formats.gptq_export import export_gptq
 from lmshrink.formats.loading import as_loaded, load_model
+from lmshrink.formats.lowrank import is_lowrank_folder
 from lmshrink.formats.onnx_export import export_onnx
 from lmshrink.formats.storage import stored_size
 from lmshrink.models.loader import LoadedModel
@@ -131,6 +132,10 @@ def export(folder: str | Path, to: str, output: str | Path, *, overwrite: bool =
     MatMulNBits node; ``check`` runs it in onnxruntime against lmshrink's model (needs the ``onnx`` extra:
     ``pip install -e '.[onnx]'`` in the lmshrink checkout).
     """
+    if to in EXPORT_FORMATS and is_lowrank_folder(folder):
+        raise LmshrinkError(f"{folder} stores low-rank factors, which the {to} export cannot map onto its format",
+                            fix="compress again with `merge: true` on the low-rank stages (dense weights), or run the "
+                                "folder with lmshrink itself (load_model, evaluate, bench)")
     if to == "gguf":
         return export_gguf(folder, output, source_gguf=source_gguf, dense_type=dense_type, overwrite=overwrite)
     if to == "gptq":

@@ -420,6 +420,16 @@ def _print_compression(record: dict) -> None:
     if storage:
         _say(f"pruned layers stored {storage['format']}: {_mib(storage['stored_bytes'])} "
              f"({_mib(storage['dense_bytes'])} dense, {_mib(storage['saved_bytes'])} saved)")
+    lowrank = summary.get("lowrank_storage")
+    if lowrank:
+        params = lowrank["block_linear_params"]
+        ranks = sorted(set(lowrank["ranks"].values()))
+        _say(f"low-rank layers: {lowrank['factorized_layers']} factorized, {lowrank['corrected_layers']} corrected, "
+             f"{lowrank['merged_layers']} merged back to dense; ranks {ranks[0]}..{ranks[-1]}; block linears hold "
+             f"{params['stored']:,} of {params['dense']:,} parameters ({100 * params['removed_fraction']:.1f}% removed)"
+             if ranks else f"low-rank layers: {lowrank['merged_layers']} merged back to dense (no parameters saved)")
+        if lowrank.get("loading"):
+            _say(lowrank["loading"])
     _say(f"calibration: {cal['nsamples']} windows x {cal['seqlen']} tokens of {cal['dataset']} "
          f"({cal['split']}, {cal['origin']}), seed {cal['seed']}")
     resumed = f"; resumed at block {summary['resumed_from_block'] + 1}" if summary.get("resumed_from_block") else ""

@@ -1,6 +1,7 @@
 """Layer results as methods return them, the engine checkpoints them and writers consume them: a weight quantized
-onto a grid (``QuantResult``), one quantized except a few input columns kept in 16 bits (``OutlierQuantResult``)
-and a pruned weight (``PruneResult``).
+onto a grid (``QuantResult``), one quantized except a few input columns kept in 16 bits (``OutlierQuantResult``),
+a pruned weight (``PruneResult``), a weight factorized into two low-rank factors (``LowRankResult``) and an
+earlier result plus a low-rank correction (``CorrectedResult``).
 
 Every result kind has ``weight`` (float32 dense ``[out, in]``, or empty once dropped to save memory),
 ``rel_output_error`` and ``info``, and converts to and from its checkpoint form (``to_state`` / ``from_state``:
@@ -181,8 +182,184 @@ class OutlierQuantResult(QuantResult):
         return result
 
 
+def _round_to(tensor: torch.Tensor, dtype: str | None) -> torch.Tensor:
+    """``tensor`` as float32 holding values exact in ``dtype`` (None: unchanged)."""
+    if dtype is None:
+        return tensor.float()
+    return tensor.to(getattr(torch, dtype)).float()
+
+
+def _quant_to_state(result, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Add a low-rank result's quantized factors (if any) to its checkpoint form."""
+    for side in ("left_quant", "right_quant"):
+        quant = getattr(result, side)
+        if quant is not None:
+            parts, meta[side] = quant.to_state()
+            tensors.update({f"{side}.{key}": value for key, value in parts.items()})
+
+
+def _quant_from_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, QuantResult]:
+    """The quantized factors of a low-rank result's checkpoint form (``{}`` for float factors)."""
+    quant = {}
+    for side in ("left_quant", "right_quant"):
+        if meta.get(side) is not None:
+            parts = {key[len(side) + 1:]: value for key, value in tensors.items() if key.startswith(side + ".")}
+            quant[side] = QuantResult.from_state(parts, meta[side])
+            quant[side].weight = torch.empty(0)
+    return quant
+
+
+@dataclass
+class LowRankResult:
+    """A linear layer factorized as ``W ~ left @ right``, run as two matmuls (``x -> right x -> left (right x)``).
+
+    left: float32 ``[out, rank]``; right: float32 ``[rank, in]``. weight: float32 ``[out, in]``, exactly ``dense()``
+    (``left @ right``), what the engine writes into the layer; may be empty (``dense()`` rebuilds it). basis: the
+    key of a right factor shared by several layers (Basis Sharing: the same tensor in every layer of the group,
+    stored once), or None. merge: the writer stores the dense product instead of the factors. storage_dtype: the
+    dtype the factors are stored in (their values are exact in it), or None for the layer's dtype. left_quant,
+    right_quant: the factors quantized onto grids (``QuantResult``; ``left``/``right`` are then their dequantized
+    values), or None.
+    """
+
+    kind = "lowrank"
+
+    left: torch.Tensor
+    right: torch.Tensor
+    weight: torch.Tensor
+    basis: str | None = None
+    merge: bool = False
+    storage_dtype: str | None = None
+    rel_output_error: float | None = None
+    info: dict = field(default_factory=dict)
+    left_quant: QuantResult | None = None
+    right_quant: QuantResult | None = None
+
+    @classmethod
+    def from_quantized(cls, left: QuantResult, right: QuantResult, **kw) -> "LowRankResult":
+        """Factors quantized onto grids: ``left``/``right`` hold their dequantized values."""
+        result = cls(left=left.dense().float().contiguous(), right=right.dense().float().contiguous(),
+                     weight=torch.empty(0), left_quant=left, right_quant=right, **kw)
+        left.weight = right.weight = torch.empty(0)  # the factors above hold these values
+        result.weight = result.dense()
+        return result
+
+    @property
+    def quantized(self) -> bool:
+        return self.left_quant is not None
+
+    @classmethod
+    def from_factors(cls, left: torch.Tensor, right: torch.Tensor, **kw) -> "LowRankResult":
+        result = cls(left=left.float().contiguous(), right=right.float().contiguous(), weight=torch.empty(0), **kw)
+        result.left = _round_to(result.left, result.storage_dtype)
+        result.right = _round_to(result.right, result.storage_dtype)
+        result.weight = result.dense()
+        return result
+
+    @property
+    def rank(self) -> int:
+        return int(self.left.shape[1])
+
+    def dense(self) -> torch.Tensor:
+        """float32 ``[out, in]``: ``left @ right``."""
+        if self.weight.numel():
+            return self.weight
+        return self.left @ self.right
+
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {"left": self.left, "right": self.right}
+        meta = {"basis": self.basis, "merge": self.merge, "storage_dtype": self.storage_dtype,
+                "rel_output_error": self.rel_output_error, "info": self.info}
+        _quant_to_state(self, tensors, meta)
+        return tensors, meta
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "LowRankResult":
+        result = cls(left=tensors["left"], right=tensors["right"], weight=torch.empty(0), basis=meta["basis"],
+                     merge=meta["merge"], storage_dtype=meta["storage_dtype"],
+                     rel_output_error=meta["rel_output_error"], info=meta["info"], **_quant_from_state(tensors, meta))
+        result.weight = result.dense()
+        return result
+
+
+@dataclass
+class CorrectedResult:
+    """An earlier stage's result (``base``: quantized or pruned) plus a low-rank correction ``left @ right``.
+
+    left: float32 ``[out, rank]``, right: float32 ``[rank, in]``, both exact in ``storage_dtype``. weight: float32
+    ``base.dense() + left @ right`` (may be empty). The writer stores the base as its kind is stored and the two
+    factors beside it.
+    """
+
+    kind = "corrected"
+
+    base: Any
+    left: torch.Tensor
+    right: torch.Tensor
+    weight: torch.Tensor
+    storage_dtype: str | None = "float16"
+    rel_output_error: float | None = None
+    info: dict = field(default_factory=dict)
+    left_quant: QuantResult | None = None
+    right_quant: QuantResult | None = None
+
+    @classmethod
+    def from_quantized(cls, base, left: QuantResult, right: QuantResult, **kw) -> "CorrectedResult":
+        """A correction whose factors are quantized onto grids (``left``/``right`` hold their dequantized values)."""
+        result = cls(base=base, left=left.dense().float().contiguous(), right=right.dense().float().contiguous(),
+                     weight=torch.empty(0), left_quant=left, right_quant=right, storage_dtype=None, **kw)
+        left.weight = right.weight = torch.empty(0)
+        result.weight = result.dense()
+        base.weight = torch.empty(0)
+        return result
+
+    @property
+    def quantized(self) -> bool:
+        return self.left_quant is not None
+
+    @classmethod
+    def from_factors(cls, base, left: torch.Tensor, right: torch.Tensor, **kw) -> "CorrectedResult":
+        result = cls(base=base, left=left, right=right, weight=torch.empty(0), **kw)
+        result.left = _round_to(left, result.storage_dtype).contiguous()
+        result.right = _round_to(right, result.storage_dtype).contiguous()
+        result.weight = result.dense()
+        base.weight = torch.empty(0)  # the base's compact form rebuilds it; one dense copy per layer is enough
+        return result
+
+    @property
+    def rank(self) -> int:
+        return int(self.left.shape[1])
+
+    def dense(self) -> torch.Tensor:
+        """float32 ``[out, in]``: the base's weight plus ``left @ right``."""
+        if self.weight.numel():
+            return self.weight
+        return self.base.dense() + self.left @ self.right
+
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        base_tensors, base_meta = self.base.to_state()
+        tensors = {f"base.{key}": value for key, value in base_tensors.items()}
+        tensors.update(left=self.left, right=self.right)
+        meta = {"base_kind": self.base.kind, "base": base_meta, "storage_dtype": self.storage_dtype,
+                "rel_output_error": self.rel_output_error, "info": self.info}
+        _quant_to_state(self, tensors, meta)
+        return tensors, meta
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "CorrectedResult":
+        base_tensors = {key[len("base."):]: value for key, value in tensors.items() if key.startswith("base.")}
+        base = RESULT_KINDS[meta["base_kind"]].from_state(base_tensors, meta["base"])
+        base.weight = torch.empty(0)
+        result = cls(base=base, left=tensors["left"], right=tensors["right"], weight=torch.empty(0),
+                     storage_dtype=meta["storage_dtype"], rel_output_error=meta["rel_output_error"],
+                     info=meta["info"], **_quant_from_state(tensors, meta))
+        result.weight = result.dense()
+        return result
+
+
 RESULT_KINDS: dict[str, type] = {QuantResult.kind: QuantResult, PruneResult.kind: PruneResult,
-                                 OutlierQuantResult.kind: OutlierQuantResult}
+                                 OutlierQuantResult.kind: OutlierQuantResult,
+                                 LowRankResult.kind: LowRankResult, CorrectedResult.kind: CorrectedResult}
 
 
 def register_result_kind(cls: type) -> type:

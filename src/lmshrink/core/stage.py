@@ -34,6 +34,8 @@ if TYPE_CHECKING:  # the engine's job objects carry torch tensors and modules
     from torch import nn
 
 DEFAULT_IGNORE = ["lm_head", "*embed*"]
+# the hand-over key under which the engine leaves a layer's latest result for the later stages of its block
+LAST_RESULT = "result"
 
 
 class Scope(str, enum.Enum):
@@ -150,7 +152,9 @@ class LayerJob(Protocol):
     module: "nn.Module"  # the layer in the block being compressed (current weights)
     uncompressed: "nn.Module | None"  # the same layer in the block before any stage changed it (Stat.FP_TARGET)
     stats: LayerStats
-    state: dict[str, Any]  # hand-over from earlier stages in this block (e.g. "pruned_mask")
+    # hand-over from earlier stages in this block: what they left (e.g. "pruned"), and under LAST_RESULT the result
+    # of the last stage that solved this layer
+    state: dict[str, Any]
 
 
 class BlockJob(Protocol):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lmshrink.core.process import cpu_seconds, peak_rss_bytes, release_free_heap
-from lmshrink.core.stage import Scope, StageBase, Stat
+from lmshrink.core.stage import LAST_RESULT, Scope, StageBase, Stat
 from lmshrink.engine.capture import capture_block_inputs, run_block
 from lmshrink.engine.checkpoint import Checkpoint
 from lmshrink.engine.jobs import BlockJob, LayerJob, ModelJob, Task
@@ -52,11 +52,14 @@ class EngineResult:
 
 
 def _on_cpu(result):
-    """The result with its tensors moved to CPU (results are kept, written and checkpointed from CPU memory)."""
+    """The result with its tensors moved to CPU (results are kept, written and checkpointed from CPU memory), also
+    those of a result it holds (a corrected result's base)."""
     for f in dataclasses.fields(result):
         value = getattr(result, f.name)
         if isinstance(value, torch.Tensor):
             setattr(result, f.name, value.to("cpu"))
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            _on_cpu(value)
     return result
 
 
@@ -316,6 +319,7 @@ class Engine:
                         for name, result in outcome.results.items():
                             self._keep(stage, block, index, name, result, block_results, layers, None, 0.0,
                                        outcome.records.get(name, {}))
+                            handover.setdefault(name, {})[LAST_RESULT] = result
                         release_free_heap()
                         continue
                     firsts = {g[0]: block.get_submodule(g[0]) for g in task.groups}
@@ -350,6 +354,7 @@ class Engine:
                             result = stage.solve(job)
                             self._keep(stage, block, index, name, result, block_results, layers, group_stats.tokens,
                                        time.perf_counter() - t0, stage.record(result))
+                            job.state[LAST_RESULT] = result  # a later stage may build on it (a correction)
                     del stats
                     release_free_heap()  # the pass's inputs and statistics are freed: the next pass starts lower
                 del shared_stats

@@ -55,14 +55,19 @@ from lmshrink.runtime.qlinear import KERNEL_MAX_ROWS, OutlierLinear, QuantLinear
 def _linear_bytes(model) -> dict[str, int]:
     """Bytes held by the linear layers inside the decoder blocks and their weight count.
 
-    Linear layers as ``lmshrink.models.is_linear`` knows them (``nn.Linear`` and GPT-2's ``Conv1D``), plus packed
-    ``QuantLinear`` layers (their codes, scales and zero points, the bias left out). The blocks are walked rather
+    Linear layers as ``lmshrink.models.is_linear`` knows them (``nn.Linear`` and GPT-2's ``Conv1D``, also the two
+    factors of a factorized layer, a shared basis once), plus packed ``QuantLinear`` layers (their codes, scales and
+    zero points, the bias left out). The blocks are walked rather
     than ``iter_linears``, whose family layouts only match while every linear is still an unpacked one.
     """
 
     total, weights = 0, 0
+    seen: set[int] = set()  # a module several blocks share (a basis shared across blocks) counts once
     for block in get_adapter(model).blocks(model):
         for module in block.modules():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
             if isinstance(module, QuantLinear):
                 total += packed_bytes(module) - (0 if module.bias is None else module.bias.numel() * module.bias.element_size())
                 weights += module.in_features * module.out_features

@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from lmshrink.core.errors import LmshrinkError
-from lmshrink.core.grids import GridSpec, dequantize
+from lmshrink.core.grids import GridSpec
 from lmshrink.core.packing import pack_int32, unpack_int32
 from lmshrink.core.results import OutlierQuantResult, QuantResult
 from lmshrink.formats.hf_folder import natural_key, read_config, weight_files

@@ -15,6 +15,7 @@ from lmshrink.formats.compressed_tensors import (
     is_outlier_folder,
     iter_quantized_results,
 )
+from lmshrink.formats.lowrank import install_lowrank, is_lowrank_folder, load_lowrank_model
 from lmshrink.formats.sparse_bitmask import fill_bitmask_weights, is_bitmask_folder, load_bitmask_model
 from lmshrink.models import loader
 from lmshrink.models.loader import (
@@ -49,13 +50,19 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
     if runtime == "packed":
         return _load_packed_source(source, parse_dtype(dtype), device, trust_remote_code)
     kind, where = resolve(source)
-    # pruned weights stored as bitmask + values: transformers loads the rest, the bitmask layers are decoded exactly;
-    # layers with 16-bit outlier columns, which transformers refuses, are decoded by lmshrink
+    lowrank = kind == "hf-folder" and is_lowrank_folder(where)
+    if lowrank and lazy_blocks:
+        raise LmshrinkError(f"{source} stores low-rank factors, which streamed loading (lazy blocks) cannot read",
+                            fix="load it without lazy_blocks / --offload disk")
+    # folders transformers cannot read whole are built by lmshrink: 16-bit outlier columns, pruned weights stored as
+    # bitmask + values (decoded exactly), low-rank layers (two-matmul modules, formats.lowrank)
     build = None
     if kind == "hf-folder" and is_outlier_folder(where):
         build = load_outlier_model
     elif kind == "hf-folder" and is_bitmask_folder(where):
         build = load_bitmask_model
+    elif lowrank:
+        build = load_lowrank_model
     return loader.load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                              progress=progress, lazy_blocks=lazy_blocks, build=build)
 
@@ -139,6 +146,9 @@ def load_packed(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust
     for name, result in iter_quantized_results(folder, decode=False):
         kinds.update(replace_linears(model, {name: result}, kernels=kernels, kernel_max_rows=kernel_max_rows,
                                      cache_dense=cache_dense))
+    if is_lowrank_folder(folder):  # factorized layers and corrections (around the packed layers)
+        for name in install_lowrank(model, folder, dtype):
+            kinds.setdefault(name, "lowrank")
     release_free_heap(collect=True)
     missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
     if missing:

@@ -16,7 +16,7 @@ from torch import nn
 
 from lmshrink.core.atomic import atomic_directory
 from lmshrink.core.errors import LmshrinkError
-from lmshrink.core.results import PruneResult, QuantResult
+from lmshrink.core.results import CorrectedResult, LowRankResult, PruneResult, QuantResult
 from lmshrink.formats.compressed_tensors import (
     OUTLIER_FORMAT,
     QUANT_METHOD,
@@ -38,6 +38,7 @@ from lmshrink.formats.hf_folder import (
     protected_folders,
     write_weights,
 )
+from lmshrink.formats.lowrank import LOWRANK_KEY, factor_tensors, merged_weight
 from lmshrink.formats.sparse_bitmask import LAYERS_KEY, check_sparse_format, encode
 
 
@@ -86,11 +87,23 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
     linear_layers: dict[str, tuple[int, QuantResult]] = {}
     sparse: dict[str, tuple[str, float]] = {}  # pruned layers: name -> (pattern, zeros)
     bitmask: dict[str, dict[str, Any]] = {}  # pruned layers stored as bitmask + values: name -> record
+    # low-rank layers: the factors (formats.lowrank), beside a corrected layer's base stored as its kind
+    factors, lowrank_records = factor_tensors(results, modules)
+    merged: list[str] = []
     for name, result in results.items():
         module = modules[name]
         if f"{name}.weight" not in kept_names:
             raise LmshrinkError(f"layer {name} shares its weight with another tensor (tied), so it cannot be packed",
                                 fix=f"leave {name} out of the quantized layers (ignore it in the recipe)")
+        if isinstance(result, LowRankResult):
+            if result.merge:
+                replaced[name] = {"weight": merged_weight(result, module)}
+                merged.append(name)
+            else:
+                replaced[name] = dict(factors[name])
+            continue
+        if isinstance(result, CorrectedResult):
+            result = result.base
         if isinstance(result, PruneResult):  # pruned, not quantized: dense weights with zeros, or bitmask + values
             weight, kept = result.dense(), ~result.mask
             conv1d = is_conv1d(module)
@@ -139,7 +152,10 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
             "compressed-tensors config groups, and transformers loads asymmetric checkpoints with one group only",
             fix="use one grid (bits, group size, symmetry) for every layer, or symmetric grids, or save with "
                 "transformers_compatible=False (vLLM and lmshrink still read it)")
-    if dense_conv1d or not (groups or sparse):
+    for name, parts in factors.items():  # a correction's factors beside its base's tensors
+        if isinstance(results[name], CorrectedResult):
+            replaced[name].update(parts)
+    if dense_conv1d or not (groups or sparse or factors or merged):
         conv1d = (f"{len(dense_conv1d)} Conv1D layers (e.g. {dense_conv1d[0]}) are saved dequantized: "
                   "compressed-tensors packs only nn.Linear layers") if dense_conv1d else ""
         dense = "no layer is packed, so the folder is a plain dense checkpoint" if not groups else ""
@@ -170,6 +186,8 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
         metadata = {SPECS_KEY: json.dumps(specs, sort_keys=True)}
         if bitmask:
             metadata[LAYERS_KEY] = json.dumps(bitmask, sort_keys=True)
+        if lowrank_records:
+            metadata[LOWRANK_KEY] = json.dumps(lowrank_records, sort_keys=True)
         write_weights(staging, tensors, metadata, max_shard_size, source_tensors)
         (staging / "config.json").write_text(config_json(model, quant_config))
         generation_config = getattr(model, "generation_config", None)

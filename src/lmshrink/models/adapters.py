@@ -30,6 +30,12 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
+def _is_layer(module: nn.Module | None) -> bool:
+    """A linear layer, or a module that stands in for one (``replaces_linear``: a factorized layer built of
+    smaller linears, whose inner linears are not layers of the block)."""
+    return module is not None and (is_linear(module) or bool(getattr(module, "replaces_linear", False)))
+
+
 def _check_linear(module: nn.Module) -> None:
     if not is_linear(module):
         raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
@@ -271,11 +277,12 @@ class ModelAdapter:
         return [list(group) for group in self.spec.layouts[self._layout_index(block)]]
 
     def _layout_index(self, block: nn.Module) -> int:
-        present = [name for name, module in block.named_modules() if name and is_linear(module)]
+        layers = [name for name, module in block.named_modules() if name and _is_layer(module)]
+        present = [name for name in layers if not any(name.startswith(outer + ".") for outer in layers)]
         problems = []
         for index, layout in enumerate(self.spec.layouts):
             names = [n for group in layout for n in group]
-            missing = [n for n in names if not is_linear(_find(block, n))]
+            missing = [n for n in names if not _is_layer(_find(block, n))]
             uncovered = [n for n in present if n not in names]
             if not missing and not uncovered:
                 return index

@@ -9,7 +9,7 @@ from typing import Any, Collection
 
 from lmshrink.core.stage import PhaseStage
 from lmshrink.formats.layout import group_size_fix, stored_group_size
-from lmshrink.pipeline.recipe import Recipe, RecipeError, prunes, quantizes
+from lmshrink.pipeline.recipe import Recipe, RecipeError, factorizes, prunes, quantizes
 
 
 def check_recipe(recipe: Recipe, layers: list[tuple[str, int]], *, dtype: str | Any | None = None,
@@ -28,6 +28,7 @@ def check_recipe(recipe: Recipe, layers: list[tuple[str, int]], *, dtype: str | 
     selected: dict[str, int] = {}
     pruned: dict[str, int] = {}
     pruned_before_recover: dict[str, int] = {}  # layers pruned in an earlier phase (before a recover stage)
+    factorized: dict[str, int] = {}  # layers a low-rank stage replaced by factors
     for index, stage in enumerate(recipe.stages):
         for problem in stage.check_in_recipe(index, recipe.stages):
             if problem.fix is None:
@@ -40,6 +41,10 @@ def check_recipe(recipe: Recipe, layers: list[tuple[str, int]], *, dtype: str | 
                               f"(targets {stage.targets}, ignore {stage.ignore})",
                               fix="check the patterns against the model's layer names, e.g. 'model.layers.0.mlp.*'")
         if isinstance(stage, PhaseStage):
+            if factorized:
+                raise RecipeError(f"stage {index + 1} ({stage.method}) comes after low-rank factors (stage "
+                                  f"{min(factorized.values()) + 1}), which it cannot merge into yet",
+                                  fix=f"drop the {stage.method} stage, or factorize in another run after it")
             if not selected and not pruned and not pruned_before_recover:
                 raise RecipeError(f"stage {index + 1} ({stage.method}) comes before any compression stage: there is "
                                   "nothing to recover from", fix=f"put {stage.method} stages after pruning/quantization")
@@ -52,6 +57,35 @@ def check_recipe(recipe: Recipe, layers: list[tuple[str, int]], *, dtype: str | 
             pruned = {}  # iterative schedules: a layer may be pruned again after recovery
             continue
         for name, width in names:
+            if getattr(stage, "quantizes_factors", False):
+                if name not in factorized or not factorizes(recipe.stages[factorized[name]]):
+                    raise RecipeError(f"stage {index + 1} ({stage.method}) quantizes the factors of {name}, which no "
+                                      "earlier stage factorizes", fix="put it after an svd stage on the same layers")
+                if getattr(recipe.stages[factorized[name]], "merge", False):
+                    raise RecipeError(f"stage {index + 1} ({stage.method}): stage {factorized[name] + 1} merges the "
+                                      f"factors of {name} back to a dense weight, so there are no factors to quantize",
+                                      fix="set merge: false on the factorizing stage")
+                continue
+            if name in factorized:
+                earlier = factorized[name]
+                raise RecipeError(f"stage {index + 1} ({stage.method}) selects {name}, which stage {earlier + 1} "
+                                  f"({recipe.stages[earlier].method}) replaced by low-rank factors: a later stage would "
+                                  "work on their dense product and drop the factorization",
+                                  fix=f"leave {name} out of stage {index + 1} (ignore), or factorize after it")
+            if getattr(stage, "corrects", False):
+                if name not in selected and name not in pruned:
+                    raise RecipeError(f"stage {index + 1} ({stage.method}) corrects {name}, which no earlier stage "
+                                      "of its phase quantizes or prunes: there is no error to correct",
+                                      fix="put the correction after a gptq, rtn or pruning stage that selects the "
+                                          "same layers")
+                factorized[name] = index  # later stages would drop the correction as they drop factors
+            if factorizes(stage):
+                if name in selected or name in pruned or name in pruned_before_recover:
+                    raise RecipeError(f"stage {index + 1} ({stage.method}) factorizes {name}, which an earlier stage "
+                                      "quantizes or prunes: the factors would drop its grid or its zeros",
+                                      fix="factorize a layer in its first stage, or use lowrank-correction after "
+                                          "quantization or pruning")
+                factorized[name] = index
             if quantizes(stage) and name in pruned_before_recover and name not in pruned:
                 raise RecipeError(f"stage {index + 1} ({stage.method}) quantizes {name}, which stage "
                                   f"{pruned_before_recover[name] + 1} pruned before a recover stage: the zeros are "

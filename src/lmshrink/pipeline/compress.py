@@ -22,6 +22,7 @@ from lmshrink.engine.checkpoint import Checkpoint, weights_digest
 from lmshrink.engine.loop import Engine
 from lmshrink.engine.offload import BlockStreamer
 from lmshrink.formats.loading import as_loaded, load_model
+from lmshrink.formats.lowrank import storage_summary as lowrank_storage
 from lmshrink.formats.save import save_quantized
 from lmshrink.formats.sparse_bitmask import check_sparse_format, storage_summary
 from lmshrink.formats.storage import stored_size
@@ -238,6 +239,10 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
     sparsity = _sparsity_summary(result.layers)
     if sparsity is not None:
         record["sparsity"] = sparsity
+    block_linears = {name: linear_dims(module) for name, module in linears}
+    lowrank = lowrank_storage(model.model, result.results, block_linears)
+    if lowrank is not None:
+        record["summary"]["lowrank_storage"] = lowrank
     if result.block_options:
         record["block_options"] = {f"stage {n + 1}": {str(b): options for (m, b), options in sorted(
             result.block_options.items()) if m == n} for n in sorted({m for m, _ in result.block_options})}

@@ -33,6 +33,11 @@ def prunes(stage: StageBase) -> bool:
     return bool(getattr(stage, "prunes", False))
 
 
+def factorizes(stage: StageBase) -> bool:
+    """Whether the stage replaces the layers it solves by low-rank factors."""
+    return bool(getattr(stage, "factorizes", False))
+
+
 def scale_dtype_for_model(recipe: Recipe, dtype: str | Any) -> tuple[Recipe, list[str]]:
     """``recipe`` with each quantizing stage that leaves ``scale_dtype`` at its default (float16) given the model's
     dtype instead when float16 values are not exact in it (bfloat16): a checkpoint stores the scales in the model's
