@@ -11,7 +11,7 @@ to int8 per block of 32 (llama.cpp's q8_0) and multiplies with integers; ``q8_li
 
 It is built with ``torch.utils.cpp_extension.load`` (needs ``ninja`` and a C++ compiler) with ``-O3 -mavx2 -mfma
 -mf16c``, only when ``/proc/cpuinfo`` lists avx2 and fma, into torch's extension cache (``TORCH_EXTENSIONS_DIR``,
-by default ``~/.cache/torch_extensions``): the first build takes about a minute, later processes load it in well
+by default ``~/.cache/torch_extensions``; a lock left by a killed build is cleared, ``runtime/extension.py``): the first build takes about a minute, later processes load it in well
 under a second. ``LMSHRINK_CPU_KERNEL=0`` disables it. When it is disabled or cannot be built, ``available()`` is
 False, ``kernel_status()`` says why, and QuantLinear uses torch's int4 kernel instead; nothing raises.
 """
@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from lmshrink.runtime.extension import load_extension
 
 ENV_VAR = "LMSHRINK_CPU_KERNEL"
 BLOCK = 32  # columns per packed block (16 bytes of codes)
@@ -58,11 +60,9 @@ def _build() -> None:
         _status = f"not built: the CPU (/proc/cpuinfo flags) lacks {', '.join(sorted(missing))}"
         return
     try:
-        from torch.utils.cpp_extension import load
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _module = load(name="lmshrink_int4_avx2", sources=[str(_SOURCE)], extra_cflags=CFLAGS, verbose=False)
+            _module = load_extension("lmshrink_int4_avx2", [str(_SOURCE)], CFLAGS)
         _status = "ready"
     except Exception as exc:  # no compiler, no ninja, build error: record it and use torch's kernels
         text = " ".join(str(exc).split())
