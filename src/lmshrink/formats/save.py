@@ -39,6 +39,7 @@ from lmshrink.formats.hf_folder import (
     write_weights,
 )
 from lmshrink.formats.sparse_bitmask import LAYERS_KEY, check_sparse_format, encode
+from lmshrink.models.structure import config_structure
 
 
 def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult], out_dir: str | os.PathLike, *,
@@ -132,10 +133,11 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
             "compressed-tensors config groups, and transformers loads asymmetric checkpoints with one group only",
             fix="use one grid (bits, group size, symmetry) for every layer, or symmetric grids, or save with "
                 "transformers_compatible=False (vLLM and lmshrink still read it)")
-    if dense_conv1d or not (groups or sparse):
+    # no result at all (a structural or transform-only run) is meant to give a dense checkpoint: no warning then
+    if dense_conv1d or (results and not (groups or sparse)):
         conv1d = (f"{len(dense_conv1d)} Conv1D layers (e.g. {dense_conv1d[0]}) are saved dequantized: "
                   "compressed-tensors packs only nn.Linear layers") if dense_conv1d else ""
-        dense = "no layer is packed, so the folder is a plain dense checkpoint" if not groups else ""
+        dense = "no layer is packed, so the folder is a plain dense checkpoint" if not groups and results else ""
         warnings.warn("; ".join(m for m in (conv1d, dense) if m), stacklevel=2)
 
     packed = set(specs)
@@ -164,7 +166,7 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
         if bitmask:
             metadata[LAYERS_KEY] = json.dumps(bitmask, sort_keys=True)
         write_weights(staging, tensors, metadata, max_shard_size, source_tensors)
-        (staging / "config.json").write_text(config_json(model, quant_config))
+        (staging / "config.json").write_text(config_json(model, quant_config, config_structure(model)))
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and model.can_generate():
             generation_config.save_pretrained(staging)
