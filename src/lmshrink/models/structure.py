@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -63,73 +63,111 @@ class MetaParameters:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _type_name(module: nn.Module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def signature(module: nn.Module) -> dict[str, dict]:
-    """``{"parameters": {name: shape}, "attributes": {module name: {attribute: int}}}`` of ``module`` and its
-    submodules: the structure, without the values (works on the meta device)."""
+    """``{"parameters": {name: shape}, "attributes": {module: {attribute: int}}, "types": {module: class}}`` of
+    ``module`` and its submodules: the structure, without the values (works on the meta device)."""
     parameters = {name: list(p.shape) for name, p in module.named_parameters()}
-    attributes = {}
+    attributes, types = {}, {}
     for name, sub in module.named_modules():
+        types[name] = _type_name(sub)
         ints = {k: v for k, v in vars(sub).items() if type(v) is int and not k.startswith("_")}
         if ints:
             attributes[name] = ints
-    return {"parameters": parameters, "attributes": attributes}
+    return {"parameters": parameters, "attributes": attributes, "types": types}
 
 
 def structure_diff(before: dict, after: dict) -> dict[str, Any]:
-    """What turns structure ``before`` into ``after`` (both from ``signature``): ``parameters`` new or reshaped
-    (name -> shape), ``removed`` parameters, ``attributes`` set (module -> {attribute: value}); empty dict when
-    nothing changed."""
-    parameters = {n: s for n, s in after["parameters"].items() if before["parameters"].get(n) != s}
+    """What turns structure ``before`` into ``after`` (both from ``signature``): ``modules`` new or of another
+    class (name -> class), ``removed_modules``, ``parameters`` new or reshaped (name -> shape), ``removed``
+    parameters, ``attributes`` set (module -> {attribute: value}); empty dict when nothing changed."""
+    old_types, new_types = before.get("types", {}), after.get("types", {})
+    modules = {n: t for n, t in new_types.items() if old_types.get(n) != t}
+    removed_modules = sorted(n for n in old_types if n not in new_types)
+    parameters = {n: s for n, s in after["parameters"].items()
+                  if before["parameters"].get(n) != s or any(n.startswith(m + ".") for m in modules)}
     removed = sorted(n for n in before["parameters"] if n not in after["parameters"])
     attributes = {}
     for name, values in after["attributes"].items():
-        old = before["attributes"].get(name, {})
+        old = {} if name in modules else before["attributes"].get(name, {})
         changed = {k: v for k, v in values.items() if old.get(k) != v}
         if changed:
             attributes[name] = changed
-    diff = {}
-    if parameters:
-        diff["parameters"] = parameters
-    if removed:
-        diff["removed"] = removed
-    if attributes:
-        diff["attributes"] = attributes
+    diff: dict[str, Any] = {}
+    for key, value in (("modules", modules), ("removed_modules", removed_modules), ("parameters", parameters),
+                       ("removed", removed), ("attributes", attributes)):
+        if value:
+            diff[key] = value
     return diff
 
 
 def prefixed(diff: dict[str, Any], prefix: str) -> dict[str, Any]:
     """``diff`` with every name under ``prefix`` (e.g. a block's diff as names from the model's root)."""
     join = (lambda n: f"{prefix}.{n}" if n else prefix) if prefix else (lambda n: n)
-    out = {}
-    if "parameters" in diff:
-        out["parameters"] = {join(n): s for n, s in diff["parameters"].items()}
-    if "removed" in diff:
-        out["removed"] = [join(n) for n in diff["removed"]]
-    if "attributes" in diff:
-        out["attributes"] = {join(n): v for n, v in diff["attributes"].items()}
+    out: dict[str, Any] = {}
+    for key, value in diff.items():
+        out[key] = {join(n): v for n, v in value.items()} if isinstance(value, dict) else [join(n) for n in value]
     return out
 
 
 def merge_diffs(diffs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for diff in diffs:
-        for key in ("parameters", "attributes"):
-            if key in diff:
-                out.setdefault(key, {}).update(diff[key])
-        if "removed" in diff:
-            out["removed"] = sorted(set(out.get("removed", [])) | set(diff["removed"]))
+        for key, value in diff.items():
+            if isinstance(value, dict):
+                out.setdefault(key, {}).update(value)
+            else:
+                out[key] = sorted(set(out.get(key, [])) | set(value))
     return out
+
+
+# builders of the module classes a structural change may introduce: class name -> build(attributes) giving an
+# empty module of that class (its parameters are then made from the recorded shapes)
+MODULE_BUILDERS: dict[str, Callable[[dict[str, int]], nn.Module]] = {
+    _type_name(nn.Linear(1, 1)): lambda a: nn.Linear(a["in_features"], a["out_features"], bias=False, device="meta"),
+    _type_name(Conv1D(1, 1)): lambda a: Conv1D(a["nf"], a["nx"]).to("meta"),
+    _type_name(nn.Sequential()): lambda a: nn.Sequential(),
+    _type_name(nn.Identity()): lambda a: nn.Identity(),
+}
+
+
+def register_module_builder(cls: type, build: Callable[[dict[str, int]], nn.Module]) -> None:
+    """Let ``apply_structure`` rebuild modules of ``cls`` (a method that replaces layers by a module of its own
+    registers it): ``build(attributes)`` gets the module's recorded integer attributes."""
+    MODULE_BUILDERS[f"{cls.__module__}.{cls.__qualname__}"] = build
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module | None) -> None:
+    owner, _, leaf = name.rpartition(".")
+    parent = root.get_submodule(owner) if owner else root
+    if module is None:
+        delattr(parent, leaf)
+    else:
+        parent.add_module(leaf, module)
 
 
 def apply_structure(module: nn.Module, diff: dict[str, Any], device: torch.device | str | None = None,
                     dtype: torch.dtype | None = None) -> list[str]:
-    """Give ``module`` the structure ``diff`` describes: each listed parameter becomes an uninitialised one of the
-    recorded shape (on ``device``, default the device of the module's first parameter; in ``dtype``, default the
-    dtype of the module's first floating parameter), removed ones are dropped, attributes are set. Returns the
-    names of the parameters it made (their values must be filled in)."""
+    """Give ``module`` the structure ``diff`` describes: new modules built (``MODULE_BUILDERS``) and removed ones
+    dropped, each listed parameter made uninitialised with the recorded shape (on ``device``, default the device of
+    the module's first parameter; in ``dtype``, default its first floating parameter's), removed parameters
+    dropped, attributes set. Returns the names of the parameters it made (their values must be filled in)."""
     first = next(iter(module.parameters()), None)
     device = device if device is not None else (first.device if first is not None else "cpu")
     dtype = dtype or next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    for name in sorted(diff.get("removed_modules", []), key=lambda n: -n.count(".")):
+        _set_module(module, name, None)
+    for name, type_name in sorted(diff.get("modules", {}).items(), key=lambda item: item[0].count(".")):
+        build = MODULE_BUILDERS.get(type_name)
+        if build is None:
+            raise LmshrinkError(f"the recorded structure has a module {name} of class {type_name}, which no loaded "
+                                "method knows how to build",
+                                fix="import the package that registers it (register_module_builder)")
+        _set_module(module, name, build(diff.get("attributes", {}).get(name, {})))
     for name in diff.get("removed", []):
         owner, _, leaf = name.rpartition(".")
         sub = module.get_submodule(owner)
@@ -141,10 +179,9 @@ def apply_structure(module: nn.Module, diff: dict[str, Any], device: torch.devic
         sub = module.get_submodule(owner)
         old = sub._parameters.get(leaf)
         value = torch.empty(shape, dtype=old.dtype if old is not None else dtype, device=device)
-        if old is not None or leaf not in vars(sub):
-            sub._parameters.pop(leaf, None)
-            if leaf in vars(sub):
-                delattr(sub, leaf)
+        sub._parameters.pop(leaf, None)
+        if leaf in vars(sub):
+            delattr(sub, leaf)
         sub.register_parameter(leaf, nn.Parameter(value, requires_grad=old.requires_grad if old is not None else True))
         made.append(name)
     for name, values in diff.get("attributes", {}).items():

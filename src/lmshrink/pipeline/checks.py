@@ -28,6 +28,7 @@ def check_recipe(recipe: Recipe, layers: list[tuple[str, int]], *, dtype: str | 
     selected: dict[str, int] = {}
     pruned: dict[str, int] = {}
     pruned_before_recover: dict[str, int] = {}  # layers pruned in an earlier phase (before a recover stage)
+    changed = False  # a stage before this one changes the model (quantizes, prunes, restructures, ...)
     for index, stage in enumerate(recipe.stages):
         names = [(n, width) for n, width in layers if stage.selects(n)]
         if not names:
@@ -35,7 +36,7 @@ def check_recipe(recipe: Recipe, layers: list[tuple[str, int]], *, dtype: str | 
                               f"(targets {stage.targets}, ignore {stage.ignore})",
                               fix="check the patterns against the model's layer names, e.g. 'model.layers.0.mlp.*'")
         if isinstance(stage, PhaseStage):
-            if not selected and not pruned and not pruned_before_recover:
+            if not changed:
                 raise RecipeError(f"stage {index + 1} ({stage.method}) comes before any compression stage: there is "
                                   "nothing to recover from", fix=f"put {stage.method} stages after pruning/quantization")
             for problem in stage.check_position(index, last=index == len(recipe.stages) - 1):
@@ -46,6 +47,7 @@ def check_recipe(recipe: Recipe, layers: list[tuple[str, int]], *, dtype: str | 
             pruned_before_recover.update(pruned)
             pruned = {}  # iterative schedules: a layer may be pruned again after recovery
             continue
+        changed = True
         for name, width in names:
             if quantizes(stage) and name in pruned_before_recover and name not in pruned:
                 raise RecipeError(f"stage {index + 1} ({stage.method}) quantizes {name}, which stage "
