@@ -316,3 +316,19 @@ def test_a_replaced_module_is_rebuilt_from_its_recorded_structure():
             fresh.get_parameter(name).copy_(changed.get_parameter(name))
     x = torch.randn(3, 8)
     assert torch.equal(fresh(x), changed(x))
+
+
+def test_recovery_after_removing_blocks_matches_hidden_states_of_the_kept_blocks(tiny_dir, tmp_path):
+    from helpers import write_word_paragraphs
+
+    text = write_word_paragraphs(tmp_path / "text.txt", "the quick brown fox jumps over lazy dog pruning sets some "
+                                 "weights to zero model quality grid a language keeps most of their")
+    recover = {"method": "recover", "steps": 4, "seqlen": 32, "batch": 2, "lr": 3e-3, "eval_windows": 2, "rank": 4,
+               "alpha": 8, "eval_every": 2, "patience": 0, "loss": "kl+mse"}
+    model = load_model(str(tiny_dir), progress=False)
+    record = compress(model, [{"method": "prune-depth", "remove": [1]}, recover], output=tmp_path / "out",
+                      calibration=f"file:{text}", nsamples=4, seqlen=32, progress=False)
+    assert record["structure"]["blocks_kept"] == [0, 2]
+    assert record["recover"][0]["steps_run"] == 4
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.equal(_logits(plain), _logits(model.model))

@@ -338,6 +338,15 @@ def _print_compression(record: dict) -> None:
         types = ", ".join(f"{name} {100 * value:.1f}%" for name, value in sparsity["by_type"].items())
         console.print(f"measured sparsity of the {sparsity['layers']} pruned layers "
                       f"({', '.join(sparsity['patterns'])}): {100 * sparsity['overall']:.2f}% overall; {types}")
+    structure = record.get("structure")
+    if structure:
+        widths = "; ".join(f"{w.get('heads')} heads / {w.get('kv_heads')} KV, FFN {w.get('ffn')}"
+                           for w in structure["widths"][:3]) + (" ..." if len(structure["widths"]) > 3 else "")
+        console.print(f"structure: {structure['parameters_before'] / 1e6:.2f}M -> "
+                      f"{structure['parameters_after'] / 1e6:.2f}M parameters "
+                      f"({100 * structure['block_parameters_removed']:.2f}% of the block parameters removed), "
+                      f"{structure['blocks']} blocks, {'uniform' if structure['uniform'] else 'per-layer'} widths "
+                      f"({widths}); loads with {structure['loads_with']}")
     storage = record["summary"].get("sparse_storage")
     if storage:
         console.print(f"pruned layers stored {storage['format']}: {storage['stored_bytes'] / 2**20:.2f} MiB "

@@ -307,6 +307,7 @@ class Engine:
                    dynamic_ncols=True)
         for index in range(first, len(blocks)):
             block_start = time.perf_counter()
+            records_before = len(layers)
             block = blocks[index]
             self._load(index, block)
             shape_before = signature(block)  # what the stages change in the block's structure is found from this
@@ -416,6 +417,9 @@ class Engine:
             release_free_heap()  # the final forwards' and the block copy's memory
             errors = " ".join(f"{n.rsplit('.', 1)[-1]}={r.rel_output_error:.4f}" for n, r in block_results.items()
                               if r.rel_output_error is not None)
+            errors += "".join(f" {line['name'].rsplit('.', 1)[-1]}={line['rel_output_error']:.4f}"
+                              for line in layers[records_before:]
+                              if line["name"] not in block_results and line.get("rel_output_error") is not None)
             if self.progress:
                 bar.write(f"block {index + 1}/{len(blocks)} ({time.perf_counter() - block_start:.1f}s) "
                           f"rel. output error: {errors}")

@@ -163,7 +163,8 @@ class RecoverStage(PhaseStage):
                          progress=session.progress, max_context=session.max_context,
                          adapter_out=session.adapter_files, state_dir=state_dir,
                          state_key=_state_key(session, number), resume=session.resume,
-                         teacher_cache=caches.get(number), requantize_on_grid=session.requantize_on_grid)
+                         teacher_cache=caches.get(number), requantize_on_grid=session.requantize_on_grid,
+                         teacher_blocks=session.state.get("block_sources"))
         if number in caches:
             record["teacher_cache"].update(teacher_block_bytes=session.state["teacher_bytes"],
                                            teacher_blocks_freed=bool(session.state.get("teacher_freed")))

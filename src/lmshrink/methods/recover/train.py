@@ -246,7 +246,7 @@ def recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage
             default_data: str, data_dir=None, device: str | torch.device = "cpu", progress: bool = True,
             max_context: int | None = None, adapter_out: dict | None = None, state_dir: Path | None = None,
             state_key: str = "", resume: bool = False, teacher_cache: TopKCache | None = None,
-            requantize_on_grid=None) -> dict:
+            requantize_on_grid=None, teacher_blocks: list[int] | None = None) -> dict:
     """Train LoRA adapters on ``model`` (the compressed student, changed in place) to match ``teacher``; merge them
     (updating ``results``) or, with ``merge: false``, put their PEFT files into ``adapter_out`` (file name -> bytes)
     and leave the student's weights as they were. Returns the stage's record.
@@ -255,7 +255,8 @@ def recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage
     training ends (tagged with ``state_key``); with ``resume``, a state found there is continued from, giving the
     same result as an uninterrupted run (unless ``max_seconds`` is set: time-based decisions are not reproducible).
     ``requantize_on_grid(model, targets)``: the engine-backed GPTQ sweep on the stored grids that ``requantize: gptq``
-    merges use (``methods.recover.requant``; the pipeline provides it).
+    merges use (``methods.recover.requant``; the pipeline provides it). ``teacher_blocks``: the teacher's block
+    matching each student block, when blocks were removed (the hidden-state loss compares those pairs).
 
     With ``teacher_cache: topk``, ``teacher_cache`` is the stage's cache (``prepare_teacher_cache``; the teacher's
     blocks may then be freed already). Without it, the cache is written here: beside ``state_dir``
@@ -275,17 +276,17 @@ def recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage
             return _recover(model, teacher, tokenizer, stage, results, default_data=default_data, data_dir=data_dir,
                             device=device, progress=progress, max_context=max_context, adapter_out=adapter_out,
                             state_dir=state_dir, state_key=state_key, resume=resume, teacher_cache=teacher_cache,
-                            requantize_on_grid=requantize_on_grid)
+                            requantize_on_grid=requantize_on_grid, teacher_blocks=teacher_blocks)
     return _recover(model, teacher, tokenizer, stage, results, default_data=default_data, data_dir=data_dir,
                     device=device, progress=progress, max_context=max_context, adapter_out=adapter_out,
                     state_dir=state_dir, state_key=state_key, resume=resume, teacher_cache=teacher_cache,
-                    requantize_on_grid=requantize_on_grid)
+                    requantize_on_grid=requantize_on_grid, teacher_blocks=teacher_blocks)
 
 
 def _recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage, results: dict, *,
              default_data: str, data_dir, device, progress: bool, max_context: int | None, adapter_out: dict | None,
              state_dir: Path | None, state_key: str, resume: bool, teacher_cache: TopKCache | None,
-             requantize_on_grid=None) -> dict:
+             requantize_on_grid=None, teacher_blocks: list[int] | None = None) -> dict:
     from tqdm.auto import tqdm
 
     # the stage's clock (max_seconds) includes the writing of its teacher cache, as other data preparation
@@ -306,6 +307,8 @@ def _recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStag
         raise LmshrinkError(f"the top-k teacher cache in {teacher_cache.folder} was written for other windows or "
                             "options than this recover stage's",
                             fix=f"delete {teacher_cache.folder} and run again")
+    if teacher_blocks is not None:  # hidden states are compared between the student's blocks and their sources
+        teach.blocks = [teach.blocks[i] for i in teacher_blocks]
     model.to(device).eval()
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]  # PEFT freezes them; restored at the end
     peft_model = lora.attach(model, names, stage.rank, stage.alpha, masks)
