@@ -12,7 +12,9 @@ def _preset(summary: str, *stages: dict) -> dict:
     return {"summary": summary, "stages": list(stages)}
 
 
-_WIDTH = {"method": "prune-width", "importance": "fluctuation", "repair": "lstsq", "widths": "uniform"}
+# FFN widths in multiples of 32: llama.cpp's quantized blocks and GPTQ groups of 32 fit them (docs/decisions.md)
+_WIDTH = {"method": "prune-width", "importance": "fluctuation", "repair": "lstsq", "widths": "uniform",
+          "multiple": 32}
 # the P1 recovery settings of docs/recovery.md, with a one-hour budget
 _RECOVER_HOUR = {"method": "recover", "max_seconds": 3600, "steps": 100000, "eval_every": 10, "patience": 4,
                  "seqlen": 256, "batch": 4, "lr": 5e-4, "gradient_checkpointing": False}
