@@ -332,3 +332,26 @@ def test_recovery_after_removing_blocks_matches_hidden_states_of_the_kept_blocks
     assert record["recover"][0]["steps_run"] == 4
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert torch.equal(_logits(plain), _logits(model.model))
+
+
+def test_full_recovery_trains_the_weights_and_keeps_pruned_zeros(tiny_dir, tmp_path):
+    from helpers import write_word_paragraphs
+
+    text = write_word_paragraphs(tmp_path / "text.txt", "the quick brown fox jumps over lazy dog pruning sets some "
+                                 "weights to zero model quality grid a language keeps most of their")
+    recover = {"method": "recover", "adapter": "full", "steps": 8, "seqlen": 32, "batch": 4, "lr": 1e-3,
+               "eval_windows": 4, "eval_every": 4, "patience": 0}
+    model = load_model(str(tiny_dir), progress=False)
+    record = compress(model, [{"method": "sparsegpt", "sparsity": 0.5}, recover], output=tmp_path / "out",
+                      calibration=f"file:{text}", nsamples=4, seqlen=32, progress=False)
+    stage = record["recover"][0]
+    assert stage["held_out_after_merge"]["kl"] < stage["held_out_before"]["kl"]
+    assert stage["merge"]["mode"] == "full" and stage["merge"]["mean_rel_weight_change"] > 0
+    for name, result in record["results"].items():
+        weight = model.model.get_submodule(name).weight
+        assert torch.equal(weight, result.weight) and bool((weight[result.mask] == 0).all())
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), _logits(model.model))
+    with pytest.raises(LmshrinkError, match="quantized"):
+        compress(load_model(str(tiny_dir), progress=False), [{"method": "rtn", "bits": 8, "group_size": -1,
+                                                              "symmetric": True}, recover],
+                 calibration=f"file:{text}", nsamples=4, seqlen=32, progress=False)

@@ -47,7 +47,7 @@ from lmshrink.methods.recover.memory import memory_report
 from lmshrink.methods.recover.state import load_state, save_state
 from lmshrink.methods.recover.teacher_cache import TopKCache, check_released, open_cache, write_cache
 from lmshrink.methods.recover.text import StageWindows, stage_windows, teacher_cache_key
-from lmshrink.models.adapters import get_adapter, iter_linears
+from lmshrink.models.adapters import get_adapter, iter_linears, linear_weight
 
 if TYPE_CHECKING:  # the stage imports this module when it runs
     from lmshrink.methods.recover.stage import RecoverStage
@@ -311,7 +311,10 @@ def _recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStag
         teach.blocks = [teach.blocks[i] for i in teacher_blocks]
     model.to(device).eval()
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]  # PEFT freezes them; restored at the end
-    peft_model = lora.attach(model, names, stage.rank, stage.alpha, masks)
+    full = stage.adapter == "full"
+    weights_before = {n: linear_weight(model.get_submodule(n)).float().clone() for n in names} if full else {}
+    peft_model = (lora.attach_full(model, names, masks, results) if full
+                  else lora.attach(model, names, stage.rank, stage.alpha, masks))
     params = lora.trainable_parameters(peft_model)
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
     student = Forward(peft_model)
@@ -416,7 +419,10 @@ def _recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStag
         "memory": memory,
         "teacher_cache": teacher_cache.record() if teacher_cache is not None else {"mode": "none"},
     }
-    if stage.merge:
+    if full:  # the weights were trained in place: nothing to merge
+        record["merge"] = lora.finish_full(model, names, results, masks, weights_before)
+        record["held_out_after_merge"] = after
+    elif stage.merge:
         merged_model, record["merge"] = lora.merge(peft_model, names, results, masks, stage.requantize,
                                                    requantize_on_grid=requantize_on_grid)
         record["held_out_after_merge"] = held_out_metrics(merged_model, teacher, eval_ids, stage.batch, device,
