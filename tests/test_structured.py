@@ -355,3 +355,21 @@ def test_full_recovery_trains_the_weights_and_keeps_pruned_zeros(tiny_dir, tmp_p
         compress(load_model(str(tiny_dir), progress=False), [{"method": "rtn", "bits": 8, "group_size": -1,
                                                               "symmetric": True}, recover],
                  calibration=f"file:{text}", nsamples=4, seqlen=32, progress=False)
+
+
+def test_pruned_folder_quantizes_and_exports_to_gguf(calib_file, tmp_path):
+    import gguf
+
+    from lmshrink.formats.gguf_export import export_gguf
+
+    source = save_tiny_llama(tmp_path / "dense", hidden_size=64, intermediate_size=256)
+    compress(load_model(str(source), progress=False), [{"method": "prune-width", "ratio": 0.25, "multiple": 32}],
+             output=tmp_path / "pruned", calibration=f"file:{calib_file}", nsamples=4, seqlen=32, progress=False)
+    compress(str(tmp_path / "pruned"), "rtn-w4g32", output=tmp_path / "quantized", calibration=f"file:{calib_file}",
+             nsamples=4, seqlen=32, progress=False)
+    width = json.loads((tmp_path / "pruned" / "config.json").read_text())["intermediate_size"]
+    assert width % 32 == 0 and width < 256
+    export_gguf(tmp_path / "quantized", tmp_path / "model.gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    field = reader.fields["llama.feed_forward_length"]
+    assert int(field.parts[field.data[0]][0]) == width
