@@ -240,7 +240,7 @@ def test_resume_and_streaming_are_bit_identical(name, tiny_dir, calib_file, tmp_
 
 
 def test_repair_lowers_the_output_error_and_second_order_is_the_refit_error():
-    weight, x, hessian = correlated_layer(rows=12, cols=16, tokens=512)
+    weight, x, _ = correlated_layer(rows=12, cols=16, tokens=512)
     stats = InputStats(mean=x.mean(0), var=x.var(0, unbiased=False), mean_abs=x.abs().mean(0),
                        mean_sq=x.square().mean(0), second=x.t() @ x / x.shape[0])
     keep = torch.tensor([j for j in range(16) if j not in (2, 5, 11)])

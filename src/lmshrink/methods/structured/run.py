@@ -105,7 +105,7 @@ def plan_width(stage, job, number: int) -> None:
     model, prefix = job.model, job.prefix
     blocks = list(job.blocks)
     layout = None
-    selected, shapes, unit_sets = [], [], []
+    selected, shapes = [], []
     for index, block in enumerate(blocks):
         layout = width_layout(job.adapter, block)
         if not (stage.selects(f"{prefix}.{index}.{layout.o}") or stage.selects(f"{prefix}.{index}.{layout.ffn_out}")):
@@ -115,7 +115,6 @@ def plan_width(stage, job, number: int) -> None:
         if _adds_bias(stage):  # what a bias on each reader brings along for the config to state it
             stage.bias_companions().update({u.reader: bias_companions(model, block, u.reader) for u in units.values()})
         selected.append(index)
-        unit_sets.append(units)
         shapes.append(_shape(stage, model, block, units))
     if not selected:
         raise LmshrinkError(f"prune-width selects no block's o_proj/down_proj (targets {stage.targets})",
@@ -165,8 +164,9 @@ def plan_width(stage, job, number: int) -> None:
                     lambda index, block, stats: _proxy_steps(stage, block, stats, layout) if index in selected
                     else None)
                 proxies = [p for p in proxies if p is not None]
-                head_cost = lambda h: sum(float(p["heads"][:h].sum()) for p in proxies)  # noqa: E731
-                channel_cost = lambda c: sum(float(p["channels"][:c].sum()) for p in proxies)  # noqa: E731
+                head_cost = lambda h: sum(float(p["heads"][:h].sum()) for p in proxies)
+                channel_cost = lambda c: sum(float(p["channels"][:c].sum()) for p in proxies
+                                             if "channels" in p)
             heads, channels, records = uniform_plan(shapes, target, heads_given, head_cost, channel_cost)
             if channel_steps_given is not None:
                 channels = channel_steps_given

@@ -24,8 +24,7 @@ Repair of the reading linear, for the kept columns K (removed R), on the calibra
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -313,25 +312,3 @@ def remove(block: nn.Module, layout: WidthLayout, units: Units, removed: list[in
     record["kept"] = len(keep_units)
     record["removed"] = len(removed)
     return record
-
-
-@dataclass
-class BlockPlan:
-    """Steps removed per kind in one block."""
-
-    heads: int = 0
-    channels: int = 0
-    records: dict = field(default_factory=dict)
-
-
-def kept_block_params(base: int, head_cost: int, channel_cost: int, heads: int, channels: int,
-                      added: int) -> int:
-    return base - heads * head_cost - channels * channel_cost + added
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b) if b else 0
-
-
-def isclose(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12)
