@@ -168,7 +168,7 @@ def test_budgets_are_met_exactly(calib_file):
 
 def test_per_layer_widths_load_with_lmshrink_only(tiny_dir, calib_file, tmp_path):
     model = load_model(str(tiny_dir), progress=False)
-    record = compress(model, [{"method": "prune-width", "ratio": 0.3, "widths": "per-layer",
+    record = compress(model, [{"method": "prune-width", "ratio": 0.3, "widths": "per-layer", "multiple": 32,
                                "importance": "second-order"}], output=tmp_path / "out",
                       calibration=f"file:{calib_file}", nsamples=4, seqlen=32, progress=False)
     assert not record["structure"]["uniform"] and not record["structure"]["plain_transformers"]
@@ -177,6 +177,15 @@ def test_per_layer_widths_load_with_lmshrink_only(tiny_dir, calib_file, tmp_path
     assert torch.equal(_logits(reloaded), _logits(model.model))
     with pytest.raises(RuntimeError):
         AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    # the folder compresses further, in memory or streamed from disk, and keeps its recorded widths
+    for offload in ("none", "disk"):
+        quantized = load_model(str(tmp_path / "out"), progress=False) if offload == "none" else str(tmp_path / "out")
+        compress(quantized, "rtn-w4g32", output=tmp_path / f"q-{offload}", calibration=f"file:{calib_file}",
+                 nsamples=4, seqlen=32, progress=False, offload=offload)
+    quantized_model = load_model(str(tmp_path / "q-none"), progress=False).model
+    assert torch.equal(_logits(load_model(str(tmp_path / "q-disk"), progress=False).model), _logits(quantized_model))
+    for ours, theirs in zip(quantized_model.model.layers, reloaded.model.layers):
+        assert ours.mlp.down_proj.weight.shape == theirs.mlp.down_proj.weight.shape
 
 
 def test_depth_removes_blocks_and_the_config_follows(calib_file, tmp_path):

@@ -19,9 +19,11 @@ from lmshrink.models.loader import (
     SafetensorsWeights,
     count_parameters,
     fill_meta_tensors,
+    has_structure,
     max_context,
     meta_model,
     parse_dtype,
+    replace_tensor,
     resolve,
     wrap_model,
 )
@@ -47,8 +49,32 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
     kind, where = resolve(source)
     # pruned weights stored as bitmask + values: transformers loads the rest, the bitmask layers are decoded exactly
     build = load_bitmask_model if kind == "hf-folder" and is_bitmask_folder(where) else None
+    if kind == "hf-folder" and has_structure(where):  # widths the config cannot state: transformers refuses them
+        build = load_structured_model
     return loader.load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                              progress=progress, lazy_blocks=lazy_blocks, build=build)
+
+
+def load_structured_model(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                          **_):
+    """A folder whose config records a structure it cannot state (``models.structure``: per-layer widths, OPT or
+    GPT-2 heads): built from the config with that structure, every tensor read from the files, quantized layers
+    decoded from their codes and bitmask-stored layers from their bitmasks (plain transformers refuses such a
+    folder)."""
+    folder = Path(folder)
+    model, _ = meta_model(folder, dtype, trust_remote_code, drop_quantization=True)
+    fill_meta_tensors(model, SafetensorsWeights(folder), skip=lambda name: False)
+    if is_compressed_tensors_folder(folder):
+        for name, result in iter_quantized_results(folder):
+            module = model.get_submodule(name)
+            replace_tensor(model, module.weight, result.dense().to(module.weight.dtype))
+    if is_bitmask_folder(folder):
+        fill_bitmask_weights(model, folder)
+    missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
+    if missing:
+        raise LmshrinkError(f"{folder} lacks tensors its recorded structure needs: {missing[:5]}",
+                            fix="the folder is incomplete; write it again")
+    return model.eval()
 
 
 def as_loaded(model: LoadedModel | str | torch.nn.Module, tokenizer=None, **load_kwargs) -> LoadedModel:
