@@ -226,7 +226,8 @@ def test_depth_scores_choose_the_least_influential_blocks(calib_file):
 RESUMED = {
     "per-layer": [{"method": "prune-width", "ratio": 0.3, "widths": "per-layer", "gqa": "groups",
                    "repair": "lstsq+bias"}],
-    "depth-then-width": [{"method": "prune-depth", "blocks": 1}, {"method": "prune-width", "ratio": 0.2},
+    "depth-then-width": [{"method": "prune-depth", "blocks": 1}, {"method": "prune-width", "ratio": 0.2,
+                                                                   "fp_target": True},
                          {"method": "rtn", "bits": 8, "group_size": -1, "symmetric": True, "targets": ["*mlp*"]}],
 }
 

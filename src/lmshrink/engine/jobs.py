@@ -53,7 +53,8 @@ class BlockJob:
 
     def collect(self, needs: frozenset[Stat], modules: dict[str, nn.Module]) -> dict[str, GroupStats]:
         """Statistics ``needs`` of each module's input (relative names) over all calibration batches, as the block
-        is now. ``Stat.FP_TARGET`` is not available to block stages."""
+        is now. ``Stat.FP_TARGET`` (the same modules' inputs in the uncompressed model, paired token by token) is
+        available when the stage's ``needs()`` includes it."""
         return self._collect(needs, modules)
 
 

@@ -341,7 +341,10 @@ class Engine:
                     if task.block:
                         every = set(range(len(all_groups)))  # a block stage may change any group: nothing reused
                         _for_memos((memo, reference_memo), "begin_pass", every)
-                        outcome = self._run_block_stage(task, index, block, hidden, args, kwargs, handover, memo)
+                        reference = ((original, reference_hidden, reference_memo)
+                                     if Stat.FP_TARGET in stage.needs() else None)
+                        outcome = self._run_block_stage(task, index, block, hidden, args, kwargs, handover, memo,
+                                                        reference)
                         _for_memos((memo, reference_memo), "end_pass")
                         changed.update(outcome.changed)
                         for name, result in outcome.results.items():
@@ -458,15 +461,18 @@ class Engine:
                        "rel_output_error": extra.get("rel_output_error"), **extra})
 
     def _run_block_stage(self, task: Task, index: int, block: nn.Module, hidden: list[torch.Tensor], args, kwargs,
-                         handover: dict, memo: PassMemo | None):
+                         handover: dict, memo: PassMemo | None, reference=None):
         def forward(batch: int, h: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 return _final_forward(block, batch, h, args, kwargs, self.device, memo)
 
         def collect_block(needs: frozenset[Stat], modules: dict[str, nn.Module]) -> dict[str, GroupStats]:
-            if Stat.FP_TARGET in needs:
-                raise ValueError(f"stage {task.stage.method!r}: block stages cannot ask for Stat.FP_TARGET")
-            return collect(block, modules, needs, hidden, args, kwargs, self.device, stop_at=None, memo=memo)
+            if Stat.FP_TARGET in needs and reference is None:
+                raise ValueError(f"stage {task.stage.method!r} asks for Stat.FP_TARGET in its block solve but not in "
+                                 "its needs()")
+            # with Stat.FP_TARGET: the block's copy from before any stage changed it runs on the uncompressed stream
+            return collect(block, modules, needs, hidden, args, kwargs, self.device, stop_at=None, memo=memo,
+                           reference=reference if Stat.FP_TARGET in needs else None)
 
         job = BlockJob(index=index, prefix=f"{self.adapter.block_path(self.model)}.{index}", block=block,
                        groups=task.groups, adapter=self.adapter, inputs=hidden, state=handover, device=self.device,

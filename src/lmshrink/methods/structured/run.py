@@ -84,6 +84,8 @@ def _needs(stage) -> frozenset[Stat]:
     needs = {Stat.CHANNELS}
     if stage.importance == "second-order" or stage.repair.startswith("lstsq"):
         needs.add(Stat.HESSIAN)
+    if stage.fp_target:
+        needs.add(Stat.FP_TARGET)
     return frozenset(needs)
 
 
@@ -181,7 +183,7 @@ def plan_width(stage, job, number: int) -> None:
             raise LmshrinkError(f"prune-width: the budget leaves {target} of the pruned blocks' {total} parameters",
                                 fix="give a budget between nothing and everything")
         steps = job.statistics_pass(
-            _needs(stage) if stage.importance == "second-order" else frozenset({Stat.CHANNELS}),
+            _needs(stage) - {Stat.FP_TARGET} if stage.importance == "second-order" else frozenset({Stat.CHANNELS}),
             lambda name: name.endswith((layout.o, layout.ffn_out)),
             lambda index, block, stats: _allocation_steps(stage, block, stats, layout) if index in selected
             else None)

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, PrivateAttr, model_validator
 
-from lmshrink.core.stage import BlockOutcome, Scope, StageBase, register_stage
+from lmshrink.core.stage import BlockOutcome, Scope, StageBase, Stat, register_stage
 
 _BUDGET = "give one of ratio, params (or, for prune-width, channels_removed / heads_removed)"
 
@@ -53,6 +53,10 @@ class WidthStage(StageBase):
     multiple: int = Field(1, ge=1, description="FFN channels are removed in steps of this many (e.g. 32 keeps "
                           "widths that vector units like)")
     true_sequential: bool = Field(True, description="collect the FFN's statistics after the heads are removed")
+    fp_target: bool = Field(False, description="lstsq repair aims at the unpruned model: the reading linear is refit "
+                            "so that its outputs on the pruned model's inputs match the unpruned layer's outputs "
+                            "on the unpruned model's inputs (errors of earlier blocks are corrected too; about "
+                            "twice the engine time)")
     damp_percent: float = Field(0.01, gt=0, le=1, description="damping of the least-squares systems: this "
                                 "fraction of the mean Hessian diagonal")
     # set before the block loop: the projections that get a zero bias beside each reader the repair gives one
@@ -75,13 +79,24 @@ class WidthStage(StageBase):
             raise ValueError(f"per-layer widths need a budget: {_BUDGET}")
         if not self.structures:
             raise ValueError("structures is empty: name heads, channels or both")
+        if self.fp_target and self.repair != "lstsq":
+            raise ValueError(f"fp_target applies to the lstsq repair, not {self.repair!r}: use repair: lstsq, or "
+                             "fp_target: false")
         return self
+
+    def needs(self) -> frozenset[Stat]:
+        # the engine keeps the unpruned stream only for stages that ask; the block solve collects the rest itself
+        return frozenset({Stat.FP_TARGET}) if self.fp_target else frozenset()
 
     def inapplicable_options(self) -> set[str]:
         return set() if self.widths == "uniform" else {"heads_removed", "channels_removed"}
 
     def objective(self) -> str | None:
-        return None if self.repair == "none" else "E||W x - W'_K x_K||^2 of each reading linear (repair)"
+        if self.repair == "none":
+            return None
+        if self.fp_target:
+            return "E||W x - W'_K x~_K||^2 of each reading linear, x: its inputs in the unpruned model (repair)"
+        return "E||W x - W'_K x_K||^2 of each reading linear (repair)"
 
     def before_blocks(self, job, number: int) -> None:
         from lmshrink.methods.structured.run import plan_width

@@ -135,6 +135,9 @@ class InputStats:
     mean_abs: torch.Tensor
     mean_sq: torch.Tensor
     second: torch.Tensor | None = None
+    # Stat.FP_TARGET: E[x x~^T] and E[x x^T], x: the same inputs in the unpruned model, x~: these
+    cross: torch.Tensor | None = None
+    reference_second: torch.Tensor | None = None
 
     @classmethod
     def from_stats(cls, stats) -> "InputStats":
@@ -142,12 +145,19 @@ class InputStats:
         tokens = float(channels.tokens)
         mean = channels.sum / tokens
         mean_sq = channels.sq_sum / tokens
-        second = None
+        second = cross = reference = None
         if stats.hessian_accumulator is not None:
-            acc = stats.hessian_accumulator
-            second = stats.hessian * (acc.nsamples / (2.0 * acc.tokens))  # undo the running 2/nsamples scale
+            second = _per_token(stats.hessian, stats.hessian_accumulator)
+        if stats.fp_target is not None:
+            cross = _per_token(stats.fp_target.cross.cross, stats.fp_target.cross)
+            reference = _per_token(stats.fp_target.reference.hessian, stats.fp_target.reference)
         return cls(mean=mean, var=(mean_sq - mean.square()).clamp_min(0), mean_abs=channels.abs_sum / tokens,
-                   mean_sq=mean_sq, second=second)
+                   mean_sq=mean_sq, second=second, cross=cross, reference_second=reference)
+
+
+def _per_token(matrix: torch.Tensor, accumulator) -> torch.Tensor:
+    """An accumulated ``(2 / nsamples) sum x y^T`` as the mean over tokens ``E[x y^T]``."""
+    return matrix * (accumulator.nsamples / (2.0 * accumulator.tokens))
 
 
 def _damped_inverse(second: torch.Tensor, damp: float) -> torch.Tensor:
@@ -234,7 +244,8 @@ def refit(weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor, s
             raise ValueError("a least-squares repair needs the reader's input Hessian")
         second = stats.second.double()
         h_kk = second[keep][:, keep]
-        rhs = second[keep] @ w.t()  # [|K|, out]
+        # the target is W x on these inputs, or (fp_target) on the unpruned model's: E[x~_K x^T] W^T
+        rhs = (stats.cross.double()[:, keep].t() if stats.cross is not None else second[keep]) @ w.t()  # [|K|, out]
         if repair == "lstsq+bias":
             size = len(keep)
             system = torch.zeros(size + 1, size + 1, dtype=torch.float64)
@@ -252,7 +263,18 @@ def refit(weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor, s
         if repair == "lstsq+bias":
             new_b = b + solution[len(keep)]
     record = {}
-    if stats.second is not None:
+    if stats.cross is not None and stats.reference_second is not None and stats.second is not None:
+        reference, cross, second = (stats.reference_second.double(), stats.cross.double(), stats.second.double())
+        base = float(torch.einsum("oi,ij,oj->", w, reference, w))
+
+        def aimed(kept_w):  # E||W x - W'_K x~_K||^2 / E||W x||^2
+            cross_term = float(torch.einsum("oi,ij,oj->", w, cross[:, keep], kept_w))
+            own = float(torch.einsum("oi,ij,oj->", kept_w, second[keep][:, keep], kept_w))
+            return max(base - 2 * cross_term + own, 0.0) / max(base, 1e-30)
+
+        record = {"rel_output_error_before_repair": aimed(w[:, keep]), "rel_output_error": aimed(new_w),
+                  "error_target": "the unpruned model's outputs (fp_target)"}
+    elif stats.second is not None:
         augmented = torch.zeros(n + 1, n + 1, dtype=torch.float64)
         augmented[:n, :n] = stats.second.double()
         augmented[:n, n] = mean
