@@ -416,6 +416,14 @@ def _print_compression(record: dict) -> None:
         types = ", ".join(f"{name} {100 * value:.1f}%" for name, value in sparsity["by_type"].items())
         _say(f"measured sparsity of the {sparsity['layers']} pruned layers ({', '.join(sparsity['patterns'])}): "
              f"{100 * sparsity['overall']:.2f}% overall; {types}")
+    structure = record.get("structure")
+    if structure:
+        widths = "; ".join(f"{w.get('heads')} heads / {w.get('kv_heads')} KV, FFN {w.get('ffn')}"
+                           for w in structure["widths"][:3]) + (" ..." if len(structure["widths"]) > 3 else "")
+        _say(f"structure: {structure['parameters_before'] / 1e6:.2f}M -> {structure['parameters_after'] / 1e6:.2f}M "
+             f"parameters ({100 * structure['block_parameters_removed']:.2f}% of the block parameters removed), "
+             f"{structure['blocks']} blocks, {'uniform' if structure['uniform'] else 'per-layer'} widths "
+             f"({widths}); loads with {structure['loads_with']}")
     storage = summary.get("sparse_storage")
     if storage:
         _say(f"pruned layers stored {storage['format']}: {_mib(storage['stored_bytes'])} "

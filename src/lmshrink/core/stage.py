@@ -49,7 +49,7 @@ class Stat(str, enum.Enum):
 
     HESSIAN = "hessian"  # H = (2/n) X~^T X~ of the layer's inputs in the model being compressed, and token count
     FP_TARGET = "fp_target"  # C = X^T X~ and X^T X, X: the same layer's inputs in the uncompressed model
-    CHANNELS = "channels"  # per input channel: sum of squares, sum of |x|, min, max (and the token count)
+    CHANNELS = "channels"  # per input channel: sum, sum of squares, sum of |x|, min, max (and the token count)
 
 
 def match(pattern: str, name: str) -> bool:
@@ -142,7 +142,7 @@ class LayerStats(Protocol):
     hessian: "torch.Tensor | None"  # Stat.HESSIAN
     tokens: int | None
     fp_target: Any  # Stat.FP_TARGET: an object with ``cross``, ``reference`` (Hessian-like) and ``identical``
-    channels: Any  # Stat.CHANNELS: an object with ``sq_sum``, ``abs_sum``, ``min``, ``max``, ``tokens``
+    channels: Any  # Stat.CHANNELS: an object with ``sum``, ``sq_sum``, ``abs_sum``, ``min``, ``max``, ``tokens``
 
 
 class LayerJob(Protocol):
@@ -177,8 +177,14 @@ class BlockJob(Protocol):
 class BlockOutcome(BaseModel):
     """What a block stage did: results for the layers it compressed (relative names), and the names of other
     block tensors it changed in place (e.g. a norm weight that absorbed a scale), which the engine checkpoints and
-    writes. ``record``: JSON-friendly facts about the block as a whole (e.g. the scales chosen per group of
-    layers), kept in the run record's ``block_stages`` list."""
+    writes. ``records``: record lines by layer, also for layers changed without a result. ``record``: JSON-friendly
+    facts about the block as a whole (e.g. the scales chosen per group of layers), kept in the run record's
+    ``block_stages`` list.
+
+    A block stage may also change the block's structure (parameters of new shapes, e.g. heads or channels removed,
+    and the modules' integer attributes that go with them); the engine finds those changes itself (it compares
+    the block's shapes and attributes before and after), checkpoints the reshaped parameters whole and re-applies
+    the structure on resume, so they need not be listed here."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
     results: dict[str, Any] = Field(default_factory=dict)
@@ -194,9 +200,12 @@ class ModelJob(Protocol):
     adapter: Any
     blocks: Any
     prefix: str
+    calibration: "torch.Tensor | None"  # the calibration windows' token ids
 
     def statistics_pass(self, needs: frozenset[Stat], select: Callable[[str], bool],
-                        observe: Callable[[int, "nn.Module", dict[str, LayerStats]], Any]) -> list[Any]: ...
+                        observe: Callable[..., Any], streams: bool = False) -> list[Any]: ...
+
+    def drop_blocks(self, blocks: list[int]) -> None: ...
 
     def set_block_options(self, number: int, block: int, options: dict[str, Any]) -> None: ...
 

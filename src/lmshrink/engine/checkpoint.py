@@ -99,18 +99,22 @@ class Checkpoint:
 
     def save_block(self, index: int, results: dict[str, Any], hidden: list[torch.Tensor], state: dict,
                    reference_hidden: list[torch.Tensor] | None = None,
-                   tensors: dict[str, torch.Tensor] | None = None) -> None:
+                   tensors: dict[str, torch.Tensor] | None = None, structure: dict | None = None) -> None:
         """Save block ``index``'s layer results (each kind in its checkpoint form), the other block tensors stages
         changed (``tensors``, full names), the next block's inputs and the state. ``reference_hidden``: the next
-        block's inputs in the uncompressed model (asymmetric calibration, ``fp_target``), kept beside them."""
+        block's inputs in the uncompressed model (asymmetric calibration, ``fp_target``), kept beside them.
+        ``structure``: how the stages changed the block's structure (``models.structure.structure_diff``), re-applied
+        on resume before the tensors are restored."""
         stored, meta = {}, {}
         for name, result in results.items():
             parts, layer_meta = result.to_state()
             stored.update({f"{name}.{key}": value for key, value in parts.items()})
             meta[name] = {"kind": result.kind, **layer_meta}
         stored.update({f"{_TENSOR}{name}": value for name, value in (tensors or {}).items()})
-        _atomic_safetensors(self.folder / f"block_{index:04d}.safetensors", stored,
-                            {"layers": json.dumps(meta, default=str)})
+        metadata = {"layers": json.dumps(meta, default=str)}
+        if structure:
+            metadata["structure"] = json.dumps(structure)
+        _atomic_safetensors(self.folder / f"block_{index:04d}.safetensors", stored, metadata)
         streams = {"hidden": torch.cat(hidden)}
         if reference_hidden is not None:
             streams["reference_hidden"] = torch.cat(reference_hidden)
@@ -138,6 +142,16 @@ class Checkpoint:
             results[name] = RESULT_KINDS[kind].from_state(parts, layer_meta)
         tensors = {key[len(_TENSOR):]: value for key, value in stored.items() if key.startswith(_TENSOR)}
         return results, tensors
+
+    def load_structure(self, index: int) -> dict:
+        """How the stages changed block ``index``'s structure (empty when they did not)."""
+        path = self.folder / f"block_{index:04d}.safetensors"
+        try:
+            with safe_open(str(path), "pt") as handle:
+                return json.loads((handle.metadata() or {}).get("structure", "{}"))
+        except (OSError, SafetensorError) as exc:
+            raise LmshrinkError(f"{path} from the saved progress cannot be read ({type(exc).__name__}: {exc})",
+                                fix=f"run again without --resume to start over, or delete {self.folder}") from exc
 
     def _read(self, path: Path) -> dict[str, torch.Tensor]:
         try:

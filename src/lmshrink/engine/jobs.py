@@ -53,7 +53,8 @@ class BlockJob:
 
     def collect(self, needs: frozenset[Stat], modules: dict[str, nn.Module]) -> dict[str, GroupStats]:
         """Statistics ``needs`` of each module's input (relative names) over all calibration batches, as the block
-        is now. ``Stat.FP_TARGET`` is not available to block stages."""
+        is now. ``Stat.FP_TARGET`` (the same modules' inputs in the uncompressed model, paired token by token) is
+        available when the stage's ``needs()`` includes it."""
         return self._collect(needs, modules)
 
 
@@ -65,15 +66,26 @@ class ModelJob:
     prefix: str
     progress: bool
     _statistics_pass: Callable
+    _drop_blocks: Callable[[list[int]], None]
     block_options: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+    calibration: torch.Tensor | None = None  # the calibration windows' token ids, [windows, seqlen]
 
     def statistics_pass(self, needs: frozenset[Stat], select: Callable[[str], bool],
-                        observe: Callable[[int, nn.Module, dict[str, GroupStats]], Any]) -> list[Any]:
+                        observe: Callable[..., Any], streams: bool = False) -> list[Any]:
         """Run the calibration windows through every block of the model as it is (before any compression), block
         by block (streamed from disk in streamed mode); for each block collect ``needs`` on the linears whose full
         name ``select`` accepts and return ``observe(index, block, stats)`` (stats by relative name, in the
-        block's linear order) while the block is loaded. Only what ``observe`` returns is kept."""
-        return self._statistics_pass(needs, select, observe)
+        block's linear order) while the block is loaded. Only what ``observe`` returns is kept. ``streams``:
+        observe is called as ``observe(index, block, stats, inputs, outputs)`` with the block's input and output
+        hidden states (lists of batches, on CPU)."""
+        return self._statistics_pass(needs, select, observe, streams)
+
+    def drop_blocks(self, blocks: list[int]) -> None:
+        """Remove these decoder blocks (indices as the model has them now) before the block loop: the kept blocks
+        are renumbered, the config follows, streamed runs read each kept block from its place in the files, and
+        later stages see the smaller model (``set_block_options`` indices are then the new ones)."""
+        self._drop_blocks(blocks)
+        self.blocks = self.adapter.blocks(self.model)
 
     def set_block_options(self, number: int, block: int, options: dict[str, Any]) -> None:
         """Run stage ``number`` on block ``block`` with these options changed (e.g. a per-block sparsity)."""

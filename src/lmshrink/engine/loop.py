@@ -31,7 +31,9 @@ from lmshrink.engine.offload import BlockStreamer
 from lmshrink.engine.passes import collect, pass_sources, to_device
 from lmshrink.engine.replay import PassMemo
 from lmshrink.engine.statistics import GroupStats
+from lmshrink.core.errors import LmshrinkError
 from lmshrink.models.adapters import ModelAdapter, linear_dims, linear_weight, set_linear_weight
+from lmshrink.models.structure import apply_structure, drop_blocks, signature, structure_diff
 
 
 @dataclass
@@ -49,6 +51,10 @@ class EngineResult:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     block_options: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
     block_records: list[dict] = field(default_factory=list)  # what block stages reported per block (``record``)
+    # structural changes: block -> structure_diff of the block (relative names); the kept blocks' indices in the
+    # model the run started from when a stage removed blocks (None when none was removed)
+    structures: dict[int, dict[str, Any]] = field(default_factory=dict)
+    block_sources: list[int] | None = None
 
 
 def _on_cpu(result):
@@ -132,6 +138,8 @@ class Engine:
         self._verified: dict = {}
         self._transforms: list[StageBase] = []  # stages whose before_blocks ran: their transform_block applies
         self._changed: dict[int, set[str]] = {}  # block -> tensors (relative names) transforms or stages changed
+        self._sources: list[int] | None = None  # kept block -> its index in the model the run started from
+        self._options: dict[tuple[int, int], dict[str, Any]] = {}
 
     # -- blocks on and off the compute device ---------------------------------------------------------------------
     def _transform(self, index: int, block: nn.Module, stages) -> None:
@@ -154,7 +162,7 @@ class Engine:
             block.to("cpu")
 
     # -- model-wide passes ----------------------------------------------------------------------------------------
-    def _statistics_pass(self, needs: frozenset[Stat], select, observe) -> list:
+    def _statistics_pass(self, needs: frozenset[Stat], select, observe, streams: bool = False) -> list:
         """``ModelJob.statistics_pass``: the dense model, block by block, from freshly captured block-0 inputs."""
         if Stat.FP_TARGET in needs:
             raise ValueError("a statistics pass runs the model as it is: Stat.FP_TARGET has no meaning there")
@@ -171,22 +179,38 @@ class Engine:
             modules = {n: m for n, m in self.adapter.linears(block) if select(f"{prefix}.{index}.{n}")}
             outputs: list[torch.Tensor] = []
             stats = collect(block, modules, needs, hidden, args, kwargs, self.device, stop_at=None, outputs=outputs)
+            if streams:
+                observations.append(observe(index, block, stats, hidden, outputs))
+            else:
+                observations.append(observe(index, block, stats))
             hidden = outputs
-            observations.append(observe(index, block, stats))
             del stats
             self._release(block)
         return observations
 
-    def _before_blocks(self, blocks, prefix: str) -> dict[tuple[int, int], dict[str, Any]]:
-        job = ModelJob(model=self.model, adapter=self.adapter, blocks=blocks, prefix=prefix, progress=self.progress,
-                       _statistics_pass=self._statistics_pass)
+    def _drop_blocks(self, remove: list[int]) -> None:
+        """``ModelJob.drop_blocks``: remove blocks before the loop; what is keyed by block index follows."""
+        kept = drop_blocks(self.model, remove, self.adapter)
+        new = {old: i for i, old in enumerate(kept)}
+        self._sources = [(self._sources or list(range(len(kept) + len(set(remove)))))[old] for old in kept]
+        if self.streamer is not None:
+            self.streamer.sources = self._sources
+        self._changed = {new[i]: names for i, names in self._changed.items() if i in new}
+        remapped = {(n, new[b]): o for (n, b), o in self._options.items() if b in new}
+        self._options.clear()  # in place: the ModelJob holds this dict
+        self._options.update(remapped)
+
+    def _before_blocks(self, prefix: str) -> dict[tuple[int, int], dict[str, Any]]:
+        job = ModelJob(model=self.model, adapter=self.adapter, blocks=self.adapter.blocks(self.model), prefix=prefix,
+                       progress=self.progress, _statistics_pass=self._statistics_pass,
+                       _drop_blocks=self._drop_blocks, block_options=self._options, calibration=self.calibration)
         for number, stage in enumerate(self.stages):
             stage.before_blocks(job, number)
             self._transforms.append(stage)
             if self.streamer is None:  # in memory: each block is transformed once, here
-                for index, block in enumerate(blocks):
+                for index, block in enumerate(self.adapter.blocks(self.model)):
                     self._transform(index, block, [stage])
-        return job.block_options
+        return self._options
 
     # -- one block's plan -----------------------------------------------------------------------------------------
     def _block_plan(self, index: int, block: nn.Module, options) -> list[tuple[StageBase, list[list[str]]]]:
@@ -229,10 +253,10 @@ class Engine:
 
         started = time.perf_counter()
         cpu_started = cpu_seconds()
-        blocks = self.adapter.blocks(self.model)
         prefix = self.adapter.block_path(self.model)
         self.model.eval()
-        options = self._before_blocks(blocks, prefix)  # before any restore: on resume they run again
+        options = self._before_blocks(prefix)  # before any restore: on resume they run again
+        blocks = self.adapter.blocks(self.model)  # after any removal of blocks
         captured = capture_block_inputs(self.model, blocks, self.calibration, self.device)
         hidden = list(torch.cat(captured.hidden).split(self.batch_size))
         captured.hidden = []  # the per-window copies are now in `hidden`: do not hold them twice
@@ -244,6 +268,7 @@ class Engine:
         reference_hidden = list(hidden) if fp_target else None
         results: dict[str, Any] = {}
         tensors: dict[str, torch.Tensor] = {}
+        structures: dict[int, dict[str, Any]] = {}
         layers: list[dict] = []
         block_records: list[dict] = []
         first = 0
@@ -255,7 +280,17 @@ class Engine:
                 first = state["finished_blocks"]
                 layers = state["layers"]
                 block_records = state.get("block_records", [])
+                if state.get("block_sources") != self._sources:
+                    raise LmshrinkError(
+                        f"{self.checkpoint.folder} holds progress on blocks {state.get('block_sources')} of the model, "
+                        f"but this run's stages kept blocks {self._sources}",
+                        fix=f"run again without --resume to start over, or delete {self.checkpoint.folder}")
                 for index in range(first):
+                    structure = self.checkpoint.load_structure(index)
+                    if structure:  # the block's new shapes first, then its values
+                        apply_structure(blocks[index], structure,
+                                        device="meta" if self.streamer is not None else None)
+                        structures[index] = structure
                     loaded, saved_tensors = self.checkpoint.load_block(index)
                     for name, result in loaded.items():
                         if self.streamer is None:
@@ -278,8 +313,10 @@ class Engine:
                    dynamic_ncols=True)
         for index in range(first, len(blocks)):
             block_start = time.perf_counter()
+            records_before = len(layers)
             block = blocks[index]
             self._load(index, block)
+            shape_before = signature(block)  # what the stages change in the block's structure is found from this
             args = to_device(captured.args[index], self.device)
             kwargs = to_device(captured.kwargs[index], self.device)
             block_results: dict[str, Any] = {}
@@ -310,7 +347,10 @@ class Engine:
                     if task.block:
                         every = set(range(len(all_groups)))  # a block stage may change any group: nothing reused
                         _for_memos((memo, reference_memo), "begin_pass", every)
-                        outcome = self._run_block_stage(task, index, block, hidden, args, kwargs, handover, memo)
+                        reference = ((original, reference_hidden, reference_memo)
+                                     if Stat.FP_TARGET in stage.needs() else None)
+                        outcome = self._run_block_stage(task, index, block, hidden, args, kwargs, handover, memo,
+                                                        reference)
                         _for_memos((memo, reference_memo), "end_pass")
                         changed.update(outcome.changed)
                         if outcome.record:
@@ -320,6 +360,9 @@ class Engine:
                             self._keep(stage, block, index, name, result, block_results, layers, None, 0.0,
                                        outcome.records.get(name, {}))
                             handover.setdefault(name, {})[LAST_RESULT] = result
+                        for name, extra in outcome.records.items():  # layers changed without a result
+                            if name not in outcome.results:
+                                self._record(stage, block, index, name, layers, extra)
                         release_free_heap()
                         continue
                     firsts = {g[0]: block.get_submodule(g[0]) for g in task.groups}
@@ -370,6 +413,10 @@ class Engine:
                                 reference_hidden[b] = _final_forward(original, b, h, args, kwargs, self.device,
                                                                      reference_memo)
             del original, reference_memo
+            structure = structure_diff(shape_before, signature(block))
+            if structure:  # reshaped parameters are saved whole: resume and the writer take them from here
+                structures[index] = structure
+                changed.update(structure.get("parameters", {}))
             block_tensors = self._changed_tensors(block, index, changed, block_results)
             tensors.update(block_tensors)
             if self.streamer is not None:
@@ -385,14 +432,19 @@ class Engine:
             if self.progress:  # one short line per block (the record keeps every layer's error)
                 errors = {n.rsplit(".", 1)[-1]: r.rel_output_error for n, r in block_results.items()
                           if r.rel_output_error is not None}
+                errors.update({line["name"].rsplit(".", 1)[-1]: line["rel_output_error"]
+                               for line in layers[records_before:]
+                               if line["name"] not in block_results and line.get("rel_output_error") is not None})
                 worst = max(errors, key=errors.get) if errors else None
                 summary = (f": relative output error mean {sum(errors.values()) / len(errors):.4f}, max "
                            f"{errors[worst]:.4f} ({worst})" if errors else "")
                 bar.write(f"block {index + 1}/{len(blocks)} ({time.perf_counter() - block_start:.1f}s){summary}")
             if self.checkpoint is not None:
                 self.checkpoint.save_block(index, block_results, hidden,
-                                           {"layers": layers, "block_records": block_records},
-                                           reference_hidden=reference_hidden, tensors=block_tensors)
+                                           {"layers": layers, "block_records": block_records,
+                                            "block_sources": self._sources},
+                                           reference_hidden=reference_hidden, tensors=block_tensors,
+                                           structure=structure)
             bar.update(1)
             if self.on_block_done is not None:
                 self.on_block_done(index)
@@ -400,7 +452,7 @@ class Engine:
         return EngineResult(results=results, layers=layers, seconds=time.perf_counter() - started,
                             peak_rss_bytes=peak_rss_bytes(), resumed_from_block=first, blocks=len(blocks),
                             cpu_seconds=cpu_seconds() - cpu_started, tensors=tensors, block_options=options,
-                            block_records=block_records)
+                            block_records=block_records, structures=structures, block_sources=self._sources)
 
     def _keep(self, stage: StageBase, block: nn.Module, index: int, name: str, result, block_results: dict,
               layers: list[dict], tokens: int | None, seconds: float, extra: dict) -> None:
@@ -414,16 +466,27 @@ class Engine:
                        "out_features": out_f, "in_features": in_f, "rel_output_error": result.rel_output_error,
                        "seconds": round(seconds, 4), "tokens": tokens, **extra})
 
+    def _record(self, stage: StageBase, block: nn.Module, index: int, name: str, layers: list[dict],
+                extra: dict) -> None:
+        """The record line of a layer a block stage changed without a result (e.g. reshaped)."""
+        out_f, in_f = linear_dims(block.get_submodule(name))
+        layers.append({"name": f"{self.adapter.block_path(self.model)}.{index}.{name}", "block": index,
+                       "method": stage.method, "out_features": out_f, "in_features": in_f,
+                       "rel_output_error": extra.get("rel_output_error"), **extra})
+
     def _run_block_stage(self, task: Task, index: int, block: nn.Module, hidden: list[torch.Tensor], args, kwargs,
-                         handover: dict, memo: PassMemo | None):
+                         handover: dict, memo: PassMemo | None, reference=None):
         def forward(batch: int, h: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 return _final_forward(block, batch, h, args, kwargs, self.device, memo)
 
         def collect_block(needs: frozenset[Stat], modules: dict[str, nn.Module]) -> dict[str, GroupStats]:
-            if Stat.FP_TARGET in needs:
-                raise ValueError(f"stage {task.stage.method!r}: block stages cannot ask for Stat.FP_TARGET")
-            return collect(block, modules, needs, hidden, args, kwargs, self.device, stop_at=None, memo=memo)
+            if Stat.FP_TARGET in needs and reference is None:
+                raise ValueError(f"stage {task.stage.method!r} asks for Stat.FP_TARGET in its block solve but not in "
+                                 "its needs()")
+            # with Stat.FP_TARGET: the block's copy from before any stage changed it runs on the uncompressed stream
+            return collect(block, modules, needs, hidden, args, kwargs, self.device, stop_at=None, memo=memo,
+                           reference=reference if Stat.FP_TARGET in needs else None)
 
         job = BlockJob(index=index, prefix=f"{self.adapter.block_path(self.model)}.{index}", block=block,
                        groups=task.groups, adapter=self.adapter, inputs=hidden, state=handover, device=self.device,

@@ -17,10 +17,22 @@ class BlockStreamer:
         self.model = model
         self.weights = weights
         self.block_path = block_path
+        self.sources: list[int] | None = None  # block index -> the index it has in the files (blocks were removed)
+
+    def source_index(self, index: int) -> int:
+        return index if self.sources is None else self.sources[index]
+
+    def source_name(self, name: str) -> str:
+        """The name tensor ``name`` of the model has in the source files (a block's index there may differ)."""
+        prefix = self.block_path + "."
+        if self.sources is None or not name.startswith(prefix):
+            return name
+        index, _, rest = name[len(prefix):].partition(".")
+        return f"{prefix}{self.sources[int(index)]}.{rest}"
 
     def load(self, block: nn.Module, index: int, device: torch.device) -> None:
         """Read block ``index``'s parameters (in the dtype the model declares) onto ``device``."""
-        prefix = f"{self.block_path}.{index}."
+        prefix = f"{self.block_path}.{self.source_index(index)}."
         for name, param in list(block.named_parameters()):
             if param.device.type != "meta":
                 continue

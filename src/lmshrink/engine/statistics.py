@@ -107,12 +107,14 @@ class CrossAccumulator:
 
 
 class ChannelAccumulator:
-    """Per input channel of one linear layer: running ``sum x^2`` (``sq_sum``), ``sum |x|`` (``abs_sum``), ``min``
-    and ``max`` over all calibration tokens, in fp32, and the token count. Means are these sums over ``tokens``;
-    ``sq_sum`` is ``||X_j||^2``, the column norm Wanda and OWL score with."""
+    """Per input channel of one linear layer: running ``sum x`` (``sum``), ``sum x^2`` (``sq_sum``), ``sum |x|``
+    (``abs_sum``), ``min`` and ``max`` over all calibration tokens, in fp32, and the token count. Means are these
+    sums over ``tokens``; ``sq_sum`` is ``||X_j||^2``, the column norm Wanda and OWL score with; the variance of a
+    channel is ``sq_sum / tokens - (sum / tokens)^2``."""
 
     def __init__(self, in_features: int, device: torch.device | str | None = None):
         self.in_features = in_features
+        self.sum = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.sq_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.abs_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.min = torch.full((in_features,), float("inf"), dtype=torch.float32, device=device)
@@ -123,6 +125,7 @@ class ChannelAccumulator:
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[1] != self.in_features:
             raise ValueError(f"input width {rows.shape[1]} != {self.in_features}")
+        self.sum += rows.float().sum(dim=0)
         self.sq_sum += rows.float().square().sum(dim=0)
         self.abs_sum += rows.float().abs().sum(dim=0)
         self.min = torch.minimum(self.min, rows.float().amin(dim=0))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lmshrink.core.errors import LmshrinkError
+from lmshrink.models.structure import STRUCTURE_KEY
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -106,12 +107,18 @@ def dense_state_dict(model: nn.Module, allow_meta: bool = False) -> dict[str, to
     return state
 
 
-def config_json(model: nn.Module, quantization_config: dict[str, Any] | None) -> str:
+def config_json(model: nn.Module, quantization_config: dict[str, Any] | None,
+                structure: dict[str, Any] | None = None) -> str:
+    """config.json of ``model``; ``structure``: what the config cannot state about the blocks' shapes
+    (``models.structure.config_structure``), recorded under its key for lmshrink's loader."""
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     config.dtype = model.dtype
     data = config.to_diff_dict()
     data.pop("quantization_config", None)
+    data.pop(STRUCTURE_KEY, None)
+    if structure:
+        data[STRUCTURE_KEY] = structure
     if quantization_config is not None:
         data["quantization_config"] = quantization_config
     return json.dumps(data, indent=2, sort_keys=True) + "\n"

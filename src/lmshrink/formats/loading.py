@@ -24,9 +24,11 @@ from lmshrink.models.loader import (
     SafetensorsWeights,
     count_parameters,
     fill_meta_tensors,
+    has_structure,
     max_context,
     meta_model,
     parse_dtype,
+    replace_tensor,
     wrap_model,
 )
 from lmshrink.models.resolve import resolve
@@ -55,7 +57,8 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
         raise LmshrinkError(f"{source} stores low-rank factors, which streamed loading (lazy blocks) cannot read",
                             fix="load it without lazy_blocks / --offload disk")
     # folders transformers cannot read whole are built by lmshrink: 16-bit outlier columns, pruned weights stored as
-    # bitmask + values (decoded exactly), low-rank layers (two-matmul modules, formats.lowrank)
+    # bitmask + values (decoded exactly), low-rank layers (two-matmul modules, formats.lowrank), widths the config
+    # cannot state (structured pruning with per-layer widths)
     build = None
     if kind == "hf-folder" and is_outlier_folder(where):
         build = load_outlier_model
@@ -63,8 +66,36 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
         build = load_bitmask_model
     elif lowrank:
         build = load_lowrank_model
+    if kind == "hf-folder" and has_structure(where):  # decodes quantized and bitmask layers itself
+        if build in (load_outlier_model, load_lowrank_model):
+            raise LmshrinkError(f"{source} has per-layer widths and also {build.__name__[5:-6]} layers, which "
+                                "lmshrink cannot load together yet",
+                                fix="run the structural stage and the others in separate runs, keeping widths uniform")
+        build = load_structured_model
     return loader.load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                              progress=progress, lazy_blocks=lazy_blocks, build=build)
+
+
+def load_structured_model(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                          **_):
+    """A folder whose config records a structure it cannot state (``models.structure``: per-layer widths, OPT or
+    GPT-2 heads): built from the config with that structure, every tensor read from the files, quantized layers
+    decoded from their codes and bitmask-stored layers from their bitmasks (plain transformers refuses such a
+    folder)."""
+    folder = Path(folder)
+    model, _ = meta_model(folder, dtype, trust_remote_code, drop_quantization=True)
+    fill_meta_tensors(model, SafetensorsWeights(folder), skip=lambda name: False)
+    if is_compressed_tensors_folder(folder):
+        for name, result in iter_quantized_results(folder):
+            module = model.get_submodule(name)
+            replace_tensor(model, module.weight, result.dense().to(module.weight.dtype))
+    if is_bitmask_folder(folder):
+        fill_bitmask_weights(model, folder)
+    missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
+    if missing:
+        raise LmshrinkError(f"{folder} lacks tensors its recorded structure needs: {missing[:5]}",
+                            fix="the folder is incomplete; write it again")
+    return model.eval()
 
 
 def as_loaded(model: LoadedModel | str | torch.nn.Module, tokenizer=None, **load_kwargs) -> LoadedModel:

@@ -40,6 +40,7 @@ from lmshrink.formats.hf_folder import (
 )
 from lmshrink.formats.lowrank import LOWRANK_KEY, factor_tensors, merged_weight
 from lmshrink.formats.sparse_bitmask import LAYERS_KEY, check_sparse_format, encode
+from lmshrink.models.structure import config_structure
 
 
 def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult], out_dir: str | os.PathLike, *,
@@ -155,10 +156,11 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
     for name, parts in factors.items():  # a correction's factors beside its base's tensors
         if isinstance(results[name], CorrectedResult):
             replaced[name].update(parts)
-    if dense_conv1d or not (groups or sparse or factors or merged):
+    # no result at all (a structural or transform-only run) is meant to give a dense checkpoint: no warning then
+    if dense_conv1d or (results and not (groups or sparse or factors or merged)):
         conv1d = (f"{len(dense_conv1d)} Conv1D layers (e.g. {dense_conv1d[0]}) are saved dequantized: "
                   "compressed-tensors packs only nn.Linear layers") if dense_conv1d else ""
-        dense = "no layer is packed, so the folder is a plain dense checkpoint" if not groups else ""
+        dense = "no layer is packed, so the folder is a plain dense checkpoint" if not groups and results else ""
         warnings.warn("; ".join(m for m in (conv1d, dense) if m), stacklevel=2)
 
     packed = set(specs)
@@ -189,7 +191,7 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
         if lowrank_records:
             metadata[LOWRANK_KEY] = json.dumps(lowrank_records, sort_keys=True)
         write_weights(staging, tensors, metadata, max_shard_size, source_tensors)
-        (staging / "config.json").write_text(config_json(model, quant_config))
+        (staging / "config.json").write_text(config_json(model, quant_config, config_structure(model)))
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and model.can_generate():
             generation_config.save_pretrained(staging)

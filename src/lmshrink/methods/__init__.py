@@ -6,5 +6,6 @@ from lmshrink.methods.lowrank import stages as lowrank_stages
 from lmshrink.methods.prune import stages as prune_stages
 from lmshrink.methods.quant import stages as quant_stages
 from lmshrink.methods.recover import stage as recover_stage
+from lmshrink.methods.structured import stages as structured_stages
 
-__all__ = ["lowrank_stages", "prune_stages", "quant_stages", "recover_stage"]
+__all__ = ["lowrank_stages", "prune_stages", "quant_stages", "recover_stage", "structured_stages"]

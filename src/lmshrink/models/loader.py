@@ -23,6 +23,7 @@ from lmshrink.core.hub import hub_offline, hub_unavailable_reason
 from lmshrink.models.adapters import SUPPORTED_MODEL_TYPES, get_adapter
 from lmshrink.models.registry import get_packaged
 from lmshrink.models.resolve import DTYPE_NAMES, hub_unreachable_error, resolve
+from lmshrink.models.structure import STRUCTURE_KEY, MetaParameters, apply_config_structure
 
 _DTYPES = {name: getattr(torch, value) for name, value in DTYPE_NAMES.items()}
 # Bump when the GGUF -> HF conversion cache layout changes, so stale conversions are redone.
@@ -237,6 +238,8 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
                          dtype=str(torch_dtype).replace("torch.", ""), parameters=count_parameters(model),
                          max_context=max_context(model.config), extra=extra)
         return LoadedModel(model=model, tokenizer=tokenizer, info=info, weights=weights)
+    if kind == "hf-folder" and build is None and has_structure(path):
+        build = _load_structured
     model, tokenizer = _load_hf(str(path) if path else str(where), torch_dtype, device, trust_remote_code,
                                 local=kind != "hub", build=build if kind == "hf-folder" else None)
     info = ModelInfo(source=source, kind=kind, path=str(path) if path else None,
@@ -337,27 +340,6 @@ class SafetensorsWeights:
             return torch.cat([part[0:1], part[shape[0] - 1:shape[0]]])
 
 
-class MetaParameters:
-    """While active, every parameter a module registers is moved to the meta device (buffers stay real, so
-    non-persistent ones such as rotary ``inv_freq`` are computed as usual)."""
-
-    def __enter__(self):
-        self._original = torch.nn.Module.register_parameter
-        original = self._original
-
-        def register(module, name, param):
-            if param is not None and param.device.type != "meta":
-                param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-            original(module, name, param)
-
-        torch.nn.Module.register_parameter = register
-        return self
-
-    def __exit__(self, *exc):
-        torch.nn.Module.register_parameter = self._original
-        return False
-
-
 def replace_tensor(model: torch.nn.Module, old: torch.Tensor, new: torch.Tensor) -> None:
     """Put ``new`` wherever ``model`` holds the parameter or buffer ``old`` (all tied places), as a parameter where
     ``old`` was one."""
@@ -379,12 +361,38 @@ def meta_model(folder: Path, dtype: torch.dtype, trust_remote_code: bool, drop_q
     config = AutoConfig.from_pretrained(str(folder), **kwargs)
     if drop_quantization and hasattr(config, "quantization_config"):
         del config.quantization_config
+    structure = getattr(config, STRUCTURE_KEY, None)
+    if structure is not None:  # what the config cannot state (per-layer widths): the modules are given it below
+        delattr(config, STRUCTURE_KEY)
     with MetaParameters():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    if structure:
+        apply_config_structure(model, structure)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
     if model.can_generate() and (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
     return model, tokenizer
+
+
+def has_structure(folder: Path) -> bool:
+    """Whether a folder's config.json records a structure its config cannot state (``models.structure``)."""
+    try:
+        return bool(json.loads((Path(folder) / "config.json").read_text()).get(STRUCTURE_KEY))
+    except (OSError, ValueError):
+        return False
+
+
+def _load_structured(path: str, dtype: torch.dtype, trust_remote_code: bool = False, **_):
+    """A folder whose blocks have widths its config cannot state (per-layer widths): built from the config, given
+    the recorded structure, and filled from the safetensors files (plain transformers refuses such a folder)."""
+    folder = Path(path)
+    model, _ = meta_model(folder, dtype, trust_remote_code)
+    fill_meta_tensors(model, SafetensorsWeights(folder), skip=lambda name: False)
+    missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
+    if missing:
+        raise ModelSourceError(f"{folder} lacks tensors its recorded structure needs: {missing[:5]}",
+                               fix="the folder is incomplete; write it again")
+    return model.eval()
 
 
 def fill_meta_tensors(model: torch.nn.Module, weights: SafetensorsWeights, skip: Callable[[str], bool]) -> None:

@@ -29,6 +29,7 @@ def check_recipe(recipe: Recipe, layers: list[tuple[str, int]], *, dtype: str | 
     pruned: dict[str, int] = {}
     pruned_before_recover: dict[str, int] = {}  # layers pruned in an earlier phase (before a recover stage)
     factorized: dict[str, int] = {}  # layers a low-rank stage replaced by factors
+    changed = False  # a stage before this one changes the model (quantizes, prunes, restructures, ...)
     for index, stage in enumerate(recipe.stages):
         for problem in stage.check_in_recipe(index, recipe.stages):
             if problem.fix is None:
@@ -45,7 +46,7 @@ def check_recipe(recipe: Recipe, layers: list[tuple[str, int]], *, dtype: str | 
                 raise RecipeError(f"stage {index + 1} ({stage.method}) comes after low-rank factors (stage "
                                   f"{min(factorized.values()) + 1}), which it cannot merge into yet",
                                   fix=f"drop the {stage.method} stage, or factorize in another run after it")
-            if not selected and not pruned and not pruned_before_recover:
+            if not changed:
                 raise RecipeError(f"stage {index + 1} ({stage.method}) comes before any compression stage: there is "
                                   "nothing to recover from", fix=f"put {stage.method} stages after pruning/quantization")
             for problem in stage.check_position(index, last=index == len(recipe.stages) - 1):
@@ -56,6 +57,7 @@ def check_recipe(recipe: Recipe, layers: list[tuple[str, int]], *, dtype: str | 
             pruned_before_recover.update(pruned)
             pruned = {}  # iterative schedules: a layer may be pruned again after recovery
             continue
+        changed = True
         for name, width in names:
             if getattr(stage, "quantizes_factors", False):
                 if name not in factorized or not factorizes(recipe.stages[factorized[name]]):

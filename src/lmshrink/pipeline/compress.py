@@ -27,7 +27,8 @@ from lmshrink.formats.save import save_quantized
 from lmshrink.formats.sparse_bitmask import check_sparse_format, storage_summary
 from lmshrink.formats.storage import stored_size
 from lmshrink.models.adapters import get_adapter, iter_linears, linear_dims
-from lmshrink.models.loader import LoadedModel
+from lmshrink.models.loader import LoadedModel, count_parameters
+from lmshrink.models.structure import STRUCTURE_KEY, block_widths, config_structure, sync_config
 from lmshrink.pipeline.checks import LayoutNote, check_recipe
 from lmshrink.pipeline.phases import run_phases, snapshot_teacher, split_phases
 from lmshrink.pipeline.recipe import Recipe, load_recipe, scale_dtype_for_model
@@ -94,10 +95,34 @@ def _sparsity_summary(layers: list[dict]) -> dict[str, Any] | None:
             "patterns": sorted({layer.get("pattern") or "unstructured" for layer in pruned})}
 
 
-def _streamed_source(weights, changed: dict[str, torch.Tensor]):
+def _streamed_source(weights, changed: dict[str, torch.Tensor], source_name=lambda name: name):
     """Where a streamed run's writer reads the block tensors it does not hold: the ones stages changed from the
-    engine's result, the rest from the input model's files."""
-    return lambda name: changed[name] if name in changed else weights.get(name)
+    engine's result, the rest from the input model's files (under ``source_name(name)``: a kept block's index in
+    the files differs when blocks were removed)."""
+    return lambda name: changed[name] if name in changed else weights.get(source_name(name))
+
+
+def _block_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in get_adapter(model).blocks(model).parameters())
+
+
+def _structure_summary(model: torch.nn.Module, before: int, blocks_before: int, result) -> dict[str, Any]:
+    """What a run that changed the model's structure did: parameters (all, and the decoder blocks') before and
+    after, the blocks kept, each block's widths, and whether the saved config states it all (plain transformers
+    loads it)."""
+    widths = block_widths(model)
+    recorded = config_structure(model)
+    blocks_after = _block_parameters(model)
+    return {"parameters_before": before, "parameters_after": count_parameters(model),
+            "block_parameters_before": blocks_before, "block_parameters_after": blocks_after,
+            "block_parameters_removed": 1 - blocks_after / blocks_before,
+            "blocks": len(widths), "blocks_kept": result.block_sources,
+            "widths": widths if any(w != widths[0] for w in widths) else widths[:1],
+            "uniform": all(w == widths[0] for w in widths),
+            "plain_transformers": not recorded,
+            "loads_with": "transformers AutoModelForCausalLM.from_pretrained" if not recorded else
+                          "lmshrink.load_model only (config.json records per-layer widths under "
+                          f"{STRUCTURE_KEY!r}, which transformers cannot build)"}
 
 
 def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | dict, *, output: str | Path | None = None,
@@ -200,6 +225,7 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
         raise LmshrinkError(f"{phases[0][0].method} stages work on the whole model, which offload='disk' never holds "
                             "in memory", fix=f"compress without --offload disk, or drop the {phases[0][0].method} stages")
     teacher = snapshot_teacher(model.model) if any(s.needs_teacher for s, _ in phases) else None
+    blocks_before = _block_parameters(model.model)
     engine = Engine(model.model, adapter, engine_recipe, windows.input_ids, device=device, checkpoint=checkpoint,
                     resume=resume, progress=progress, on_block_done=on_block_done, streamer=streamer)
     result = engine.run()
@@ -211,6 +237,9 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
             default_data=calib_name, data_dir=data_dir, device=device, progress=progress,
             max_context=model.info.max_context, checkpoint=checkpoint, resume=resume, on_block_done=on_block_done)
         del teacher
+    structural = bool(result.structures) or result.block_sources is not None
+    if structural:  # the config follows the new shapes (the writer records what it cannot state)
+        sync_config(model.model)
     errors = [layer["rel_output_error"] for layer in result.layers if layer["rel_output_error"] is not None]
     record: dict[str, Any] = {
         "recipe": recipe.to_dict(),
@@ -236,6 +265,8 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
             "||W_merged - W_before|| / ||W_before|| of its recover stage's merge")
     if result.block_records:
         record["block_stages"] = result.block_records
+    if structural:
+        record["structure"] = _structure_summary(model.model, model.info.parameters, blocks_before, result)
     sparsity = _sparsity_summary(result.layers)
     if sparsity is not None:
         record["sparsity"] = sparsity
@@ -263,7 +294,8 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
         save_quantized(model.model, model.tokenizer, result.results, out_dir, ignore=ignore, input_dir=model.info.path,
                        extra_files={"lmshrink.json": final_record},
                        overwrite=overwrite or saved_state is not None,
-                       source_tensors=_streamed_source(model.weights, result.tensors) if streamed else None,
+                       source_tensors=(_streamed_source(model.weights, result.tensors, streamer.source_name)
+                                       if streamed else None),
                        sparse_format=sparse_format)
         if adapter_files:  # a final recover stage with merge: false: the adapters in PEFT format beside the model
             with atomic_directory(out_dir / ADAPTER_FOLDER, overwrite=True) as staging:

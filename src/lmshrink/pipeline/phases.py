@@ -113,6 +113,8 @@ def run_phases(model: nn.Module, tokenizer, adapter, phases: list[tuple[PhaseSta
                           default_data=default_data, data_dir=data_dir, device=device, progress=progress,
                           max_context=max_context, work_folder=checkpoint.folder if checkpoint is not None else None,
                           key=checkpoint.key if checkpoint is not None else "", resume=resume, exit_stack=stack)
+        # the student's blocks by their index in the teacher (blocks a stage removed have none)
+        session.state["block_sources"] = result.block_sources
         for number, (stage, _) in enumerate(phases, start=1):
             stage.before_phases(session, number)
         for number, (stage, rest) in enumerate(phases, start=1):
@@ -129,6 +131,10 @@ def run_phases(model: nn.Module, tokenizer, adapter, phases: list[tuple[PhaseSta
             result.results.update(later.results)
             result.layers.extend(later.layers)
             result.tensors.update(later.tensors)
+            if later.block_sources is not None:  # blocks removed again: indices into the model this phase began with
+                result.block_sources = (later.block_sources if result.block_sources is None
+                                        else [result.block_sources[i] for i in later.block_sources])
+                session.state["block_sources"] = result.block_sources
             result.seconds += later.seconds
             result.cpu_seconds += later.cpu_seconds
             result.peak_rss_bytes = max(result.peak_rss_bytes, later.peak_rss_bytes)

@@ -16,6 +16,13 @@ def _preset(summary: str, *stages: dict) -> dict:
     return {"summary": summary, "stages": list(stages)}
 
 
+# FFN widths in multiples of 32: llama.cpp's quantized blocks and GPTQ groups of 32 fit them (docs/decisions.md)
+_WIDTH = {"method": "prune-width", "importance": "fluctuation", "repair": "lstsq", "widths": "uniform",
+          "multiple": 32}
+# the P1 recovery settings of docs/recovery.md, with a one-hour budget
+_RECOVER_HOUR = {"method": "recover", "max_seconds": 3600, "steps": 100000, "eval_every": 10, "patience": 4,
+                 "seqlen": 256, "batch": 4, "lr": 5e-4, "gradient_checkpointing": False}
+
 PRESETS: dict[str, dict] = {
     "w8": _preset("GPTQ 8-bit, per channel, symmetric", _quant("gptq", 8, -1, symmetric=True)),
     # fp_target and refit_scales: each measured better at 4 and 3 bits, for about twice the engine time
@@ -86,6 +93,16 @@ PRESETS: dict[str, dict] = {
     "w3g128+lrc": {**_preset("GPTQ 3-bit g128 + a low-rank correction of +1 bit per weight (fp16 factors)",
                              _quant("gptq", 3, 128, fp_target=True, refit_scales=True),
                              {"method": "lowrank-correction", "bits_per_weight": 1.0}), "order": "group"},
+    # structured pruning: a smaller dense model (docs/structured-pruning.md); the recovery budget is one hour of
+    # training, on one CPU thread about a hundred steps of 4 x 256 tokens
+    "struct20": _preset("20% of block parameters: heads and FFN channels removed, reader refit (plain transformers)",
+                        _WIDTH | {"ratio": 0.2}),
+    "struct20+recover": _preset("struct20, then one hour of LoRA distillation",
+                                _WIDTH | {"ratio": 0.2}, _RECOVER_HOUR),
+    "struct30+recover": _preset("30% of block parameters (as struct20), then one hour of LoRA distillation",
+                                _WIDTH | {"ratio": 0.3}, _RECOVER_HOUR),
+    "depth20": _preset("20% of block parameters as whole blocks (ShortGPT block influence)",
+                       {"method": "prune-depth", "ratio": 0.2}),
     "iterative-sparse": _preset("SparseGPT 30% -> recover -> 50% -> recover",
                                 {"method": "sparsegpt", "sparsity": 0.3}, {"method": "recover", "steps": 100},
                                 {"method": "sparsegpt", "sparsity": 0.5}, {"method": "recover", "steps": 100}),

@@ -119,6 +119,55 @@ def attach(model: nn.Module, names: list[str], rank: int, alpha: float, masks: d
     return peft_model
 
 
+def attach_full(model: nn.Module, names: list[str], masks: dict[str, torch.Tensor], results: dict) -> nn.Module:
+    """Make the weights and biases of the linears ``names`` trainable themselves (every other parameter frozen);
+    returns ``model``. Pruned layers keep their zeros: their gradient is masked, so AdamW never moves them (its
+    state there stays zero). Quantized layers are refused: their weights live on a grid."""
+    if not names:
+        raise LmshrinkError("the recover stage selects no layer", fix="check its targets and ignore patterns")
+    quantized = [n for n in names if isinstance(results.get(n), QuantResult)]
+    if quantized:
+        raise LmshrinkError(f"recover stage, option 'adapter' = 'full': {len(quantized)} selected layers are "
+                            f"quantized (e.g. {quantized[0]}), and trained weights would leave their grids",
+                            fix="use adapter: lora for quantized models, or recover before quantizing")
+    model.requires_grad_(False)
+    hooks = []
+    for name in names:
+        module = model.get_submodule(name)
+        module.weight.requires_grad_(True)
+        if module.bias is not None:
+            module.bias.requires_grad_(True)
+        if name in masks:
+            keep = ~masks[name].to(module.weight.device)
+            keep = keep.t() if module.weight.shape != keep.shape else keep  # Conv1D stores [in, out]
+            hooks.append(module.weight.register_hook(lambda grad, _keep=keep: grad * _keep))
+    _FULL_HOOKS[id(model)] = hooks
+    return model
+
+
+_FULL_HOOKS: dict[int, list] = {}  # model -> the gradient masks of its pruned layers while it trains
+
+
+def finish_full(model: nn.Module, names: list[str], results: dict, masks: dict[str, torch.Tensor],
+                before: dict[str, torch.Tensor]) -> dict:
+    """After full training: the pruned layers' results take their trained kept weights; the record gives each
+    layer's relative weight change."""
+    change = {}
+    for name in names:
+        module = model.get_submodule(name)
+        weight = linear_weight(module).float()
+        change[name] = _relative_change(weight, before[name])
+        if name in masks and isinstance(results.get(name), PruneResult):
+            old = results[name]
+            results[name] = PruneResult.from_weight(weight.clone(), masks[name], pattern=old.pattern,
+                                                    target_sparsity=old.target_sparsity,
+                                                    rel_output_error=old.rel_output_error, info=dict(old.info))
+    for handle in _FULL_HOOKS.pop(id(model), []):
+        handle.remove()
+    return {"mode": "full", "rel_weight_change": change,
+            "mean_rel_weight_change": sum(change.values()) / len(change) if change else 0.0}
+
+
 def lora_layer(peft_model, name: str) -> nn.Module:
     return peft_model.base_model.model.get_submodule(name)
 

@@ -54,6 +54,10 @@ class RecoverStage(PhaseStage):
     lm_weight: float = Field(0.0, ge=0, description="weight of the student's next-token cross-entropy added to KL")
     temperature: float = Field(1.0, gt=0, le=100, description="softmax temperature of both distributions in the "
                                "KL (the loss is scaled by temperature**2)")
+    adapter: Literal["lora", "full"] = Field(
+        "lora", description="lora: train LoRA adapters and merge them; full: train the selected layers' weights "
+        "themselves (and their biases; pruned zeros kept; not for quantized layers): more to train and more "
+        "optimizer memory (AdamW: two states per weight), often a faster recovery of a structurally pruned model")
     rank: int = Field(16, ge=1, le=4096, description="LoRA rank")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha: the update is B@A * alpha/rank")
     steps: int = Field(200, ge=1, description="optimizer steps (at most; early stopping may end sooner)")
@@ -110,9 +114,16 @@ class RecoverStage(PhaseStage):
     def eval_interval(self) -> int:
         return self.eval_every or max(1, self.steps // 8)
 
+    def inapplicable_options(self) -> set[str]:
+        return {"rank", "alpha", "requantize", "merge"} if self.adapter == "full" else set()
+
     def check_position(self, index: int, last: bool) -> list[Problem]:
         problems = []
         where = f"stage {index + 1} (recover)"
+        if self.adapter == "full" and not self.merge:
+            problems.append(Problem(message=f"{where}: option 'merge' = False keeps adapters apart, and adapter "
+                                            "'full' trains the weights themselves (there are no adapters)",
+                                    fix="use merge: true (the default) with adapter: full"))
         if not self.merge and not last:
             problems.append(Problem(
                 message=f"{where}: option 'merge' = False is only possible in the last stage (later stages would "
@@ -163,7 +174,8 @@ class RecoverStage(PhaseStage):
                          progress=session.progress, max_context=session.max_context,
                          adapter_out=session.adapter_files, state_dir=state_dir,
                          state_key=_state_key(session, number), resume=session.resume,
-                         teacher_cache=caches.get(number), requantize_on_grid=session.requantize_on_grid)
+                         teacher_cache=caches.get(number), requantize_on_grid=session.requantize_on_grid,
+                         teacher_blocks=session.state.get("block_sources"))
         if number in caches:
             record["teacher_cache"].update(teacher_block_bytes=session.state["teacher_bytes"],
                                            teacher_blocks_freed=bool(session.state.get("teacher_freed")))

@@ -47,7 +47,7 @@ from lmshrink.methods.recover.memory import memory_report
 from lmshrink.methods.recover.state import load_state, save_state
 from lmshrink.methods.recover.teacher_cache import TopKCache, check_released, open_cache, write_cache
 from lmshrink.methods.recover.text import StageWindows, stage_windows, teacher_cache_key
-from lmshrink.models.adapters import get_adapter, iter_linears
+from lmshrink.models.adapters import get_adapter, iter_linears, linear_weight
 
 if TYPE_CHECKING:  # the stage imports this module when it runs
     from lmshrink.methods.recover.stage import RecoverStage
@@ -246,7 +246,7 @@ def recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage
             default_data: str, data_dir=None, device: str | torch.device = "cpu", progress: bool = True,
             max_context: int | None = None, adapter_out: dict | None = None, state_dir: Path | None = None,
             state_key: str = "", resume: bool = False, teacher_cache: TopKCache | None = None,
-            requantize_on_grid=None) -> dict:
+            requantize_on_grid=None, teacher_blocks: list[int] | None = None) -> dict:
     """Train LoRA adapters on ``model`` (the compressed student, changed in place) to match ``teacher``; merge them
     (updating ``results``) or, with ``merge: false``, put their PEFT files into ``adapter_out`` (file name -> bytes)
     and leave the student's weights as they were. Returns the stage's record.
@@ -255,7 +255,8 @@ def recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage
     training ends (tagged with ``state_key``); with ``resume``, a state found there is continued from, giving the
     same result as an uninterrupted run (unless ``max_seconds`` is set: time-based decisions are not reproducible).
     ``requantize_on_grid(model, targets)``: the engine-backed GPTQ sweep on the stored grids that ``requantize: gptq``
-    merges use (``methods.recover.requant``; the pipeline provides it).
+    merges use (``methods.recover.requant``; the pipeline provides it). ``teacher_blocks``: the teacher's block
+    matching each student block, when blocks were removed (the hidden-state loss compares those pairs).
 
     With ``teacher_cache: topk``, ``teacher_cache`` is the stage's cache (``prepare_teacher_cache``; the teacher's
     blocks may then be freed already). Without it, the cache is written here: beside ``state_dir``
@@ -275,17 +276,17 @@ def recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage
             return _recover(model, teacher, tokenizer, stage, results, default_data=default_data, data_dir=data_dir,
                             device=device, progress=progress, max_context=max_context, adapter_out=adapter_out,
                             state_dir=state_dir, state_key=state_key, resume=resume, teacher_cache=teacher_cache,
-                            requantize_on_grid=requantize_on_grid)
+                            requantize_on_grid=requantize_on_grid, teacher_blocks=teacher_blocks)
     return _recover(model, teacher, tokenizer, stage, results, default_data=default_data, data_dir=data_dir,
                     device=device, progress=progress, max_context=max_context, adapter_out=adapter_out,
                     state_dir=state_dir, state_key=state_key, resume=resume, teacher_cache=teacher_cache,
-                    requantize_on_grid=requantize_on_grid)
+                    requantize_on_grid=requantize_on_grid, teacher_blocks=teacher_blocks)
 
 
 def _recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStage, results: dict, *,
              default_data: str, data_dir, device, progress: bool, max_context: int | None, adapter_out: dict | None,
              state_dir: Path | None, state_key: str, resume: bool, teacher_cache: TopKCache | None,
-             requantize_on_grid=None) -> dict:
+             requantize_on_grid=None, teacher_blocks: list[int] | None = None) -> dict:
     from tqdm.auto import tqdm
 
     # the stage's clock (max_seconds) includes the writing of its teacher cache, as other data preparation
@@ -306,9 +307,14 @@ def _recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStag
         raise LmshrinkError(f"the top-k teacher cache in {teacher_cache.folder} was written for other windows or "
                             "options than this recover stage's",
                             fix=f"delete {teacher_cache.folder} and run again")
+    if teacher_blocks is not None:  # hidden states are compared between the student's blocks and their sources
+        teach.blocks = [teach.blocks[i] for i in teacher_blocks]
     model.to(device).eval()
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]  # PEFT freezes them; restored at the end
-    peft_model = lora.attach(model, names, stage.rank, stage.alpha, masks)
+    full = stage.adapter == "full"
+    weights_before = {n: linear_weight(model.get_submodule(n)).float().clone() for n in names} if full else {}
+    peft_model = (lora.attach_full(model, names, masks, results) if full
+                  else lora.attach(model, names, stage.rank, stage.alpha, masks))
     params = lora.trainable_parameters(peft_model)
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
     student = Forward(peft_model)
@@ -413,7 +419,10 @@ def _recover(model: nn.Module, teacher: nn.Module, tokenizer, stage: RecoverStag
         "memory": memory,
         "teacher_cache": teacher_cache.record() if teacher_cache is not None else {"mode": "none"},
     }
-    if stage.merge:
+    if full:  # the weights were trained in place: nothing to merge
+        record["merge"] = lora.finish_full(model, names, results, masks, weights_before)
+        record["held_out_after_merge"] = after
+    elif stage.merge:
         merged_model, record["merge"] = lora.merge(peft_model, names, results, masks, stage.requantize,
                                                    requantize_on_grid=requantize_on_grid)
         record["held_out_after_merge"] = held_out_metrics(merged_model, teacher, eval_ids, stage.batch, device,
