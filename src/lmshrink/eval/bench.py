@@ -287,7 +287,8 @@ def _worker_main(argv: list[str]) -> int:
     decoder = getattr(runner, "decoder", None)
     info = {"ready": True, "model": model_info, "load_seconds": runner.load_seconds,
             "decode": LLAMA_CPP if args["runtime"] == LLAMA_CPP else args.get("decode", "hf"),
-            **({"fast_linears": decoder.linears} if decoder is not None else {}),
+            **({"fast_linears": decoder.linears, "kv_cache_bytes": decoder.cache_bytes()} if decoder is not None
+               else {}),
             "rss_after_load_bytes": runner.rss_after_load, "size": runner.size, "threads": threads,
             "prompt_source": runner.prompt_source, "prompt_ids": runner.prompt[0].tolist(),
             "peak_rss_loading_bytes": peak_rss_bytes()}

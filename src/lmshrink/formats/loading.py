@@ -11,6 +11,7 @@ import torch
 from lmshrink.core.errors import LmshrinkError
 from lmshrink.core.process import release_free_heap
 from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder, iter_quantized_results
+from lmshrink.formats.runtime_scheme import apply_runtime, read_runtime, summary
 from lmshrink.formats.sparse_bitmask import fill_bitmask_weights, is_bitmask_folder, load_bitmask_model
 from lmshrink.models import loader
 from lmshrink.models.loader import (
@@ -22,6 +23,7 @@ from lmshrink.models.loader import (
     max_context,
     meta_model,
     parse_dtype,
+    replace_tensor,
     resolve,
     wrap_model,
 )
@@ -45,10 +47,35 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
     if runtime == "packed":
         return _load_packed_source(source, parse_dtype(dtype), device, trust_remote_code)
     kind, where = resolve(source)
+    scheme = read_runtime(where) if kind == "hf-folder" else None
     # pruned weights stored as bitmask + values: transformers loads the rest, the bitmask layers are decoded exactly
     build = load_bitmask_model if kind == "hf-folder" and is_bitmask_folder(where) else None
-    return loader.load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                             progress=progress, lazy_blocks=lazy_blocks, build=build)
+    if scheme and is_compressed_tensors_folder(where):
+        # lmshrink decodes the weights itself, so that only its own quantizers act on the activations
+        build = _decoded_builder
+    if scheme and lazy_blocks:
+        raise LmshrinkError(f"{source} quantizes activations or its cache (lmshrink-runtime.json); it cannot be "
+                            "streamed block by block", fix="load it whole (no --offload disk)")
+    loaded = loader.load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                               progress=progress, lazy_blocks=lazy_blocks, build=build)
+    if scheme:
+        _apply_scheme(loaded.model, Path(where), scheme)
+        loaded.info.extra["runtime_scheme"] = summary(scheme)
+    return loaded
+
+
+def _apply_scheme(model: torch.nn.Module, folder: Path, scheme: dict) -> None:
+    weights = SafetensorsWeights(folder)
+    apply_runtime(model, scheme, lambda name: weights.get(name) if name in weights else None)
+    device = next(model.parameters()).device
+    model.to(device)  # the stored scales join the model's device
+
+
+def _decoded_builder(folder, dtype=torch.float32, trust_remote_code: bool = False, **_):
+    """A compressed folder's model with its quantized layers decoded to dense weights (as transformers decodes
+    them) but without transformers' own activation quantization."""
+    model, _, _ = load_packed(folder, dtype=dtype, trust_remote_code=trust_remote_code, decode=True)
+    return model
 
 
 def as_loaded(model: LoadedModel | str | torch.nn.Module, tokenizer=None, **load_kwargs) -> LoadedModel:
@@ -75,17 +102,24 @@ def _load_packed_source(source: str, dtype: torch.dtype, device: str, trust_remo
                             fix="use device='cpu', or runtime='dense' on an accelerator")
     model, tokenizer, kinds = load_packed(where, dtype=dtype, trust_remote_code=trust_remote_code)
     counts = {k: list(kinds.values()).count(k) for k in sorted(set(kinds.values()))}
+    extra = {"runtime": "packed", "packed_layers": counts}
+    scheme = read_runtime(where)
+    if scheme:
+        _apply_scheme(model, Path(where), scheme)
+        extra["runtime_scheme"] = summary(scheme)
     info = ModelInfo(source=source, kind=kind, path=str(where), model_type=model.config.model_type,
                      dtype=str(dtype).replace("torch.", ""), parameters=count_parameters(model),
-                     max_context=max_context(model.config), extra={"runtime": "packed", "packed_layers": counts})
+                     max_context=max_context(model.config), extra=extra)
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 
 
 def load_packed(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-                kernels: bool = True, kernel_max_rows: int | None = None, cache_dense: bool = False):
+                kernels: bool = True, kernel_max_rows: int | None = None, cache_dense: bool = False,
+                decode: bool = False):
     """(model, tokenizer, kinds) for a compressed-tensors folder written by lmshrink, quantized layers packed.
 
     Everything outside the quantized layers is loaded in ``dtype``; no dense copy of a quantized weight is kept.
+    ``decode``: the quantized layers stay ``nn.Linear`` with their decoded weights instead (kind ``dense``).
     """
     folder = Path(folder)
     if not is_compressed_tensors_folder(folder):
@@ -100,7 +134,12 @@ def load_packed(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust
         fill_bitmask_weights(model, folder)
     kinds = {}
     # one layer at a time: only one layer's unpacked codes exist besides the packed model
-    for name, result in iter_quantized_results(folder, decode=False):
+    for name, result in iter_quantized_results(folder, decode=decode):
+        if decode:
+            linear = model.get_submodule(name)
+            replace_tensor(model, linear.weight, result.weight.to(dtype))
+            kinds[name] = "dense"
+            continue
         kinds.update(replace_linears(model, {name: result}, kernels=kernels, kernel_max_rows=kernel_max_rows,
                                      cache_dense=cache_dense))
     release_free_heap(collect=True)

@@ -38,6 +38,7 @@ from lmshrink.formats.hf_folder import (
     protected_folders,
     write_weights,
 )
+from lmshrink.formats.runtime_scheme import RUNTIME_FILE, runtime_json
 from lmshrink.formats.sparse_bitmask import LAYERS_KEY, check_sparse_format, encode
 
 
@@ -132,7 +133,8 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
             "compressed-tensors config groups, and transformers loads asymmetric checkpoints with one group only",
             fix="use one grid (bits, group size, symmetry) for every layer, or symmetric grids, or save with "
                 "transformers_compatible=False (vLLM and lmshrink still read it)")
-    if dense_conv1d or not (groups or sparse):
+    runtime = runtime_json(model)  # activation quantizers, online transforms, cache quantization
+    if dense_conv1d or not (groups or sparse or runtime):
         conv1d = (f"{len(dense_conv1d)} Conv1D layers (e.g. {dense_conv1d[0]}) are saved dequantized: "
                   "compressed-tensors packs only nn.Linear layers") if dense_conv1d else ""
         dense = "no layer is packed, so the folder is a plain dense checkpoint" if not groups else ""
@@ -170,6 +172,8 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
             generation_config.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        if runtime is not None:
+            (staging / RUNTIME_FILE).write_text(runtime)
         for filename, content in (extra_files or {}).items():
             if Path(filename).name != filename or filename in ("", ".", ".."):
                 raise ValueError(f"extra file name {filename!r} must be a plain file name")

@@ -2,8 +2,9 @@
 they need) and registers them; importing this package registers every built-in stage type. The stage modules are
 torch-free; each stage's solve loads its algorithm when it runs."""
 
+from lmshrink.methods.actquant import stages as actquant_stages
 from lmshrink.methods.prune import stages as prune_stages
 from lmshrink.methods.quant import stages as quant_stages
 from lmshrink.methods.recover import stage as recover_stage
 
-__all__ = ["prune_stages", "quant_stages", "recover_stage"]
+__all__ = ["actquant_stages", "prune_stages", "quant_stages", "recover_stage"]

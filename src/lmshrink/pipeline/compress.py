@@ -172,8 +172,11 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
             max_context=model.info.max_context, checkpoint=checkpoint, resume=resume, on_block_done=on_block_done)
         del teacher
     errors = [layer["rel_output_error"] for layer in result.layers if layer["rel_output_error"] is not None]
+    scheme = [{"stage": number + 1, "method": stage.method, **stage.scheme(), "targets": stage.targets,
+               "ignore": stage.ignore} for number, stage in enumerate(recipe.stages) if stage.scheme()]
     record: dict[str, Any] = {
         "recipe": recipe.to_dict(),
+        "scheme": scheme,
         "calibration": windows.protocol,
         "model": model.info.to_dict(),
         "architecture": adapter.describe(model.model),

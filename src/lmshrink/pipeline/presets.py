@@ -27,6 +27,11 @@ PRESETS: dict[str, dict] = {
     "rtn-w4g128": _preset("round to nearest 4-bit, groups of 128", _quant("rtn", 4, 128)),
     "rtn-w4g32": _preset("round to nearest 4-bit, groups of 32 (maps to GGUF Q4_1)", _quant("rtn", 4, 32)),
     "rtn-w3g128": _preset("round to nearest 3-bit, groups of 128", _quant("rtn", 3, 128)),
+    # KIVI's layout; the window and group sizes are docs/decisions.md's
+    "kv8": _preset("key/value cache in 8 bits (KIVI: keys per channel, values per token), weights untouched",
+                   {"method": "kv-cache", "bits": 8}),
+    "kv4": _preset("key/value cache in 4 bits (KIVI), weights untouched", {"method": "kv-cache", "bits": 4}),
+    "kv2": _preset("key/value cache in 2 bits (KIVI), weights untouched", {"method": "kv-cache", "bits": 2}),
     "magnitude50": _preset("magnitude pruning, 50% unstructured", {"method": "magnitude", "sparsity": 0.5}),
     "magnitude-2:4": _preset("magnitude pruning, 2:4", {"method": "magnitude", "pattern": "2:4"}),
     "wanda50": _preset("Wanda, 50% unstructured", {"method": "wanda", "sparsity": 0.5}),

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmshrink.core.errors import LmshrinkError, UnsupportedArchitectureError
-from lmshrink.runtime import cpu_kernels
+from lmshrink.runtime import cpu_kernels, kvcache
 from lmshrink.runtime.qlinear import QuantLinear
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -114,7 +114,8 @@ def supported(model: nn.Module, max_len: int | None = None) -> tuple[bool, str]:
 def _avx2_key(module: nn.Module):
     """What must agree for QuantLinear layers to run as one int4_avx2 call (None where the module cannot)."""
     if (isinstance(module, QuantLinear) and module.kind == "int4_avx2" and module.packed.device.type == "cpu"
-            and (module.bias is None or module.bias.dtype == torch.float32)):
+            and (module.bias is None or module.bias.dtype == torch.float32)
+            and module.input_spec is None and module.input_transform is None):
         return (module.in_features, module._groups, module._blocks_per_group, module.packed.dtype,
                 tuple(module.packed.shape[1:]), module.group_scale.dtype)
     return None
@@ -284,12 +285,18 @@ class FastDecoder:
         self.hidden = int(config.hidden_size)
         self.intermediate = int(config.intermediate_size)
         layers = inner.layers[: config.num_hidden_layers]
-        # keys and values of every layer, [layers, 2, kv_heads, max_len, head_dim]: one copy writes both per step
-        self.cache = torch.zeros(len(layers), 2, self.kv_heads, self.max_len, hd, dtype=dtype, device=device)
+        # layers whose attention quantizes its cache (runtime.kvcache) keep a QuantizedKV; the others share one
+        # float tensor [layers, 2 (keys, values), kv_heads, max_len, head_dim]: one copy writes both per step
+        specs = [getattr(layer.self_attn, kvcache.ATTRIBUTE, None) for layer in layers]
+        self.kv_caches = [None if spec is None else kvcache.QuantizedKV(spec, self.kv_heads, hd, self.max_len, dtype,
+                                                                         device) for spec in specs]
+        float_len = self.max_len if any(spec is None for spec in specs) else 0
+        self.cache = torch.zeros(len(layers), 2, self.kv_heads, float_len, hd, dtype=dtype, device=device)
         self.k_cache, self.v_cache = self.cache[:, 0], self.cache[:, 1]
         with torch.no_grad():
             positions = torch.arange(self.max_len, device=device).unsqueeze(0)
-            cos, sin = inner.rotary_emb(self.k_cache[0, 0, :1], positions)  # the model's own frequencies and scaling
+            probe = torch.zeros(1, dtype=dtype, device=device)  # the dtype and device rotary_emb computes in
+            cos, sin = inner.rotary_emb(probe, positions)  # the model's own frequencies and scaling
         self.half = hd // 2
         sign = torch.ones(hd, dtype=dtype, device=device)
         sign[: self.half] = -1
@@ -332,8 +339,9 @@ class FastDecoder:
             norm1 = (layer.input_layernorm.weight, float(layer.input_layernorm.variance_epsilon))
             norm2 = (layer.post_attention_layernorm.weight, float(layer.post_attention_layernorm.variance_epsilon))
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
+            quantized = self.kv_caches[index]
             self.layers.append((norm1, norm2, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                                mlp.gate_proj, mlp.up_proj, mlp.down_proj, k_cache, v_cache))
+                                mlp.gate_proj, mlp.up_proj, mlp.down_proj, k_cache, v_cache, quantized))
             qkv = _linear([attn.q_proj, attn.k_proj, attn.v_proj], fuse, fuse_dense, self.fp32, int8)
             out = _linear([attn.o_proj], False, False, self.fp32, int8)
             gate_up = _linear([mlp.gate_proj, mlp.up_proj], fuse, fuse_dense, self.fp32, int8)
@@ -344,8 +352,15 @@ class FastDecoder:
                                           else "")
                 self.linears[key] = self.linears.get(key, 0) + 1
             self.step_layers.append((norm1[0], norm1[1], qkv, out.add, norm2[0], norm2[1], gate_up, down.add,
-                                     self.cache[index], k_cache, v_cache))
+                                     self.cache[index], k_cache, v_cache, quantized))
         self.linears[f"lm_head:{_kind(self.head, int8)}"] = 1
+        # queries and keys of layers with a rotated quantized cache: turned by a Hadamard transform after RoPE
+        self.head_hadamard = None
+        if any(spec is not None and spec.rotate for spec in specs):
+            from lmshrink.core.hadamard import orthogonal_hadamard
+
+            self.head_hadamard = orthogonal_hadamard(hd).to(dtype=dtype, device=device)
+        self.rotation_hadamard = self.rotation.clone()
         self.zero = torch.zeros(self.hidden, dtype=dtype, device=device)
         self.length = 0
 
@@ -367,6 +382,18 @@ class FastDecoder:
     def reset(self) -> None:
         """Forget the sequence (the cache is overwritten by the next prefill)."""
         self.length = 0
+        for quantized in self.kv_caches:
+            if quantized is not None:
+                quantized.reset()
+
+    def cache_bytes(self) -> dict[str, int]:
+        """Bytes the key/value cache holds for ``max_len`` positions: ``float`` (layers with an unquantized
+        cache), ``quantized`` (codes, scales and windows of the others) and ``float_equivalent`` (every layer
+        unquantized in the model's dtype)."""
+        quantized = sum(q.nbytes() for q in self.kv_caches if q is not None)
+        per_layer = 2 * self.kv_heads * self.max_len * self.head_dim * self.cache.element_size()
+        return {"float": self.cache.numel() * self.cache.element_size(), "quantized": quantized,
+                "float_equivalent": per_layer * len(self.kv_caches)}
 
     def _check_room(self, new: int) -> None:
         if self.length + new > self.max_len:
@@ -393,11 +420,19 @@ class FastDecoder:
         heads, kv, hd = self.heads, self.kv_heads, self.head_dim
         x = F.embedding(ids.to(self.embedding.device), self.embedding)  # [T, D]
         cos, sin = self.cos[:n].unsqueeze(1), self.sin_signed[:n].unsqueeze(1)  # [T, 1, 2, hd/2]
-        for norm1, norm2, q_proj, k_proj, v_proj, o_proj, gate, up, down, k_cache, v_cache in self.layers:
+        for norm1, norm2, q_proj, k_proj, v_proj, o_proj, gate, up, down, k_cache, v_cache, quantized in self.layers:
             h = self._norm(x, norm1)
             q = self._rotate(q_proj(h).view(n, heads, hd), cos, sin).transpose(0, 1)  # [H, T, hd]
             k = self._rotate(k_proj(h).view(n, kv, hd), cos, sin).transpose(0, 1)
             v = v_proj(h).view(n, kv, hd).transpose(0, 1)
+            if quantized is not None:  # each query sees the positions a quantizing cache would hold at its turn
+                a = kvcache.mixed_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), quantized.spec, self.scale)
+                quantized.reset()
+                quantized.extend(kvcache.rotate_heads(k) if quantized.spec.rotate else k, v)
+                x = x + o_proj(a[0].transpose(0, 1).reshape(n, heads * hd))
+                h = self._norm(x, norm2)
+                x = x + down(F.silu(gate(h)) * up(h))
+                continue
             k_cache[:, :n] = k
             v_cache[:, :n] = v
             a = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=True,
@@ -430,19 +465,30 @@ class FastDecoder:
         m = torch.diag(self.cos_flat[pos]).addcmul_(self.swap, self.sin_flat[pos])
         rotation[heads: heads + kv] = m
         rotation[:heads] = m.mul_(scale)  # the attention scale folded into the queries' rotation
+        rotated = self.rotation_hadamard
+        if self.head_hadamard is not None:  # the same, then the per-head Hadamard of a rotated quantized cache
+            torch.matmul(rotation[: heads + kv], self.head_hadamard, out=rotated[: heads + kv])
         fp32, zero = self.fp32, self.zero
         x = F.embedding(token.reshape(1), self.embedding)[0]  # [D]: one row, kept 1-D
-        for w1, eps1, qkv_proj, out_add, w2, eps2, gate_up, down_add, cache, k_cache, v_cache in self.step_layers:
+        for (w1, eps1, qkv_proj, out_add, w2, eps2, gate_up, down_add, cache, k_cache, v_cache,
+             quantized) in self.step_layers:
             if fp32:  # RMSNorm in two calls: 0 + (rsqrt(mean(x^2) + eps) * x) * weight, the scalar in Python
                 h = torch.addcmul(zero, x, w1, value=1.0 / math.sqrt(float(torch.dot(x, x)) / hidden + eps1))
             else:
                 h = self._norm(x, (w1, eps1))
             # q (times the scale) and k rotated, v unchanged: [rows, 1, hd]; then k and v into the cache in one copy
-            qkv = torch.bmm(qkv_proj(h).view(rows, 1, hd), rotation)
-            cache.select(2, pos).copy_(qkv[heads:].view(2, kv, hd))
-            # GQA without copies: the queries of each kv head as rows [kv, group, hd] against its cache
-            w = torch.bmm(qkv[:heads].view(kv, group, hd), k_cache[:, :end].transpose(1, 2))
-            a = torch.bmm(torch.softmax(w, -1), v_cache[:, :end])
+            if quantized is not None:
+                qkv = torch.bmm(qkv_proj(h).view(rows, 1, hd), rotated if quantized.spec.rotate else rotation)
+                quantized.extend(qkv[heads:heads + kv].view(kv, 1, hd), qkv[heads + kv:].view(kv, 1, hd))
+                keys, values = quantized.keys_values()
+                w = torch.bmm(qkv[:heads].view(kv, group, hd), keys.transpose(1, 2))
+                a = torch.bmm(torch.softmax(w, -1), values)
+            else:
+                qkv = torch.bmm(qkv_proj(h).view(rows, 1, hd), rotation)
+                cache.select(2, pos).copy_(qkv[heads:].view(2, kv, hd))
+                # GQA without copies: the queries of each kv head as rows [kv, group, hd] against its cache
+                w = torch.bmm(qkv[:heads].view(kv, group, hd), k_cache[:, :end].transpose(1, 2))
+                a = torch.bmm(torch.softmax(w, -1), v_cache[:, :end])
             x = out_add(a.view(heads * hd), x)
             if fp32:
                 h = torch.addcmul(zero, x, w2, value=1.0 / math.sqrt(float(torch.dot(x, x)) / hidden + eps2))

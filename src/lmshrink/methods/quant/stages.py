@@ -46,6 +46,9 @@ class QuantStage(LayerSolveStage, GridOptions):
     def grid(self):
         return self._grid_spec(self.bits)
 
+    def scheme(self) -> dict[str, Any]:
+        return {"weights": {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}}
+
 
 @register_stage
 class RTNStage(QuantStage):

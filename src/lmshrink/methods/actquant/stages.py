@@ -1,0 +1,111 @@
+"""Stages that quantize what flows between the weights: ``activations`` (the inputs of linear layers) and
+``kv-cache`` (the attention's keys and values). Torch-free; the work loads ``calibrate`` when it runs."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from lmshrink.core.stage import BlockOutcome, Problem, Scope, StageBase, register_stage
+
+
+@register_stage
+class ActivationsStage(StageBase):
+    """Attach an activation quantizer to each selected linear layer; static grids are calibrated on the block's
+    calibration inputs as the earlier stages left it, one group of layers at a time (so a later group's ranges
+    are those of the quantized earlier groups' outputs)."""
+
+    scope = Scope.BLOCK
+    summary = "quantize the inputs of linear layers (per tensor, token or group; static or dynamic)"
+    leading_options = ("bits", "granularity", "dynamic")
+    method: Literal["activations"] = "activations"
+    bits: int = Field(8, ge=2, le=8, description="bits of the activation grid")
+    granularity: Literal["tensor", "token", "group"] = Field(
+        "token", description="one scale per tensor, per token (row), or per token and group of channels")
+    group_size: int = Field(128, ge=1, description="channels per group (granularity: group)")
+    symmetric: bool = Field(True, description="signed grid without zero point (compressed-tensors' symmetric)")
+    dynamic: bool = Field(True, description="measure the range of every input (true) or calibrate it once (false: "
+                                            "per tensor or per group of channels, stored as input_scale)")
+    clip_ratio: float = Field(1.0, gt=0, le=1, description="shrink every range by this factor before rounding")
+
+    @model_validator(mode="after")
+    def _static_token(self):
+        if self.granularity == "token" and not self.dynamic:
+            raise ValueError("static scales per token do not exist: use granularity 'tensor' or 'group', or "
+                             "dynamic: true")
+        return self
+
+    def inapplicable_options(self) -> set[str]:
+        return set() if self.granularity == "group" else {"group_size"}
+
+    def spec(self):
+        from lmshrink.core.actquant import ActSpec
+
+        return ActSpec(bits=self.bits, granularity=self.granularity, group_size=self.group_size,
+                       symmetric=self.symmetric, dynamic=self.dynamic, clip_ratio=self.clip_ratio)
+
+    def check_layers(self, layers: list[tuple[str, int]]) -> list[Problem]:
+        if self.granularity != "group":
+            return []
+        for name, width in layers:
+            if width % self.group_size:
+                return [Problem(message=f"group_size {self.group_size} does not divide the "
+                                        f"{width} input channels of {name}",
+                                fix="use a group_size that divides every targeted layer's input width, or leave "
+                                    f"{name} out (ignore)")]
+        return []
+
+    def scheme(self) -> dict[str, Any]:
+        return {"activations": self.spec().to_dict()}
+
+    def solve_block(self, job) -> BlockOutcome:
+        from lmshrink.methods.actquant.calibrate import calibrate_activations
+
+        return calibrate_activations(self, job)
+
+    def restore_block(self, index, block, groups, tensors) -> None:
+        from lmshrink.methods.actquant.calibrate import restore_activations
+
+        restore_activations(self, block, groups, tensors)
+
+
+@register_stage
+class KVCacheStage(StageBase):
+    """Quantize the key/value cache of each block whose k_proj and v_proj the stage selects (KIVI: keys per channel
+    over groups of tokens, values per token over groups of channels, the latest ``window`` positions unquantized);
+    used by perplexity evaluation and the fast decoder's cache."""
+
+    scope = Scope.BLOCK
+    summary = "quantize the key/value cache (KIVI: keys per channel, values per token, a recent window kept)"
+    leading_options = ("bits", "group_size", "window")
+    method: Literal["kv-cache"] = "kv-cache"
+    bits: Literal[2, 4, 8] = Field(8, description="bits of keys and values")
+    group_size: int = Field(32, ge=1, description="tokens per key group and channels per value group")
+    window: int = Field(32, ge=0, description="the most recent positions kept unquantized")
+    rotate: bool = Field(False, description="turn queries and keys by a Hadamard transform per head after the "
+                                            "rotary embedding, before the keys are quantized")
+
+    def spec(self):
+        from lmshrink.core.actquant import KVSpec
+
+        return KVSpec(bits=self.bits, group_size=self.group_size, window=self.window, rotate=self.rotate)
+
+    def scheme(self) -> dict[str, Any]:
+        return {"kv_cache": self.spec().to_dict()}
+
+    def before_blocks(self, job, number: int) -> None:
+        from lmshrink.runtime import kvcache
+
+        kvcache.enable(job.model)
+
+    def solve_block(self, job) -> BlockOutcome:
+        from lmshrink.methods.actquant.calibrate import install_kv
+
+        install_kv(self, job.block, job.groups)
+        return BlockOutcome()
+
+    def restore_block(self, index, block, groups, tensors) -> None:
+        from lmshrink.methods.actquant.calibrate import install_kv
+
+        install_kv(self, block, groups)
