@@ -182,14 +182,15 @@ class BlockJob(Protocol):
 
 
 class BlockOutcome(BaseModel):
-    """What a block stage did: results for the layers it compressed (relative names), and the names of other
-    block tensors it changed in place (e.g. a norm weight that absorbed a scale), which the engine checkpoints and
-    writes."""
+    """What a block stage did: results for the layers it compressed (relative names), the names of other block
+    tensors it changed in place (e.g. a norm weight that absorbed a scale), which the engine checkpoints and writes,
+    and what it chose for the block (``info``, kept in the run record's ``blocks``)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
     results: dict[str, Any] = Field(default_factory=dict)
     records: dict[str, dict[str, Any]] = Field(default_factory=dict)
     changed: list[str] = Field(default_factory=list)
+    info: dict[str, Any] = Field(default_factory=dict)  # what the stage chose for the block, for the run record
 
 
 class ModelJob(Protocol):

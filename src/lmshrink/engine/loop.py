@@ -48,6 +48,7 @@ class EngineResult:
     cpu_seconds: float = 0.0
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     block_options: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+    blocks_info: list[dict] = field(default_factory=list)  # what block stages chose per block (BlockOutcome.info)
 
 
 def _on_cpu(result):
@@ -250,6 +251,7 @@ class Engine:
         results: dict[str, Any] = {}
         tensors: dict[str, torch.Tensor] = {}
         layers: list[dict] = []
+        blocks_info: list[dict] = []
         first = 0
         if self.checkpoint is not None:
             state = self.checkpoint.load() if self.resume else None
@@ -258,6 +260,7 @@ class Engine:
             else:
                 first = state["finished_blocks"]
                 layers = state["layers"]
+                blocks_info = state.get("blocks", [])
                 for index in range(first):
                     loaded, saved_tensors = self.checkpoint.load_block(index)
                     for name, result in loaded.items():
@@ -317,6 +320,9 @@ class Engine:
                         outcome = self._run_block_stage(task, index, block, hidden, args, kwargs, handover, memo)
                         _for_memos((memo, reference_memo), "end_pass")
                         changed.update(outcome.changed)
+                        if outcome.info:
+                            blocks_info.append({"block": index, "stage": task.number + 1, "method": stage.method,
+                                                **outcome.info})
                         for name, result in outcome.results.items():
                             self._keep(stage, block, index, name, result, block_results, layers, None, 0.0,
                                        outcome.records.get(name, {}))
@@ -387,7 +393,7 @@ class Engine:
                 bar.write(f"block {index + 1}/{len(blocks)} ({time.perf_counter() - block_start:.1f}s) "
                           f"rel. output error: {errors}")
             if self.checkpoint is not None:
-                self.checkpoint.save_block(index, block_results, hidden, {"layers": layers},
+                self.checkpoint.save_block(index, block_results, hidden, {"layers": layers, "blocks": blocks_info},
                                            reference_hidden=reference_hidden, tensors=block_tensors)
             bar.update(1)
             if self.on_block_done is not None:
@@ -395,7 +401,8 @@ class Engine:
         bar.close()
         return EngineResult(results=results, layers=layers, seconds=time.perf_counter() - started,
                             peak_rss_bytes=peak_rss_bytes(), resumed_from_block=first, blocks=len(blocks),
-                            cpu_seconds=cpu_seconds() - cpu_started, tensors=tensors, block_options=options)
+                            cpu_seconds=cpu_seconds() - cpu_started, tensors=tensors, block_options=options,
+                            blocks_info=blocks_info)
 
     def _keep(self, stage: StageBase, block: nn.Module, index: int, name: str, result, block_results: dict,
               layers: list[dict], tokens: int | None, seconds: float, extra: dict) -> None:

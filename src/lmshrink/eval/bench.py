@@ -45,6 +45,7 @@ from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder
 from lmshrink.formats.loading import load_model
 from lmshrink.models.adapters import get_adapter, is_linear
 from lmshrink.runtime.fastpath import FastDecoder
+from lmshrink.runtime.int8 import Int8Linear
 from lmshrink.runtime.qlinear import KERNEL_MAX_ROWS, QuantLinear, packed_bytes
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -56,7 +57,8 @@ def _linear_bytes(model) -> dict[str, int]:
     """Bytes held by the linear layers inside the decoder blocks and their weight count.
 
     Linear layers as ``lmshrink.models.is_linear`` knows them (``nn.Linear`` and GPT-2's ``Conv1D``), plus packed
-    ``QuantLinear`` layers (their codes, scales and zero points, the bias left out). The blocks are walked rather
+    ``QuantLinear`` layers (their codes, scales and zero points, the bias left out) and ``Int8Linear`` layers (codes,
+    scales, and oneDNN's packed copy of the codes). The blocks are walked rather
     than ``iter_linears``, whose family layouts only match while every linear is still an unpacked one.
     """
 
@@ -65,6 +67,9 @@ def _linear_bytes(model) -> dict[str, int]:
         for module in block.modules():
             if isinstance(module, QuantLinear):
                 total += packed_bytes(module) - (0 if module.bias is None else module.bias.numel() * module.bias.element_size())
+                weights += module.in_features * module.out_features
+            elif isinstance(module, Int8Linear):  # codes, scales and oneDNN's packed copy of the codes
+                total += module.nbytes() - (0 if module.bias is None else module.bias.numel() * 4)
                 weights += module.in_features * module.out_features
             elif is_linear(module):
                 total += module.weight.numel() * module.weight.element_size()

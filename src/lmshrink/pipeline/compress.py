@@ -195,6 +195,8 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
         record["summary"]["rel_output_error_measured"] = (
             "by the engine, before recovery changed the weights; each merged layer's recover_rel_weight_change is "
             "||W_merged - W_before|| / ||W_before|| of its recover stage's merge")
+    if result.blocks_info:
+        record["blocks"] = result.blocks_info
     sparsity = _sparsity_summary(result.layers)
     if sparsity is not None:
         record["sparsity"] = sparsity

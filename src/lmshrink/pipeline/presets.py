@@ -27,6 +27,15 @@ PRESETS: dict[str, dict] = {
     "rtn-w4g128": _preset("round to nearest 4-bit, groups of 128", _quant("rtn", 4, 128)),
     "rtn-w4g32": _preset("round to nearest 4-bit, groups of 32 (maps to GGUF Q4_1)", _quant("rtn", 4, 32)),
     "rtn-w3g128": _preset("round to nearest 3-bit, groups of 128", _quant("rtn", 3, 128)),
+    # W8A8: weights on a 7-bit grid held in int8, whose products oneDNN computes exactly on AVX2 CPUs without VNNI
+    # (a full 8-bit grid saturates its 16-bit pair sums there); docs/decisions.md
+    "w8a8": _preset("SmoothQuant + GPTQ int8 weights per channel (7-bit range) + dynamic int8 activations per token",
+                    {"method": "smoothquant"}, _quant("gptq", 7, -1, symmetric=True),
+                    {"method": "activations", "bits": 8, "granularity": "token"}),
+    "w8a8-static": _preset("SmoothQuant + GPTQ int8 weights (7-bit range) + static int8 activations per tensor",
+                           {"method": "smoothquant", "act_granularity": "tensor", "act_dynamic": False},
+                           _quant("gptq", 7, -1, symmetric=True),
+                           {"method": "activations", "bits": 8, "granularity": "tensor", "dynamic": False}),
     # KIVI's layout; the window and group sizes are docs/decisions.md's
     "kv8": _preset("key/value cache in 8 bits (KIVI: keys per channel, values per token), weights untouched",
                    {"method": "kv-cache", "bits": 8}),

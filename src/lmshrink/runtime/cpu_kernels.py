@@ -30,6 +30,7 @@ ENV_VAR = "LMSHRINK_CPU_KERNEL"
 BLOCK = 32  # columns per packed block (16 bytes of codes)
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c"]
 _SOURCE = Path(__file__).with_name("csrc") / "int4_avx2.cpp"
+_SOURCES = [_SOURCE, Path(__file__).with_name("csrc") / "int8_avx2.cpp"]
 
 _lock = threading.Lock()
 _module = None
@@ -62,7 +63,8 @@ def _build() -> None:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _module = load(name="lmshrink_int4_avx2", sources=[str(_SOURCE)], extra_cflags=CFLAGS, verbose=False)
+            _module = load(name="lmshrink_cpu_kernels", sources=[str(p) for p in _SOURCES], extra_cflags=CFLAGS,
+                           verbose=False)
         _status = "ready"
     except Exception as exc:  # no compiler, no ninja, build error: record it and use torch's kernels
         text = " ".join(str(exc).split())
@@ -238,8 +240,29 @@ def q8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> tor
     return _module.q8_linear(x, codes, scales)
 
 
+def quantize_rows_u8(x: torch.Tensor, static_scale: float = 0.0, clip_ratio: float = 1.0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 activation codes of float32 ``x [..., K]`` plus 128 (uint8 ``[M, ceil(K/32)*32]``, padding
+    128) and their scales ``[M]``: one per row measured on it (``static_scale`` 0), or ``static_scale`` for every row;
+    exactly ``core.actquant.fake_quantize_activations``' rounding (see ``csrc/int8_avx2.cpp``)."""
+    if not ready():
+        raise RuntimeError(f"the AVX2 kernel is not available: {kernel_status()}")
+    codes, scales = _module.quantize_rows_u8(x, float(static_scale), float(clip_ratio))
+    return codes, scales
+
+
+def i8_linear(codes: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+              weight_sums: torch.Tensor, bias: torch.Tensor | None, seven: bool) -> torch.Tensor:
+    """float32 ``[M, N]``: int8 activation codes (``quantize_rows_u8``) times int8 weight codes ``[N, Kp]`` (zero past
+    K, row sums ``weight_sums``), scaled per row of each; integer sums (``seven``: every ``|weight| <= 64``)."""
+    if not ready():
+        raise RuntimeError(f"the AVX2 kernel is not available: {kernel_status()}")
+    return _module.i8_linear(codes, scales, weight, weight_scale, weight_sums, _EMPTY if bias is None else bias,
+                             bool(seven))
+
+
 _EMPTY = torch.empty(0)
 
 __all__ = ["available", "ready", "kernel_status", "pack", "pack_codes", "unpack_codes", "dequantize_packed",
            "int4_linear", "int4_linear_q8", "quantize_activations_q8", "quantize_q8_rows", "q8_linear",
-           "int4_dequantize", "blocks_per_group", "PackedInt4", "ENV_VAR"]
+           "int4_dequantize", "blocks_per_group", "PackedInt4", "ENV_VAR", "quantize_rows_u8", "i8_linear"]

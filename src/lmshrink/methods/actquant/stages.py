@@ -71,6 +71,50 @@ class ActivationsStage(StageBase):
 
 
 @register_stage
+class SmoothQuantStage(StageBase):
+    """SmoothQuant: per input channel, ``s = max|X|^alpha / max|W|^(1 - alpha)`` moves activation outliers into the
+    weights, folded into the producer (norm -> q,k,v and gate,up; v -> o; up -> down) so the float model is
+    unchanged. ``alpha`` fixed, or searched per block and pair (``act_*``, ``weight_bits``: the quantization the
+    search scores against, the one the later stages apply)."""
+
+    scope = Scope.BLOCK
+    summary = "SmoothQuant: move activation outliers into the weights (scales folded into norms and projections)"
+    leading_options = ("alpha", "pairs")
+    method: Literal["smoothquant"] = "smoothquant"
+    alpha: float | None = Field(None, ge=0, le=1, description="migration strength; none: searched per block and "
+                                                              "pair among `alphas` and no smoothing")
+    alphas: list[float] = Field(default_factory=lambda: [0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9,
+                                                         0.95], description="the search's candidates")
+    pairs: list[Literal["attn-norm", "v-o", "mlp-norm", "up-down"]] = Field(
+        default_factory=lambda: ["attn-norm", "v-o", "mlp-norm", "up-down"],
+        description="producer -> consumers the scales are folded through")
+    act_bits: int = Field(8, ge=2, le=8, description="search objective: the activations' bits")
+    act_granularity: Literal["tensor", "token"] = Field("token", description="search objective: activation scales")
+    act_dynamic: bool = Field(True, description="search objective: dynamic (true) or static ranges")
+    weight_bits: int = Field(8, ge=2, le=8, description="search objective: per-channel weight bits")
+    samples: int = Field(2048, ge=64, description="calibration tokens the search scores on (an even sample)")
+
+    def inapplicable_options(self) -> set[str]:
+        if self.alpha is not None:
+            return {"alphas", "act_bits", "act_granularity", "act_dynamic", "weight_bits", "samples"}
+        return set()
+
+    def scheme(self) -> dict[str, Any]:
+        return {"smoothing": {"describe": "smoothquant " + (f"alpha {self.alpha:g}" if self.alpha is not None
+                                                             else "alpha searched"), "pairs": self.pairs}}
+
+    def before_blocks(self, job, number: int) -> None:
+        from lmshrink.methods.actquant.smooth import check_model
+
+        check_model(job.model)
+
+    def solve_block(self, job) -> BlockOutcome:
+        from lmshrink.methods.actquant.smooth import smooth_block
+
+        return smooth_block(self, job)
+
+
+@register_stage
 class KVCacheStage(StageBase):
     """Quantize the key/value cache of each block whose k_proj and v_proj the stage selects (KIVI: keys per channel
     over groups of tokens, values per token over groups of channels, the latest ``window`` positions unquantized);
