@@ -36,6 +36,18 @@ PRESETS: dict[str, dict] = {
                            {"method": "smoothquant", "act_granularity": "tensor", "act_dynamic": False},
                            _quant("gptq", 7, -1, symmetric=True),
                            {"method": "activations", "bits": 8, "granularity": "tensor", "dynamic": False}),
+    # QuaRot's recipe: rotate, then GPTQ per channel on the rotated weights; activation clip 0.9 at 4 bits as QuaRot
+    "w4a8-rot": _preset("QuaRot rotation + GPTQ 4-bit per channel + dynamic int8 activations per token",
+                        {"method": "rotate"}, _quant("gptq", 4, -1, symmetric=True),
+                        {"method": "activations", "bits": 8, "granularity": "token"}),
+    "w4a4-kv4-rot": _preset("QuaRot rotation + GPTQ 4-bit per channel + int4 activations + 4-bit KV cache",
+                            {"method": "rotate"}, _quant("gptq", 4, -1, symmetric=True),
+                            {"method": "activations", "bits": 4, "granularity": "token", "clip_ratio": 0.9},
+                            {"method": "kv-cache", "bits": 4, "rotate": True}),
+    "w4a4-kv4": _preset("w4a4-kv4-rot without the rotations (the baseline rotation is measured against)",
+                        _quant("gptq", 4, -1, symmetric=True),
+                        {"method": "activations", "bits": 4, "granularity": "token", "clip_ratio": 0.9},
+                        {"method": "kv-cache", "bits": 4}),
     # KIVI's layout; the window and group sizes are docs/decisions.md's
     "kv8": _preset("key/value cache in 8 bits (KIVI: keys per channel, values per token), weights untouched",
                    {"method": "kv-cache", "bits": 8}),

@@ -39,6 +39,31 @@ def build_transform(description: dict) -> Any:
     return TRANSFORMS[kind](description)
 
 
+class HadamardTransform:
+    """``x -> x @ (H / sqrt(n))`` along the last dimension (``core.hadamard``: a fixed construction, so a saved model
+    rebuilds it exactly)."""
+
+    def __init__(self, size: int):
+        from lmshrink.core.hadamard import check_hadamard_size
+
+        check_hadamard_size(size, "an online Hadamard transform's size")
+        self.size = size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from lmshrink.core.hadamard import hadamard_transform
+
+        return hadamard_transform(x)
+
+    def matrix(self) -> torch.Tensor:
+        """``H / sqrt(n)`` in float64 (what a weight multiplies offline so the product is unchanged)."""
+        from lmshrink.core.hadamard import orthogonal_hadamard
+
+        return orthogonal_hadamard(self.size)
+
+    def describe(self) -> dict:
+        return {"kind": "hadamard", "size": self.size}
+
+
 def weight_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The input ``module``'s weight multiplies, before activation quantization (its online transform applied)."""
     transform = getattr(module, "input_transform", None)
@@ -151,6 +176,8 @@ def apply_inputs(model: nn.Module, described: dict[str, dict], tensors: Callable
             install_quantizer(module, spec, scale, zero)
 
 
-__all__ = ["InputLinear", "upgrade", "install_quantizer", "install_transform", "input_quantizer", "prepare_input",
+register_transform("hadamard", lambda description: HadamardTransform(int(description["size"])))
+
+__all__ = ["InputLinear", "HadamardTransform", "upgrade", "install_quantizer", "install_transform", "input_quantizer", "prepare_input",
            "weight_input", "describe_inputs", "apply_inputs", "register_transform", "build_transform", "SCALE",
            "ZERO"]

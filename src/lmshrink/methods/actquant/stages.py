@@ -115,6 +115,40 @@ class SmoothQuantStage(StageBase):
 
 
 @register_stage
+class RotateStage(StageBase):
+    """QuaRot: fold the norms into the linears, rotate the residual stream by a random-sign Hadamard (embeddings,
+    every block, the head; tied embeddings are untied), turn v_proj/o_proj per head, and put online Hadamards on
+    the inputs of down_proj and o_proj; the float model is unchanged. Put quantizing stages after it (GPTQ then
+    sees the rotated weights)."""
+
+    scope = Scope.MODEL
+    summary = "QuaRot: rotate the residual stream and heads by Hadamards (float model unchanged), for 4-bit activations"
+    leading_options = ("seed", "online")
+    method: Literal["rotate"] = "rotate"
+    seed: int = Field(0, description="seed of the residual rotation's and head rotations' random signs")
+    head_rotation: bool = Field(True, description="turn v_proj's outputs and o_proj's inputs per head")
+    online: list[Literal["down_proj", "o_proj"]] = Field(
+        default_factory=lambda: ["down_proj", "o_proj"],
+        description="layers whose input gets an online Hadamard (their weight the inverse, offline)")
+
+    def scheme(self) -> dict[str, Any]:
+        return {"rotation": {"describe": "hadamard rotation" + (f", online {'+'.join(self.online)}" if self.online
+                                                                else ""), "seed": self.seed,
+                             "head_rotation": self.head_rotation, "online": self.online}}
+
+    def before_blocks(self, job, number: int) -> None:
+        from lmshrink.methods.actquant.rotate import check_model, rotate_outside
+
+        check_model(job.model, self.online)
+        rotate_outside(job.model, job.adapter, self.seed)
+
+    def transform_block(self, index: int, block) -> list[str]:
+        from lmshrink.methods.actquant.rotate import rotate_block
+
+        return rotate_block(self, index, block)
+
+
+@register_stage
 class KVCacheStage(StageBase):
     """Quantize the key/value cache of each block whose k_proj and v_proj the stage selects (KIVI: keys per channel
     over groups of tokens, values per token over groups of channels, the latest ``window`` positions unquantized);
