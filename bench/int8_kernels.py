@@ -6,9 +6,10 @@ For each shape (q+k+v, o, gate+up, down as the fast decoder and transformers cal
 (tokens), the median time of: ``F.linear`` in float32; Int8Linear through oneDNN's ``qlinear_pointwise`` (7-bit
 weights, exact) with per-token dynamic activations, their quantization included; the same through lmshrink's AVX2
 row kernel (``cpu_kernels.i8_linear``), quantization included. Random weights (the timing does not depend on the
-values); the codes are checked against the float reference first. Prints the ratios to float32 and the crossover
+values); the two kernels are checked against each other first. Prints the ratios to float32 and the crossover
 row count (the smallest count from which oneDNN beats the row kernel), which ``runtime/int8.py`` uses as
-``ONEDNN_MIN_ROWS``.
+``ONEDNN_MIN_ROWS``. First, oneDNN's error against the exact integer product for full-range and 7-bit weights (on
+CPUs without VNNI the full range saturates its 16-bit pair sums: why the W8A8 presets use 7-bit weights).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from lmshrink.core.actquant import ActSpec
 from lmshrink.runtime import cpu_kernels
-from lmshrink.runtime.int8 import Int8Linear, _SharedInput
+from lmshrink.runtime.int8 import Int8Linear, _SharedInput, has_vnni
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
 
@@ -37,6 +38,24 @@ def _median_ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def saturation(rows: int = 512, k: int = 576, n: int = 1536) -> None:
+    """How far oneDNN's qlinear_pointwise is from the exact integer product, for weights of the full int8 range and of
+    a 7-bit range, with int8 activations of the full range (unsigned codes + 128), as Int8Linear feeds it."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, k, generator=gen)
+    xs = float(2 * x.abs().max() / 255)
+    codes = (torch.clamp(torch.round(x / xs), -128, 127) + 128).to(torch.uint8)
+    for limit, label in ((127, "full int8 [-127, 127]"), (64, "7-bit [-64, 64]")):
+        q = torch.randint(-limit, limit + 1, (n, k), generator=gen, dtype=torch.int8)
+        exact = (codes.double() - 128) @ q.double().t()
+        got = torch.ops.onednn.qlinear_pointwise(codes, 1.0, 128, torch.ops.onednn.qlinear_prepack(q, None),
+                                                 torch.ones(n), torch.zeros(n, dtype=torch.int64), None, 1.0, 0,
+                                                 torch.float32, "none", [], "")
+        error = float((got.double() - exact).abs().max() / exact.abs().max())
+        print(f"oneDNN qlinear_pointwise, weights {label}: max |error| / max |product| = {error:.2e} "
+              f"({'exact up to float32 rounding' if error < 1e-6 else 'the 16-bit pair sums saturate'})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
@@ -48,7 +67,9 @@ def main() -> None:
         raise SystemExit(f"the AVX2 kernel is not available: {cpu_kernels.kernel_status()}")
     gen = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}; median of {args.repeats} calls, milliseconds")
+          f"{torch.backends.cpu.get_cpu_capability()}, VNNI {'yes' if has_vnni() else 'no'}")
+    saturation()
+    print(f"median of {args.repeats} calls, milliseconds")
     print("| layer | rows | float32 ms | oneDNN ms (x fp32) | row kernel ms (x fp32) |")
     print("|---|---|---|---|---|")
     crossover = {}

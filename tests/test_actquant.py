@@ -239,3 +239,17 @@ def test_short_sequences_inside_the_window_are_not_quantized():
     plain = tiny_llama(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
     torch.testing.assert_close(_logits(model, 11), _logits(plain, 11), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(_logits(model, 30), _logits(plain, 30), atol=1e-3)
+
+
+def test_rptq_clusters_channels_by_range_and_reloads(tiny_dir, calib_file, tmp_path):
+    from lmshrink.core.actquant import cluster_channels
+
+    low = torch.cat([torch.full((6,), -1.0), torch.full((6,), -10.0), torch.full((4,), -0.1)])
+    assert cluster_channels(low, -low, 3).tolist() == [1] * 6 + [2] * 6 + [0] * 4  # numbered by width
+    recipe = [{"method": "rtn", "bits": 4, "group_size": -1, "symmetric": True},
+              {"method": "activations", "bits": 4, "granularity": "cluster", "clusters": 4, "dynamic": False,
+               "symmetric": False}]
+    model, _ = _compress(tiny_dir, calib_file, recipe, output=tmp_path / "out")
+    q_proj = model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.input_scale.shape == (4,) and q_proj.input_cluster.shape == (64,)
+    assert torch.equal(_logits(load_model(str(tmp_path / "out"), progress=False).model), _logits(model.model))

@@ -26,7 +26,7 @@ import torch
 
 from lmshrink.core.errors import LmshrinkError
 
-GRANULARITIES = ("tensor", "token", "group")
+GRANULARITIES = ("tensor", "token", "group", "cluster")
 KV_BITS = (2, 4, 8)
 
 
@@ -40,6 +40,7 @@ class ActSpec:
     symmetric: bool = True
     dynamic: bool = True
     clip_ratio: float = 1.0
+    clusters: int = 8
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -50,6 +51,9 @@ class ActSpec:
         if self.granularity == "token" and not self.dynamic:
             raise LmshrinkError("static activation scales per token do not exist (each token is new)",
                                 fix="use granularity 'tensor' or 'group' for static scales, or dynamic: true")
+        if self.granularity == "cluster" and (self.dynamic or self.clusters < 1):
+            raise LmshrinkError("activation clusters (RPTQ) are calibrated ranges of groups of channels: they need "
+                                "dynamic: false and clusters >= 1", fix="set dynamic: false, clusters: 8")
         if self.granularity == "group" and self.group_size < 1:
             raise LmshrinkError(f"activation group_size={self.group_size} must be positive",
                                 fix="e.g. group_size: 128")
@@ -64,7 +68,8 @@ class ActSpec:
         return asdict(self)
 
     def describe(self) -> str:
-        kind = {"tensor": "per tensor", "token": "per token", "group": f"per group of {self.group_size}"}
+        kind = {"tensor": "per tensor", "token": "per token", "group": f"per group of {self.group_size}",
+                "cluster": f"per cluster of channels ({self.clusters} clusters)"}
         return (f"int{self.bits} {kind[self.granularity]}, {'dynamic' if self.dynamic else 'static'}, "
                 f"{'symmetric' if self.symmetric else 'asymmetric'}"
                 + (f", clip {self.clip_ratio:g}" if self.clip_ratio != 1.0 else ""))
@@ -115,9 +120,10 @@ def dynamic_params(x: torch.Tensor, spec: ActSpec) -> tuple[torch.Tensor, torch.
 
 
 def fake_quantize_activations(x: torch.Tensor, spec: ActSpec, scale: torch.Tensor | None = None,
-                              zero: torch.Tensor | None = None) -> torch.Tensor:
+                              zero: torch.Tensor | None = None, cluster: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` rounded onto its grid and back, in ``x``'s dtype. Static specs take the stored ``scale`` (and ``zero``
-    for asymmetric grids): per tensor a one-element tensor, per group one value per group of channels."""
+    for asymmetric grids): per tensor a one-element tensor, per group one value per group of channels, per cluster
+    one value per cluster with ``cluster`` naming each channel's cluster."""
     if spec.dynamic:
         scale, zero = dynamic_params(x, spec)
     elif scale is None:
@@ -128,6 +134,11 @@ def fake_quantize_activations(x: torch.Tensor, spec: ActSpec, scale: torch.Tenso
         zero = torch.zeros_like(scale) if zero is None else zero.float()
         if spec.granularity == "group":
             scale, zero = scale.reshape(-1, 1), zero.reshape(-1, 1)
+        elif spec.granularity == "cluster":
+            if cluster is None:
+                raise LmshrinkError("a quantizer of channel clusters has no cluster index",
+                                    fix="calibrate it (the activations stage) or load the folder that stores it")
+            scale, zero = scale[cluster.long()], zero[cluster.long()]
         else:
             scale, zero = scale.reshape(()), zero.reshape(())
     low, high = code_range(spec)
@@ -147,8 +158,45 @@ def static_params(low: torch.Tensor, high: torch.Tensor, spec: ActSpec) -> tuple
         raise ValueError("a dynamic spec has no stored scale")
     if spec.granularity == "tensor":
         scale, zero = act_params(low.amin().reshape(1), high.amax().reshape(1), spec)
+    elif spec.granularity == "cluster":
+        raise ValueError("cluster granularity: use cluster_params")
     else:
         scale, zero = act_params(_grouped(low, spec).amin(-1), _grouped(high, spec).amax(-1), spec)
+    return scale.contiguous(), zero.contiguous()
+
+
+def cluster_channels(low: torch.Tensor, high: torch.Tensor, clusters: int, iterations: int = 50) -> torch.Tensor:
+    """RPTQ's clustering: channels grouped by their calibration range, k-means on the points ``(min, max)`` (``[K]``
+    each), started from the channels at evenly spaced quantiles of the range width (deterministic). Returns the
+    cluster of each channel (int64 ``[K]``), clusters numbered by increasing width."""
+    points = torch.stack([low.float(), high.float()], 1)
+    k = min(clusters, points.shape[0])
+    order = torch.argsort(high.float() - low.float())
+    centres = points[order[torch.linspace(0, points.shape[0] - 1, k).round().long()]].clone()
+    assign = torch.zeros(points.shape[0], dtype=torch.long)
+    for _ in range(iterations):
+        assign = torch.cdist(points, centres).argmin(1)
+        moved = centres.clone()
+        for c in range(k):
+            members = points[assign == c]
+            if members.numel():
+                moved[c] = members.mean(0)
+        if torch.equal(moved, centres):
+            break
+        centres = moved
+    rank = torch.argsort(torch.argsort(centres[:, 1] - centres[:, 0]))  # by width
+    return rank[assign].contiguous()
+
+
+def cluster_params(low: torch.Tensor, high: torch.Tensor, cluster: torch.Tensor, spec: ActSpec
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored ``(scale, zero)`` per cluster (``[clusters]``) from per-channel ranges and their clusters."""
+    count = int(cluster.max()) + 1
+    lows = torch.stack([low[cluster == c].amin() if bool((cluster == c).any()) else torch.tensor(0.0)
+                        for c in range(count)])
+    highs = torch.stack([high[cluster == c].amax() if bool((cluster == c).any()) else torch.tensor(0.0)
+                         for c in range(count)])
+    scale, zero = act_params(lows, highs, spec)
     return scale.contiguous(), zero.contiguous()
 
 
@@ -241,5 +289,6 @@ def fake_quantize_values(v: torch.Tensor, spec: KVSpec) -> torch.Tensor:
 
 
 __all__ = ["ActSpec", "KVSpec", "GRANULARITIES", "KV_BITS", "act_params", "code_range", "dynamic_params",
+           "cluster_channels", "cluster_params",
            "fake_quantize_activations", "static_params", "kv_quantized_length", "kv_params_keys",
            "kv_params_values", "kv_codes", "fake_quantize_keys", "fake_quantize_values", "check_kv_shape"]

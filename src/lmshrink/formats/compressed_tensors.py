@@ -155,7 +155,7 @@ def stated_activations(module: nn.Module) -> ActSpec | None:
     spec = getattr(module, "input_spec", None)
     if spec is None or getattr(module, "input_transform", None) is not None:
         return None
-    if spec.granularity == "group" and not spec.dynamic:
+    if (spec.granularity == "group" and not spec.dynamic) or spec.granularity == "cluster":
         return None
     return spec
 

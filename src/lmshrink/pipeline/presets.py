@@ -36,6 +36,11 @@ PRESETS: dict[str, dict] = {
                            {"method": "smoothquant", "act_granularity": "tensor", "act_dynamic": False},
                            _quant("gptq", 7, -1, symmetric=True),
                            {"method": "activations", "bits": 8, "granularity": "tensor", "dynamic": False}),
+    # RPTQ: static ranges per cluster of channels (8 clusters, k-means on the channels' ranges), asymmetric
+    "rptq-w4a8": _preset("GPTQ 4-bit per channel + static int8 activations per cluster of channels (RPTQ)",
+                         _quant("gptq", 4, -1, symmetric=True),
+                         {"method": "activations", "bits": 8, "granularity": "cluster", "dynamic": False,
+                          "symmetric": False, "clusters": 8}),
     # QuaRot's recipe: rotate, then GPTQ per channel on the rotated weights; activation clip 0.9 at 4 bits as QuaRot
     "w4a8-rot": _preset("QuaRot rotation + GPTQ 4-bit per channel + dynamic int8 activations per token",
                         {"method": "rotate"}, _quant("gptq", 4, -1, symmetric=True),

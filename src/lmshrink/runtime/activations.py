@@ -22,6 +22,7 @@ from lmshrink.core.errors import LmshrinkError
 
 SCALE = "input_scale"
 ZERO = "input_zero_point"
+CLUSTER = "input_cluster"  # the cluster of each input channel (RPTQ: per-cluster static ranges)
 # rebuilds an online transform from its description (``transform.describe()``): registered by the module that
 # defines the transform type, e.g. the Hadamard rotations
 TRANSFORMS: dict[str, Callable[[dict], Any]] = {}
@@ -76,7 +77,8 @@ def prepare_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     spec = getattr(module, "input_spec", None)
     if spec is None:
         return x
-    return fake_quantize_activations(x, spec, getattr(module, SCALE, None), getattr(module, ZERO, None))
+    return fake_quantize_activations(x, spec, getattr(module, SCALE, None), getattr(module, ZERO, None),
+                                     getattr(module, CLUSTER, None))
 
 
 class InputLinear(nn.Linear):
@@ -112,9 +114,9 @@ def _set_buffer(module: nn.Module, name: str, value: torch.Tensor | None) -> Non
 
 
 def install_quantizer(module: nn.Module, spec: ActSpec, scale: torch.Tensor | None = None,
-                      zero: torch.Tensor | None = None) -> None:
+                      zero: torch.Tensor | None = None, cluster: torch.Tensor | None = None) -> None:
     """Quantize ``module``'s input with ``spec`` from now on (static specs: with the calibrated ``scale`` and, for
-    asymmetric grids, ``zero``)."""
+    asymmetric grids, ``zero``; per cluster also each channel's ``cluster``)."""
     if not spec.dynamic and scale is None:
         raise LmshrinkError("a static activation quantizer needs its calibrated scale",
                             fix="calibrate it first (core.actquant.static_params)")
@@ -122,6 +124,14 @@ def install_quantizer(module: nn.Module, spec: ActSpec, scale: torch.Tensor | No
     module.input_spec = spec
     _set_buffer(module, SCALE, None if spec.dynamic else scale)
     _set_buffer(module, ZERO, None if spec.dynamic or spec.symmetric else zero)
+    if spec.granularity == "cluster":
+        if cluster is None:
+            raise LmshrinkError("a quantizer of channel clusters needs each channel's cluster",
+                                fix="calibrate it first (core.actquant.cluster_channels)")
+        device = next((p.device for p in module.parameters() if p.device.type != "meta"), cluster.device)
+        module.register_buffer(CLUSTER, cluster.detach().to(device=device, dtype=torch.int64).clone())
+    else:
+        module._buffers.pop(CLUSTER, None)
 
 
 def install_transform(module: nn.Module, transform: Any) -> None:
@@ -169,15 +179,19 @@ def apply_inputs(model: nn.Module, described: dict[str, dict], tensors: Callable
             spec = ActSpec(**entry["activations"])
             scale = None if spec.dynamic else tensors(f"{name}.{SCALE}")
             zero = None if spec.dynamic or spec.symmetric else tensors(f"{name}.{ZERO}")
+            cluster = tensors(f"{name}.{CLUSTER}") if spec.granularity == "cluster" else None
+            if spec.granularity == "cluster" and cluster is None:
+                raise LmshrinkError(f"layer {name} records activation clusters but the folder lacks its {CLUSTER}",
+                                    fix="the checkpoint is incomplete; compress again")
             if not spec.dynamic and (scale is None or (not spec.symmetric and zero is None)):
                 raise LmshrinkError(f"layer {name} records static activation quantization ({spec.describe()}) but "
                                     f"the folder lacks its {SCALE}" + ("" if spec.symmetric else f"/{ZERO}"),
                                     fix="the checkpoint is incomplete; compress again")
-            install_quantizer(module, spec, scale, zero)
+            install_quantizer(module, spec, scale, zero, cluster)
 
 
 register_transform("hadamard", lambda description: HadamardTransform(int(description["size"])))
 
 __all__ = ["InputLinear", "HadamardTransform", "upgrade", "install_quantizer", "install_transform", "input_quantizer", "prepare_input",
            "weight_input", "describe_inputs", "apply_inputs", "register_transform", "build_transform", "SCALE",
-           "ZERO"]
+           "ZERO", "CLUSTER"]

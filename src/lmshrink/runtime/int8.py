@@ -64,7 +64,7 @@ def fits(codes: torch.Tensor, spec: ActSpec | None) -> str | None:
         return "its activations are not quantized"
     if spec.bits != 8 or not spec.symmetric:
         return f"its activations are {spec.describe()}, not symmetric int8"
-    if spec.granularity == "group" or (spec.granularity == "tensor" and spec.dynamic):
+    if spec.granularity in ("group", "cluster") or (spec.granularity == "tensor" and spec.dynamic):
         return f"its activations are {spec.describe()}; Int8Linear takes per token (dynamic) or per tensor (static)"
     if codes.dtype != torch.int8:
         return "its weight codes are not int8"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from lmshrink.core.actquant import static_params
+from lmshrink.core.actquant import cluster_channels, cluster_params, static_params
 from lmshrink.core.errors import LmshrinkError
 from lmshrink.core.stage import BlockOutcome, Stat
 from lmshrink.runtime import kvcache
-from lmshrink.runtime.activations import SCALE, ZERO, install_quantizer
+from lmshrink.runtime.activations import CLUSTER, SCALE, ZERO, install_quantizer
 
 
 def calibrate_activations(stage, job) -> BlockOutcome:
@@ -18,17 +18,23 @@ def calibrate_activations(stage, job) -> BlockOutcome:
     spec = stage.spec()
     changed: list[str] = []
     for group in job.groups:
-        scale = zero = None
+        scale = zero = cluster = None
         if not spec.dynamic:
             first = job.block.get_submodule(group[0])
             channels = job.collect(frozenset({Stat.CHANNELS}), {group[0]: first})[group[0]].channels
-            scale, zero = static_params(channels.min, channels.max, spec)
+            if spec.granularity == "cluster":  # RPTQ: channels clustered by their ranges, a grid per cluster
+                cluster = cluster_channels(channels.min.cpu(), channels.max.cpu(), spec.clusters)
+                scale, zero = cluster_params(channels.min.cpu(), channels.max.cpu(), cluster, spec)
+            else:
+                scale, zero = static_params(channels.min, channels.max, spec)
         for name in group:
-            install_quantizer(job.block.get_submodule(name), spec, scale, zero)
+            install_quantizer(job.block.get_submodule(name), spec, scale, zero, cluster)
             if not spec.dynamic:
                 changed.append(f"{name}.{SCALE}")
                 if not spec.symmetric:
                     changed.append(f"{name}.{ZERO}")
+                if cluster is not None:
+                    changed.append(f"{name}.{CLUSTER}")
     return BlockOutcome(changed=changed)
 
 
@@ -41,7 +47,7 @@ def restore_activations(stage, block, groups: list[list[str]], tensors: dict[str
             if not spec.dynamic and scale is None:
                 raise LmshrinkError(f"the saved progress lacks the activation scale of {name}",
                                     fix="run again without --resume to start over")
-            install_quantizer(block.get_submodule(name), spec, scale, zero)
+            install_quantizer(block.get_submodule(name), spec, scale, zero, tensors.get(f"{name}.{CLUSTER}"))
 
 
 def install_kv(stage, block, groups: list[list[str]]) -> None:

@@ -21,29 +21,36 @@ class ActivationsStage(StageBase):
     leading_options = ("bits", "granularity", "dynamic")
     method: Literal["activations"] = "activations"
     bits: int = Field(8, ge=2, le=8, description="bits of the activation grid")
-    granularity: Literal["tensor", "token", "group"] = Field(
-        "token", description="one scale per tensor, per token (row), or per token and group of channels")
+    granularity: Literal["tensor", "token", "group", "cluster"] = Field(
+        "token", description="one scale per tensor, per token (row), per token and group of channels, or per cluster "
+                             "of channels with similar calibration ranges (RPTQ; static)")
     group_size: int = Field(128, ge=1, description="channels per group (granularity: group)")
     symmetric: bool = Field(True, description="signed grid without zero point (compressed-tensors' symmetric)")
     dynamic: bool = Field(True, description="measure the range of every input (true) or calibrate it once (false: "
                                             "per tensor or per group of channels, stored as input_scale)")
     clip_ratio: float = Field(1.0, gt=0, le=1, description="shrink every range by this factor before rounding")
+    clusters: int = Field(8, ge=1, description="channel clusters per layer input (granularity: cluster), found by "
+                                               "k-means on each channel's (min, max) calibration range")
 
     @model_validator(mode="after")
     def _static_token(self):
         if self.granularity == "token" and not self.dynamic:
             raise ValueError("static scales per token do not exist: use granularity 'tensor' or 'group', or "
                              "dynamic: true")
+        if self.granularity == "cluster" and self.dynamic:
+            raise ValueError("clusters of channels have calibrated ranges: set dynamic: false")
         return self
 
     def inapplicable_options(self) -> set[str]:
-        return set() if self.granularity == "group" else {"group_size"}
+        unused = set() if self.granularity == "group" else {"group_size"}
+        return unused | (set() if self.granularity == "cluster" else {"clusters"})
 
     def spec(self):
         from lmshrink.core.actquant import ActSpec
 
         return ActSpec(bits=self.bits, granularity=self.granularity, group_size=self.group_size,
-                       symmetric=self.symmetric, dynamic=self.dynamic, clip_ratio=self.clip_ratio)
+                       symmetric=self.symmetric, dynamic=self.dynamic, clip_ratio=self.clip_ratio,
+                       clusters=self.clusters)
 
     def check_layers(self, layers: list[tuple[str, int]]) -> list[Problem]:
         if self.granularity != "group":
