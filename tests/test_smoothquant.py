@@ -16,6 +16,7 @@ from lmshrink import compress, load_model
 from lmshrink.core.errors import UnsupportedArchitectureError
 from lmshrink.models.loader import wrap_model
 from lmshrink.runtime import cpu_kernels
+from lmshrink.runtime.fastpath import FastDecoder
 from lmshrink.runtime.int8 import Int8Linear
 
 
@@ -100,6 +101,14 @@ def test_w8a8_folders_reload_in_transformers_and_run_integer_products(preset, ti
     logits = _logits(packed.model)
     assert (logits - ours).abs().max() < 0.02 * ours.abs().max()
     assert (logits.argmax(-1) == ours.argmax(-1)).float().mean() > 0.97
+    # the fast decoder runs q/k/v and gate/up as one int8 layer each, prompt and steps, with the same numbers
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = packed.model(input_ids=ids).logits[0]
+    decoder = FastDecoder(packed.model, 48)
+    assert decoder.linears["qkv:int8_a8:fused"] == 2 and decoder.linears["gate_up:int8_a8:fused"] == 2
+    steps = [decoder.prefill(ids[:, :36])[0]] + [decoder.step(ids[0, t])[0] for t in range(36, 40)]
+    assert (torch.stack(steps) - reference[35:40]).abs().max() < 0.02 * reference.abs().max()
 
 
 def test_w8a8_static_resume_and_streaming_are_bit_identical(tiny_dir, calib_file, tmp_path):

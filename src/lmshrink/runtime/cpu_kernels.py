@@ -1,4 +1,6 @@
-"""lmshrink's own CPU kernel for 4-bit grouped weights (AVX2 + FMA), compiled on first use.
+"""lmshrink's own CPU kernels (AVX2 + FMA), compiled on first use: 4-bit grouped weights with float32 (or int8)
+activations, and W8A8 integer products (``quantize_rows_u8``, ``i8_linear``: ``csrc/int8_avx2.cpp``, used by
+``runtime.int8.Int8Linear``).
 
 ``int4_linear(x, packed)`` computes ``x @ W.T`` in float32 for ``W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g]``,
 codes ``q`` in 0..15 (2, 3 and 4-bit grids), contiguous groups of any multiple of 32 columns (or one group per row),
@@ -9,8 +11,8 @@ activation rounding: it differs from a float32 matmul on the dequantized weight 
 (``tests/test_cpu_kernel.py`` checks it against a float64 reference within the float32 summation bound). ``int4_linear_q8`` is the opt-in variant that rounds the activations
 to int8 per block of 32 (llama.cpp's q8_0) and multiplies with integers; ``q8_linear`` runs a q8_0 weight.
 
-It is built with ``torch.utils.cpp_extension.load`` (needs ``ninja`` and a C++ compiler) with ``-O3 -mavx2 -mfma
--mf16c``, only when ``/proc/cpuinfo`` lists avx2 and fma, into torch's extension cache (``TORCH_EXTENSIONS_DIR``,
+Both sources are built as one extension with ``torch.utils.cpp_extension.load`` (needs ``ninja`` and a C++ compiler)
+with ``-O3 -mavx2 -mfma -mf16c``, only when ``/proc/cpuinfo`` lists avx2 and fma, into torch's extension cache (``TORCH_EXTENSIONS_DIR``,
 by default ``~/.cache/torch_extensions``): the first build takes about a minute, later processes load it in well
 under a second. ``LMSHRINK_CPU_KERNEL=0`` disables it. When it is disabled or cannot be built, ``available()`` is
 False, ``kernel_status()`` says why, and QuantLinear uses torch's int4 kernel instead; nothing raises.

@@ -45,6 +45,7 @@ from torch import nn
 
 from lmshrink.core.errors import LmshrinkError, UnsupportedArchitectureError
 from lmshrink.runtime import cpu_kernels, kvcache
+from lmshrink.runtime.int8 import Int8Linear
 from lmshrink.runtime.qlinear import QuantLinear
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -216,8 +217,53 @@ class _Modules:
         return residual + self(x)
 
 
+def _int8_key(module: nn.Module):
+    """What must agree for Int8Linear layers to run as one (None where the module is not one)."""
+    if not isinstance(module, Int8Linear) or module.input_transform is not None:
+        return None
+    static = None if module.input_spec.dynamic else float(module.input_scale)
+    return (module.in_features, module.input_spec, static, module.kernel, module.row_kernel, module.seven,
+            module.bias is None)
+
+
+class _Int8:
+    """Int8Linear layers reading one input as one Int8Linear (their codes, scales and biases concatenated; the
+    layers' own buffers then view the concatenation and they drop their own oneDNN copy of the weight, so memory
+    holds each weight once: called alone with a long input, such a layer multiplies in float)."""
+
+    def __init__(self, modules: list[Int8Linear]):
+        if len(modules) == 1:
+            self.layer = modules[0]
+            return
+        first = modules[0]
+        bias = None if first.bias is None else torch.cat([m.bias for m in modules])
+        self.layer = Int8Linear.from_codes(torch.cat([m.codes for m in modules]),
+                                           torch.cat([m.weight_scale for m in modules]), bias, first.input_spec,
+                                           getattr(first, "input_scale", None),
+                                           kernels=first.kernel != "float" or first.row_kernel != "float",
+                                           onednn_min_rows=first.onednn_min_rows)
+        start = 0
+        for m in modules:
+            end = start + m.out_features
+            for name in ("codes", "weight_scale", "bias", "row_codes", "row_sums"):
+                fused = getattr(self.layer, name, None)
+                if fused is not None and getattr(m, name, None) is not None:
+                    setattr(m, name, fused[start:end])
+            m._packed, m.kernel = None, "float"
+            start = end
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return residual + self.layer(x)
+
+
 def _linear(modules: list[nn.Module], fuse: bool, fuse_dense: bool, fp32: bool, int8_activations: bool = False):
     """One callable computing ``cat([m(x) for m in modules], -1)`` for a one-row ``x`` (see the module docstring)."""
+    int8 = [_int8_key(m) for m in modules]
+    if int8[0] is not None and all(k == int8[0] for k in int8) and (fuse or len(modules) == 1):
+        return _Int8(modules)
     keys = [_avx2_key(m) for m in modules]
     if fp32 and keys[0] is not None and all(k == keys[0] for k in keys) and cpu_kernels.ready():
         if fuse or len(modules) == 1:
@@ -232,6 +278,8 @@ def _kind(linear, int8_activations: bool) -> str:
     """How a ``_linear`` result runs, as ``FastDecoder.linears`` names it."""
     if isinstance(linear, _Int4):
         return "int4_avx2_q8" if int8_activations else "int4_avx2"
+    if isinstance(linear, _Int8):
+        return "int8_a8"
     return {_Dense: "dense", _Q8: "q8", _Modules: "modules"}[type(linear)]
 
 
@@ -340,12 +388,16 @@ class FastDecoder:
             norm2 = (layer.post_attention_layernorm.weight, float(layer.post_attention_layernorm.variance_epsilon))
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
             quantized = self.kv_caches[index]
-            self.layers.append((norm1, norm2, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                                mlp.gate_proj, mlp.up_proj, mlp.down_proj, k_cache, v_cache, quantized))
             qkv = _linear([attn.q_proj, attn.k_proj, attn.v_proj], fuse, fuse_dense, self.fp32, int8)
             out = _linear([attn.o_proj], False, False, self.fp32, int8)
             gate_up = _linear([mlp.gate_proj, mlp.up_proj], fuse, fuse_dense, self.fp32, int8)
             down = _linear([mlp.down_proj], False, False, self.fp32, int8)
+            # the prompt runs fused int8 layers fused too (their kernels take any number of rows); the rest as modules
+            qkv_prompt = qkv if isinstance(qkv, _Int8) else None
+            gate_up_prompt = gate_up if isinstance(gate_up, _Int8) else None
+            self.layers.append((norm1, norm2, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                mlp.gate_proj, mlp.up_proj, mlp.down_proj, k_cache, v_cache, quantized,
+                                qkv_prompt, gate_up_prompt))
             for name, linear in (("qkv", qkv), ("o", out), ("gate_up", gate_up), ("down", down)):
                 kind = _kind(linear, int8)
                 key = f"{name}:{kind}" + (":fused" if name in ("qkv", "gate_up") and not isinstance(linear, _Modules)
@@ -402,6 +454,13 @@ class FastDecoder:
 
     # -- prompt ------------------------------------------------------------------------------------------------
 
+    def _gated(self, gate, up, gate_up, h: torch.Tensor) -> torch.Tensor:
+        """``silu(gate(h)) * up(h)``, through the fused layer where there is one."""
+        if gate_up is None:
+            return F.silu(gate(h)) * up(h)
+        g, u = gate_up(h).split([self.intermediate, self.intermediate], dim=-1)
+        return F.silu(g) * u
+
     @torch.inference_mode()
     def prefill(self, ids) -> torch.Tensor:
         """Start a new sequence with ``ids`` in one pass; the last position's logits ``[1, vocab]``."""
@@ -420,26 +479,29 @@ class FastDecoder:
         heads, kv, hd = self.heads, self.kv_heads, self.head_dim
         x = F.embedding(ids.to(self.embedding.device), self.embedding)  # [T, D]
         cos, sin = self.cos[:n].unsqueeze(1), self.sin_signed[:n].unsqueeze(1)  # [T, 1, 2, hd/2]
-        for norm1, norm2, q_proj, k_proj, v_proj, o_proj, gate, up, down, k_cache, v_cache, quantized in self.layers:
+        for (norm1, norm2, q_proj, k_proj, v_proj, o_proj, gate, up, down, k_cache, v_cache, quantized, qkv_prompt,
+             gate_up_prompt) in self.layers:
             h = self._norm(x, norm1)
-            q = self._rotate(q_proj(h).view(n, heads, hd), cos, sin).transpose(0, 1)  # [H, T, hd]
-            k = self._rotate(k_proj(h).view(n, kv, hd), cos, sin).transpose(0, 1)
-            v = v_proj(h).view(n, kv, hd).transpose(0, 1)
+            if qkv_prompt is not None:
+                q, k, v = qkv_prompt(h).split([heads * hd, kv * hd, kv * hd], dim=-1)
+            else:
+                q, k, v = q_proj(h), k_proj(h), v_proj(h)
+            q = self._rotate(q.reshape(n, heads, hd), cos, sin).transpose(0, 1)  # [H, T, hd]
+            k = self._rotate(k.reshape(n, kv, hd), cos, sin).transpose(0, 1)
+            v = v.reshape(n, kv, hd).transpose(0, 1)
             if quantized is not None:  # each query sees the positions a quantizing cache would hold at its turn
                 a = kvcache.mixed_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), quantized.spec, self.scale)
                 quantized.reset()
                 quantized.extend(kvcache.rotate_heads(k) if quantized.spec.rotate else k, v)
                 x = x + o_proj(a[0].transpose(0, 1).reshape(n, heads * hd))
-                h = self._norm(x, norm2)
-                x = x + down(F.silu(gate(h)) * up(h))
+                x = x + down(self._gated(gate, up, gate_up_prompt, self._norm(x, norm2)))
                 continue
             k_cache[:, :n] = k
             v_cache[:, :n] = v
             a = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=True,
                                                scale=self.scale, enable_gqa=self.group > 1)
             x = x + o_proj(a[0].transpose(0, 1).reshape(n, heads * hd))
-            h = self._norm(x, norm2)
-            x = x + down(F.silu(gate(h)) * up(h))
+            x = x + down(self._gated(gate, up, gate_up_prompt, self._norm(x, norm2)))
         self.length = n
         head = self.head if self.head_kind == "int8" else self.lm_head
         return head(self._norm(x[-1:], self.final_norm))
