@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from lmshrink.core.actquant import ActSpec, KVSpec
 from lmshrink.core.errors import LmshrinkError
 from lmshrink.core.process import environment
 from lmshrink.data.sources import load_text
@@ -21,9 +22,11 @@ from lmshrink.eval.tasks.runner import evaluate_tasks
 from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder, load_quantized_results
 from lmshrink.formats.gguf_export import export_gguf
 from lmshrink.formats.gptq_export import export_gptq
+from lmshrink.formats.hf_folder import natural_key
 from lmshrink.formats.loading import as_loaded, load_model
 from lmshrink.formats.lowrank import is_lowrank_folder
 from lmshrink.formats.onnx_export import export_onnx
+from lmshrink.formats.runtime_scheme import read_runtime
 from lmshrink.formats.storage import stored_size
 from lmshrink.models.loader import LoadedModel
 from lmshrink.pipeline.compress import compress
@@ -122,6 +125,28 @@ def evaluate(model: LoadedModel | str | torch.nn.Module, *, ppl: str | list[str]
 EXPORT_FORMATS = ("gguf", "gptq", "onnx")
 
 
+def _check_exportable(folder: Path, to: str) -> None:
+    """Refuse a folder whose activations, input transforms or cache lmshrink quantizes: no export format holds them
+    (the model would compute something else there)."""
+    scheme = read_runtime(folder) if folder.is_dir() else None
+    if not scheme:
+        return
+    inputs = scheme.get("inputs") or {}
+    if inputs:
+        name = min(inputs, key=natural_key)
+        entry = inputs[name]
+        what = ("activation quantization " + ActSpec(**entry["activations"]).describe() if "activations" in entry
+                else f"an online input transform ({entry['transform'].get('kind')})")
+        raise LmshrinkError(f"{folder}: layer {name} has {what}, which the {to} format cannot hold (the exported "
+                            "model would compute in float there)",
+                            fix="run this folder with lmshrink (load_model, lmshrink bench/evaluate), or export a "
+                                "folder compressed without the activations/rotate stages")
+    block, spec = next(iter((scheme.get("kv_cache") or {}).items()))
+    raise LmshrinkError(f"{folder}: the attention of block {block} quantizes its key/value cache "
+                        f"({KVSpec(**spec).describe()}), which the {to} format cannot hold",
+                        fix="run this folder with lmshrink, or export a folder compressed without the kv-cache stage")
+
+
 def export(folder: str | Path, to: str, output: str | Path, *, overwrite: bool = False,
            source_gguf: str | Path | None = None, dense_type: str = "f16", check: bool = True) -> dict[str, Any]:
     """Export a compressed folder (written by ``compress``) to another runtime's format; returns a JSON-ready report.
@@ -136,6 +161,7 @@ def export(folder: str | Path, to: str, output: str | Path, *, overwrite: bool =
         raise LmshrinkError(f"{folder} stores low-rank factors, which the {to} export cannot map onto its format",
                             fix="compress again with `merge: true` on the low-rank stages (dense weights), or run the "
                                 "folder with lmshrink itself (load_model, evaluate, bench)")
+    _check_exportable(Path(folder), to)
     if to == "gguf":
         return export_gguf(folder, output, source_gguf=source_gguf, dense_type=dense_type, overwrite=overwrite)
     if to == "gptq":

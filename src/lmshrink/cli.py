@@ -501,7 +501,7 @@ def _cmd_bench(args) -> int:
                         f"thread(s), median of {p['trials']} interleaved trials")
     for col in ("model", "runtime", "decode", "prefill tok/s", "decode tok/s", "decode vs first",
                 "CPU-time decode vs first", "TTFT ms", "peak RSS MiB", "peak RSS running", "weights MiB",
-                "linear MiB", "linear vs fp16", "greedy = first"):
+                "linear MiB", "linear vs fp16", "KV cache MiB", "greedy = first"):
         table.add_column(col, justify="left" if col in ("model", "runtime", "decode") else "right",
                          overflow="fold")  # wrapped, never cut: a model path must stay readable
     for row in record["models"]:
@@ -514,6 +514,7 @@ def _cmd_bench(args) -> int:
                       "-" if row.get("peak_rss_running_bytes") is None else f"{row['peak_rss_running_bytes'] / 2**20:.0f}",
                       f"{size['weight_bytes'] / 2**20:.1f}", f"{size['linear_weight_bytes'] / 2**20:.1f}",
                       "-" if row.get("linear_bytes_vs_fp16") is None else f"{row['linear_bytes_vs_fp16']:.3f}",
+                      _cache_mib(row.get("kv_cache_bytes")),
                       f"{row['same_greedy_prefix_as_first']}/{len(row['tokens'])}")
     console = Console()
     console.print(table)
@@ -529,6 +530,16 @@ def _cmd_bench(args) -> int:
     if "llama_cpp" in p:
         console.print(f"llama.cpp rows: {p['llama_cpp']}; their linear = the 2-D tensors of the GGUF's blocks")
     return 0
+
+
+def _cache_mib(cache: dict | None) -> str:
+    """The fast decoder's key/value cache: what it holds, and what an unquantized cache would."""
+    if not cache:
+        return "-"
+    held = (cache["float"] + cache["quantized"]) / 2**20
+    if not cache["quantized"]:
+        return f"{held:.1f}"
+    return f"{held:.1f} (float {cache['float_equivalent'] / 2**20:.1f})"
 
 
 def _cmd_export(args) -> int:

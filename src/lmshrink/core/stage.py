@@ -122,6 +122,22 @@ class StageBase(BaseModel):
         any statistic is taken from it: how a model-wide transform (e.g. a rotation of the residual stream)
         reaches blocks that live on disk."""
 
+    def restore_block(self, index: int, block: "nn.Module", groups: list[list[str]],
+                      tensors: dict[str, "torch.Tensor"]) -> None:
+        """On resume, re-apply to a finished block the structural changes this stage's work made to it (e.g.
+        quantizers attached to its layers), before the engine copies back the tensors it reported changed
+        (``tensors``: relative names -> saved values; ``groups``: the linear groups it selects in this block)."""
+
+    def check_layers(self, layers: list[tuple[str, int]]) -> list["Problem"]:
+        """What is wrong with running this stage on the layers it selects (``(full name, input width)``), found
+        before any work starts: problems with a ``fix`` are errors, the others warnings."""
+        return []
+
+    def scheme(self) -> dict[str, Any] | None:
+        """What this stage makes of the layers it selects, for the run record's ``scheme`` (weights, activations,
+        key/value cache, rotations): None when it states nothing there."""
+        return None
+
     # -- layer scope ---------------------------------------------------------------------------------------------
     def solve(self, job: "LayerJob") -> Any:
         """Layer scope: the layer's result (``core.results``: a QuantResult, a PruneResult, ...)."""

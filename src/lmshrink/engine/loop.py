@@ -212,6 +212,15 @@ class Engine:
                     self._transform(index, block, [stage])
         return self._options
 
+    def _restore(self, index: int, block: nn.Module, saved: dict[str, torch.Tensor], options) -> None:
+        """On resume: each block stage re-applies to finished block ``index`` the structure its work gave it (e.g.
+        quantizers on its layers), from the tensors it saved."""
+        prefix = f"{self.adapter.block_path(self.model)}.{index}."
+        tensors = {name[len(prefix):]: value for name, value in saved.items() if name.startswith(prefix)}
+        for stage, groups in self._block_plan(index, block, options):
+            if groups and stage.scope is Scope.BLOCK:
+                stage.restore_block(index, block, groups, tensors)
+
     # -- one block's plan -----------------------------------------------------------------------------------------
     def _block_plan(self, index: int, block: nn.Module, options) -> list[tuple[StageBase, list[list[str]]]]:
         """For each stage: its variant for this block and the groups of this block (relative names) it selects."""
@@ -299,6 +308,7 @@ class Engine:
                         else:
                             result.weight = torch.empty(0)
                         results[name] = result
+                    self._restore(index, blocks[index], saved_tensors, options)
                     for name, value in saved_tensors.items():
                         if self.streamer is None:
                             with torch.no_grad():

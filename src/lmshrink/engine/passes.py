@@ -13,6 +13,7 @@ from lmshrink.engine.capture import StopForward, run_block
 from lmshrink.engine.replay import PassMemo
 from lmshrink.engine.statistics import ChannelAccumulator, CrossAccumulator, DriftStats, GroupStats, HessianAccumulator
 from lmshrink.models.adapters import linear_dims
+from lmshrink.runtime.activations import weight_input
 
 
 def to_device(value, device):
@@ -62,13 +63,13 @@ def collect(block: nn.Module, modules: dict[str, nn.Module], needs: Collection[S
             raise RuntimeError(f"{len(reference_hidden)} reference batches for {len(hidden)} calibration batches")
         for name in modules:
             def keep(_module, args, _name=name):
-                reference_inputs[_name] = args[0].detach()
+                reference_inputs[_name] = weight_input(_module, args[0].detach())
                 if _name == stop_at and not finish_reference:
                     raise StopForward
             handles.append(original.get_submodule(name).register_forward_pre_hook(keep))
     for name, module in modules.items():
         def hook(_module, args, _name=name):
-            x = args[0].detach()
+            x = weight_input(_module, args[0].detach())  # what the weight multiplies (its online transform applied)
             group = stats[_name]
             if group.hessian_accumulator is not None:
                 group.hessian_accumulator.add_batch(x)

@@ -45,6 +45,7 @@ from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder
 from lmshrink.formats.loading import load_model
 from lmshrink.models.adapters import get_adapter, is_linear
 from lmshrink.runtime.fastpath import FastDecoder
+from lmshrink.runtime.int8 import Int8Linear
 from lmshrink.runtime.qlinear import KERNEL_MAX_ROWS, OutlierLinear, QuantLinear, packed_bytes
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -57,7 +58,8 @@ def _linear_bytes(model) -> dict[str, int]:
 
     Linear layers as ``lmshrink.models.is_linear`` knows them (``nn.Linear`` and GPT-2's ``Conv1D``, also the two
     factors of a factorized layer, a shared basis once), plus packed ``QuantLinear`` layers (their codes, scales and
-    zero points, the bias left out). The blocks are walked rather
+    zero points, the bias left out) and ``Int8Linear`` layers (codes, scales, and oneDNN's packed copy of the codes).
+    The blocks are walked rather
     than ``iter_linears``, whose family layouts only match while every linear is still an unpacked one.
     """
 
@@ -73,6 +75,9 @@ def _linear_bytes(model) -> dict[str, int]:
                 weights += module.in_features * module.out_features
             elif isinstance(module, OutlierLinear):  # its QuantLinear is counted on its own
                 total += sum(t.numel() * t.element_size() for t in (module.columns, module.values))
+            elif isinstance(module, Int8Linear):  # codes, scales and oneDNN's packed copy of the codes
+                total += module.nbytes() - (0 if module.bias is None else module.bias.numel() * 4)
+                weights += module.in_features * module.out_features
             elif is_linear(module):
                 total += module.weight.numel() * module.weight.element_size()
                 weights += module.weight.numel()
@@ -294,7 +299,8 @@ def _worker_main(argv: list[str]) -> int:
     decoder = getattr(runner, "decoder", None)
     info = {"ready": True, "model": model_info, "load_seconds": runner.load_seconds,
             "decode": LLAMA_CPP if args["runtime"] == LLAMA_CPP else args.get("decode", "hf"),
-            **({"fast_linears": decoder.linears} if decoder is not None else {}),
+            **({"fast_linears": decoder.linears, "kv_cache_bytes": decoder.cache_bytes()} if decoder is not None
+               else {}),
             "rss_after_load_bytes": runner.rss_after_load, "size": runner.size, "threads": threads,
             "prompt_source": runner.prompt_source, "prompt_ids": runner.prompt[0].tolist(),
             "peak_rss_loading_bytes": peak_rss_bytes()}

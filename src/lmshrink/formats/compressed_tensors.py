@@ -57,8 +57,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmshrink.core.actquant import ActSpec
 from lmshrink.core.errors import LmshrinkError
-from lmshrink.core.grids import GridSpec
+from lmshrink.core.grids import GridSpec, dequantize, from_signed, to_signed
 from lmshrink.core.packing import pack_int32, unpack_int32
 from lmshrink.core.results import OutlierQuantResult, QuantResult
 from lmshrink.formats.hf_folder import natural_key, read_config, weight_files
@@ -75,14 +76,20 @@ SPECS_KEY = "lmshrink.grid_specs"  # safetensors metadata: the GridSpec of every
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+INT_FORMAT = "int-quantized"  # int8 weights as they are (W8A8: what vLLM's int8 activation schemes load)
+
+
 @dataclass(frozen=True)
 class StoredScheme:
-    """One compressed-tensors config group: the layout shared by its layers."""
+    """One compressed-tensors config group: the layout shared by its layers, and the activations they quantize
+    (where the format can state them)."""
 
     bits: int
     group_size: int  # -1 per channel
     symmetric: bool
     actorder: str | None  # None or "static"
+    format: str = FORMAT
+    activations: ActSpec | None = None
     outliers: bool = False  # its layers keep 16-bit input columns (format OUTLIER_FORMAT)
 
 
@@ -158,11 +165,31 @@ def _stored_scale(name: str, scale: torch.Tensor, dtype: torch.dtype) -> torch.T
     return stored.contiguous()
 
 
+def stated_activations(module: nn.Module) -> ActSpec | None:
+    """The layer's activation quantizer where compressed-tensors can state it (integer, per token or group dynamic,
+    per tensor), and the layer has no online input transform (which the format cannot state); else None."""
+    spec = getattr(module, "input_spec", None)
+    if spec is None or getattr(module, "input_transform", None) is not None:
+        return None
+    if (spec.granularity == "group" and not spec.dynamic) or spec.granularity == "cluster":
+        return None
+    return spec
+
+
 def pack_layer(name: str, module: nn.Module, result: QuantResult,
                 stored_group: int) -> tuple[StoredScheme, dict[str, torch.Tensor]]:
-    """The on-disk tensors of one quantized Linear (keys relative to the module) and its scheme."""
+    """The on-disk tensors of one quantized Linear (keys relative to the module) and its scheme: ``int-quantized``
+    (int8 weights as they are) for 8-bit symmetric per-channel weights with 8-bit activations, else
+    ``pack-quantized``."""
     out_features, in_features = int(module.weight.shape[0]), int(module.weight.shape[1])
     spec = result.spec
+    activations = stated_activations(module)
+    if (activations is not None and activations.bits == 8 and spec.bits in (7, 8) and spec.symmetric
+            and stored_group == -1 and result.g_idx is None):
+        # int8 values as they are (a 7-bit grid's codes are int8 values of half the range, the scale unchanged)
+        tensors = {"weight": to_signed(result.codes, spec.bits).contiguous(),
+                   "weight_scale": _stored_scale(name, result.scale, module.weight.dtype)}
+        return StoredScheme(8, -1, True, _actorder(name, result), INT_FORMAT, activations), tensors
     scale, zero = result.scale, result.zero
     if stored_group != -1 and stored_group != spec.group_width(in_features):
         # repeat each group's parameters over the stored sub-groups it covers
@@ -179,7 +206,8 @@ def pack_layer(name: str, module: nn.Module, result: QuantResult,
     if outliers:
         tensors["weight_outlier_index"] = result.columns.to(torch.int32).contiguous()
         tensors["weight_outlier_values"] = result.values.contiguous()
-    scheme = StoredScheme(spec.bits, stored_group, spec.symmetric, _actorder(name, result), outliers)
+    scheme = StoredScheme(spec.bits, stored_group, spec.symmetric, _actorder(name, result), FORMAT, activations,
+                          outliers)
     return scheme, tensors
 
 
@@ -191,7 +219,16 @@ def has_outliers(result: QuantResult) -> bool:
 def describe_scheme(scheme: StoredScheme) -> str:
     group = "per channel" if scheme.group_size == -1 else f"group {scheme.group_size}"
     outliers = " with 16-bit outlier columns" if scheme.outliers else ""
-    return f"{scheme.bits}-bit {group} {'symmetric' if scheme.symmetric else 'asymmetric'}{outliers}"
+    acts = f", activations {scheme.activations.describe()}" if scheme.activations is not None else ""
+    return f"{scheme.bits}-bit {group} {'symmetric' if scheme.symmetric else 'asymmetric'}{outliers}{acts}"
+
+
+def _activation_args(spec: ActSpec):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(num_bits=spec.bits, type="int", symmetric=spec.symmetric, strategy=spec.granularity,
+                            group_size=spec.group_size if spec.granularity == "group" else None,
+                            dynamic=spec.dynamic, observer=None if spec.dynamic else "minmax")
 
 
 def quantization_config(groups: dict[StoredScheme, list[str]], ignore: list[str]) -> dict[str, Any]:
@@ -208,9 +245,13 @@ def quantization_config(groups: dict[StoredScheme, list[str]], ignore: list[str]
             actorder=scheme.actorder, dynamic=False, observer="minmax")
         # one group: the usual ["Linear"] (every Linear not ignored); several: exact module names
         targets = ["Linear"] if len(groups) == 1 else sorted(names, key=natural_key)
-        config_groups[f"group_{index}"] = QuantizationScheme(targets=targets, weights=args, format=FORMAT)
-    config = QuantizationConfig(config_groups=config_groups, format=FORMAT, quantization_status="compressed",
-                                ignore=ignore)
+        activations = None if scheme.activations is None else _activation_args(scheme.activations)
+        config_groups[f"group_{index}"] = QuantizationScheme(targets=targets, weights=args,
+                                                             input_activations=activations, format=scheme.format)
+    formats = {scheme.format for scheme in groups}
+    config = QuantizationConfig(config_groups=config_groups,
+                                format=formats.pop() if len(formats) == 1 else "mixed-precision",
+                                quantization_status="compressed", ignore=ignore)
     data = {"version": compressed_tensors.__version__, "quant_method": QUANT_METHOD, "sparsity_config": {},
             "transform_config": {}, **config.model_dump(exclude={"quant_method"})}
     for index, scheme in enumerate(groups):
@@ -398,6 +439,46 @@ def _outlier_result(name: str, fields: dict[str, Any], index: torch.Tensor,
     return OutlierQuantResult(**fields, columns=index, values=values)
 
 
+def _int_result(name: str, weight: torch.Tensor, scale: torch.Tensor, args: dict[str, Any], recorded, decode: bool
+                ) -> QuantResult:
+    """An int-quantized layer (int8 weight per channel, symmetric) as a QuantResult."""
+    if args.get("num_bits") != 8 or not args.get("symmetric", True) or args.get("strategy") != "channel":
+        raise LmshrinkError(f"layer {name}: int-quantized weights of {args.get('num_bits')} bits, strategy "
+                            f"{args.get('strategy')!r}, symmetric={args.get('symmetric')} are not read by lmshrink",
+                            fix="lmshrink reads int8 weights per channel, symmetric")
+    spec = GridSpec(**recorded) if recorded else GridSpec(bits=8, group_size=-1, symmetric=True,
+                                                          scale_dtype=_DTYPE_NAMES.get(scale.dtype, "float32"))
+    half = 1 << (spec.bits - 1)
+    wide = weight.to(torch.int16)
+    if not spec.symmetric or spec.bits not in (7, 8) or (wide.numel() and (int(wide.min()) < -half
+                                                                           or int(wide.max()) >= half)):
+        raise LmshrinkError(f"layer {name}: its int8 weight does not fit the grid recorded for it ({spec.bits}-bit)",
+                            fix="the checkpoint is inconsistent; re-save it")
+    codes = from_signed(weight, spec.bits)
+    scale = scale.float().reshape(-1, 1).contiguous()
+    result = QuantResult(codes=codes, scale=scale, zero=torch.full_like(scale, half, dtype=torch.uint8), g_idx=None,
+                         weight=torch.empty(0), spec=spec, info={"format": QUANT_METHOD, "actorder": args.get("actorder")})
+    if decode:
+        result.weight = dequantize(codes, result.scale, result.zero)
+    return result
+
+
+def quantized_weight_keys(folder: str | os.PathLike) -> set[str]:
+    """``NAME.weight`` of every layer stored quantized (packed codes, or an int8 weight): the keys a reader must not
+    load as a float weight."""
+    from safetensors import safe_open
+
+    files = weight_files(Path(folder))
+    keys = {key[: -len("_packed")] for key in files if key.endswith(".weight_packed")}
+    for key in files:
+        if key.endswith(".weight_scale") and key[: -len("_scale")] in files and key[: -len("_scale")] not in keys:
+            weight = key[: -len("_scale")]
+            with safe_open(str(files[weight]), framework="pt") as handle:
+                if handle.get_slice(weight).get_dtype() in ("I8", "int8"):
+                    keys.add(weight)
+    return keys
+
+
 def load_quantized_results(folder: str | os.PathLike) -> dict[str, QuantResult]:
     """The packed layers of a compressed-tensors ``pack-quantized`` folder, as QuantResults (without transformers).
 
@@ -426,6 +507,8 @@ def iter_quantized_results(folder: str | os.PathLike, *, decode: bool = True):
     files = weight_files(folder)
     names = sorted((key[: -len(".weight_packed")] for key in files if key.endswith(".weight_packed")),
                    key=natural_key)
+    # int-quantized layers: an int8 weight beside its scale (no packed codes)
+    unpacked = {key[: -len(".weight_scale")] for key in files if key.endswith(".weight_scale")} - set(names)
     recorded: dict[str, dict[str, Any]] = {}
     handles: dict[Path, Any] = {}
     try:
@@ -436,8 +519,16 @@ def iter_quantized_results(folder: str | os.PathLike, *, decode: bool = True):
         def tensor(key: str) -> torch.Tensor:
             return handles[files[key]].get_tensor(key)
 
+        int_layers = [n for n in unpacked if f"{n}.weight" in files
+                      and handles[files[f"{n}.weight"]].get_slice(f"{n}.weight").get_dtype() in ("I8", "int8")]
+        names = sorted(names + int_layers, key=natural_key)
+
         for name in names:
             args = _scheme_for(name, quant)
+            if name in int_layers:
+                yield name, _int_result(name, tensor(f"{name}.weight"), tensor(f"{name}.weight_scale"), args,
+                                        recorded.get(name), decode)
+                continue
             out_features, in_features = (int(v) for v in tensor(f"{name}.weight_shape").tolist())
             stored_scale = tensor(f"{name}.weight_scale")
             spec = _spec_from_args(name, args, stored_scale.dtype)

@@ -8,14 +8,18 @@ from pathlib import Path
 
 import torch
 
+from lmshrink.core.actquant import ActSpec
 from lmshrink.core.errors import LmshrinkError
+from lmshrink.core.grids import to_signed
 from lmshrink.core.process import release_free_heap
 from lmshrink.formats.compressed_tensors import (
     is_compressed_tensors_folder,
     is_outlier_folder,
     iter_quantized_results,
+    quantized_weight_keys,
 )
 from lmshrink.formats.lowrank import install_lowrank, is_lowrank_folder, load_lowrank_model
+from lmshrink.formats.runtime_scheme import apply_runtime, read_runtime, summary
 from lmshrink.formats.sparse_bitmask import fill_bitmask_weights, is_bitmask_folder, load_bitmask_model
 from lmshrink.models import loader
 from lmshrink.models.loader import (
@@ -32,7 +36,10 @@ from lmshrink.models.loader import (
     wrap_model,
 )
 from lmshrink.models.resolve import resolve
-from lmshrink.runtime.packed import replace_linears
+from lmshrink.runtime.activations import SCALE
+from lmshrink.runtime.int8 import Int8Linear
+from lmshrink.runtime.int8 import fits as int8_fits
+from lmshrink.runtime.packed import replace_linears, set_submodule
 
 
 def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str = "cpu",
@@ -56,6 +63,10 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
     if lowrank and lazy_blocks:
         raise LmshrinkError(f"{source} stores low-rank factors, which streamed loading (lazy blocks) cannot read",
                             fix="load it without lazy_blocks / --offload disk")
+    scheme = read_runtime(where) if kind == "hf-folder" else None
+    if scheme and lazy_blocks:
+        raise LmshrinkError(f"{source} quantizes activations or its cache (lmshrink-runtime.json); it cannot be "
+                            "streamed block by block", fix="load it whole (no --offload disk)")
     # folders transformers cannot read whole are built by lmshrink: 16-bit outlier columns, pruned weights stored as
     # bitmask + values (decoded exactly), low-rank layers (two-matmul modules, formats.lowrank), widths the config
     # cannot state (structured pruning with per-layer widths)
@@ -72,8 +83,29 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
                                 "lmshrink cannot load together yet",
                                 fix="run the structural stage and the others in separate runs, keeping widths uniform")
         build = load_structured_model
-    return loader.load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                             progress=progress, lazy_blocks=lazy_blocks, build=build)
+    if scheme and build is None and is_compressed_tensors_folder(where):
+        # lmshrink decodes the weights itself, so that only its own quantizers act on the activations
+        build = _decoded_builder
+    loaded = loader.load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                               progress=progress, lazy_blocks=lazy_blocks, build=build)
+    if scheme:
+        _apply_scheme(loaded.model, Path(where), scheme)
+        loaded.info.extra["runtime_scheme"] = summary(scheme)
+    return loaded
+
+
+def _apply_scheme(model: torch.nn.Module, folder: Path, scheme: dict) -> None:
+    weights = SafetensorsWeights(folder)
+    apply_runtime(model, scheme, lambda name: weights.get(name) if name in weights else None)
+    device = next(model.parameters()).device
+    model.to(device)  # the stored scales join the model's device
+
+
+def _decoded_builder(folder, dtype=torch.float32, trust_remote_code: bool = False, **_):
+    """A compressed folder's model with its quantized layers decoded to dense weights (as transformers decodes
+    them) but without transformers' own activation quantization."""
+    model, _, _ = load_packed(folder, dtype=dtype, trust_remote_code=trust_remote_code, decode=True)
+    return model
 
 
 def load_structured_model(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
@@ -112,6 +144,27 @@ def as_loaded(model: LoadedModel | str | torch.nn.Module, tokenizer=None, **load
                         fix="pass a model source string, a LoadedModel, or a torch module with tokenizer=")
 
 
+def _int8_layer(name: str, result, entry: dict | None, weights: SafetensorsWeights, model: torch.nn.Module,
+                kernels: bool) -> Int8Linear | None:
+    """An Int8Linear for a layer whose weights are int8 per channel, symmetric, and whose recorded activations are
+    int8 per token or per tensor; None for other layers."""
+    if entry is None or "activations" not in entry:
+        return None
+    spec = ActSpec(**entry["activations"])
+    grid = result.spec
+    if grid.bits not in (7, 8) or not grid.symmetric or result.scale.shape[1] != 1 or not result.contiguous_groups():
+        return None
+    codes = to_signed(result.codes, grid.bits)
+    if int8_fits(codes, spec) is not None:
+        return None
+    linear = model.get_submodule(name)
+    bias = linear.bias
+    if bias is not None and bias.device.type == "meta":
+        raise LmshrinkError(f"layer {name}: its bias was not loaded", fix="the checkpoint is incomplete")
+    input_scale = None if spec.dynamic else weights.get(f"{name}.{SCALE}")
+    return Int8Linear.from_codes(codes, result.scale[:, 0], bias, spec, input_scale, kernels=kernels)
+
+
 def _load_packed_source(source: str, dtype: torch.dtype, device: str, trust_remote_code: bool) -> LoadedModel:
     kind, where = resolve(source)
     if kind != "hf-folder":
@@ -120,11 +173,16 @@ def _load_packed_source(source: str, dtype: torch.dtype, device: str, trust_remo
     if device != "cpu":
         raise LmshrinkError(f"runtime='packed' runs on CPU only, not {device!r}",
                             fix="use device='cpu', or runtime='dense' on an accelerator")
-    model, tokenizer, kinds = load_packed(where, dtype=dtype, trust_remote_code=trust_remote_code)
+    scheme = read_runtime(where)
+    model, tokenizer, kinds = load_packed(where, dtype=dtype, trust_remote_code=trust_remote_code, scheme=scheme)
     counts = {k: list(kinds.values()).count(k) for k in sorted(set(kinds.values()))}
+    extra = {"runtime": "packed", "packed_layers": counts}
+    if scheme:
+        _apply_scheme(model, Path(where), scheme)
+        extra["runtime_scheme"] = summary(scheme)
     info = ModelInfo(source=source, kind=kind, path=str(where), model_type=model.config.model_type,
                      dtype=str(dtype).replace("torch.", ""), parameters=count_parameters(model),
-                     max_context=max_context(model.config), extra={"runtime": "packed", "packed_layers": counts})
+                     max_context=max_context(model.config), extra=extra)
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 
 
@@ -156,10 +214,14 @@ def load_outlier_model(folder: str | Path, *, dtype: torch.dtype = torch.float32
 
 
 def load_packed(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-                kernels: bool = True, kernel_max_rows: int | None = None, cache_dense: bool = False):
+                kernels: bool = True, kernel_max_rows: int | None = None, cache_dense: bool = False,
+                decode: bool = False, scheme: dict | None = None):
     """(model, tokenizer, kinds) for a compressed-tensors folder written by lmshrink, quantized layers packed.
 
     Everything outside the quantized layers is loaded in ``dtype``; no dense copy of a quantized weight is kept.
+    ``decode``: the quantized layers stay ``nn.Linear`` with their decoded weights instead (kind ``dense``).
+    ``scheme``: the folder's runtime scheme (``lmshrink-runtime.json``): layers with int8 per-channel symmetric
+    weights and int8 activations it records become ``Int8Linear`` (kind ``int8_a8``: integer products).
     """
     folder = Path(folder)
     if not is_compressed_tensors_folder(folder):
@@ -168,13 +230,23 @@ def load_packed(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust
                                                         "load other models with runtime='dense'")
     model, tokenizer = meta_model(folder, dtype, trust_remote_code, drop_quantization=True)
     weights = SafetensorsWeights(folder)
-    quantized = {key[: -len("_packed")] for key in weights.keys() if key.endswith(".weight_packed")}
+    quantized = quantized_weight_keys(folder)
     fill_meta_tensors(model, weights, skip=quantized.__contains__)
     if is_bitmask_folder(folder):  # pruned, unquantized layers stored as bitmask + values: decoded, kept dense
         fill_bitmask_weights(model, folder)
     kinds = {}
     # one layer at a time: only one layer's unpacked codes exist besides the packed model
-    for name, result in iter_quantized_results(folder, decode=False):
+    for name, result in iter_quantized_results(folder, decode=decode):
+        if decode:
+            linear = model.get_submodule(name)
+            replace_tensor(model, linear.weight, result.weight.to(dtype))
+            kinds[name] = "dense"
+            continue
+        int8 = _int8_layer(name, result, (scheme or {}).get("inputs", {}).get(name), weights, model, kernels)
+        if int8 is not None:
+            set_submodule(model, name, int8)
+            kinds[name] = "int8_a8"
+            continue
         kinds.update(replace_linears(model, {name: result}, kernels=kernels, kernel_max_rows=kernel_max_rows,
                                      cache_dense=cache_dense))
     if is_lowrank_folder(folder):  # factorized layers and corrections (around the packed layers)

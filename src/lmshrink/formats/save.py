@@ -39,6 +39,7 @@ from lmshrink.formats.hf_folder import (
     write_weights,
 )
 from lmshrink.formats.lowrank import LOWRANK_KEY, factor_tensors, merged_weight
+from lmshrink.formats.runtime_scheme import RUNTIME_FILE, runtime_json
 from lmshrink.formats.sparse_bitmask import LAYERS_KEY, check_sparse_format, encode
 from lmshrink.models.structure import config_structure
 
@@ -156,8 +157,9 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
     for name, parts in factors.items():  # a correction's factors beside its base's tensors
         if isinstance(results[name], CorrectedResult):
             replaced[name].update(parts)
+    runtime = runtime_json(model)  # activation quantizers, online transforms, cache quantization
     # no result at all (a structural or transform-only run) is meant to give a dense checkpoint: no warning then
-    if dense_conv1d or (results and not (groups or sparse or factors or merged)):
+    if dense_conv1d or (results and not (groups or sparse or factors or merged or runtime)):
         conv1d = (f"{len(dense_conv1d)} Conv1D layers (e.g. {dense_conv1d[0]}) are saved dequantized: "
                   "compressed-tensors packs only nn.Linear layers") if dense_conv1d else ""
         dense = "no layer is packed, so the folder is a plain dense checkpoint" if not groups and results else ""
@@ -197,6 +199,8 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
             generation_config.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        if runtime is not None:
+            (staging / RUNTIME_FILE).write_text(runtime)
         for filename, content in (extra_files or {}).items():
             if Path(filename).name != filename or filename in ("", ".", ".."):
                 raise ValueError(f"extra file name {filename!r} must be a plain file name")

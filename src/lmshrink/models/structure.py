@@ -64,7 +64,9 @@ class MetaParameters:
 
 
 def _type_name(module: nn.Module) -> str:
-    cls = type(module)
+    # a class that only changes what a module computes, not its parameters (e.g. an input quantizer recorded in
+    # lmshrink-runtime.json), names the class whose structure it keeps: it is no structural change
+    cls = getattr(type(module), "structure_class", None) or type(module)
     return f"{cls.__module__}.{cls.__qualname__}"
 
 

@@ -41,6 +41,11 @@ def check_recipe(recipe: Recipe, layers: list[tuple[str, int]], *, dtype: str | 
             raise RecipeError(f"stage {index + 1} ({stage.method}) selects no layer "
                               f"(targets {stage.targets}, ignore {stage.ignore})",
                               fix="check the patterns against the model's layer names, e.g. 'model.layers.0.mlp.*'")
+        for problem in stage.check_layers(names):
+            if problem.fix is None:
+                warnings.warn(problem.message)
+            else:
+                raise RecipeError(f"stage {index + 1} ({stage.method}): {problem.message}", fix=problem.fix)
         if isinstance(stage, PhaseStage):
             if factorized:
                 raise RecipeError(f"stage {index + 1} ({stage.method}) comes after low-rank factors (stage "

@@ -241,8 +241,11 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
     if structural:  # the config follows the new shapes (the writer records what it cannot state)
         sync_config(model.model)
     errors = [layer["rel_output_error"] for layer in result.layers if layer["rel_output_error"] is not None]
+    scheme = [{"stage": number + 1, "method": stage.method, **stage.scheme(), "targets": stage.targets,
+               "ignore": stage.ignore} for number, stage in enumerate(recipe.stages) if stage.scheme()]
     record: dict[str, Any] = {
         "recipe": recipe.to_dict(),
+        "scheme": scheme,
         "calibration": windows.protocol,
         "model": model.info.to_dict(),
         "architecture": adapter.describe(model.model),

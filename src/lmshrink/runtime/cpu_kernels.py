@@ -1,4 +1,6 @@
-"""lmshrink's own CPU kernel for 4-bit grouped weights (AVX2 + FMA), compiled on first use.
+"""lmshrink's own CPU kernels (AVX2 + FMA), compiled on first use: 4-bit grouped weights with float32 (or int8)
+activations, and W8A8 integer products (``quantize_rows_u8``, ``i8_linear``: ``csrc/int8_avx2.cpp``, used by
+``runtime.int8.Int8Linear``).
 
 ``int4_linear(x, packed)`` computes ``x @ W.T`` in float32 for ``W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g]``,
 codes ``q`` in 0..15 (2, 3 and 4-bit grids), contiguous groups of any multiple of 32 columns (or one group per row),
@@ -9,9 +11,10 @@ activation rounding: it differs from a float32 matmul on the dequantized weight 
 (``tests/test_cpu_kernel.py`` checks it against a float64 reference within the float32 summation bound). ``int4_linear_q8`` is the opt-in variant that rounds the activations
 to int8 per block of 32 (llama.cpp's q8_0) and multiplies with integers; ``q8_linear`` runs a q8_0 weight.
 
-It is built with ``torch.utils.cpp_extension.load`` (needs ``ninja`` and a C++ compiler) with ``-O3 -mavx2 -mfma
--mf16c``, only when ``/proc/cpuinfo`` lists avx2 and fma, into torch's extension cache (``TORCH_EXTENSIONS_DIR``,
-by default ``~/.cache/torch_extensions``; a lock left by a killed build is cleared, ``runtime/extension.py``): the first build takes about a minute, later processes load it in well
+Both sources are built as one extension with ``torch.utils.cpp_extension.load`` (needs ``ninja`` and a C++ compiler)
+with ``-O3 -mavx2 -mfma -mf16c``, only when ``/proc/cpuinfo`` lists avx2 and fma, into torch's extension cache
+(``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``; a lock left by a killed build is cleared,
+``runtime/extension.py``): the first build takes about a minute, later processes load it in well
 under a second. ``LMSHRINK_CPU_KERNEL=0`` disables it. When it is disabled or cannot be built, ``available()`` is
 False, ``kernel_status()`` says why, and QuantLinear uses torch's int4 kernel instead; nothing raises.
 """
@@ -32,6 +35,7 @@ ENV_VAR = "LMSHRINK_CPU_KERNEL"
 BLOCK = 32  # columns per packed block (16 bytes of codes)
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c"]
 _SOURCE = Path(__file__).with_name("csrc") / "int4_avx2.cpp"
+_SOURCES = [_SOURCE, Path(__file__).with_name("csrc") / "int8_avx2.cpp"]
 
 _lock = threading.Lock()
 _module = None
@@ -62,7 +66,7 @@ def _build() -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _module = load_extension("lmshrink_int4_avx2", [str(_SOURCE)], CFLAGS)
+            _module = load_extension("lmshrink_cpu_kernels", [str(p) for p in _SOURCES], CFLAGS)
         _status = "ready"
     except Exception as exc:  # no compiler, no ninja, build error: record it and use torch's kernels
         text = " ".join(str(exc).split())
@@ -238,8 +242,29 @@ def q8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> tor
     return _module.q8_linear(x, codes, scales)
 
 
+def quantize_rows_u8(x: torch.Tensor, static_scale: float = 0.0, clip_ratio: float = 1.0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 activation codes of float32 ``x [..., K]`` plus 128 (uint8 ``[M, ceil(K/32)*32]``, padding
+    128) and their scales ``[M]``: one per row measured on it (``static_scale`` 0), or ``static_scale`` for every row;
+    exactly ``core.actquant.fake_quantize_activations``' rounding (see ``csrc/int8_avx2.cpp``)."""
+    if not ready():
+        raise RuntimeError(f"the AVX2 kernel is not available: {kernel_status()}")
+    codes, scales = _module.quantize_rows_u8(x, float(static_scale), float(clip_ratio))
+    return codes, scales
+
+
+def i8_linear(codes: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+              weight_sums: torch.Tensor, bias: torch.Tensor | None, seven: bool) -> torch.Tensor:
+    """float32 ``[M, N]``: int8 activation codes (``quantize_rows_u8``) times int8 weight codes ``[N, Kp]`` (zero past
+    K, row sums ``weight_sums``), scaled per row of each; integer sums (``seven``: every ``|weight| <= 64``)."""
+    if not ready():
+        raise RuntimeError(f"the AVX2 kernel is not available: {kernel_status()}")
+    return _module.i8_linear(codes, scales, weight, weight_scale, weight_sums, _EMPTY if bias is None else bias,
+                             bool(seven))
+
+
 _EMPTY = torch.empty(0)
 
 __all__ = ["available", "ready", "kernel_status", "pack", "pack_codes", "unpack_codes", "dequantize_packed",
            "int4_linear", "int4_linear_q8", "quantize_activations_q8", "quantize_q8_rows", "q8_linear",
-           "int4_dequantize", "blocks_per_group", "PackedInt4", "ENV_VAR"]
+           "int4_dequantize", "blocks_per_group", "PackedInt4", "ENV_VAR", "quantize_rows_u8", "i8_linear"]

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmshrink.core.errors import LmshrinkError, UnsupportedArchitectureError
-from lmshrink.runtime import cpu_kernels
+from lmshrink.runtime import cpu_kernels, kvcache
+from lmshrink.runtime.int8 import Int8Linear
 from lmshrink.runtime.qlinear import QuantLinear
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -114,7 +115,8 @@ def supported(model: nn.Module, max_len: int | None = None) -> tuple[bool, str]:
 def _avx2_key(module: nn.Module):
     """What must agree for QuantLinear layers to run as one int4_avx2 call (None where the module cannot)."""
     if (isinstance(module, QuantLinear) and module.kind == "int4_avx2" and module.packed.device.type == "cpu"
-            and (module.bias is None or module.bias.dtype == torch.float32)):
+            and (module.bias is None or module.bias.dtype == torch.float32)
+            and module.input_spec is None and module.input_transform is None):
         return (module.in_features, module._groups, module._blocks_per_group, module.packed.dtype,
                 tuple(module.packed.shape[1:]), module.group_scale.dtype)
     return None
@@ -215,8 +217,53 @@ class _Modules:
         return residual + self(x)
 
 
+def _int8_key(module: nn.Module):
+    """What must agree for Int8Linear layers to run as one (None where the module is not one)."""
+    if not isinstance(module, Int8Linear) or module.input_transform is not None:
+        return None
+    static = None if module.input_spec.dynamic else float(module.input_scale)
+    return (module.in_features, module.input_spec, static, module.kernel, module.row_kernel, module.seven,
+            module.bias is None)
+
+
+class _Int8:
+    """Int8Linear layers reading one input as one Int8Linear (their codes, scales and biases concatenated; the
+    layers' own buffers then view the concatenation and they drop their own oneDNN copy of the weight, so memory
+    holds each weight once: called alone with a long input, such a layer multiplies in float)."""
+
+    def __init__(self, modules: list[Int8Linear]):
+        if len(modules) == 1:
+            self.layer = modules[0]
+            return
+        first = modules[0]
+        bias = None if first.bias is None else torch.cat([m.bias for m in modules])
+        self.layer = Int8Linear.from_codes(torch.cat([m.codes for m in modules]),
+                                           torch.cat([m.weight_scale for m in modules]), bias, first.input_spec,
+                                           getattr(first, "input_scale", None),
+                                           kernels=first.kernel != "float" or first.row_kernel != "float",
+                                           onednn_min_rows=first.onednn_min_rows)
+        start = 0
+        for m in modules:
+            end = start + m.out_features
+            for name in ("codes", "weight_scale", "bias", "row_codes", "row_sums"):
+                fused = getattr(self.layer, name, None)
+                if fused is not None and getattr(m, name, None) is not None:
+                    setattr(m, name, fused[start:end])
+            m._packed, m.kernel = None, "float"
+            start = end
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return residual + self.layer(x)
+
+
 def _linear(modules: list[nn.Module], fuse: bool, fuse_dense: bool, fp32: bool, int8_activations: bool = False):
     """One callable computing ``cat([m(x) for m in modules], -1)`` for a one-row ``x`` (see the module docstring)."""
+    int8 = [_int8_key(m) for m in modules]
+    if int8[0] is not None and all(k == int8[0] for k in int8) and (fuse or len(modules) == 1):
+        return _Int8(modules)
     keys = [_avx2_key(m) for m in modules]
     if fp32 and keys[0] is not None and all(k == keys[0] for k in keys) and cpu_kernels.ready():
         if fuse or len(modules) == 1:
@@ -231,6 +278,8 @@ def _kind(linear, int8_activations: bool) -> str:
     """How a ``_linear`` result runs, as ``FastDecoder.linears`` names it."""
     if isinstance(linear, _Int4):
         return "int4_avx2_q8" if int8_activations else "int4_avx2"
+    if isinstance(linear, _Int8):
+        return "int8_a8"
     return {_Dense: "dense", _Q8: "q8", _Modules: "modules"}[type(linear)]
 
 
@@ -284,12 +333,18 @@ class FastDecoder:
         self.hidden = int(config.hidden_size)
         self.intermediate = int(config.intermediate_size)
         layers = inner.layers[: config.num_hidden_layers]
-        # keys and values of every layer, [layers, 2, kv_heads, max_len, head_dim]: one copy writes both per step
-        self.cache = torch.zeros(len(layers), 2, self.kv_heads, self.max_len, hd, dtype=dtype, device=device)
+        # layers whose attention quantizes its cache (runtime.kvcache) keep a QuantizedKV; the others share one
+        # float tensor [layers, 2 (keys, values), kv_heads, max_len, head_dim]: one copy writes both per step
+        specs = [getattr(layer.self_attn, kvcache.ATTRIBUTE, None) for layer in layers]
+        self.kv_caches = [None if spec is None else kvcache.QuantizedKV(spec, self.kv_heads, hd, self.max_len, dtype,
+                                                                         device) for spec in specs]
+        float_len = self.max_len if any(spec is None for spec in specs) else 0
+        self.cache = torch.zeros(len(layers), 2, self.kv_heads, float_len, hd, dtype=dtype, device=device)
         self.k_cache, self.v_cache = self.cache[:, 0], self.cache[:, 1]
         with torch.no_grad():
             positions = torch.arange(self.max_len, device=device).unsqueeze(0)
-            cos, sin = inner.rotary_emb(self.k_cache[0, 0, :1], positions)  # the model's own frequencies and scaling
+            probe = torch.zeros(1, dtype=dtype, device=device)  # the dtype and device rotary_emb computes in
+            cos, sin = inner.rotary_emb(probe, positions)  # the model's own frequencies and scaling
         self.half = hd // 2
         sign = torch.ones(hd, dtype=dtype, device=device)
         sign[: self.half] = -1
@@ -332,20 +387,32 @@ class FastDecoder:
             norm1 = (layer.input_layernorm.weight, float(layer.input_layernorm.variance_epsilon))
             norm2 = (layer.post_attention_layernorm.weight, float(layer.post_attention_layernorm.variance_epsilon))
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-            self.layers.append((norm1, norm2, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                                mlp.gate_proj, mlp.up_proj, mlp.down_proj, k_cache, v_cache))
+            quantized = self.kv_caches[index]
             qkv = _linear([attn.q_proj, attn.k_proj, attn.v_proj], fuse, fuse_dense, self.fp32, int8)
             out = _linear([attn.o_proj], False, False, self.fp32, int8)
             gate_up = _linear([mlp.gate_proj, mlp.up_proj], fuse, fuse_dense, self.fp32, int8)
             down = _linear([mlp.down_proj], False, False, self.fp32, int8)
+            # the prompt runs fused int8 layers fused too (their kernels take any number of rows); the rest as modules
+            qkv_prompt = qkv if isinstance(qkv, _Int8) else None
+            gate_up_prompt = gate_up if isinstance(gate_up, _Int8) else None
+            self.layers.append((norm1, norm2, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                mlp.gate_proj, mlp.up_proj, mlp.down_proj, k_cache, v_cache, quantized,
+                                qkv_prompt, gate_up_prompt))
             for name, linear in (("qkv", qkv), ("o", out), ("gate_up", gate_up), ("down", down)):
                 kind = _kind(linear, int8)
                 key = f"{name}:{kind}" + (":fused" if name in ("qkv", "gate_up") and not isinstance(linear, _Modules)
                                           else "")
                 self.linears[key] = self.linears.get(key, 0) + 1
             self.step_layers.append((norm1[0], norm1[1], qkv, out.add, norm2[0], norm2[1], gate_up, down.add,
-                                     self.cache[index], k_cache, v_cache))
+                                     self.cache[index], k_cache, v_cache, quantized))
         self.linears[f"lm_head:{_kind(self.head, int8)}"] = 1
+        # queries and keys of layers with a rotated quantized cache: turned by a Hadamard transform after RoPE
+        self.head_hadamard = None
+        if any(spec is not None and spec.rotate for spec in specs):
+            from lmshrink.core.hadamard import orthogonal_hadamard
+
+            self.head_hadamard = orthogonal_hadamard(hd).to(dtype=dtype, device=device)
+        self.rotation_hadamard = self.rotation.clone()
         self.zero = torch.zeros(self.hidden, dtype=dtype, device=device)
         self.length = 0
 
@@ -367,6 +434,18 @@ class FastDecoder:
     def reset(self) -> None:
         """Forget the sequence (the cache is overwritten by the next prefill)."""
         self.length = 0
+        for quantized in self.kv_caches:
+            if quantized is not None:
+                quantized.reset()
+
+    def cache_bytes(self) -> dict[str, int]:
+        """Bytes the key/value cache holds for ``max_len`` positions: ``float`` (layers with an unquantized
+        cache), ``quantized`` (codes, scales and windows of the others) and ``float_equivalent`` (every layer
+        unquantized in the model's dtype)."""
+        quantized = sum(q.nbytes() for q in self.kv_caches if q is not None)
+        per_layer = 2 * self.kv_heads * self.max_len * self.head_dim * self.cache.element_size()
+        return {"float": self.cache.numel() * self.cache.element_size(), "quantized": quantized,
+                "float_equivalent": per_layer * len(self.kv_caches)}
 
     def _check_room(self, new: int) -> None:
         if self.length + new > self.max_len:
@@ -374,6 +453,13 @@ class FastDecoder:
                                 f"{self.max_len}", fix="build it with a larger max_len (prompt plus new tokens)")
 
     # -- prompt ------------------------------------------------------------------------------------------------
+
+    def _gated(self, gate, up, gate_up, h: torch.Tensor) -> torch.Tensor:
+        """``silu(gate(h)) * up(h)``, through the fused layer where there is one."""
+        if gate_up is None:
+            return F.silu(gate(h)) * up(h)
+        g, u = gate_up(h).split([self.intermediate, self.intermediate], dim=-1)
+        return F.silu(g) * u
 
     @torch.inference_mode()
     def prefill(self, ids) -> torch.Tensor:
@@ -393,18 +479,29 @@ class FastDecoder:
         heads, kv, hd = self.heads, self.kv_heads, self.head_dim
         x = F.embedding(ids.to(self.embedding.device), self.embedding)  # [T, D]
         cos, sin = self.cos[:n].unsqueeze(1), self.sin_signed[:n].unsqueeze(1)  # [T, 1, 2, hd/2]
-        for norm1, norm2, q_proj, k_proj, v_proj, o_proj, gate, up, down, k_cache, v_cache in self.layers:
+        for (norm1, norm2, q_proj, k_proj, v_proj, o_proj, gate, up, down, k_cache, v_cache, quantized, qkv_prompt,
+             gate_up_prompt) in self.layers:
             h = self._norm(x, norm1)
-            q = self._rotate(q_proj(h).view(n, heads, hd), cos, sin).transpose(0, 1)  # [H, T, hd]
-            k = self._rotate(k_proj(h).view(n, kv, hd), cos, sin).transpose(0, 1)
-            v = v_proj(h).view(n, kv, hd).transpose(0, 1)
+            if qkv_prompt is not None:
+                q, k, v = qkv_prompt(h).split([heads * hd, kv * hd, kv * hd], dim=-1)
+            else:
+                q, k, v = q_proj(h), k_proj(h), v_proj(h)
+            q = self._rotate(q.reshape(n, heads, hd), cos, sin).transpose(0, 1)  # [H, T, hd]
+            k = self._rotate(k.reshape(n, kv, hd), cos, sin).transpose(0, 1)
+            v = v.reshape(n, kv, hd).transpose(0, 1)
+            if quantized is not None:  # each query sees the positions a quantizing cache would hold at its turn
+                a = kvcache.mixed_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), quantized.spec, self.scale)
+                quantized.reset()
+                quantized.extend(kvcache.rotate_heads(k) if quantized.spec.rotate else k, v)
+                x = x + o_proj(a[0].transpose(0, 1).reshape(n, heads * hd))
+                x = x + down(self._gated(gate, up, gate_up_prompt, self._norm(x, norm2)))
+                continue
             k_cache[:, :n] = k
             v_cache[:, :n] = v
             a = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), is_causal=True,
                                                scale=self.scale, enable_gqa=self.group > 1)
             x = x + o_proj(a[0].transpose(0, 1).reshape(n, heads * hd))
-            h = self._norm(x, norm2)
-            x = x + down(F.silu(gate(h)) * up(h))
+            x = x + down(self._gated(gate, up, gate_up_prompt, self._norm(x, norm2)))
         self.length = n
         head = self.head if self.head_kind == "int8" else self.lm_head
         return head(self._norm(x[-1:], self.final_norm))
@@ -430,19 +527,30 @@ class FastDecoder:
         m = torch.diag(self.cos_flat[pos]).addcmul_(self.swap, self.sin_flat[pos])
         rotation[heads: heads + kv] = m
         rotation[:heads] = m.mul_(scale)  # the attention scale folded into the queries' rotation
+        rotated = self.rotation_hadamard
+        if self.head_hadamard is not None:  # the same, then the per-head Hadamard of a rotated quantized cache
+            torch.matmul(rotation[: heads + kv], self.head_hadamard, out=rotated[: heads + kv])
         fp32, zero = self.fp32, self.zero
         x = F.embedding(token.reshape(1), self.embedding)[0]  # [D]: one row, kept 1-D
-        for w1, eps1, qkv_proj, out_add, w2, eps2, gate_up, down_add, cache, k_cache, v_cache in self.step_layers:
+        for (w1, eps1, qkv_proj, out_add, w2, eps2, gate_up, down_add, cache, k_cache, v_cache,
+             quantized) in self.step_layers:
             if fp32:  # RMSNorm in two calls: 0 + (rsqrt(mean(x^2) + eps) * x) * weight, the scalar in Python
                 h = torch.addcmul(zero, x, w1, value=1.0 / math.sqrt(float(torch.dot(x, x)) / hidden + eps1))
             else:
                 h = self._norm(x, (w1, eps1))
             # q (times the scale) and k rotated, v unchanged: [rows, 1, hd]; then k and v into the cache in one copy
-            qkv = torch.bmm(qkv_proj(h).view(rows, 1, hd), rotation)
-            cache.select(2, pos).copy_(qkv[heads:].view(2, kv, hd))
-            # GQA without copies: the queries of each kv head as rows [kv, group, hd] against its cache
-            w = torch.bmm(qkv[:heads].view(kv, group, hd), k_cache[:, :end].transpose(1, 2))
-            a = torch.bmm(torch.softmax(w, -1), v_cache[:, :end])
+            if quantized is not None:
+                qkv = torch.bmm(qkv_proj(h).view(rows, 1, hd), rotated if quantized.spec.rotate else rotation)
+                quantized.extend(qkv[heads:heads + kv].view(kv, 1, hd), qkv[heads + kv:].view(kv, 1, hd))
+                keys, values = quantized.keys_values()
+                w = torch.bmm(qkv[:heads].view(kv, group, hd), keys.transpose(1, 2))
+                a = torch.bmm(torch.softmax(w, -1), values)
+            else:
+                qkv = torch.bmm(qkv_proj(h).view(rows, 1, hd), rotation)
+                cache.select(2, pos).copy_(qkv[heads:].view(2, kv, hd))
+                # GQA without copies: the queries of each kv head as rows [kv, group, hd] against its cache
+                w = torch.bmm(qkv[:heads].view(kv, group, hd), k_cache[:, :end].transpose(1, 2))
+                a = torch.bmm(torch.softmax(w, -1), v_cache[:, :end])
             x = out_add(a.view(heads * hd), x)
             if fp32:
                 h = torch.addcmul(zero, x, w2, value=1.0 / math.sqrt(float(torch.dot(x, x)) / hidden + eps2))

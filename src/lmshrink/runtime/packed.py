@@ -9,7 +9,7 @@ from lmshrink.core.results import OutlierQuantResult, QuantResult
 from lmshrink.runtime.qlinear import OutlierLinear, QuantLinear
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, leaf, module)
@@ -43,6 +43,6 @@ def replace_linears(model: nn.Module, results: dict[str, QuantResult], *, kernel
         kind = OutlierLinear if isinstance(result, OutlierQuantResult) and result.columns.numel() else QuantLinear
         module = kind.from_result(result, bias, kernels=kernels, kernel_max_rows=kernel_max_rows,
                                   cache_dense=cache_dense)
-        _set_submodule(model, name, module)
+        set_submodule(model, name, module)
         kinds[name] = module.kind
     return kinds

@@ -48,6 +48,7 @@ from torch import nn
 from lmshrink.core.grids import dequantize
 from lmshrink.core.results import QuantResult
 from lmshrink.runtime import cpu_kernels
+from lmshrink.runtime.activations import prepare_input
 
 INT4_GROUPS = (256, 128, 64, 32)
 KERNEL_DTYPE = torch.bfloat16
@@ -128,8 +129,12 @@ class QuantLinear(nn.Module):
     """``y = x @ W.T + b`` where ``W`` is held as quantized codes (see the module docstring for the kernels).
 
     Build it with ``QuantLinear.from_result(result, bias)``. ``kind`` says which kernel it runs: ``int4_avx2``,
-    ``int4``, ``int8`` or ``dequantize``. Outputs are in the input's dtype.
+    ``int4``, ``int8`` or ``dequantize``. Outputs are in the input's dtype. An online input transform and an
+    activation quantizer (``runtime.activations``) apply to the input first when the layer has them.
     """
+
+    input_spec = None
+    input_transform = None
 
     def __init__(self, in_features: int, out_features: int, kind: str, *, bias: torch.Tensor | None = None,
                  kernel_max_rows: int | None = None, cache_dense: bool = False):
@@ -278,6 +283,8 @@ class QuantLinear(nn.Module):
         return y.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_spec is not None or self.input_transform is not None:
+            x = prepare_input(self, x)
         if (self.kind == "int4_avx2" and x.dtype == torch.float32 and x.device.type == "cpu"
                 and x.numel() <= self.kernel_max_rows * self.in_features and x.shape[-1] == self.in_features
                 and (self.bias is None or self.bias.dtype == torch.float32) and cpu_kernels.ready()):

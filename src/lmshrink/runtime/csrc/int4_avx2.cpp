@@ -444,9 +444,16 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
   return y;
 }
 
+// int8_avx2.cpp
+std::vector<torch::Tensor> quantize_rows_u8(torch::Tensor x, double static_scale, double clip_ratio);
+torch::Tensor i8_linear(torch::Tensor u, torch::Tensor scales, torch::Tensor q, torch::Tensor t, torch::Tensor qsum,
+                        torch::Tensor bias, bool seven);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear, "y = x @ W.T for lmshrink's 4-bit AVX2 layout (see int4_avx2.cpp)");
   m.def("int4_dequantize", &int4_dequantize, "the float32 weight (q - zero) * scale of that layout");
   m.def("int4_linear_q8", &int4_linear_q8, "int4_linear with activations rounded to int8 per block of 32 (q8_0)");
   m.def("q8_linear", &q8_linear, "y = x^ @ W^.T for q8_0 weight blocks and x rounded to int8 per block of 32");
+  m.def("quantize_rows_u8", &quantize_rows_u8, "symmetric int8 activation codes + 128, per row or one scale");
+  m.def("i8_linear", &i8_linear, "y = x^ @ W^.T for int8 activation codes + 128 and int8 weights per row");
 }
