@@ -103,6 +103,27 @@ plan.yaml is an ordinary recipe (one stage per option, its layers in targets): e
 plan.json beside it records the choice per layer and the predicted stored bytes.
 """
 
+_SWEEP_EXAMPLES = """examples:
+  # presets and plans over one model; each run: compress, evaluate (and bench), one record in the store
+  lmshrink sweep smollm2-135m --recipes dense,w4g128,w3g128,plan.yaml --db runs.sqlite
+  lmshrink sweep smollm2-135m --recipes w4g128,w3g128 --seeds 0,1 --calib c4 --nsamples 64 --ppl wikitext2,enwiki-sample \\
+      --limit 40 --data-dir ../shared/data --db runs.sqlite --bench
+  # killed? run the same command again: finished runs are kept, the others start again
+  lmshrink report runs.sqlite -o report.html
+
+workers: separate processes, --workers of them with --threads torch threads each (default: one thread per core
+the sweep may use, e.g. 2 workers x 1 thread on 2 cores). Checkpoints go to --workdir (default: DB stem + .runs/).
+"""
+
+_REPORT_EXAMPLES = """examples:
+  lmshrink report runs.sqlite -o report.html
+  lmshrink report runs.sqlite --sensitivity sens.sqlite -o report.html   # add per-layer heat maps
+
+one self-contained HTML file (plots inlined as SVG) that opens offline: Pareto plots of perplexity and KL against
+stored bytes and decode tokens/s with every run labelled and the front drawn, per-layer heat maps of sensitivity and
+of each plan's options, and the table of runs with their protocols.
+"""
+
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="folder with text sets and task files (default: $LMSHRINK_DATA)")
@@ -207,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--quiet", action="store_true", help="no progress lines")
 
     _add_planner_parsers(sub)
+    _add_sweep_parsers(sub)
 
     ex = sub.add_parser("export", help="export a compressed folder to GGUF (llama.cpp), GPTQ v1 or ONNX",
                         description="Export a folder written by `lmshrink compress`: GGUF with Q4_0/Q4_1/Q8_0 blocks "
@@ -276,6 +298,70 @@ def _add_planner_parsers(sub) -> None:
     pl.add_argument("--name", help="the recipe's name (default: plan-BUDGET)")
     _add_calibration(pl)
     _add_common(pl)
+
+
+def _add_sweep_parsers(sub) -> None:
+    sw = sub.add_parser("sweep", help="run many recipes (and seeds) over a model into a SQLite results store",
+                        description="Compress, evaluate (and bench) every recipe x seed over one model in worker "
+                        "processes; each run's full record and metrics go to a SQLite store; runs already done are "
+                        "never repeated, so a killed sweep resumes when run again.",
+                        epilog=_SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sw.add_argument("model", help="model source: packaged name, folder, .gguf file or hub id")
+    sw.add_argument("--recipes", required=True, help="comma-separated presets, recipe YAML files or plans; 'dense' "
+                    "adds the uncompressed model")
+    sw.add_argument("--db", required=True, help="SQLite results store (created, or added to)")
+    sw.add_argument("--seeds", default="0", help="calibration seeds, comma separated (default: 0)")
+    sw.add_argument("--workers", type=int, help="runs at once (default: cores / --threads)")
+    sw.add_argument("--threads", type=int, help="torch threads per worker (default: 1)")
+    sw.add_argument("--workdir", help="checkpoints and logs of the runs (default: DB stem + .runs/)")
+    sw.add_argument("--calib", help="calibration text set (default: enwiki-sample)")
+    sw.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
+    sw.add_argument("--seqlen", type=int, default=512, help="window length (default: 512)")
+    sw.add_argument("--ppl", default="enwiki-sample", help="perplexity text sets (default: enwiki-sample); the first "
+                    "also gives the KL")
+    sw.add_argument("--limit", type=int, help="evaluation windows per text set")
+    sw.add_argument("--no-kl", action="store_true", help="no KL against the model")
+    sw.add_argument("--bench", action="store_true", help="also lmshrink bench each run (decode tokens/s)")
+    sw.add_argument("--no-keep", action="store_true", help="delete each run's checkpoint once it is measured")
+    sw.add_argument("--data-dir", help="folder with text sets (default: $LMSHRINK_DATA)")
+    sw.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    sw.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    rp = sub.add_parser("report", help="one self-contained HTML report of a results store (Pareto plots, heat maps)",
+                        epilog=_REPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    rp.add_argument("db", help="SQLite results store written by lmshrink sweep")
+    rp.add_argument("-o", "--output", required=True, help="HTML file to write")
+    rp.add_argument("--sensitivity", help="a sensitivity store, for the per-layer heat maps (default: the DB's own)")
+    rp.add_argument("--title", default="lmshrink report", help="page title")
+
+
+def _cmd_sweep(args) -> int:
+    from lmshrink.pipeline.sweep import sweep
+
+    if args.threads is not None and args.threads < 1 or args.workers is not None and args.workers < 1:
+        raise LmshrinkError("--workers and --threads must be 1 or more", fix="e.g. --workers 2 --threads 1")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise LmshrinkError(f"--seeds {args.seeds!r} is not a list of integers", fix="e.g. --seeds 0,1,2") from None
+    outcome = sweep(args.model, [r.strip() for r in args.recipes.split(",") if r.strip()], args.db, seeds=seeds,
+                    workdir=args.workdir, workers=args.workers, threads=args.threads, calibration=args.calib,
+                    nsamples=args.nsamples, seqlen=args.seqlen, ppl=args.ppl, limit=args.limit, kl=not args.no_kl,
+                    bench=args.bench, data_dir=args.data_dir, keep=not args.no_keep, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(outcome))
+    else:
+        print(f"sweep into {args.db}: {outcome['ran']} run(s) now, {outcome['already_done']} already done, "
+              f"{outcome['failed']} failed; lmshrink report {args.db} -o report.html")
+    return 1 if outcome["failed"] else 0
+
+
+def _cmd_report(args) -> int:
+    from lmshrink.report.html import write_report
+
+    path = write_report(args.db, args.output, sensitivity=args.sensitivity, title=args.title)
+    print(f"wrote {path}")
+    return 0
 
 
 def _cmd_sensitivity(args) -> int:
@@ -636,7 +722,8 @@ def _check_device(device: str | None) -> None:
 
 
 _COMMANDS = {"models": _cmd_models, "recipes": _cmd_recipes, "compress": _cmd_compress, "evaluate": _cmd_evaluate,
-             "bench": _cmd_bench, "export": _cmd_export, "sensitivity": _cmd_sensitivity, "plan": _cmd_plan}
+             "bench": _cmd_bench, "export": _cmd_export, "sensitivity": _cmd_sensitivity, "plan": _cmd_plan,
+             "sweep": _cmd_sweep, "report": _cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
