@@ -12,6 +12,7 @@ and its result is stored in one transaction when it ends. Children die with the 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import signal
@@ -22,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmshrink.core.digest import fingerprint
 from lmshrink.core.errors import LmshrinkError
 from lmshrink.core.store import Store
 from lmshrink.core.version import __version__
@@ -113,7 +113,8 @@ class Sweep:
                 self.runs.append(self._describe(recipe.name, kind, recipe.to_dict(), seed, plan))
 
     def _describe(self, name, kind, recipe, seed, plan) -> dict[str, Any]:
-        key = fingerprint(self.model, recipe, seed, self.protocol, {"lmshrink": __version__})[:16]
+        identity = json.dumps([self.model, recipe, seed, self.protocol, __version__], sort_keys=True, default=str)
+        key = hashlib.sha256(identity.encode()).hexdigest()[:16]
         label = name if seed in (None, 0) else f"{name}@seed{seed}"
         return {"key": key, "name": label, "kind": kind, "recipe": recipe, "seed": seed, "plan": plan}
 

@@ -241,7 +241,7 @@ def parse_options(text: str | list[str]) -> list[Option]:
 
 # symmetric grids mix freely in one checkpoint; an asymmetric grid must be the only grid (see
 # pipeline.checks._check_saving and formats.save: transformers loads asymmetric checkpoints with one config group)
-DEFAULT_OPTIONS = "w3g64-sym,w4g64-sym,w4g32-sym,w8-sym,w3g64,w4g64"
+DEFAULT_OPTIONS = "w3g128-sym,w4g128-sym,w3g64-sym,w4g64-sym,w8-sym,dense"
 PRUNE_OPTIONS = "sp50+w3g64-sym,sp50+w4g64-sym,2:4+w4g64-sym"
 
 
