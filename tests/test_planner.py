@@ -241,3 +241,17 @@ with store.transaction():
     assert runs["second"]["status"] == "pending" and runs["second"]["metrics"] == {}
     raw = sqlite3.connect(db)
     assert raw.execute("SELECT count(*) FROM metrics").fetchone()[0] == 1
+
+
+def test_latency_budgets_use_the_timing_table(study):
+    shapes = {"64x64", "32x64", "128x64", "64x128"}
+    per_option = {"dense": 1e-5, "w8-sym": 3e-5, "w4g32-sym": 2e-5, "w3g32-sym": 2e-5, "w4g64": 2.5e-5,
+                  "w3g64": 2.5e-5}
+    table = {"seconds": {s: dict(per_option) for s in shapes}, "fixed_seconds": 1e-3, "dense_seconds": 1e-3 + 14e-5}
+    made = plan(study["store"], Budget(latency_ms=1e3 * (1e-3 + 14 * 1.8e-5)), latency=table,
+                options=["w3g32-sym", "w4g32-sym", "dense"])
+    assert made["predicted_latency_s"] <= 1e-3 + 14 * 1.8e-5 + 1e-12
+    options = [layer["option"] for layer in made["layers"]]
+    assert options.count("dense") >= 3  # only dense layers buy the time back
+    with pytest.raises(LmshrinkError, match="fastest choice takes 1.140 ms"):
+        plan(study["store"], Budget(latency_ms=1.0), latency=table)

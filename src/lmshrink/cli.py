@@ -226,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "the first model; repeatable")
     bn.add_argument("--json", action="store_true", help="print the full JSON record on stdout")
     bn.add_argument("--quiet", action="store_true", help="no progress lines")
+    bn.add_argument("--layer-table", metavar="OUT", help="instead: time one decode-step call of every block linear "
+                    "shape of the (one) model for every --options entry, and the model's decode; write the table "
+                    "that lmshrink plan --latency-table reads")
+    bn.add_argument("--options", help="options of --layer-table (default: the planner's defaults)")
 
     _add_planner_parsers(sub)
     _add_sweep_parsers(sub)
@@ -361,6 +365,23 @@ def _cmd_report(args) -> int:
 
     path = write_report(args.db, args.output, sensitivity=args.sensitivity, title=args.title)
     print(f"wrote {path}")
+    return 0
+
+
+def _cmd_layer_table(args) -> int:
+    from lmshrink.core.atomic import atomic_write_text
+    from lmshrink.methods.plan.options import DEFAULT_OPTIONS
+    from lmshrink.pipeline.latency import layer_table
+
+    if len(args.models) != 1:
+        raise LmshrinkError("--layer-table times the layers of one model", fix="name exactly one model")
+    table = layer_table(args.models[0], args.options or DEFAULT_OPTIONS, threads=args.threads,
+                        bench_trials=args.trials, decode="hf" if args.decode in ("hf", "both", "all") else args.decode,
+                        progress=not args.quiet)
+    atomic_write_text(args.layer_table, json.dumps(table, indent=1))
+    print(f"wrote {args.layer_table}: {len(table['seconds'])} shapes x {len(table['options'])} options; dense decode "
+          f"{1e3 * table['dense_seconds']:.2f} ms/token, of which planned linears {1e3 * table['dense_linear_seconds']:.2f} "
+          f"ms ({args.threads} thread(s))")
     return 0
 
 
@@ -608,6 +629,8 @@ def _cmd_compress(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    if args.layer_table:
+        return _cmd_layer_table(args)
     from lmshrink.api import bench
 
     record = bench(args.models, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, trials=args.trials,
