@@ -82,6 +82,9 @@ def plan(store: str | Path, budget: Budget, *, study: str | None = None, options
     for key in wanted:
         option = parse_option(key)
         if option.family != "quant" and option.family not in allow:
+            if options:  # asked for by name
+                raise LmshrinkError(f"option {option.key} is a {option.family} option, which the plan may use only "
+                                    f"when allowed", fix=f"add --allow {option.family} (Python: allow=['{option.family}'])")
             continue
         if option.key not in record["options"]:
             raise LmshrinkError(f"option {option.key} was not measured in study {record['study']}",
