@@ -255,3 +255,10 @@ def test_latency_budgets_use_the_timing_table(study):
     assert options.count("dense") >= 3  # only dense layers buy the time back
     with pytest.raises(LmshrinkError, match="fastest choice takes 1.140 ms"):
         plan(study["store"], Budget(latency_ms=1.0), latency=table)
+
+
+def test_prune_options_asked_for_by_name_need_allow(study):
+    with pytest.raises(LmshrinkError, match="--allow prune"):
+        plan(study["store"], Budget(bits=5.0), options=["sp50+w4g32-sym", "w4g32-sym"])
+    with pytest.raises(LmshrinkError, match="was not measured"):
+        plan(study["store"], Budget(bits=5.0), options=["sp50+w4g32-sym", "w4g32-sym"], allow=["prune"])
