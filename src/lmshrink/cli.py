@@ -79,6 +79,55 @@ _EXPORT_EXAMPLES = """examples:
 """
 
 
+_SENSITIVITY_EXAMPLES = """examples:
+  # every linear layer x every option: the output error each option adds (one dense pass, nothing changed)
+  lmshrink sensitivity smollm2-135m -o sens.sqlite
+  lmshrink sensitivity smollm2-135m --options w3g192-sym,w4g192-sym,w4g64-sym,dense --calib c4 --nsamples 64 \\
+      --data-dir ../shared/data -o sens.sqlite
+  # also the measured KL of the whole model with only that layer changed, for the layers of blocks 0 and 15
+  lmshrink sensitivity smollm2-135m --kl-layers 're:.*layers\\.(0|15)\\..*' --data-dir ../shared/data -o sens.sqlite
+
+options: dense; wBITS[gGROUP][-sym] (w4g64-sym; no group = per channel: w8-sym); spPERCENT or N:M (sp50, 2:4),
+optionally +GRID (sp50+w4g64-sym). A grid is offered to a layer only when its group size divides the layer's width.
+Rows are stored as they are measured: a killed run continues where it stopped, and measured rows are reused.
+"""
+
+_PLAN_EXAMPLES = """examples:
+  # 3.5 stored bits per weight of the block linears (scales and zero points included)
+  lmshrink plan smollm2-135m --bits 3.5 --sensitivity sens.sqlite -o plan.yaml
+  lmshrink compress smollm2-135m --recipe plan.yaml -o out/plan-3.5
+  # the whole checkpoint within 160 MB; runs the sensitivity study first when --sensitivity is not given
+  lmshrink plan smollm2-135m --size-mb 160 --calib c4 --nsamples 64 --data-dir ../shared/data -o plan.yaml
+  # a latency budget from a per-layer kernel timing table measured on this machine
+  lmshrink bench smollm2-135m --layer-table table.json --options w3g192-sym,w4g192-sym,w4g64-sym,dense
+  lmshrink plan smollm2-135m --latency-ms 30 --latency-table table.json --sensitivity sens.sqlite -o plan.yaml
+
+plan.yaml is an ordinary recipe (one stage per option, its layers in targets): edit it, then compress it.
+plan.json beside it records the choice per layer and the predicted stored bytes.
+"""
+
+_SWEEP_EXAMPLES = """examples:
+  # presets and plans over one model; each run: compress, evaluate (and bench), one record in the store
+  lmshrink sweep smollm2-135m --recipes dense,w4g128,w3g128,plan.yaml --db runs.sqlite
+  lmshrink sweep smollm2-135m --recipes w4g128,w3g128 --seeds 0,1 --calib c4 --nsamples 64 --ppl wikitext2,enwiki-sample \\
+      --limit 40 --data-dir ../shared/data --db runs.sqlite --bench
+  # killed? run the same command again: finished runs are kept, the others start again
+  lmshrink report runs.sqlite -o report.html
+
+workers: separate processes, --workers of them with --threads torch threads each (default: one thread per core
+the sweep may use, e.g. 2 workers x 1 thread on 2 cores). Checkpoints go to --workdir (default: DB stem + .runs/).
+"""
+
+_REPORT_EXAMPLES = """examples:
+  lmshrink report runs.sqlite -o report.html
+  lmshrink report runs.sqlite --sensitivity sens.sqlite -o report.html   # add per-layer heat maps
+
+one self-contained HTML file (plots inlined as SVG) that opens offline: Pareto plots of perplexity and KL against
+stored bytes and decode tokens/s with every run labelled and the front drawn, per-layer heat maps of sensitivity and
+of each plan's options, and the table of runs with their protocols.
+"""
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="folder with text sets and task files (default: $LMSHRINK_DATA)")
     parser.add_argument("--json", action="store_true", help="print the full JSON record on stdout")
@@ -183,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "the first model; repeatable")
     bn.add_argument("--json", action="store_true", help="print the full JSON record on stdout")
     bn.add_argument("--quiet", action="store_true", help="no progress lines")
+    bn.add_argument("--layer-table", metavar="OUT", help="instead: time one decode-step call of every block linear "
+                    "shape of the (one) model for every --options entry, and the model's decode; write the table "
+                    "that lmshrink plan --latency-table reads")
+    bn.add_argument("--options", help="options of --layer-table (default: the planner's defaults)")
+
+    _add_planner_parsers(sub)
+    _add_sweep_parsers(sub)
 
     ex = sub.add_parser("export", help="export a compressed folder to GGUF (llama.cpp), GPTQ v1 or ONNX",
                         description="Export a folder written by `lmshrink compress`: GGUF with Q4_0/Q4_1/Q8_0 blocks "
@@ -202,6 +258,193 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output")
     ex.add_argument("--json", action="store_true", help="print the full JSON report on stdout")
     return parser
+
+
+def _add_calibration(parser: argparse.ArgumentParser, nsamples: int = 128) -> None:
+    parser.add_argument("--calib", help="calibration text set (default: enwiki-sample; e.g. c4, wikitext2, file:PATH)")
+    parser.add_argument("--calib-split", default="train", help="split of the calibration set (default: train)")
+    parser.add_argument("--nsamples", type=int, default=nsamples, help=f"calibration windows (default: {nsamples})")
+    parser.add_argument("--seqlen", type=int, default=512, help="window length (default: 512)")
+    parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
+
+
+def _add_planner_parsers(sub) -> None:
+    from lmshrink.methods.plan.options import DEFAULT_OPTIONS
+
+    se = sub.add_parser("sensitivity", help="per layer and option: the cost each option adds (stored, resumable)",
+                        description="Measure, for every linear layer and every candidate option, the output error "
+                        "the option adds on the dense model's calibration inputs (one block-by-block pass that "
+                        "changes nothing) and, on request, the measured KL of the whole model with only that layer "
+                        "changed. Rows go to a SQLite store, layer by layer.",
+                        epilog=_SENSITIVITY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    se.add_argument("model", help="model source: packaged name, folder, .gguf file or hub id")
+    se.add_argument("-o", "--output", required=True, help="SQLite store (created, or added to)")
+    se.add_argument("--options", default=DEFAULT_OPTIONS, help=f"candidate options (default: {DEFAULT_OPTIONS})")
+    se.add_argument("--kl-layers", help="comma-separated layer patterns whose measured KL is also wanted")
+    se.add_argument("--kl-options", help="options whose measured KL is wanted (default: all)")
+    se.add_argument("--kl-data", default="wikitext2", help="text set of the measured KL (default: wikitext2)")
+    se.add_argument("--kl-windows", type=int, default=8, help="windows of the measured KL (default: 8)")
+    _add_calibration(se)
+    _add_common(se)
+
+    pl = sub.add_parser("plan", help="one option per layer within a budget, written as a recipe",
+                        description="Choose one option per linear layer to minimise the summed sensitivity within a "
+                        "budget (stored bytes, bits per weight or decode latency), exactly (multiple-choice "
+                        "knapsack), among option sets one checkpoint can hold; write it as a recipe YAML.",
+                        epilog=_PLAN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pl.add_argument("model", help="model source (used to run the sensitivity study when --sensitivity is not given)")
+    budget = pl.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--bits", type=float, help="stored bits per weight of the block linears (scales included)")
+    budget.add_argument("--size-mb", type=float, help="stored size of the whole checkpoint's tensors, in MB (10^6)")
+    budget.add_argument("--latency-ms", type=float, help="decode time per token from --latency-table, in ms")
+    budget.add_argument("--speedup", type=float, help="decode speed-up over the table's dense model (--latency-table)")
+    pl.add_argument("-o", "--output", required=True, help="plan recipe YAML (plan.json is written beside it)")
+    pl.add_argument("--sensitivity", metavar="STORE", help="sensitivity store (default: run the study into "
+                    "OUTPUT's stem + .sensitivity.sqlite)")
+    pl.add_argument("--options", help="options to choose from (default: all the study measured; with no store, "
+                    f"{DEFAULT_OPTIONS})")
+    pl.add_argument("--allow", default="", help="more option families: prune")
+    pl.add_argument("--latency-table", help="per-layer kernel timing table (lmshrink bench --layer-table)")
+    pl.add_argument("--name", help="the recipe's name (default: plan-BUDGET)")
+    _add_calibration(pl)
+    _add_common(pl)
+
+
+def _add_sweep_parsers(sub) -> None:
+    sw = sub.add_parser("sweep", help="run many recipes (and seeds) over a model into a SQLite results store",
+                        description="Compress, evaluate (and bench) every recipe x seed over one model in worker "
+                        "processes; each run's full record and metrics go to a SQLite store; runs already done are "
+                        "never repeated, so a killed sweep resumes when run again.",
+                        epilog=_SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sw.add_argument("model", help="model source: packaged name, folder, .gguf file or hub id")
+    sw.add_argument("--recipes", required=True, help="comma-separated presets, recipe YAML files or plans; 'dense' "
+                    "adds the uncompressed model")
+    sw.add_argument("--db", required=True, help="SQLite results store (created, or added to)")
+    sw.add_argument("--seeds", default="0", help="calibration seeds, comma separated (default: 0)")
+    sw.add_argument("--workers", type=int, help="runs at once (default: cores / --threads)")
+    sw.add_argument("--threads", type=int, help="torch threads per worker (default: 1)")
+    sw.add_argument("--workdir", help="checkpoints and logs of the runs (default: DB stem + .runs/)")
+    sw.add_argument("--calib", help="calibration text set (default: enwiki-sample)")
+    sw.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
+    sw.add_argument("--seqlen", type=int, default=512, help="window length (default: 512)")
+    sw.add_argument("--ppl", default="enwiki-sample", help="perplexity text sets (default: enwiki-sample); the first "
+                    "also gives the KL")
+    sw.add_argument("--limit", type=int, help="evaluation windows per text set")
+    sw.add_argument("--no-kl", action="store_true", help="no KL against the model")
+    sw.add_argument("--bench", action="store_true", help="also lmshrink bench each run (decode tokens/s)")
+    sw.add_argument("--no-keep", action="store_true", help="delete each run's checkpoint once it is measured")
+    sw.add_argument("--data-dir", help="folder with text sets (default: $LMSHRINK_DATA)")
+    sw.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    sw.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    rp = sub.add_parser("report", help="one self-contained HTML report of a results store (Pareto plots, heat maps)",
+                        epilog=_REPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    rp.add_argument("db", help="SQLite results store written by lmshrink sweep")
+    rp.add_argument("-o", "--output", required=True, help="HTML file to write")
+    rp.add_argument("--sensitivity", help="a sensitivity store, for the per-layer heat maps (default: the DB's own)")
+    rp.add_argument("--title", default="lmshrink report", help="page title")
+
+
+def _cmd_sweep(args) -> int:
+    from lmshrink.pipeline.sweep import sweep
+
+    if args.threads is not None and args.threads < 1 or args.workers is not None and args.workers < 1:
+        raise LmshrinkError("--workers and --threads must be 1 or more", fix="e.g. --workers 2 --threads 1")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise LmshrinkError(f"--seeds {args.seeds!r} is not a list of integers", fix="e.g. --seeds 0,1,2") from None
+    outcome = sweep(args.model, [r.strip() for r in args.recipes.split(",") if r.strip()], args.db, seeds=seeds,
+                    workdir=args.workdir, workers=args.workers, threads=args.threads, calibration=args.calib,
+                    nsamples=args.nsamples, seqlen=args.seqlen, ppl=args.ppl, limit=args.limit, kl=not args.no_kl,
+                    bench=args.bench, data_dir=args.data_dir, keep=not args.no_keep, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(outcome))
+    else:
+        print(f"sweep into {args.db}: {outcome['ran']} run(s) now, {outcome['already_done']} already done, "
+              f"{outcome['failed']} failed; lmshrink report {args.db} -o report.html")
+    return 1 if outcome["failed"] else 0
+
+
+def _cmd_report(args) -> int:
+    from lmshrink.report.html import write_report
+
+    path = write_report(args.db, args.output, sensitivity=args.sensitivity, title=args.title)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_layer_table(args) -> int:
+    from lmshrink.core.atomic import atomic_write_text
+    from lmshrink.methods.plan.options import DEFAULT_OPTIONS
+    from lmshrink.pipeline.latency import layer_table
+
+    if len(args.models) != 1:
+        raise LmshrinkError("--layer-table times the layers of one model", fix="name exactly one model")
+    table = layer_table(args.models[0], args.options or DEFAULT_OPTIONS, threads=args.threads,
+                        bench_trials=args.trials, decode="hf" if args.decode in ("hf", "both", "all") else args.decode,
+                        progress=not args.quiet)
+    atomic_write_text(args.layer_table, json.dumps(table, indent=1))
+    print(f"wrote {args.layer_table}: {len(table['seconds'])} shapes x {len(table['options'])} options; dense decode "
+          f"{1e3 * table['dense_seconds']:.2f} ms/token, of which planned linears {1e3 * table['dense_linear_seconds']:.2f} "
+          f"ms ({args.threads} thread(s))")
+    return 0
+
+
+def _cmd_sensitivity(args) -> int:
+    from lmshrink.pipeline.sensitivity import run_sensitivity
+
+    record = run_sensitivity(args.model, args.output, options=args.options, calibration=args.calib,
+                             calibration_split=args.calib_split, nsamples=args.nsamples, seqlen=args.seqlen,
+                             seed=args.seed, data_dir=args.data_dir, progress=not args.quiet, dtype=args.dtype,
+                             kl_layers=args.kl_layers.split(",") if args.kl_layers else None, kl_data=args.kl_data,
+                             kl_options=args.kl_options.split(",") if args.kl_options else None,
+                             kl_windows=args.kl_windows)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    run = record["last_run"]
+    print(f"study {record['study']} in {args.output}: {record['layers']} layers x {len(record['options'])} options "
+          f"({', '.join(record['options'])}); this run measured {run['layers_measured']} layers in "
+          f"{run['seconds']:.1f}s ({run['cpu_seconds']:.1f} CPU s; solves {run['solve_seconds']:.1f}s)"
+          + (f", measured KL in {run['kl_seconds']:.1f}s" if run["kl"] else ""))
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from pathlib import Path
+
+    from lmshrink.pipeline.plan import Budget, plan, write_plan
+
+    store = args.sensitivity
+    if store is None:
+        from lmshrink.methods.plan.options import DEFAULT_OPTIONS
+        from lmshrink.pipeline.sensitivity import run_sensitivity
+
+        store = str(Path(args.output).with_suffix(".sensitivity.sqlite"))
+        run_sensitivity(args.model, store, options=args.options or DEFAULT_OPTIONS, calibration=args.calib,
+                        calibration_split=args.calib_split, nsamples=args.nsamples, seqlen=args.seqlen,
+                        seed=args.seed, data_dir=args.data_dir, progress=not args.quiet, dtype=args.dtype)
+    latency = None
+    if args.latency_table:
+        latency = json.loads(Path(args.latency_table).read_text())
+    if args.speedup is not None:
+        if latency is None:
+            raise LmshrinkError("--speedup needs --latency-table", fix="measure one with lmshrink bench --layer-table")
+        budget = Budget(latency_ms=1e3 * latency["dense_seconds"] / args.speedup)
+    else:
+        budget = Budget(bits=args.bits, size_mb=args.size_mb, latency_ms=args.latency_ms)
+    record = plan(store, budget, options=args.options.split(",") if args.options else None,
+                  allow=[a for a in args.allow.split(",") if a], latency=latency, name=args.name)
+    path, sidecar = write_plan(record, args.output)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    print(f"wrote {path} ({record['recipe']['summary']}) and {sidecar}")
+    print(f"proxy cost {record['proxy_cost']:.6g} (lower bound {record['lp_lower_bound']:.6g}); predicted "
+          f"{record['predicted_stored_bytes'] / 1e6:.3f} MB stored; run it: lmshrink compress {args.model} "
+          f"--recipe {path} -o OUT")
+    return 0
 
 
 def _cmd_models(args) -> int:
@@ -485,6 +728,8 @@ def _cmd_compress(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    if args.layer_table:
+        return _cmd_layer_table(args)
     from lmshrink.api import bench
 
     record = bench(args.models, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, trials=args.trials,
@@ -683,7 +928,8 @@ def _check_device(device: str | None) -> None:
 
 
 _COMMANDS = {"models": _cmd_models, "recipes": _cmd_recipes, "compress": _cmd_compress, "evaluate": _cmd_evaluate,
-             "bench": _cmd_bench, "export": _cmd_export}
+             "bench": _cmd_bench, "export": _cmd_export, "sensitivity": _cmd_sensitivity, "plan": _cmd_plan,
+             "sweep": _cmd_sweep, "report": _cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
