@@ -74,15 +74,23 @@ def main() -> None:
         for entry in entries:
             row = load_row(entry)
             if row is None:
-                print(f"| {entry['preset']} | not measured on P1 | | |")
+                print(f"| {entry['preset']} | not measured on P1 (reproduce: `{entry['command']}`) | | |")
                 continue
             print(f"| {entry['preset']} | `{entry['file']}` | {entry.get('row', entry['preset'])} "
                   f"| {'yes' if row.get('protocol') else 'no (see the file header)'} |")
         return
     print("| preset | what it does | WikiText-2 ppl | enwiki-sample ppl | KL | compress s | peak RSS GiB | reproduce |")
     print("|---|---|---|---|---|---|---|---|")
+    unmeasured = []
     for entry in entries:
-        print("| " + " | ".join(_cells(entry, load_row(entry))) + " |")
+        row = load_row(entry)
+        if row is None:  # listed after the table: a row of empty cells says nothing
+            unmeasured.append(entry["preset"])
+            continue
+        print("| " + " | ".join(_cells(entry, row)) + " |")
+    if unmeasured:
+        print(f"\nNot yet measured on P1: {', '.join(unmeasured)} (`python bench/preset_table.py --sources` gives "
+              "each one's command).")
 
 
 if __name__ == "__main__":

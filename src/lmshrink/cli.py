@@ -744,9 +744,10 @@ def _cmd_bench(args) -> int:
     p = record["protocol"]
     table = Table(title=f"bench: {p['prompt_tokens']}-token prompt, {p['new_tokens']} new tokens, {p['threads']} "
                         f"thread(s), median of {p['trials']} interleaved trials")
+    caches = any((row.get("kv_cache_bytes") or {}).get("quantized") for row in record["models"])  # only where quantized
     for col in ("model", "runtime", "decode", "prefill tok/s", "decode tok/s", "decode vs first",
                 "CPU-time decode vs first", "TTFT ms", "peak RSS MiB", "peak RSS running", "weights MiB",
-                "linear MiB", "linear vs fp16", "KV cache MiB", "greedy = first"):
+                "linear MiB", "linear vs fp16", *(("KV cache MiB",) if caches else ()), "greedy = first"):
         table.add_column(col, justify="left" if col in ("model", "runtime", "decode") else "right",
                          overflow="fold")  # wrapped, never cut: a model path must stay readable
     for row in record["models"]:
@@ -759,7 +760,7 @@ def _cmd_bench(args) -> int:
                       "-" if row.get("peak_rss_running_bytes") is None else f"{row['peak_rss_running_bytes'] / 2**20:.0f}",
                       f"{size['weight_bytes'] / 2**20:.1f}", f"{size['linear_weight_bytes'] / 2**20:.1f}",
                       "-" if row.get("linear_bytes_vs_fp16") is None else f"{row['linear_bytes_vs_fp16']:.3f}",
-                      _cache_mib(row.get("kv_cache_bytes")),
+                      *((_cache_mib(row.get("kv_cache_bytes")),) if caches else ()),
                       f"{row['same_greedy_prefix_as_first']}/{len(row['tokens'])}")
     console = Console()
     console.print(table)

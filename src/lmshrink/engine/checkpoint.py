@@ -76,7 +76,7 @@ class Checkpoint:
         self.finished_blocks = 0
 
     @property
-    def _start_over(self) -> str:
+    def start_over_fix(self) -> str:
         return f"run again with --restart to discard it and start over, or delete {self.folder}"
 
     def load(self) -> dict | None:
@@ -88,7 +88,7 @@ class Checkpoint:
         if state.get("fingerprint") != self.key:
             raise LmshrinkError(
                 f"{self.folder} holds progress of a different run (other model, recipe, calibration or options)",
-                fix=self._start_over)
+                fix=self.start_over_fix)
         self.finished_blocks = int(state["finished_blocks"])
         return state
 
@@ -137,7 +137,7 @@ class Checkpoint:
             kind = layer_meta.pop("kind")
             if kind not in RESULT_KINDS:
                 raise LmshrinkError(f"{path} holds a layer result of kind {kind!r}, which no loaded method provides",
-                                    fix=self._start_over)
+                                    fix=self.start_over_fix)
             parts = {key[len(name) + 1:]: value for key, value in stored.items() if key.startswith(name + ".")}
             results[name] = RESULT_KINDS[kind].from_state(parts, layer_meta)
         tensors = {key[len(_TENSOR):]: value for key, value in stored.items() if key.startswith(_TENSOR)}
@@ -151,14 +151,14 @@ class Checkpoint:
                 return json.loads((handle.metadata() or {}).get("structure", "{}"))
         except (OSError, SafetensorError) as exc:
             raise LmshrinkError(f"{path} from the saved progress cannot be read ({type(exc).__name__}: {exc})",
-                                fix=f"run again without --resume to start over, or delete {self.folder}") from exc
+                                fix=self.start_over_fix) from exc
 
     def _read(self, path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (OSError, SafetensorError) as exc:  # missing, truncated or not safetensors (not e.g. out of memory)
             raise LmshrinkError(f"{path} from the saved progress cannot be read ({type(exc).__name__}: {exc})",
-                                fix=self._start_over) from exc
+                                fix=self.start_over_fix) from exc
 
     def _hidden_path(self) -> Path:
         if not self.finished_blocks:  # not loaded yet: the state names the blocks finished
@@ -174,7 +174,7 @@ class Checkpoint:
         streams = self._read(self._hidden_path())
         if "reference_hidden" not in streams:
             raise LmshrinkError(f"{self.folder} holds no uncompressed-model hidden states (fp_target)",
-                                fix=self._start_over)
+                                fix=self.start_over_fix)
         return streams["reference_hidden"]
 
     def remove(self) -> None:

@@ -293,7 +293,7 @@ class Engine:
                     raise LmshrinkError(
                         f"{self.checkpoint.folder} holds progress on blocks {state.get('block_sources')} of the model, "
                         f"but this run's stages kept blocks {self._sources}",
-                        fix=f"run again without --resume to start over, or delete {self.checkpoint.folder}")
+                        fix=self.checkpoint.start_over_fix)
                 for index in range(first):
                     structure = self.checkpoint.load_structure(index)
                     if structure:  # the block's new shapes first, then its values

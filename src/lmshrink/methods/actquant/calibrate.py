@@ -46,7 +46,7 @@ def restore_activations(stage, block, groups: list[list[str]], tensors: dict[str
             zero = tensors.get(f"{name}.{ZERO}")
             if not spec.dynamic and scale is None:
                 raise LmshrinkError(f"the saved progress lacks the activation scale of {name}",
-                                    fix="run again without --resume to start over")
+                                    fix="run again with --restart to start over")
             install_quantizer(block.get_submodule(name), spec, scale, zero, tensors.get(f"{name}.{CLUSTER}"))
 
 
