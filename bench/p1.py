@@ -153,3 +153,15 @@ def reused_dense_row(parser: argparse.ArgumentParser, args) -> dict | None:
         parser.error(f"--reuse-dense {args.reuse_dense}: no 'dense fp32' row in it")
     row = earlier["dense fp32"]
     return {**row, "reused": check_reused(parser, args, row, args.reuse_dense, DENSE_KEYS)}
+
+
+def dense_row(parser: argparse.ArgumentParser, args, evaluate: list[str], fields=lambda record: {}
+              ) -> tuple[dict, dict | None]:
+    """The 'dense fp32' row and the environment of its evaluation: the ``--reuse-dense`` row (environment None),
+    else the dense model evaluated now with ``evaluate``: its two perplexities, KL 0, and ``fields(record)``."""
+    reused = reused_dense_row(parser, args)
+    if reused is not None:
+        return reused, None
+    dense = run_json(CLI + ["evaluate", args.model] + evaluate)
+    return ({"recipe": "dense fp32", "wikitext2": dense["perplexity"][0]["ppl"], "enwiki": dense["perplexity"][1]["ppl"],
+             "kl": 0.0, **fields(dense)}, dense["environment"])

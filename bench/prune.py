@@ -25,11 +25,11 @@ from p1 import (
     add_p1_arguments,
     add_reuse_dense_argument,
     compress_options,
+    dense_row,
     evaluate_options,
     keep_row,
     print_saved_table,
     protocol_line,
-    reused_dense_row,
     run_json,
     stamp,
 )
@@ -76,17 +76,10 @@ def main() -> None:
         return
     evaluate = evaluate_options(args)
     rows = []
-    reused = reused_dense_row(parser, args)
-    if reused is not None:
-        rows.append(reused)
-        environment = None
-    else:
-        dense = run_json(CLI + ["evaluate", args.model] + evaluate)
-        environment = dense["environment"]
-        rows.append({"recipe": "dense fp32", "method": "-", "pattern": "-",
-                     "wikitext2": dense["perplexity"][0]["ppl"], "enwiki": dense["perplexity"][1]["ppl"], "kl": 0.0,
-                     "sparsity": dense["sparsity"]["overall"], "nm": dense["sparsity"]["nm_patterns"],
-                     "seconds": None})
+    row, environment = dense_row(parser, args, evaluate, lambda dense: {
+        "method": "-", "pattern": "-", "sparsity": dense["sparsity"]["overall"],
+        "nm": dense["sparsity"]["nm_patterns"], "seconds": None})
+    rows.append(row)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         for recipe in args.recipes.split(","):

@@ -31,11 +31,11 @@ from p1 import (
     add_p1_arguments,
     add_reuse_dense_argument,
     compress_options,
+    dense_row,
     evaluate_options,
     keep_row,
     print_saved_table,
     protocol_line,
-    reused_dense_row,
     run_json,
     stamp,
 )
@@ -89,16 +89,10 @@ def main() -> None:
         return
     evaluate = evaluate_options(args)
     rows = []
-    reused = reused_dense_row(parser, args)
-    environment = None
-    if reused is not None:
-        rows.append(reused)
-    else:
-        dense = run_json(CLI + ["evaluate", args.model] + evaluate)
-        environment = dense["environment"]
-        rows.append({"recipe": "dense fp32", "wikitext2": dense["perplexity"][0]["ppl"],
-                     "enwiki": dense["perplexity"][1]["ppl"], "kl": 0.0, "grid_bpw": 32.0, "stored_bpw": 32.0,
-                     "seconds": None, "cpu_seconds": None, "peak_rss_gib": None})
+    row, environment = dense_row(parser, args, evaluate, lambda _: {
+        "grid_bpw": 32.0, "stored_bpw": 32.0, "seconds": None, "cpu_seconds": None, "peak_rss_gib": None})
+    rows.append(row)
+    if environment is not None:
         keep_row(args, rows, "dense")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)

@@ -26,11 +26,11 @@ from p1 import (
     add_p1_arguments,
     add_reuse_dense_argument,
     compress_options,
+    dense_row,
     evaluate_options,
     keep_row,
     print_saved_table,
     protocol_line,
-    reused_dense_row,
     run_json,
     stamp,
 )
@@ -94,19 +94,13 @@ def main() -> None:
     task_options = (["--tasks", args.tasks] + (["--task-limit", str(args.task_limit)] if args.task_limit else [])
                     if args.tasks else [])
     rows = []
-    reused = reused_dense_row(parser, args)
-    if reused is not None and args.tasks and not reused.get("tasks"):
+    row, environment = dense_row(parser, args, evaluate + task_options, lambda dense: {
+        "stages": "-", "params": dense["size"]["parameters"], "block_removed": 0.0, "tasks": _tasks(dense),
+        "task_limit": args.task_limit if args.tasks else None, "seconds": None, "cpu_seconds": None})
+    if environment is None and args.tasks and not row.get("tasks"):
         parser.error("--reuse-dense: that dense row has no task scores; run without --reuse-dense")
-    if reused is not None:
-        rows.append(reused)
-        environment = None
-    else:
-        dense = run_json(CLI + ["evaluate", args.model] + evaluate + task_options)
-        environment = dense["environment"]
-        rows.append({"recipe": "dense fp32", "stages": "-", "params": dense["size"]["parameters"],
-                     "block_removed": 0.0, "wikitext2": dense["perplexity"][0]["ppl"],
-                     "enwiki": dense["perplexity"][1]["ppl"], "kl": 0.0, "tasks": _tasks(dense),
-                     "task_limit": args.task_limit if args.tasks else None, "seconds": None, "cpu_seconds": None})
+    rows.append(row)
+    if environment is not None:
         keep_row(args, rows, "dense fp32")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
