@@ -77,7 +77,7 @@ def _print_table(rows: list[dict]) -> None:
         secs = "" if r.get("seconds") is None else f"{r['seconds']:.0f}"
         cpu = "" if r.get("cpu_seconds") is None else f"{r['cpu_seconds']:.0f}"
         accs = [f"{100 * r['tasks'][t]:.2f}" if t in (r.get("tasks") or {}) else "" for t in tasks]
-        print(f"| {r['recipe']} | {r['stages']} | {params} | {removed} | {r['wikitext2']:.3f} | {r['enwiki']:.3f} "
+        print(f"| {r['recipe']} | {r.get('stages', '-')} | {params} | {removed} | {r['wikitext2']:.3f} | {r['enwiki']:.3f} "
               f"| {r['kl']:.4f} | " + " | ".join([*accs, secs, cpu]) + " |")
 
 
