@@ -1,7 +1,7 @@
 """Structured pruning quality and size on a real model (protocol P1), one table.
 
     python bench/structured.py --data-dir ../shared/data --recipes struct20,depth20 --json rows.json
-    python bench/structured.py --recipes bench/recipes/structured/width20-magnitude.yaml --nsamples 8 --limit 4
+    python bench/structured.py --recipes bench/recipes/structured/w20-magnitude.yaml --nsamples 8 --limit 4
     python bench/structured.py --recipes struct20 --tasks piqa,arc_easy,winogrande --task-limit 200
 
 Protocol P1 (bench/p1.py): model smollm2-135m (fp32); calibration 64 windows x 512 tokens of the shared C4
