@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import sys
 import textwrap
 
@@ -345,9 +347,13 @@ def _print_compression(record: dict) -> None:
                       "saved)")
     console.print(f"calibration: {cal['nsamples']} windows x {cal['seqlen']} tokens of {cal['dataset']} "
                   f"({cal['split']}, {cal['origin']}), seed {cal['seed']}")
+    ranks = summary.get("ranks", 1)
+    peaks = summary.get("peak_rss_bytes_per_rank") or [summary["peak_rss_bytes"]]
     console.print(f"compressed {summary['layers']} layers in {summary['seconds']:.1f}s, peak RSS "
-                  f"{summary['peak_rss_bytes'] / 2**30:.2f} GiB" +
-                  (f", resumed at block {summary['resumed_from_block'] + 1}" if summary["resumed_from_block"] else ""))
+                  + (f"{summary['peak_rss_bytes'] / 2**30:.2f} GiB" if ranks == 1 else
+                     f"per rank {' / '.join(f'{p / 2**30:.2f}' for p in peaks)} GiB on {ranks} data-parallel ranks")
+                  + (f", resumed at block {summary['resumed_from_block'] + 1}"
+                     if summary["resumed_from_block"] else ""))
     for number, stage in enumerate(record.get("recover") or [], 1):
         before, after = stage.get("held_out_before") or {}, stage.get("held_out_after_merge") or stage.get(
             "held_out_after") or {}
@@ -361,23 +367,50 @@ def _print_compression(record: dict) -> None:
         console.print(f"saved to {record['output']} (lmshrink.json holds the full record)")
 
 
+def _stopped_by_launcher(output: str):
+    def handler(_signum, _frame):
+        raise LmshrinkError(
+            "stopped by the launcher (SIGTERM): torchrun ends every rank when one of them fails; the blocks finished "
+            f"before are saved in {output}.partial",
+            fix="read the failed rank's own error (torchrun's summary names it as the root cause), then start the "
+                "same command with --resume to go on from the saved blocks")
+
+    return handler
+
+
 def _cmd_compress(args) -> int:
+    from lmshrink.engine.distributed import init_from_environment
     from lmshrink.formats.loading import load_model
     from lmshrink.pipeline.compress import compress
     from lmshrink.pipeline.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)  # a bad recipe fails before the model loads
-    if args.quiet:
-        from transformers.utils import logging as hf_logging
+    # under torchrun every rank runs this command: join the group (gloo on CPU, NCCL on CUDA); rank 0 reports
+    joined = init_from_environment(args.device)
+    if joined:
+        signal.signal(signal.SIGTERM, _stopped_by_launcher(args.output))
+    try:
+        rank = int(os.environ.get("RANK", "0")) if joined else 0
+        quiet = args.quiet or rank != 0
+        if quiet:
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-    loaded = load_model(args.model, dtype=args.dtype, device="cpu", progress=not args.quiet,
-                        trust_remote_code=args.trust_remote_code, lazy_blocks=args.offload == "disk")
-    record = compress(loaded, recipe, output=args.output, calibration=args.calib, calibration_split=args.calib_split,
-                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir,
-                      device=args.device, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-                      offload=args.offload, sparse_format=args.sparse_format)
+            hf_logging.disable_progress_bar()
+        loaded = load_model(args.model, dtype=args.dtype, device="cpu", progress=not quiet,
+                            trust_remote_code=args.trust_remote_code, lazy_blocks=args.offload == "disk")
+        record = compress(loaded, recipe, output=args.output, calibration=args.calib,
+                          calibration_split=args.calib_split, nsamples=args.nsamples, seqlen=args.seqlen,
+                          seed=args.seed, data_dir=args.data_dir, device=args.device, resume=args.resume,
+                          overwrite=args.overwrite, progress=not quiet, offload=args.offload,
+                          sparse_format=args.sparse_format)
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     record.pop("results")
+    if rank != 0:
+        return 0
     if args.json:
         print(json.dumps(record, indent=2, default=str))
     else:
@@ -518,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         return _COMMANDS[args.command](args)
     except LmshrinkError as err:
-        print(f"lmshrink: error: {err.message}", file=sys.stderr)
+        rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"lmshrink: error{rank}: {err.message}", file=sys.stderr)
         if err.fix:
             print(f"  fix: {err.fix}", file=sys.stderr)
         return err.exit_code

@@ -22,10 +22,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from lmshrink.core.errors import LmshrinkError
 from lmshrink.core.process import cpu_seconds, peak_rss_bytes, release_free_heap
+from lmshrink.core.results import RESULT_KINDS
 from lmshrink.core.stage import Scope, StageBase, Stat
 from lmshrink.engine.capture import capture_block_inputs, run_block
-from lmshrink.engine.checkpoint import Checkpoint
+from lmshrink.engine.checkpoint import Checkpoint, StoredResults
+from lmshrink.engine.distributed import Group, RankLost
 from lmshrink.engine.jobs import BlockJob, LayerJob, ModelJob, Task
 from lmshrink.engine.offload import BlockStreamer
 from lmshrink.engine.passes import collect, pass_sources, to_device
@@ -48,6 +51,7 @@ class EngineResult:
     cpu_seconds: float = 0.0
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     block_options: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+    ranks: int = 1
 
 
 def _on_cpu(result):
@@ -101,12 +105,19 @@ class Engine:
     passes (paired token by token with the compressed inputs) and at the end of the block carries the uncompressed
     stream to the next block. The stream is checkpointed with the compressed one. Pass reuse (``reuse_passes``)
     applies to both the compressed block and the copy (same results, tested).
+
+    With a ``group`` of several ranks (data-parallel calibration, ``engine.distributed``) every rank runs the same
+    engine on its own batches of windows: statistics are summed over the ranks before a layer is solved, each layer
+    is solved by one rank and its result sent to the others, the checkpoint is written by rank 0 (the hidden states
+    gathered there, in the single-process layout) and only rank 0 keeps the results. The result is the
+    single-process one, whatever the number of ranks.
     """
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, stages, calibration: torch.Tensor,
                  device: str | torch.device = "cpu", checkpoint: Checkpoint | None = None, resume: bool = False,
                  progress: bool = True, on_block_done: Callable[[int], None] | None = None, batch_size: int = 8,
-                 streamer: BlockStreamer | None = None, reuse_passes: bool = True, order: str | None = None):
+                 streamer: BlockStreamer | None = None, reuse_passes: bool = True, order: str | None = None,
+                 group: Group | None = None):
         if hasattr(stages, "stages"):  # a recipe
             order = order or stages.order
             stages = stages.stages
@@ -128,6 +139,9 @@ class Engine:
         self._verified: dict = {}
         self._transforms: list[StageBase] = []  # stages whose before_blocks ran: their transform_block applies
         self._changed: dict[int, set[str]] = {}  # block -> tensors (relative names) transforms or stages changed
+        # data-parallel ranks (engine.distributed): each runs its own calibration batches, statistics are summed
+        # over all, each layer is solved by one rank; a single process is a group of one
+        self.group = group or Group()
 
     # -- blocks on and off the compute device ---------------------------------------------------------------------
     def _transform(self, index: int, block: nn.Module, stages) -> None:
@@ -156,9 +170,7 @@ class Engine:
             raise ValueError("a statistics pass runs the model as it is: Stat.FP_TARGET has no meaning there")
         blocks = self.adapter.blocks(self.model)
         prefix = self.adapter.block_path(self.model)
-        captured = capture_block_inputs(self.model, blocks, self.calibration, self.device)
-        hidden = list(torch.cat(captured.hidden).split(self.batch_size))
-        captured.hidden = []
+        captured, hidden, _ = self._capture(blocks)
         observations = []
         for index, block in enumerate(blocks):
             self._load(index, block)
@@ -167,6 +179,7 @@ class Engine:
             modules = {n: m for n, m in self.adapter.linears(block) if select(f"{prefix}.{index}.{n}")}
             outputs: list[torch.Tensor] = []
             stats = collect(block, modules, needs, hidden, args, kwargs, self.device, stop_at=None, outputs=outputs)
+            self._reduce(stats)
             hidden = outputs
             observations.append(observe(index, block, stats))
             del stats
@@ -183,6 +196,86 @@ class Engine:
                 for index, block in enumerate(blocks):
                     self._transform(index, block, [stage])
         return job.block_options
+
+    # -- calibration batches, statistics and solves across ranks -------------------------------------------------
+    def _capture(self, blocks) -> tuple[Any, list[torch.Tensor], int]:
+        """Block-0 inputs of this rank's batches: ``(captured arguments, hidden batches, number of batches)``.
+
+        The windows form batches of ``batch_size`` in their order; a rank captures the windows of its own batches
+        (all of them in a single process), so each batch holds the same windows whatever the number of ranks.
+        """
+        windows = self.calibration.shape[0]
+        spans = [(start, min(start + self.batch_size, windows)) for start in range(0, windows, self.batch_size)]
+        self.group.check_batches(len(spans), self.batch_size)
+        mine = self.group.batches(len(spans))
+        index = torch.cat([torch.arange(*spans[b]) for b in mine])
+        captured = capture_block_inputs(self.model, blocks, self.calibration[index], self.device)
+        flat = torch.cat(captured.hidden)
+        captured.hidden = []  # the per-window copies are now in the batches: do not hold them twice
+        return captured, list(flat.split([spans[b][1] - spans[b][0] for b in mine])), len(spans)
+
+    def _reduce(self, stats: dict[str, GroupStats]) -> None:
+        """Sum each group's statistics over the ranks (nothing to do in a single process)."""
+        if self.group.active:
+            for name in sorted(stats):  # the same order on every rank
+                stats[name].reduce(self.group)
+
+    def _owners(self, block: nn.Module, groups: list[list[str]]) -> dict[str, int]:
+        """The rank that solves each layer: within each group, the largest layers first, each to the rank with the
+        least work so far in that group (the same on every rank)."""
+        owners = {}
+        for group in groups:
+            load = [0] * self.group.world
+            sizes = {n: linear_dims(block.get_submodule(n))[0] * linear_dims(block.get_submodule(n))[1] for n in group}
+            for name in sorted(group, key=lambda n: (-sizes[n], group.index(n))):
+                rank = min(range(self.group.world), key=lambda r: (load[r], r))
+                owners[name] = rank
+                load[rank] += sizes[name]
+        return owners
+
+    def _share(self, owner: int, result, seconds: float, state: dict[str, Any]) -> tuple[Any, float]:
+        """The result (and solve time) of a layer solved on rank ``owner``, on every rank; the layer's hand-over for
+        later stages (``state``) is updated in place to the owner's."""
+        if not self.group.active:
+            return result, seconds
+        mine = self.group.rank == owner
+        header, tensors = None, None
+        if mine:
+            tensors, meta = result.to_state()
+            header = {"kind": result.kind, "meta": meta, "seconds": seconds, "state": bool(state)}
+        header = self.group.broadcast_json(header, owner)
+        tensors = self.group.broadcast_tensors(tensors, owner)
+        if header["state"]:
+            handed = self.group.broadcast_object(dict(state) if mine else None, owner)
+            state.clear()
+            state.update(handed)
+        if not mine:
+            result = RESULT_KINDS[header["kind"]].from_state(tensors, header["meta"])
+        return result, header["seconds"]
+
+    def _check_data_parallel(self) -> None:
+        if not self.group.active:
+            return
+        refused = [stage.method for stage in self.stages if not stage.supports_data_parallel()]
+        if refused:
+            raise LmshrinkError(
+                f"stage(s) {', '.join(refused)} do not support data-parallel calibration: they compute from their "
+                f"rank's calibration batches without summing over the {self.group.world} ranks",
+                fix="run these recipes in a single process (without torchrun)")
+
+    def _open_checkpoint(self) -> dict[str, Any]:
+        """Rank 0: the saved progress to resume from (``first`` finished blocks and their records), or a fresh
+        work folder."""
+        state = self.checkpoint.load() if self.resume else None
+        if state is None:
+            self.checkpoint.start()
+            return {"first": 0, "layers": []}
+        return {"first": state["finished_blocks"], "layers": state["layers"]}
+
+    def _saved_batches(self, stream: torch.Tensor | None, count: int) -> list[torch.Tensor]:
+        """This rank's batches of a saved stream (read on rank 0 and sent to the others)."""
+        batches = list(stream.split(self.batch_size)) if stream is not None else None
+        return self.group.scatter_batches(batches, count)
 
     # -- one block's plan -----------------------------------------------------------------------------------------
     def _block_plan(self, index: int, block: nn.Module, options) -> list[tuple[StageBase, list[list[str]]]]:
@@ -228,28 +321,32 @@ class Engine:
         blocks = self.adapter.blocks(self.model)
         prefix = self.adapter.block_path(self.model)
         self.model.eval()
+        self._check_data_parallel()
         options = self._before_blocks(blocks, prefix)  # before any restore: on resume they run again
-        captured = capture_block_inputs(self.model, blocks, self.calibration, self.device)
-        hidden = list(torch.cat(captured.hidden).split(self.batch_size))
-        captured.hidden = []  # the per-window copies are now in `hidden`: do not hold them twice
+        captured, hidden, batches = self._capture(blocks)
+        root = self.group.is_root  # the rank that keeps the results and writes the checkpoint
         # a block's outputs are the next block's calibration inputs: not needed when no stage reads the block's
         # inputs (e.g. magnitude-only recipes), and then left as they are
         forward_blocks = any(stage.needs() or stage.scope is Scope.BLOCK for stage in self.stages)
         # asymmetric calibration: the uncompressed model's hidden states, block by block (None when not asked for)
         fp_target = any(Stat.FP_TARGET in stage.needs() for stage in self.stages)
         reference_hidden = list(hidden) if fp_target else None
-        results: dict[str, Any] = {}
+        # streamed runs with a work folder keep finished blocks' results on disk, not in memory: memory then holds
+        # one block's results, however deep the model
+        stored = self.streamer is not None and self.checkpoint is not None
+        results: dict[str, Any] | StoredResults = StoredResults() if stored else {}
         tensors: dict[str, torch.Tensor] = {}
         layers: list[dict] = []
         first = 0
         if self.checkpoint is not None:
-            state = self.checkpoint.load() if self.resume else None
-            if state is None:
-                self.checkpoint.start()
-            else:
-                first = state["finished_blocks"]
-                layers = state["layers"]
-                for index in range(first):
+            opened = self.group.root(self._open_checkpoint)
+            first, layers = opened["first"], opened["layers"]
+            if first:
+                for index in range(first if root else 0):
+                    if stored:
+                        results.add_block(self.checkpoint.block_path(index))
+                        tensors.update(self.checkpoint.load_block_tensors(index))
+                        continue
                     loaded, saved_tensors = self.checkpoint.load_block(index)
                     for name, result in loaded.items():
                         if self.streamer is None:
@@ -265,9 +362,10 @@ class Engine:
                         tensors[name] = value
                     if self.streamer is None:
                         _share_weights(self.model, loaded)
-                hidden = list(self.checkpoint.load_hidden().split(self.batch_size)) if first else hidden
-                if fp_target and first:
-                    reference_hidden = list(self.checkpoint.load_reference_hidden().split(self.batch_size))
+                hidden = self._saved_batches(self.checkpoint.load_hidden() if root else None, batches)
+                if fp_target:
+                    reference_hidden = self._saved_batches(
+                        self.checkpoint.load_reference_hidden() if root else None, batches)
         bar = tqdm(total=len(blocks), initial=first, desc="compress", unit="block", disable=not self.progress,
                    dynamic_ncols=True)
         for index in range(first, len(blocks)):
@@ -280,6 +378,7 @@ class Engine:
             changed = set(self._changed.get(index, ()))
             all_groups = self.adapter.linear_groups(block)
             group_of = {name: i for i, group in enumerate(all_groups) for name in group}
+            owners = self._owners(block, all_groups)
             memo = PassMemo(block, all_groups, self._verified) if self.reuse_passes else None
             # the unmodified block, copied before the memo patches its containers and before any solve
             original = copy.deepcopy(block) if fp_target else None
@@ -331,20 +430,31 @@ class Engine:
                         stats = collect(block, firsts, needs, hidden, args, kwargs, self.device,
                                         stop_at=task.groups[-1][0], memo=memo, reference=reference,
                                         finish_reference=finishing)
+                        self._reduce(stats)
                         shared_stats = stats
                     _for_memos((memo, reference_memo), "end_pass")
+                    # each rank solves the layers it owns (all of them in a single process); a layer's solve reads
+                    # only its own weight, so every layer of the task is solved before any result is written back
+                    solved: dict[str, tuple[Any, float]] = {}
                     for group in task.groups:
                         group_stats = stats.get(group[0]) or GroupStats()
                         for name in group:
-                            module = block.get_submodule(name)
+                            if owners[name] != self.group.rank:
+                                continue
                             t0 = time.perf_counter()
-                            job = LayerJob(name=f"{prefix}.{index}.{name}", module=module,
+                            job = LayerJob(name=f"{prefix}.{index}.{name}", module=block.get_submodule(name),
                                            uncompressed=original.get_submodule(name) if original is not None else None,
                                            stats=group_stats, state=handover.setdefault(name, {}))
-                            result = stage.solve(job)
+                            solved[name] = (stage.solve(job), time.perf_counter() - t0)
+                    for group in task.groups:
+                        group_stats = stats.get(group[0]) or GroupStats()
+                        for name in group:
+                            result, seconds = solved.pop(name, (None, 0.0))
+                            result, seconds = self._share(owners[name], result, seconds,
+                                                          handover.setdefault(name, {}))
                             self._keep(stage, block, index, name, result, block_results, layers, group_stats.tokens,
-                                       time.perf_counter() - t0, stage.record(result))
-                    del stats
+                                       seconds, stage.record(result))
+                    del stats, solved
                     release_free_heap()  # the pass's inputs and statistics are freed: the next pass starts lower
                 del shared_stats
                 if forward_blocks:
@@ -359,7 +469,7 @@ class Engine:
                                 reference_hidden[b] = _final_forward(original, b, h, args, kwargs, self.device,
                                                                      reference_memo)
             del original, reference_memo
-            block_tensors = self._changed_tensors(block, index, changed, block_results)
+            block_tensors = self._changed_tensors(block, index, changed, block_results) if root else {}
             tensors.update(block_tensors)
             if self.streamer is not None:
                 self.streamer.release(block)
@@ -369,23 +479,34 @@ class Engine:
                 if self.device.type != "cpu":
                     block.to("cpu")
                 _share_weights(self.model, block_results)
-            results.update(block_results)
-            release_free_heap()  # the final forwards' and the block copy's memory
-            errors = " ".join(f"{n.rsplit('.', 1)[-1]}={r.rel_output_error:.4f}" for n, r in block_results.items()
-                              if r.rel_output_error is not None)
+            if root and not stored:
+                results.update(block_results)
+            last = {layer["name"]: layer["rel_output_error"] for layer in layers if layer["block"] == index}
+            errors = " ".join(f"{n.rsplit('.', 1)[-1]}={e:.4f}" for n, e in last.items() if e is not None)
             if self.progress:
                 bar.write(f"block {index + 1}/{len(blocks)} ({time.perf_counter() - block_start:.1f}s) "
                           f"rel. output error: {errors}")
             if self.checkpoint is not None:
-                self.checkpoint.save_block(index, block_results, hidden, {"layers": layers},
-                                           reference_hidden=reference_hidden, tensors=block_tensors)
+                # rank 0 writes the hidden states of every rank, in the single-process layout
+                saved_hidden = self.group.gather_batches(hidden, batches)
+                saved_reference = (self.group.gather_batches(reference_hidden, batches)
+                                   if reference_hidden is not None else None)
+                if root:
+                    self.checkpoint.save_block(index, block_results, saved_hidden, {"layers": layers},
+                                               reference_hidden=saved_reference, tensors=block_tensors)
+                    if stored:
+                        results.add_block(self.checkpoint.block_path(index))
+                del saved_hidden, saved_reference
+            del block_results  # rank 0 keeps them (in memory, or in the block file); other ranks never write
+            release_free_heap()  # the final forwards', the block copy's and the saved results' memory
             bar.update(1)
             if self.on_block_done is not None:
                 self.on_block_done(index)
         bar.close()
         return EngineResult(results=results, layers=layers, seconds=time.perf_counter() - started,
                             peak_rss_bytes=peak_rss_bytes(), resumed_from_block=first, blocks=len(blocks),
-                            cpu_seconds=cpu_seconds() - cpu_started, tensors=tensors, block_options=options)
+                            cpu_seconds=cpu_seconds() - cpu_started, tensors=tensors, block_options=options,
+                            ranks=self.group.world)
 
     def _keep(self, stage: StageBase, block: nn.Module, index: int, name: str, result, block_results: dict,
               layers: list[dict], tokens: int | None, seconds: float, extra: dict) -> None:
@@ -408,11 +529,14 @@ class Engine:
         def collect_block(needs: frozenset[Stat], modules: dict[str, nn.Module]) -> dict[str, GroupStats]:
             if Stat.FP_TARGET in needs:
                 raise ValueError(f"stage {task.stage.method!r}: block stages cannot ask for Stat.FP_TARGET")
-            return collect(block, modules, needs, hidden, args, kwargs, self.device, stop_at=None, memo=memo)
+            stats = collect(block, modules, needs, hidden, args, kwargs, self.device, stop_at=None, memo=memo)
+            self._reduce(stats)
+            return stats
 
         job = BlockJob(index=index, prefix=f"{self.adapter.block_path(self.model)}.{index}", block=block,
                        groups=task.groups, adapter=self.adapter, inputs=hidden, state=handover, device=self.device,
-                       _forward=forward, _collect=collect_block)
+                       _forward=forward, _collect=collect_block, _all_reduce=self.group.all_reduce,
+                       ranks=self.group.world)
         return task.stage.solve_block(job)
 
     def _changed_tensors(self, block: nn.Module, index: int, changed: set[str], block_results: dict

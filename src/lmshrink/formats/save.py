@@ -79,53 +79,52 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
         raise ValueError(f"results name modules the model does not have: {missing[:5]}")
     state = dense_state_dict(model, allow_meta=source_tensors is not None)
     kept_names = set(state)
+    # results read from disk layer by layer (a streamed run's ``StoredResults``): the stored tensors of each layer are
+    # made again when its shard is written, so memory holds one layer's, not the model's
+    lazy = not isinstance(results, dict)
 
     replaced: dict[str, dict[str, torch.Tensor]] = {}
     dense_conv1d: list[str] = []
-    linear_layers: dict[str, tuple[int, QuantResult]] = {}
+    linear_layers: dict[str, tuple[int, Any]] = {}
     sparse: dict[str, tuple[str, float]] = {}  # pruned layers: name -> (pattern, zeros)
     bitmask: dict[str, dict[str, Any]] = {}  # pruned layers stored as bitmask + values: name -> record
-    for name, result in results.items():
+    for name in results:
+        result = results[name]
         module = modules[name]
         if f"{name}.weight" not in kept_names:
             raise LmshrinkError(f"layer {name} shares its weight with another tensor (tied), so it cannot be packed",
                                 fix=f"leave {name} out of the quantized layers (ignore it in the recipe)")
         if isinstance(result, PruneResult):  # pruned, not quantized: dense weights with zeros, or bitmask + values
-            weight, kept = result.dense(), ~result.mask
-            conv1d = is_conv1d(module)
-            if conv1d:
-                weight, kept = weight.t(), kept.t()
-            weight = weight.to(module.weight.dtype).contiguous()
             if sparse_format == "bitmask":
-                replaced[name] = encode(weight, kept)
                 bitmask[name] = {"pattern": result.pattern, "target_sparsity": result.target_sparsity,
-                                 "conv1d": conv1d}
-            else:
-                replaced[name] = {"weight": weight}
+                                 "conv1d": is_conv1d(module)}
             sparse[name] = (result.pattern, float(result.mask.sum()))
+            tensors = _layer_tensors(name, module, result, sparse_format, None)
+            replaced[name] = _placeholders(tensors) if lazy else tensors
             continue
         if (result.info or {}).get("pattern"):  # pruned and quantized (joint SparseGPT, or prune then GPTQ)
             sparse[name] = (result.info["pattern"], result.info["sparsity"] * result.codes.numel())
         if is_conv1d(module):
             # Conv1D stores [in, out]; the loader only packs nn.Linear, so keep the exact dequantized weight
-            weight = result.weight if result.weight.numel() else dequantize(result.codes, result.scale, result.zero,
-                                                                           result.group_index())
-            replaced[name] = {"weight": weight.t().to(module.weight.dtype).contiguous()}
+            tensors = _layer_tensors(name, module, result, sparse_format, None)
+            replaced[name] = _placeholders(tensors) if lazy else tensors
             dense_conv1d.append(name)
             continue
         if not isinstance(module, nn.Linear):
             raise ValueError(f"layer {name} is a {type(module).__name__}, not a Linear")
         check_result(name, result, module.out_features, module.in_features)
-        linear_layers[name] = (module.in_features, result)
+        linear_layers[name] = (module.in_features, result if not lazy else _Grid(result))
 
     groups: dict[StoredScheme, list[str]] = {}
     specs: dict[str, dict[str, Any]] = {}
-    for name, stored_group in stored_group_sizes(linear_layers).items():
-        result = linear_layers[name][1]
+    stored_groups = stored_group_sizes(linear_layers)
+    for name, stored_group in stored_groups.items():
+        result = results[name] if lazy else linear_layers[name][1]
         scheme, tensors = pack_layer(name, modules[name], result, stored_group)
         groups.setdefault(scheme, []).append(name)
-        replaced[name] = tensors
+        replaced[name] = _placeholders(tensors) if lazy else tensors
         specs[name] = asdict(result.spec)
+        del result, tensors
     if transformers_compatible and len(groups) > 1 and any(not scheme.symmetric for scheme in groups):
         raise LmshrinkError(
             "asymmetric grids mixed with other grids (" + "; ".join(describe_scheme(s) for s in groups) + ") give several "
@@ -163,6 +162,9 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
         metadata = {SPECS_KEY: json.dumps(specs, sort_keys=True)}
         if bitmask:
             metadata[LAYERS_KEY] = json.dumps(bitmask, sort_keys=True)
+        if lazy:
+            source_tensors = _LayerSource(results, modules, sparse_format, stored_groups, set(replaced),
+                                          source_tensors)
         write_weights(staging, tensors, metadata, max_shard_size, source_tensors)
         (staging / "config.json").write_text(config_json(model, quant_config))
         generation_config = getattr(model, "generation_config", None)
@@ -176,3 +178,53 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
             data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
             (staging / filename).write_bytes(data)
     return Path(out_dir).expanduser().resolve()
+
+
+class _Grid:
+    """What ``stored_group_sizes`` reads of a quantized result (grid, solver record, group index), without its
+    codes."""
+
+    def __init__(self, result):
+        self.spec, self.info, self.g_idx = result.spec, result.info, result.g_idx
+
+
+def _placeholders(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: torch.empty(t.shape, dtype=t.dtype, device="meta") for key, t in tensors.items()}
+
+
+def _layer_tensors(name: str, module: nn.Module, result, sparse_format: str, stored_group: int | None
+                   ) -> dict[str, torch.Tensor]:
+    """The tensors stored for one layer's result (keys relative to the module)."""
+    if isinstance(result, PruneResult):
+        weight, kept = result.dense(), ~result.mask
+        if is_conv1d(module):
+            weight, kept = weight.t(), kept.t()
+        weight = weight.to(module.weight.dtype).contiguous()
+        return encode(weight, kept) if sparse_format == "bitmask" else {"weight": weight}
+    if is_conv1d(module):
+        weight = result.weight if result.weight.numel() else dequantize(result.codes, result.scale, result.zero,
+                                                                       result.group_index())
+        return {"weight": weight.t().to(module.weight.dtype).contiguous()}
+    return pack_layer(name, module, result, stored_group)[1]
+
+
+class _LayerSource:
+    """``source_tensors`` for a shard of a lazily read model: a replaced layer's tensors are made again from its
+    result (one layer kept at a time: a shard lists a layer's tensors together), other tensors come from
+    ``source`` (the input model's files)."""
+
+    def __init__(self, results, modules, sparse_format, stored_groups, replaced, source):
+        self.results, self.modules, self.sparse_format = results, modules, sparse_format
+        self.stored_groups, self.replaced, self.source = stored_groups, replaced, source
+        self._name, self._tensors = None, {}
+
+    def __call__(self, key: str) -> torch.Tensor:
+        name, _, sub = key.rpartition(".")
+        if name not in self.replaced:
+            return self.source(key)
+        if name != self._name:
+            self._name, self._tensors = None, {}
+            self._tensors = _layer_tensors(name, self.modules[name], self.results[name], self.sparse_format,
+                                           self.stored_groups.get(name))
+            self._name = name
+        return self._tensors[sub]
