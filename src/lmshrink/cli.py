@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--offload", choices=("none", "disk"), default="none",
                     help="disk: keep the decoder blocks on disk and load one at a time, so memory grows with one "
                          "block, not the model (same output; default: none)")
+    cp.add_argument("--expert-min-tokens", type=int, metavar="N",
+                    help="mixture of experts: an expert the router sends fewer calibration tokens is calibrated on "
+                         "every token instead, and the record says so (default: a tenth of the mean per expert of "
+                         "its block; an expert with none always is)")
     cp.add_argument("--sparse-format", choices=("dense", "bitmask"), default="dense",
                     help="storage of pruned layers that are not quantized: dense (zeros stored; plain transformers "
                          "loads it; default) or bitmask (compressed-tensors sparse-bitmask: bitmask + kept values, "
@@ -402,7 +406,7 @@ def _cmd_compress(args) -> int:
                           calibration_split=args.calib_split, nsamples=args.nsamples, seqlen=args.seqlen,
                           seed=args.seed, data_dir=args.data_dir, device=args.device, resume=args.resume,
                           overwrite=args.overwrite, progress=not quiet, offload=args.offload,
-                          sparse_format=args.sparse_format)
+                          sparse_format=args.sparse_format, expert_min_tokens=args.expert_min_tokens)
     finally:
         if joined:
             import torch.distributed as dist

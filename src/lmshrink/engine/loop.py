@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,9 @@ class EngineResult:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     block_options: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
     ranks: int = 1
+    # mixture of experts: per block, the calibration tokens the router sent each expert and the experts calibrated
+    # on every token instead (``Engine._expert_fallback``)
+    experts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _on_cpu(result):
@@ -117,7 +121,7 @@ class Engine:
                  device: str | torch.device = "cpu", checkpoint: Checkpoint | None = None, resume: bool = False,
                  progress: bool = True, on_block_done: Callable[[int], None] | None = None, batch_size: int = 8,
                  streamer: BlockStreamer | None = None, reuse_passes: bool = True, order: str | None = None,
-                 group: Group | None = None):
+                 group: Group | None = None, expert_min_tokens: int | None = None):
         if hasattr(stages, "stages"):  # a recipe
             order = order or stages.order
             stages = stages.stages
@@ -142,6 +146,10 @@ class Engine:
         # data-parallel ranks (engine.distributed): each runs its own calibration batches, statistics are summed
         # over all, each layer is solved by one rank; a single process is a group of one
         self.group = group or Group()
+        # a routed expert that receives fewer calibration tokens is calibrated on every token (None: a tenth of the
+        # mean its block's experts receive); one that receives none always is
+        self.expert_min_tokens = expert_min_tokens
+        self._experts_record: dict[str, dict[str, Any]] = {}  # block -> routed tokens per expert and fallbacks
 
     # -- blocks on and off the compute device ---------------------------------------------------------------------
     def _transform(self, index: int, block: nn.Module, stages) -> None:
@@ -253,6 +261,41 @@ class Engine:
             result = RESULT_KINDS[header["kind"]].from_state(tensors, header["meta"])
         return result, header["seconds"]
 
+    def _expert_fallback(self, index: int, block: nn.Module, task: Task, stats: dict[str, GroupStats],
+                         experts: dict[str, int], group_of: dict[str, int], hidden, args, kwargs,
+                         memo: PassMemo | None) -> dict[str, dict[str, Any]]:
+        """Routed experts of ``task`` with fewer calibration tokens than the threshold get statistics from every
+        token instead (a pass routing all tokens through them, for calibration only; the block's output still
+        counts the router's choice), never a zero or NaN statistic. Replaces their entries in ``stats``; returns
+        what each expert group's record says (routed tokens, fallback) and keeps the block's token counts."""
+        routed = {g[0]: int(stats[g[0]].tokens or 0) for g in task.groups if g[0] in experts and g[0] in stats}
+        if not routed:
+            return {}
+        mean = sum(routed.values()) / len(routed)
+        threshold = max(1, self.expert_min_tokens if self.expert_min_tokens is not None else math.ceil(mean / 10))
+        starved = sorted((n for n, tokens in routed.items() if tokens < threshold), key=lambda n: group_of[n])
+        down = self.adapter.spec.moe.projections[2]
+        kinds = {n: "down" if n.endswith("." + down) else "gate_up" for n in routed}
+        entry = self._experts_record.setdefault(str(index), {"min_tokens": threshold, "tokens": {}, "fallback": {}})
+        entry["tokens"].update({str(experts[n]): tokens for n, tokens in routed.items() if kinds[n] == "gate_up"})
+        for kind in sorted(set(kinds.values())):
+            entry["fallback"][kind] = [experts[n] for n in starved if kinds[n] == kind]
+        notes = {n: {"expert": experts[n], "routed_tokens": tokens} for n, tokens in routed.items()}
+        if not starved:
+            return notes
+        if memo is not None:
+            memo.begin_pass({group_of[n] for n in starved})
+        with self.adapter.experts_module(block).routing_all({experts[n] for n in starved}):
+            fallback = collect(block, {n: block.get_submodule(n) for n in starved}, task.stage.needs(), hidden, args,
+                               kwargs, self.device, stop_at=starved[-1], memo=memo)
+        if memo is not None:
+            memo.end_pass()
+        self._reduce(fallback)
+        for name in starved:
+            stats[name] = fallback[name]
+            notes[name].update(fallback="all-tokens", fallback_tokens=int(fallback[name].tokens or 0))
+        return notes
+
     def _check_data_parallel(self) -> None:
         if not self.group.active:
             return
@@ -269,8 +312,8 @@ class Engine:
         state = self.checkpoint.load() if self.resume else None
         if state is None:
             self.checkpoint.start()
-            return {"first": 0, "layers": []}
-        return {"first": state["finished_blocks"], "layers": state["layers"]}
+            return {"first": 0, "layers": [], "experts": {}}
+        return {"first": state["finished_blocks"], "layers": state["layers"], "experts": state.get("experts", {})}
 
     def _saved_batches(self, stream: torch.Tensor | None, count: int) -> list[torch.Tensor]:
         """This rank's batches of a saved stream (read on rank 0 and sent to the others)."""
@@ -289,14 +332,17 @@ class Engine:
             plan.append((stage, [g for g in groups if g]))
         return plan
 
-    def _block_tasks(self, plan: list[tuple[StageBase, list[list[str]]]], group_of: dict[str, int]) -> list[Task]:
+    def _block_tasks(self, plan: list[tuple[StageBase, list[list[str]]]], group_of: dict[str, int],
+                     steps: list[int] | None = None) -> list[Task]:
         """The block's work in running order.
 
         Stage order (the recipe's default ``order``): each stage over the whole block, then the next. Group order:
         every stage on a group before the next group, when each task covers a single group (true-sequential layer
         stages and stages without statistics); a stage that collects the statistics of several groups in one pass
         needs the block as the stages before it left it, and a block stage takes the whole block, so such recipes
-        keep stage order.
+        keep stage order. ``steps`` (the adapter's ``independent_steps``): consecutive groups of one step, whose
+        inputs do not depend on each other's weights (the experts of a MoE block), make one true-sequential task,
+        collected in one pass with the same statistics as one pass per group.
         """
         tasks: list[Task] = []
         for number, (stage, groups) in enumerate(plan):
@@ -305,7 +351,15 @@ class Engine:
             if stage.scope is Scope.BLOCK:
                 tasks.append(Task(number, stage, groups, block=True))
             elif not stage.needs() or stage.sequential:  # without statistics: any order
-                tasks.extend(Task(number, stage, [g]) for g in groups)
+                runs: list[list[list[str]]] = []
+                for g in groups:
+                    at = group_of[g[0]]
+                    if (runs and steps is not None and steps[at] == steps[group_of[runs[-1][-1][0]]]
+                            and at == group_of[runs[-1][-1][0]] + 1):
+                        runs[-1].append(g)
+                    else:
+                        runs.append([g])
+                tasks.extend(Task(number, stage, run) for run in runs)
             else:
                 tasks.append(Task(number, stage, groups))
         if self.order == "group" and all(not t.block and len(t.groups) == 1 for t in tasks):
@@ -341,6 +395,7 @@ class Engine:
         if self.checkpoint is not None:
             opened = self.group.root(self._open_checkpoint)
             first, layers = opened["first"], opened["layers"]
+            self._experts_record = opened["experts"]
             if first:
                 for index in range(first if root else 0):
                     if stored:
@@ -391,7 +446,9 @@ class Engine:
                 for m in (memo, reference_memo):
                     if m is not None:
                         memos.enter_context(m)
-                tasks = self._block_tasks(self._block_plan(index, block, options), group_of)
+                tasks = self._block_tasks(self._block_plan(index, block, options), group_of,
+                                          self.adapter.independent_steps(block))
+                experts = self.adapter.expert_groups(block)  # routed experts' groups: first linear -> expert
                 sources = pass_sources(tasks, self.reuse_passes)
                 # the copy of the block is needed up to the last fp_target collection pass: that pass runs it to its
                 # end, and its outputs are the uncompressed stream's next inputs (no final forward of the copy)
@@ -426,6 +483,13 @@ class Engine:
                         # on the groups before it, so its statistics still hold
                         stats = shared_stats
                     elif sources[number] == "collect":
+                        if Stat.FP_TARGET in needs and any(g[0] in experts for g in task.groups):
+                            raise LmshrinkError(
+                                f"stage {stage.method!r} with fp_target on the experts of block {index}: fp_target "
+                                "pairs each token's input in the uncompressed and the compressed model, but a router "
+                                "may send a token to different experts in the two",
+                                fix="leave the experts out of fp_target stages (ignore: ['*experts*']), or turn "
+                                    "fp_target off")
                         reference = (original, reference_hidden, reference_memo) if Stat.FP_TARGET in needs else None
                         stats = collect(block, firsts, needs, hidden, args, kwargs, self.device,
                                         stop_at=task.groups[-1][0], memo=memo, reference=reference,
@@ -433,6 +497,10 @@ class Engine:
                         self._reduce(stats)
                         shared_stats = stats
                     _for_memos((memo, reference_memo), "end_pass")
+                    expert_notes: dict[str, dict[str, Any]] = {}
+                    if sources[number] == "collect" and any(g[0] in experts for g in task.groups):
+                        expert_notes = self._expert_fallback(index, block, task, stats, experts, group_of, hidden,
+                                                             args, kwargs, memo)
                     # each rank solves the layers it owns (all of them in a single process); a layer's solve reads
                     # only its own weight, so every layer of the task is solved before any result is written back
                     solved: dict[str, tuple[Any, float]] = {}
@@ -453,7 +521,7 @@ class Engine:
                             result, seconds = self._share(owners[name], result, seconds,
                                                           handover.setdefault(name, {}))
                             self._keep(stage, block, index, name, result, block_results, layers, group_stats.tokens,
-                                       seconds, stage.record(result))
+                                       seconds, {**expert_notes.get(group[0], {}), **stage.record(result)})
                     del stats, solved
                     release_free_heap()  # the pass's inputs and statistics are freed: the next pass starts lower
                 del shared_stats
@@ -492,7 +560,8 @@ class Engine:
                 saved_reference = (self.group.gather_batches(reference_hidden, batches)
                                    if reference_hidden is not None else None)
                 if root:
-                    self.checkpoint.save_block(index, block_results, saved_hidden, {"layers": layers},
+                    self.checkpoint.save_block(index, block_results, saved_hidden,
+                                               {"layers": layers, "experts": self._experts_record},
                                                reference_hidden=saved_reference, tensors=block_tensors)
                     if stored:
                         results.add_block(self.checkpoint.block_path(index))
@@ -506,7 +575,7 @@ class Engine:
         return EngineResult(results=results, layers=layers, seconds=time.perf_counter() - started,
                             peak_rss_bytes=peak_rss_bytes(), resumed_from_block=first, blocks=len(blocks),
                             cpu_seconds=cpu_seconds() - cpu_started, tensors=tensors, block_options=options,
-                            ranks=self.group.world)
+                            ranks=self.group.world, experts=self._experts_record)
 
     def _keep(self, stage: StageBase, block: nn.Module, index: int, name: str, result, block_results: dict,
               layers: list[dict], tokens: int | None, seconds: float, extra: dict) -> None:

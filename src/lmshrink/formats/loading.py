@@ -13,10 +13,11 @@ from lmshrink.core.process import release_free_heap
 from lmshrink.formats.compressed_tensors import is_compressed_tensors_folder, iter_quantized_results
 from lmshrink.formats.sparse_bitmask import fill_bitmask_weights, is_bitmask_folder, load_bitmask_model
 from lmshrink.models import loader
+from lmshrink.models.adapters import get_adapter
 from lmshrink.models.loader import (
     LoadedModel,
     ModelInfo,
-    SafetensorsWeights,
+    checkpoint_weights,
     count_parameters,
     fill_meta_tensors,
     max_context,
@@ -47,6 +48,8 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
     kind, where = resolve(source)
     # pruned weights stored as bitmask + values: transformers loads the rest, the bitmask layers are decoded exactly
     build = load_bitmask_model if kind == "hf-folder" and is_bitmask_folder(where) else None
+    if kind == "hf-folder" and build is None and _compressed_experts(where):
+        build = load_decoded  # transformers reads fused experts; lmshrink wrote one packed linear per expert
     return loader.load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                              progress=progress, lazy_blocks=lazy_blocks, build=build)
 
@@ -93,7 +96,8 @@ def load_packed(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust
                             "quantization_config)", fix="runtime='packed' needs a folder written by lmshrink compress; "
                                                         "load other models with runtime='dense'")
     model, tokenizer = meta_model(folder, dtype, trust_remote_code, drop_quantization=True)
-    weights = SafetensorsWeights(folder)
+    weights = checkpoint_weights(folder, model)
+    model_name = get_adapter(model).model_name
     quantized = {key[: -len("_packed")] for key in weights.keys() if key.endswith(".weight_packed")}
     fill_meta_tensors(model, weights, skip=quantized.__contains__)
     if is_bitmask_folder(folder):  # pruned, unquantized layers stored as bitmask + values: decoded, kept dense
@@ -101,7 +105,8 @@ def load_packed(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust
     kinds = {}
     # one layer at a time: only one layer's unpacked codes exist besides the packed model
     for name, result in iter_quantized_results(folder, decode=False):
-        kinds.update(replace_linears(model, {name: result}, kernels=kernels, kernel_max_rows=kernel_max_rows,
+        kinds.update(replace_linears(model, {model_name(name): result}, kernels=kernels,
+                                     kernel_max_rows=kernel_max_rows,
                                      cache_dense=cache_dense))
     release_free_heap(collect=True)
     missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
@@ -109,3 +114,35 @@ def load_packed(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust
         raise LmshrinkError(f"{folder} lacks tensors the model needs: {missing[:5]}",
                             fix="the checkpoint is incomplete or its tensor names differ from the model's")
     return model.eval(), tokenizer, kinds
+
+
+def _compressed_experts(folder: Path) -> bool:
+    """A compressed-tensors folder of a mixture-of-experts family (its experts stored one linear each)."""
+    from lmshrink.formats.hf_folder import read_config
+    from lmshrink.models.adapters import SUPPORTED_MODEL_TYPES
+
+    config = read_config(Path(folder)) or {}
+    model_type = config.get("model_type")
+    return (is_compressed_tensors_folder(folder) and model_type in SUPPORTED_MODEL_TYPES
+            and get_adapter(model_type).spec.moe is not None)
+
+
+def load_decoded(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                 **_kwargs) -> torch.nn.Module:
+    """The model of a compressed-tensors folder written by lmshrink with every quantized layer decoded to dense
+    weights (exactly its codes times its scales), built without transformers' checkpoint conversion."""
+    folder = Path(folder)
+    model, _ = meta_model(folder, dtype, trust_remote_code, drop_quantization=True)
+    weights = checkpoint_weights(folder, model)
+    model_name = get_adapter(model).model_name
+    quantized = {key[: -len("_packed")] for key in weights.keys() if key.endswith(".weight_packed")}
+    fill_meta_tensors(model, weights, skip=quantized.__contains__)
+    state = model.state_dict(keep_vars=True)
+    for name, result in iter_quantized_results(folder):
+        old = state[f"{model_name(name)}.weight"]
+        loader.replace_tensor(model, old, result.weight.to(old.dtype))
+    missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
+    if missing:
+        raise LmshrinkError(f"{folder} lacks tensors the model needs: {missing[:5]}",
+                            fix="the checkpoint is incomplete or its tensor names differ from the model's")
+    return model

@@ -45,7 +45,7 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
                    ignore: list[str] | tuple[str, ...] = (), extra_files: dict[str, bytes | str] | None = None,
                    overwrite: bool = False, input_dir: str | os.PathLike | None = None,
                    max_shard_size: int = 4 * 1024**3, transformers_compatible: bool = True,
-                   source_tensors=None, sparse_format: str = "dense") -> Path:
+                   source_tensors=None, sparse_format: str = "dense", rename=None) -> Path:
     """Write ``model`` with the layers in ``results`` packed, as an HF folder in compressed-tensors ``pack-quantized``.
 
     results: full module names (``model.named_modules()``) -> QuantResult; the packed tensors come from the results
@@ -71,6 +71,9 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
     bitmask + kept values, about half the bytes at 50% sparsity, read back exactly by lmshrink's ``load_model`` and
     ``load_sparse_results`` but not by plain transformers; see ``formats.sparse_bitmask``). Layers pruned and
     quantized are stored ``pack-quantized`` either way.
+
+    rename: ``module name -> stored name`` for a family whose checkpoints name tensors differently from the module
+    tree (the adapter's ``checkpoint_name``): applied to the tensors and to the names in the configs and metadata.
     """
     check_sparse_format(sparse_format)
     modules = dict(model.named_modules())
@@ -158,14 +161,18 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
         quant_config = quant_config or {"version": ct_version(), "quant_method": QUANT_METHOD}
         quant_config["sparsity_config"] = sparsity_config
 
+    if rename is not None:
+        quant_config = _renamed(quant_config, rename)
+        specs = {rename(name): spec for name, spec in specs.items()}
+        bitmask = {rename(name): record for name, record in bitmask.items()}
     with atomic_directory(out_dir, overwrite=overwrite, protected=protected_folders(model, input_dir)) as staging:
         metadata = {SPECS_KEY: json.dumps(specs, sort_keys=True)}
         if bitmask:
             metadata[LAYERS_KEY] = json.dumps(bitmask, sort_keys=True)
         if lazy:
-            source_tensors = _LayerSource(results, modules, sparse_format, stored_groups, set(replaced),
-                                          source_tensors)
-        write_weights(staging, tensors, metadata, max_shard_size, source_tensors)
+            made = {f"{name}.{sub}" for name, parts in replaced.items() for sub in parts}
+            source_tensors = _LayerSource(results, modules, sparse_format, stored_groups, made, source_tensors)
+        write_weights(staging, tensors, metadata, max_shard_size, source_tensors, rename)
         (staging / "config.json").write_text(config_json(model, quant_config))
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and model.can_generate():
@@ -213,18 +220,30 @@ class _LayerSource:
     result (one layer kept at a time: a shard lists a layer's tensors together), other tensors come from
     ``source`` (the input model's files)."""
 
-    def __init__(self, results, modules, sparse_format, stored_groups, replaced, source):
+    def __init__(self, results, modules, sparse_format, stored_groups, made, source):
         self.results, self.modules, self.sparse_format = results, modules, sparse_format
-        self.stored_groups, self.replaced, self.source = stored_groups, replaced, source
+        self.stored_groups, self.made, self.source = stored_groups, made, source  # made: the layers' tensor names
         self._name, self._tensors = None, {}
 
     def __call__(self, key: str) -> torch.Tensor:
-        name, _, sub = key.rpartition(".")
-        if name not in self.replaced:
+        if key not in self.made:  # a tensor of the input model (a packed layer's bias among them)
             return self.source(key)
+        name, _, sub = key.rpartition(".")
         if name != self._name:
             self._name, self._tensors = None, {}
             self._tensors = _layer_tensors(name, self.modules[name], self.results[name], self.sparse_format,
                                            self.stored_groups.get(name))
             self._name = name
         return self._tensors[sub]
+
+
+def _renamed(config: dict | None, rename) -> dict | None:
+    """The quantization config with the module names of its ``targets`` and ``ignore`` lists stored-named."""
+    if config is None:
+        return None
+    out = json.loads(json.dumps(config))
+    for section in [out, out.get("sparsity_config") or {}, *(out.get("config_groups") or {}).values()]:
+        for key in ("targets", "ignore"):
+            if isinstance(section.get(key), list):
+                section[key] = [rename(name) for name in section[key]]
+    return out

@@ -95,7 +95,8 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
              seqlen: int = 512, seed: int = 0, data_dir: str | Path | None = None, device: str = "cpu",
              resume: bool = False, overwrite: bool = False, progress: bool = True, tokenizer=None,
              dtype: str = "float32", on_block_done=None, offload: str = "none",
-             sparse_format: str = "dense", distributed: bool | None = None) -> dict[str, Any]:
+             sparse_format: str = "dense", distributed: bool | None = None,
+             expert_min_tokens: int | None = None) -> dict[str, Any]:
     """Compress ``model`` in place with ``recipe``; with ``output``, save the checkpoint there.
 
     ``offload="disk"`` streams the decoder blocks: only the tensors outside the blocks are loaded, each block is read
@@ -113,6 +114,11 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
     transformers loads it) or ``"bitmask"`` (bitmask + kept values, read back by lmshrink; see
     ``formats.sparse_bitmask``). The record's ``summary.sparse_storage`` gives their stored bytes against dense.
 
+    ``expert_min_tokens`` (mixture-of-experts models): a routed expert that receives fewer calibration tokens than
+    this is calibrated on every token instead (a pass that routes all tokens through it, for its statistics only),
+    and the record says so; None (default): a tenth of the mean its block's experts receive. An expert that
+    receives none always is. The record's ``experts`` lists each block's tokens per expert and fallbacks.
+
     ``distributed``: data-parallel calibration over the ranks of the initialised ``torch.distributed`` process
     group (``engine.distributed``): call ``compress`` with the same arguments on every rank; each rank runs its
     share of the calibration windows, the statistics are summed over the ranks, and rank 0 writes the checkpoint
@@ -129,7 +135,8 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
                          calibration_split=calibration_split, nsamples=nsamples, seqlen=seqlen, seed=seed,
                          data_dir=data_dir, device=device, resume=resume, overwrite=overwrite,
                          progress=progress and group.is_root, tokenizer=tokenizer, dtype=dtype,
-                         on_block_done=on_block_done, offload=offload, sparse_format=sparse_format)
+                         on_block_done=on_block_done, offload=offload, sparse_format=sparse_format,
+                         expert_min_tokens=expert_min_tokens)
     except RankLost as lost:
         partial = Path(output).expanduser().resolve() if output is not None else None
         saved = (f"; the blocks finished before it are saved in {partial.with_name(partial.name + '.partial')}"
@@ -144,7 +151,10 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
 
 def _compress(group: Group, model, recipe, *, output, calibration, calibration_split, nsamples, seqlen, seed,
               data_dir, device, resume, overwrite, progress, tokenizer, dtype, on_block_done, offload,
-              sparse_format) -> dict[str, Any]:
+              sparse_format, expert_min_tokens) -> dict[str, Any]:
+    if expert_min_tokens is not None and expert_min_tokens < 1:
+        raise LmshrinkError(f"expert_min_tokens {expert_min_tokens} must be at least 1 (an expert that receives no "
+                            "token is always calibrated on every token)", fix="pass 1 or more, or leave it unset")
     recipe = load_recipe(recipe)
     check_sparse_format(sparse_format)  # before the compression runs
     if offload not in ("none", "disk"):
@@ -161,6 +171,7 @@ def _compress(group: Group, model, recipe, *, output, calibration, calibration_s
         raise LmshrinkError("this model was loaded with lazy blocks (their weights are on disk, not in memory)",
                             fix="compress it with offload='disk' (CLI: --offload disk)")
     adapter = get_adapter(model.model)
+    adapter.linearize(model.model)  # mixture-of-experts: one linear per expert and projection (models.moe)
     linears = list(iter_linears(model.model))
     layers = [(name, linear_dims(module)[1]) for name, module in linears]
     # what can be saved: float16 scales are not exact in a bfloat16 checkpoint (in memory they stay as they were)
@@ -183,7 +194,8 @@ def _compress(group: Group, model, recipe, *, output, calibration, calibration_s
     checkpoint, saved_state = None, False
     # the ranks of a data-parallel run must run the same thing: their fingerprints must agree
     key = fingerprint(recipe.to_dict(), windows.protocol, model.info.to_dict(), windows.input_ids, device,
-                      weights_digest(model.model, model.weights), {"lmshrink": __version__})
+                      weights_digest(model.model, model.weights), {"lmshrink": __version__},
+                      *([{"expert_min_tokens": expert_min_tokens}] if expert_min_tokens is not None else []))
     group.check_same(key, "model, recipe, calibration or options")
     if out_dir is not None:
         checkpoint = Checkpoint(partial_dir, key)
@@ -212,7 +224,7 @@ def _compress(group: Group, model, recipe, *, output, calibration, calibration_s
     teacher = snapshot_teacher(model.model) if any(s.needs_teacher for s, _ in phases) else None
     engine = Engine(model.model, adapter, engine_recipe, windows.input_ids, device=rank_device(device, group),
                     checkpoint=checkpoint, resume=resume, progress=progress, on_block_done=on_block_done,
-                    streamer=streamer, group=group)
+                    streamer=streamer, group=group, expert_min_tokens=expert_min_tokens)
     result = engine.run()
     phase_records, adapter_files = [], {}
     phases_started = time.perf_counter()
@@ -247,6 +259,11 @@ def _compress(group: Group, model, recipe, *, output, calibration, calibration_s
     sparsity = _sparsity_summary(result.layers)
     if sparsity is not None:
         record["sparsity"] = sparsity
+    if result.experts:
+        record["experts"] = {"min_tokens": expert_min_tokens if expert_min_tokens is not None else
+                             "a tenth of the mean tokens per expert of the block (at least 1)",
+                             "fallback": "all-tokens: every calibration token routed through the expert, for its "
+                                         "statistics only", "blocks": result.experts}
     if result.block_options:
         record["block_options"] = {f"stage {n + 1}": {str(b): options for (m, b), options in sorted(
             result.block_options.items()) if m == n} for n in sorted({m for m, _ in result.block_options})}
@@ -263,7 +280,8 @@ def _compress(group: Group, model, recipe, *, output, calibration, calibration_s
                            overwrite=overwrite or saved_state,
                            source_tensors=_streamed_source(model.weights, result.tensors) if streamed else None,
                            sparse_format=sparse_format,
-                           max_shard_size=STREAMED_SHARD_BYTES if streamed else DEFAULT_SHARD_BYTES)
+                           max_shard_size=STREAMED_SHARD_BYTES if streamed else DEFAULT_SHARD_BYTES,
+                           rename=adapter.checkpoint_name if adapter.spec.checkpoint_renames else None)
             if adapter_files:  # a final recover stage with merge: false: the adapters in PEFT format beside the model
                 with atomic_directory(out_dir / ADAPTER_FOLDER, overwrite=True) as staging:
                     for filename, content in adapter_files.items():
