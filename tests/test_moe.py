@@ -100,14 +100,17 @@ def test_experts_below_a_given_threshold_fall_back_and_none_above(calib):
         _compress(tiny_moe("qwen3_moe"), calib, expert_min_tokens=0)
 
 
-def test_fp_target_on_experts_is_refused_with_a_fix(calib):
-    with pytest.raises(LmshrinkError, match="router may send a token to different experts") as err:
-        _compress(tiny_moe("mixtral"), calib, recipe=[{**GPTQ[0], "fp_target": True}])
-    assert "ignore" in err.value.fix
-    # the fix works: fp_target on attention, plain GPTQ on the experts
-    record = _compress(tiny_moe("mixtral"), calib, recipe=[{**GPTQ[0], "fp_target": True, "ignore": ["*experts*"]},
-                                                           {**GPTQ[0], "targets": ["*experts*"]}])
+def test_fp_target_stages_solve_routed_experts_plainly_and_say_so(calib):
+    # a router may send a token to different experts in the uncompressed and the compressed model: no paired inputs
+    record = _compress(tiny_moe("mixtral", silent_expert=SILENT), calib, recipe=[{**GPTQ[0], "fp_target": True}])
     assert len(record["results"]) == 2 * (4 + 4 * 3)
+    for layer in record["layers"]:
+        if ".experts." in layer["name"]:
+            assert layer["fp_target"].startswith("not applied")
+            assert record["results"][layer["name"]].info["fp_target"].startswith("not applied")
+        else:
+            assert "fp_target" not in layer and record["results"][layer["name"]].info["fp_target"] is True
+    assert all(SILENT in entry["fallback"]["down"] for entry in record["experts"]["blocks"].values())
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])  # renamed tensors; attention biases, shared expert

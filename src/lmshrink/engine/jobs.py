@@ -23,6 +23,13 @@ class Task:
     stage: StageBase
     groups: list[list[str]]
     block: bool = False
+    # statistics the stage asks for that these groups cannot have: Stat.FP_TARGET for routed experts (a router may
+    # send a token to different experts in the uncompressed and the compressed model, so no inputs pair up)
+    drop: frozenset[Stat] = frozenset()
+
+    def needs(self) -> frozenset[Stat]:
+        """What this task's collection pass gathers."""
+        return self.stage.needs() - self.drop
 
 
 @dataclass

@@ -286,7 +286,7 @@ class Engine:
         if memo is not None:
             memo.begin_pass({group_of[n] for n in starved})
         with self.adapter.experts_module(block).routing_all({experts[n] for n in starved}):
-            fallback = collect(block, {n: block.get_submodule(n) for n in starved}, task.stage.needs(), hidden, args,
+            fallback = collect(block, {n: block.get_submodule(n) for n in starved}, task.needs(), hidden, args,
                                kwargs, self.device, stop_at=starved[-1], memo=memo)
         if memo is not None:
             memo.end_pass()
@@ -332,8 +332,24 @@ class Engine:
             plan.append((stage, [g for g in groups if g]))
         return plan
 
+    @staticmethod
+    def _split_experts(task: Task, experts: dict[str, int] | None) -> list[Task]:
+        """``task`` as it is, or, for a stage that reads ``Stat.FP_TARGET``, split where its groups go from other
+        layers to routed experts and back: the experts' tasks collect the rest of the statistics without it."""
+        if not experts or Stat.FP_TARGET not in task.stage.needs():
+            return [task]
+        parts: list[Task] = []
+        for group in task.groups:
+            routed = group[0] in experts
+            if parts and (Stat.FP_TARGET in parts[-1].drop) == routed:
+                parts[-1].groups.append(group)
+            else:
+                parts.append(Task(task.number, task.stage, [group],
+                                  drop=frozenset({Stat.FP_TARGET}) if routed else frozenset()))
+        return parts
+
     def _block_tasks(self, plan: list[tuple[StageBase, list[list[str]]]], group_of: dict[str, int],
-                     steps: list[int] | None = None) -> list[Task]:
+                     steps: list[int] | None = None, experts: dict[str, int] | None = None) -> list[Task]:
         """The block's work in running order.
 
         Stage order (the recipe's default ``order``): each stage over the whole block, then the next. Group order:
@@ -359,9 +375,10 @@ class Engine:
                         runs[-1].append(g)
                     else:
                         runs.append([g])
-                tasks.extend(Task(number, stage, run) for run in runs)
+                for run in runs:
+                    tasks.extend(self._split_experts(Task(number, stage, run), experts))
             else:
-                tasks.append(Task(number, stage, groups))
+                tasks.extend(self._split_experts(Task(number, stage, groups), experts))
         if self.order == "group" and all(not t.block and len(t.groups) == 1 for t in tasks):
             tasks.sort(key=lambda t: (group_of[t.groups[0][0]], t.number))
         return tasks
@@ -446,14 +463,14 @@ class Engine:
                 for m in (memo, reference_memo):
                     if m is not None:
                         memos.enter_context(m)
-                tasks = self._block_tasks(self._block_plan(index, block, options), group_of,
-                                          self.adapter.independent_steps(block))
                 experts = self.adapter.expert_groups(block)  # routed experts' groups: first linear -> expert
+                tasks = self._block_tasks(self._block_plan(index, block, options), group_of,
+                                          self.adapter.independent_steps(block), experts)
                 sources = pass_sources(tasks, self.reuse_passes)
                 # the copy of the block is needed up to the last fp_target collection pass: that pass runs it to its
                 # end, and its outputs are the uncompressed stream's next inputs (no final forward of the copy)
                 last_drift = max((i for i, (t, source) in enumerate(zip(tasks, sources))
-                                  if source == "collect" and Stat.FP_TARGET in t.stage.needs()), default=None)
+                                  if source == "collect" and Stat.FP_TARGET in t.needs()), default=None)
                 shared_stats: dict[str, GroupStats] = {}  # the statistics of the last collection pass
                 for number, task in enumerate(tasks):
                     stage = task.stage
@@ -477,19 +494,12 @@ class Engine:
                     if reference_memo is not None:
                         reference_memo.begin_pass(changes, keep=not finishing)
                     stats: dict[str, GroupStats] = {}
-                    needs = stage.needs()
+                    needs = task.needs()
                     if sources[number] == "shared":
                         # an earlier stage just solved this very group after the same pass; its inputs depend only
                         # on the groups before it, so its statistics still hold
                         stats = shared_stats
                     elif sources[number] == "collect":
-                        if Stat.FP_TARGET in needs and any(g[0] in experts for g in task.groups):
-                            raise LmshrinkError(
-                                f"stage {stage.method!r} with fp_target on the experts of block {index}: fp_target "
-                                "pairs each token's input in the uncompressed and the compressed model, but a router "
-                                "may send a token to different experts in the two",
-                                fix="leave the experts out of fp_target stages (ignore: ['*experts*']), or turn "
-                                    "fp_target off")
                         reference = (original, reference_hidden, reference_memo) if Stat.FP_TARGET in needs else None
                         stats = collect(block, firsts, needs, hidden, args, kwargs, self.device,
                                         stop_at=task.groups[-1][0], memo=memo, reference=reference,
@@ -520,8 +530,11 @@ class Engine:
                             result, seconds = solved.pop(name, (None, 0.0))
                             result, seconds = self._share(owners[name], result, seconds,
                                                           handover.setdefault(name, {}))
+                            notes = {**expert_notes.get(group[0], {}), **stage.record(result)}
+                            if Stat.FP_TARGET in task.drop:
+                                notes["fp_target"] = "not applied: a routed expert's inputs do not pair up"
                             self._keep(stage, block, index, name, result, block_results, layers, group_stats.tokens,
-                                       seconds, {**expert_notes.get(group[0], {}), **stage.record(result)})
+                                       seconds, notes)
                     del stats, solved
                     release_free_heap()  # the pass's inputs and statistics are freed: the next pass starts lower
                 del shared_stats
