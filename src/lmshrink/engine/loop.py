@@ -56,6 +56,10 @@ class EngineResult:
     # mixture of experts: per block, the calibration tokens the router sent each expert and the experts calibrated
     # on every token instead (``Engine._expert_fallback``)
     experts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # wall seconds of this process by part: "forwards" (the calibration windows through blocks: capture, collection
+    # passes, final forwards), "solves" (layer solves on this rank), "block_stages", "exchange" (waiting for and
+    # moving data between ranks), "checkpoint" (writing progress)
+    parts: dict[str, float] = field(default_factory=dict)
 
 
 def _on_cpu(result):
@@ -150,6 +154,15 @@ class Engine:
         # mean its block's experts receive); one that receives none always is
         self.expert_min_tokens = expert_min_tokens
         self._experts_record: dict[str, dict[str, Any]] = {}  # block -> routed tokens per expert and fallbacks
+        self.parts: dict[str, float] = {}  # wall seconds by part of the work (EngineResult.parts)
+
+    @contextlib.contextmanager
+    def _timed(self, part: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.parts[part] = self.parts.get(part, 0.0) + time.perf_counter() - started
 
     # -- blocks on and off the compute device ---------------------------------------------------------------------
     def _transform(self, index: int, block: nn.Module, stages) -> None:
@@ -178,7 +191,8 @@ class Engine:
             raise ValueError("a statistics pass runs the model as it is: Stat.FP_TARGET has no meaning there")
         blocks = self.adapter.blocks(self.model)
         prefix = self.adapter.block_path(self.model)
-        captured, hidden, _ = self._capture(blocks)
+        with self._timed("forwards"):
+            captured, hidden, _ = self._capture(blocks)
         observations = []
         for index, block in enumerate(blocks):
             self._load(index, block)
@@ -186,7 +200,9 @@ class Engine:
             kwargs = to_device(captured.kwargs[index], self.device)
             modules = {n: m for n, m in self.adapter.linears(block) if select(f"{prefix}.{index}.{n}")}
             outputs: list[torch.Tensor] = []
-            stats = collect(block, modules, needs, hidden, args, kwargs, self.device, stop_at=None, outputs=outputs)
+            with self._timed("forwards"):
+                stats = collect(block, modules, needs, hidden, args, kwargs, self.device, stop_at=None,
+                                outputs=outputs)
             self._reduce(stats)
             hidden = outputs
             observations.append(observe(index, block, stats))
@@ -225,8 +241,9 @@ class Engine:
     def _reduce(self, stats: dict[str, GroupStats]) -> None:
         """Sum each group's statistics over the ranks (nothing to do in a single process)."""
         if self.group.active:
-            for name in sorted(stats):  # the same order on every rank
-                stats[name].reduce(self.group)
+            with self._timed("exchange"):
+                for name in sorted(stats):  # the same order on every rank
+                    stats[name].reduce(self.group)
 
     def _owners(self, block: nn.Module, groups: list[list[str]]) -> dict[str, int]:
         """The rank that solves each layer: within each group, the largest layers first, each to the rank with the
@@ -246,6 +263,10 @@ class Engine:
         later stages (``state``) is updated in place to the owner's."""
         if not self.group.active:
             return result, seconds
+        with self._timed("exchange"):
+            return self._exchange(owner, result, seconds, state)
+
+    def _exchange(self, owner: int, result, seconds: float, state: dict[str, Any]) -> tuple[Any, float]:
         mine = self.group.rank == owner
         header, tensors = None, None
         if mine:
@@ -285,7 +306,7 @@ class Engine:
             return notes
         if memo is not None:
             memo.begin_pass({group_of[n] for n in starved})
-        with self.adapter.experts_module(block).routing_all({experts[n] for n in starved}):
+        with self.adapter.experts_module(block).routing_all({experts[n] for n in starved}), self._timed("forwards"):
             fallback = collect(block, {n: block.get_submodule(n) for n in starved}, task.needs(), hidden, args,
                                kwargs, self.device, stop_at=starved[-1], memo=memo)
         if memo is not None:
@@ -394,7 +415,8 @@ class Engine:
         self.model.eval()
         self._check_data_parallel()
         options = self._before_blocks(blocks, prefix)  # before any restore: on resume they run again
-        captured, hidden, batches = self._capture(blocks)
+        with self._timed("forwards"):
+            captured, hidden, batches = self._capture(blocks)
         root = self.group.is_root  # the rank that keeps the results and writes the checkpoint
         # a block's outputs are the next block's calibration inputs: not needed when no stage reads the block's
         # inputs (e.g. magnitude-only recipes), and then left as they are
@@ -477,7 +499,9 @@ class Engine:
                     if task.block:
                         every = set(range(len(all_groups)))  # a block stage may change any group: nothing reused
                         _for_memos((memo, reference_memo), "begin_pass", every)
-                        outcome = self._run_block_stage(task, index, block, hidden, args, kwargs, handover, memo)
+                        with self._timed("block_stages"):
+                            outcome = self._run_block_stage(task, index, block, hidden, args, kwargs, handover,
+                                                            memo)
                         _for_memos((memo, reference_memo), "end_pass")
                         changed.update(outcome.changed)
                         for name, result in outcome.results.items():
@@ -501,9 +525,10 @@ class Engine:
                         stats = shared_stats
                     elif sources[number] == "collect":
                         reference = (original, reference_hidden, reference_memo) if Stat.FP_TARGET in needs else None
-                        stats = collect(block, firsts, needs, hidden, args, kwargs, self.device,
-                                        stop_at=task.groups[-1][0], memo=memo, reference=reference,
-                                        finish_reference=finishing)
+                        with self._timed("forwards"):
+                            stats = collect(block, firsts, needs, hidden, args, kwargs, self.device,
+                                            stop_at=task.groups[-1][0], memo=memo, reference=reference,
+                                            finish_reference=finishing)
                         self._reduce(stats)
                         shared_stats = stats
                     _for_memos((memo, reference_memo), "end_pass")
@@ -524,6 +549,7 @@ class Engine:
                                            uncompressed=original.get_submodule(name) if original is not None else None,
                                            stats=group_stats, state=handover.setdefault(name, {}))
                             solved[name] = (stage.solve(job), time.perf_counter() - t0)
+                            self.parts["solves"] = self.parts.get("solves", 0.0) + solved[name][1]
                     for group in task.groups:
                         group_stats = stats.get(group[0]) or GroupStats()
                         for name in group:
@@ -540,7 +566,7 @@ class Engine:
                 del shared_stats
                 if forward_blocks:
                     _for_memos((memo, reference_memo), "begin_pass", None)
-                    with torch.no_grad():
+                    with torch.no_grad(), self._timed("forwards"):
                         # each batch's outputs replace its inputs at once: one stream's worth of memory, not two
                         for b, h in enumerate(hidden):
                             hidden[b] = _final_forward(block, b, h, args, kwargs, self.device, memo)
@@ -569,13 +595,15 @@ class Engine:
                           f"rel. output error: {errors}")
             if self.checkpoint is not None:
                 # rank 0 writes the hidden states of every rank, in the single-process layout
-                saved_hidden = self.group.gather_batches(hidden, batches)
-                saved_reference = (self.group.gather_batches(reference_hidden, batches)
-                                   if reference_hidden is not None else None)
+                with self._timed("exchange"):
+                    saved_hidden = self.group.gather_batches(hidden, batches)
+                    saved_reference = (self.group.gather_batches(reference_hidden, batches)
+                                       if reference_hidden is not None else None)
                 if root:
-                    self.checkpoint.save_block(index, block_results, saved_hidden,
-                                               {"layers": layers, "experts": self._experts_record},
-                                               reference_hidden=saved_reference, tensors=block_tensors)
+                    with self._timed("checkpoint"):
+                        self.checkpoint.save_block(index, block_results, saved_hidden,
+                                                   {"layers": layers, "experts": self._experts_record},
+                                                   reference_hidden=saved_reference, tensors=block_tensors)
                     if stored:
                         results.add_block(self.checkpoint.block_path(index))
                 del saved_hidden, saved_reference
@@ -588,7 +616,8 @@ class Engine:
         return EngineResult(results=results, layers=layers, seconds=time.perf_counter() - started,
                             peak_rss_bytes=peak_rss_bytes(), resumed_from_block=first, blocks=len(blocks),
                             cpu_seconds=cpu_seconds() - cpu_started, tensors=tensors, block_options=options,
-                            ranks=self.group.world, experts=self._experts_record)
+                            ranks=self.group.world, experts=self._experts_record,
+                            parts={k: round(v, 3) for k, v in sorted(self.parts.items())})
 
     def _keep(self, stage: StageBase, block: nn.Module, index: int, name: str, result, block_results: dict,
               layers: list[dict], tokens: int | None, seconds: float, extra: dict) -> None:

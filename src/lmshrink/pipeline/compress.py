@@ -301,10 +301,14 @@ def _compress(group: Group, model, recipe, *, output, calibration, calibration_s
 
 def _ranks_summary(group: Group, result) -> dict[str, Any]:
     """The data-parallel group in the record: ranks, and each rank's peak RSS and CPU time (a single process: one)."""
+    names = ("forwards", "solves", "block_stages", "exchange", "checkpoint")
     peaks = torch.zeros(group.world, dtype=torch.int64)
-    cpu = torch.zeros(group.world, dtype=torch.float64)
-    peaks[group.rank], cpu[group.rank] = result.peak_rss_bytes, result.cpu_seconds
+    seconds = torch.zeros(group.world, 1 + len(names), dtype=torch.float64)
+    peaks[group.rank] = result.peak_rss_bytes
+    seconds[group.rank] = torch.tensor([result.cpu_seconds, *(result.parts.get(n, 0.0) for n in names)],
+                                       dtype=torch.float64)
     group.all_reduce(peaks)
-    group.all_reduce(cpu)
+    group.all_reduce(seconds)
     return {"ranks": group.world, "backend": group.backend, "peak_rss_bytes_per_rank": peaks.tolist(),
-            "cpu_seconds_per_rank": cpu.tolist()}
+            "cpu_seconds_per_rank": seconds[:, 0].tolist(),
+            "seconds_by_part_per_rank": [{n: round(float(v), 3) for n, v in zip(names, row[1:])} for row in seconds]}
