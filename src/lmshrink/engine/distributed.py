@@ -20,6 +20,7 @@ from datetime import timedelta
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from lmshrink.core.errors import LmshrinkError
 
@@ -45,8 +46,6 @@ def launched_by_torchrun() -> bool:
 def init_from_environment(device: str, timeout_minutes: float = 60.0) -> bool:
     """Join the process group ``torchrun`` describes (gloo for CPU runs, NCCL for CUDA ones), unless one is already
     initialised or this process was not started by torchrun. Returns whether this call initialised it."""
-    import torch.distributed as dist
-
     if not launched_by_torchrun() or not dist.is_available() or dist.is_initialized():
         return False
     cuda = torch.device(device).type == "cuda"
@@ -82,8 +81,6 @@ class Group:
     @classmethod
     def current(cls) -> "Group":
         """The default process group when one is initialised with several ranks, else a single process."""
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             return cls(dist.get_rank(), dist.get_world_size(), dist.get_backend())
         return cls()
@@ -125,8 +122,6 @@ class Group:
         """Reduce ``tensor`` in place over every rank: ``sum``, ``min`` or ``max``."""
         if not self.active:
             return
-        import torch.distributed as dist
-
         ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
         buffer = tensor if tensor.device == self.comm_device else tensor.to(self.comm_device)
         self._run(f"all_reduce ({op})", lambda: dist.all_reduce(buffer, op=ops[op]))
@@ -135,13 +130,9 @@ class Group:
 
     def barrier(self) -> None:
         if self.active:
-            import torch.distributed as dist
-
             self._run("barrier", lambda: dist.barrier())
 
     def _broadcast_bytes(self, payload: bytes | None, src: int) -> bytes:
-        import torch.distributed as dist
-
         size = torch.tensor([len(payload) if self.rank == src else 0], dtype=torch.int64, device=self.comm_device)
         self._run("broadcast", lambda: dist.broadcast(size, src))
         if self.rank == src:
@@ -156,15 +147,13 @@ class Group:
         """``value`` (JSON-friendly) of rank ``src``, on every rank."""
         if not self.active:
             return value
-        payload = json.dumps(value).encode() if self.rank == src else None
+        payload = json.dumps(value, default=str).encode() if self.rank == src else None  # as checkpoints store
         return json.loads(self._broadcast_bytes(payload, src).decode())
 
     def broadcast_tensors(self, tensors: dict[str, torch.Tensor] | None, src: int) -> dict[str, torch.Tensor]:
         """The named CPU tensors of rank ``src``, on every rank (sent as their bytes, one message)."""
         if not self.active:
             return tensors
-        import torch.distributed as dist
-
         specs = None
         if self.rank == src:
             specs = [[name, str(t.dtype), list(t.shape)] for name, t in tensors.items()]
@@ -191,8 +180,6 @@ class Group:
         between the processes of this run only."""
         if not self.active:
             return value
-        import torch.distributed as dist
-
         holder = [value if self.rank == src else None]
         self._run("broadcast", lambda: dist.broadcast_object_list(holder, src))
         return holder[0]
@@ -229,8 +216,6 @@ class Group:
         """Rank 0 gets every rank's batches in their global order (``count`` in all); the others get None."""
         if not self.active:
             return list(local)
-        import torch.distributed as dist
-
         if not self.is_root:
             self._send({str(i): t for i, t in enumerate(local)}, 0)
             return None
@@ -241,7 +226,6 @@ class Group:
             received = self._recv(rank)
             for index, key in zip(self.batches_of(rank, count), sorted(received, key=int)):
                 out[index] = received[key]
-        del dist
         return out
 
     def scatter_batches(self, batches: list[torch.Tensor] | None, count: int) -> list[torch.Tensor]:
@@ -256,8 +240,6 @@ class Group:
         return [received[key] for key in sorted(received, key=int)]
 
     def _send(self, tensors: dict[str, torch.Tensor], dst: int) -> None:
-        import torch.distributed as dist
-
         specs = json.dumps([[name, str(t.dtype), list(t.shape)] for name, t in tensors.items()]).encode()
         header = torch.tensor([len(specs)], dtype=torch.int64, device=self.comm_device)
         self._run("send", lambda: dist.send(header, dst))
@@ -269,8 +251,6 @@ class Group:
                 self._run("send", lambda: dist.send(flat, dst))
 
     def _recv(self, src: int) -> dict[str, torch.Tensor]:
-        import torch.distributed as dist
-
         header = torch.empty(1, dtype=torch.int64, device=self.comm_device)
         self._run("receive", lambda: dist.recv(header, src))
         raw = torch.empty(int(header.item()), dtype=torch.uint8, device=self.comm_device)
