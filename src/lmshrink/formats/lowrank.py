@@ -178,16 +178,17 @@ def storage_summary(model: nn.Module, results: dict[str, Any], block_linears: di
 
 def lowrank_layers(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """The record of the low-rank layers a folder stores (``{}`` when none)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
+    # a missing, truncated or unreadable weights file holds no record here: the model loader reports it
     try:
         files = weight_files(Path(folder))
-    except LmshrinkError:
+        layers: dict[str, dict[str, Any]] = {}
+        for path in sorted(set(files.values())):
+            with safe_open(str(path), framework="pt") as handle:
+                layers.update(json.loads((handle.metadata() or {}).get(LOWRANK_KEY, "{}")))
+    except (LmshrinkError, OSError, SafetensorError):
         return {}
-    layers: dict[str, dict[str, Any]] = {}
-    for path in sorted(set(files.values())):
-        with safe_open(str(path), framework="pt") as handle:
-            layers.update(json.loads((handle.metadata() or {}).get(LOWRANK_KEY, "{}")))
     return layers
 
 
