@@ -11,10 +11,13 @@ from transformers import (
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     OPTConfig,
     Phi3Config,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 VOCAB = 300  # matches helpers.tiny_tokenizer()
@@ -55,3 +58,43 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     for key, value in overrides.items():
         setattr(config, key, value)
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+# mixture of experts: 4 experts, 2 per token; built with transformers' fused experts (compress makes them linears)
+_MOE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            tie_word_embeddings=False, num_experts_per_tok=2)
+_MOE_CONFIGS = {
+    "mixtral": lambda: MixtralConfig(**_MOE, num_local_experts=4),
+    "qwen2_moe": lambda: Qwen2MoeConfig(**_MOE, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                        num_experts=4),
+    "qwen3_moe": lambda: Qwen3MoeConfig(**_MOE, moe_intermediate_size=32, num_experts=4, head_dim=8),
+}
+MOE_FAMILIES: tuple[str, ...] = tuple(_MOE_CONFIGS)
+
+
+def tiny_moe(family: str, seed: int = 0, silent_expert: int | None = None) -> torch.nn.Module:
+    """A 2-block, hidden-32 mixture-of-experts LM of ``family`` (one of ``MOE_FAMILIES``) with random weights and
+    random routing. ``silent_expert``: that expert never receives a token, in any block, through the model's own
+    weights: hidden dimension 0 is held at a constant positive value (the embeddings set it; attention and the
+    experts never write it) and the expert's router row is a large negative weight on it alone."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_MOE_CONFIGS[family]()).eval()
+    with torch.no_grad():
+        for block in model.model.layers:
+            router = block.mlp.gate
+            router.weight.normal_(0, 0.5)
+            if silent_expert is not None:
+                router.weight[:, 0] = 0  # the others route on the varying dimensions only
+                router.weight[silent_expert] = 0
+                router.weight[silent_expert, 0] = -100
+            for parameter in (block.mlp.experts.gate_up_proj, block.mlp.experts.down_proj):
+                parameter.normal_(0, 0.2)
+        if silent_expert is not None:
+            model.model.embed_tokens.weight[:, 0] = 1.0
+            for block in model.model.layers:
+                block.self_attn.o_proj.weight[0] = 0
+                block.mlp.experts.down_proj[:, 0] = 0
+                if getattr(block.mlp, "shared_expert", None) is not None:
+                    block.mlp.shared_expert.down_proj.weight[0] = 0
+    return model

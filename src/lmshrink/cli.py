@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import sys
 import textwrap
 
@@ -180,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--offload", choices=("none", "disk"), default="none",
                     help="disk: keep the decoder blocks on disk and load one at a time, so memory grows with one "
                          "block, not the model (same output; default: none)")
+    cp.add_argument("--expert-min-tokens", type=int, metavar="N",
+                    help="mixture of experts: an expert the router sends fewer calibration tokens is calibrated on "
+                         "every token instead, and the record says so (default: a tenth of the mean per expert of "
+                         "its block; an expert with none always is)")
     cp.add_argument("--sparse-format", choices=("dense", "bitmask"), default="dense",
                     help="storage of pruned layers that are not quantized: dense (zeros stored; plain transformers "
                          "loads it; default) or bitmask (compressed-tensors sparse-bitmask: bitmask + kept values, "
@@ -684,8 +690,12 @@ def _print_compression(record: dict) -> None:
     _say(f"calibration: {cal['nsamples']} windows x {cal['seqlen']} tokens of {cal['dataset']} "
          f"({cal['split']}, {cal['origin']}), seed {cal['seed']}")
     resumed = f"; resumed at block {summary['resumed_from_block'] + 1}" if summary.get("resumed_from_block") else ""
-    _say(f"compressed {summary['layers']} layers in {summary['seconds']:.1f}s{resumed}; peak RSS "
-         f"{summary['peak_rss_bytes'] / 2**30:.2f} GiB (the whole process, loading and writing included)")
+    ranks = summary.get("ranks", 1)
+    peaks = summary.get("peak_rss_bytes_per_rank") or [summary["peak_rss_bytes"]]
+    peak = (f"{summary['peak_rss_bytes'] / 2**30:.2f} GiB (the whole process, loading and writing included)"
+            if ranks == 1 else
+            f"per rank {' / '.join(f'{p / 2**30:.2f}' for p in peaks)} GiB on {ranks} data-parallel ranks")
+    _say(f"compressed {summary['layers']} layers in {summary['seconds']:.1f}s{resumed}; peak RSS {peak}")
     for number, stage in enumerate(record.get("recover") or [], 1):
         before, after = stage.get("held_out_before") or {}, stage.get("held_out_after_merge") or stage.get(
             "held_out_after") or {}
@@ -702,24 +712,51 @@ def _print_compression(record: dict) -> None:
         _say(f"saved to {record['output']} (lmshrink.json holds the full record)")
 
 
+def _stopped_by_launcher(output: str):
+    def handler(_signum, _frame):
+        raise LmshrinkError(
+            "stopped by the launcher (SIGTERM): torchrun ends every rank when one of them fails; the blocks finished "
+            f"before are saved in {output}.partial",
+            fix="read the failed rank's own error (torchrun's summary names it as the root cause), then start the "
+                "same command with --resume to go on from the saved blocks")
+
+    return handler
+
+
 def _cmd_compress(args) -> int:
+    from lmshrink.engine.distributed import init_from_environment
     from lmshrink.formats.loading import load_model
     from lmshrink.pipeline.compress import compress
     from lmshrink.pipeline.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
-    if args.quiet:
-        from transformers.utils import logging as hf_logging
+    recipe = load_recipe(args.recipe)  # a bad recipe fails before the model loads
+    # under torchrun every rank runs this command: join the group (gloo on CPU, NCCL on CUDA); rank 0 reports
+    joined = init_from_environment(args.device)
+    if joined:
+        signal.signal(signal.SIGTERM, _stopped_by_launcher(args.output))
+    try:
+        rank = int(os.environ.get("RANK", "0")) if joined else 0
+        quiet = args.quiet or rank != 0
+        if quiet:
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-    loaded = load_model(args.model, dtype=args.dtype, device="cpu", progress=not args.quiet,
-                        trust_remote_code=args.trust_remote_code, lazy_blocks=args.offload == "disk")
-    record = compress(loaded, recipe, output=args.output, calibration=args.calib, calibration_split=args.calib_split,
-                      nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, data_dir=args.data_dir,
-                      device=args.device, resume=True if args.resume else None, restart=args.restart,
-                      overwrite=args.overwrite, progress=not args.quiet, offload=args.offload,
-                      sparse_format=args.sparse_format)
+            hf_logging.disable_progress_bar()
+        loaded = load_model(args.model, dtype=args.dtype, device="cpu", progress=not quiet,
+                            trust_remote_code=args.trust_remote_code, lazy_blocks=args.offload == "disk")
+        record = compress(loaded, recipe, output=args.output, calibration=args.calib,
+                          calibration_split=args.calib_split, nsamples=args.nsamples, seqlen=args.seqlen,
+                          seed=args.seed, data_dir=args.data_dir, device=args.device,
+                          resume=True if args.resume else None, restart=args.restart,
+                          overwrite=args.overwrite, progress=not quiet, offload=args.offload,
+                          sparse_format=args.sparse_format, expert_min_tokens=args.expert_min_tokens)
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     record.pop("results")
+    if rank != 0:
+        return 0
     if args.json:
         print(json.dumps(record, indent=2, default=str))
     else:
@@ -949,7 +986,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         return _COMMANDS[args.command](args)
     except LmshrinkError as err:
-        print(f"lmshrink: error: {err.message}", file=sys.stderr)
+        rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"lmshrink: error{rank}: {err.message}", file=sys.stderr)
         if err.fix:
             print(f"  fix: {err.fix}", file=sys.stderr)
         return err.exit_code

@@ -69,6 +69,10 @@ class StageBase(BaseModel):
     summary: ClassVar[str] = ""
     # the options shown first when the stage is written out (the rest follow in declaration order)
     leading_options: ClassVar[tuple[str, ...]] = ()
+    # whether the stage gives the same result on every rank of a data-parallel run (None: by scope). Layer and model
+    # stages read statistics the engine sums over the ranks; a block stage sees its rank's calibration batches
+    # (BlockJob.inputs), so it must sum what it computes from them with BlockJob.all_reduce and set this to True
+    data_parallel: ClassVar[bool | None] = None
 
     method: str
     targets: list[str] = Field(default_factory=lambda: ["*"],
@@ -93,6 +97,10 @@ class StageBase(BaseModel):
         return {"method": self.method, **own, "targets": values["targets"], "ignore": values["ignore"]}
 
     # -- what the engine asks ------------------------------------------------------------------------------------
+    def supports_data_parallel(self) -> bool:
+        """Whether this stage may run under data-parallel calibration (see ``data_parallel``)."""
+        return self.data_parallel if self.data_parallel is not None else self.scope is not Scope.BLOCK
+
     def needs(self) -> frozenset[Stat]:
         """The statistics this stage reads; none means no collection pass for it."""
         return frozenset()
@@ -181,13 +189,16 @@ class BlockJob(Protocol):
     block: "nn.Module"
     groups: list[list[str]]  # linear groups (relative names) this stage selects, in execution order
     adapter: Any  # the family's ModelAdapter
-    inputs: list["torch.Tensor"]  # the block's calibration inputs, batches of windows (do not modify)
+    inputs: list["torch.Tensor"]  # the block's calibration inputs, batches of windows (this rank's; do not modify)
     state: dict[str, dict[str, Any]]  # hand-over per layer (relative name)
     device: Any
+    ranks: int  # data-parallel ranks of the run (1 in a single process)
 
     def forward(self, batch: int, hidden: "torch.Tensor | None" = None) -> "torch.Tensor": ...
 
     def collect(self, needs: frozenset[Stat], modules: dict[str, "nn.Module"]) -> dict[str, LayerStats]: ...
+
+    def all_reduce(self, tensor: "torch.Tensor", op: str = "sum") -> None: ...
 
 
 class BlockOutcome(BaseModel):

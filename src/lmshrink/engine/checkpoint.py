@@ -6,8 +6,11 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
+import weakref
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -126,6 +129,9 @@ class Checkpoint:
             if old.name != _hidden_name(index + 1):
                 old.unlink(missing_ok=True)
 
+    def block_path(self, index: int) -> Path:
+        return self.folder / f"block_{index:04d}.safetensors"
+
     def load_block(self, index: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Block ``index``'s layer results and the other block tensors its stages changed (full names)."""
         path = self.folder / f"block_{index:04d}.safetensors"
@@ -145,10 +151,22 @@ class Checkpoint:
 
     def load_structure(self, index: int) -> dict:
         """How the stages changed block ``index``'s structure (empty when they did not)."""
-        path = self.folder / f"block_{index:04d}.safetensors"
+        path = self.block_path(index)
+        self._read_header(path)
+        with safe_open(str(path), "pt") as handle:
+            return json.loads((handle.metadata() or {}).get("structure", "{}"))
+
+    def load_block_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """Only the other block tensors block ``index``'s stages changed (full names), not its layer results."""
+        path = self.block_path(index)
+        self._read_header(path)
+        with safe_open(str(path), "pt") as handle:
+            return {key[len(_TENSOR):]: handle.get_tensor(key) for key in handle.keys() if key.startswith(_TENSOR)}
+
+    def _read_header(self, path: Path) -> None:
         try:
-            with safe_open(str(path), "pt") as handle:
-                return json.loads((handle.metadata() or {}).get("structure", "{}"))
+            with safe_open(str(path), "pt"):
+                pass
         except (OSError, SafetensorError) as exc:
             raise LmshrinkError(f"{path} from the saved progress cannot be read ({type(exc).__name__}: {exc})",
                                 fix=self.start_over_fix) from exc
@@ -179,3 +197,55 @@ class Checkpoint:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class StoredResults(Mapping):
+    """Layer results kept in a run's block files instead of in memory (streamed runs): ``name -> result``, each read
+    from disk when asked for, so memory holds one layer's result at a time, not the whole model's codes.
+
+    ``kind(name)`` tells a result's kind without reading it. ``relocate(folder)`` moves the files out of the work
+    folder (which is removed when the run ends) into a private folder that lives as long as this mapping.
+    """
+
+    def __init__(self):
+        self._where: dict[str, tuple[Path, str]] = {}  # name -> (block file, kind)
+        self._files: list[Path] = []
+
+    def add_block(self, path: Path) -> None:
+        """Take the layer results of one block file (``Checkpoint.save_block``'s)."""
+        with safe_open(str(path), "pt") as handle:
+            meta = json.loads(handle.metadata()["layers"])
+        self._files.append(path)
+        for name, layer_meta in meta.items():
+            self._where[name] = (path, layer_meta["kind"])
+
+    def kind(self, name: str) -> str:
+        return self._where[name][1]
+
+    def __getitem__(self, name: str):
+        path, kind = self._where[name]
+        with safe_open(str(path), "pt") as handle:
+            meta = json.loads(handle.metadata()["layers"])[name]
+            parts = {key[len(name) + 1:]: handle.get_tensor(key) for key in handle.keys()
+                     if key.startswith(name + ".")}
+        meta.pop("kind")
+        result = RESULT_KINDS[kind].from_state(parts, meta)
+        result.weight = torch.empty(0)  # as a streamed run's results: the compact form only (dense() decodes it)
+        return result
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def relocate(self, near: Path) -> None:
+        """Move the block files into a new hidden folder beside ``near``, removed when this mapping is."""
+        folder = Path(tempfile.mkdtemp(prefix=".lmshrink-results-", dir=near))
+        weakref.finalize(self, shutil.rmtree, str(folder), True)
+        moved = {}
+        for path in self._files:
+            moved[path] = folder / path.name
+            os.replace(path, moved[path])
+        self._files = list(moved.values())
+        self._where = {name: (moved[path], kind) for name, (path, kind) in self._where.items()}

@@ -23,6 +23,13 @@ class Task:
     stage: StageBase
     groups: list[list[str]]
     block: bool = False
+    # statistics the stage asks for that these groups cannot have: Stat.FP_TARGET for routed experts (a router may
+    # send a token to different experts in the uncompressed and the compressed model, so no inputs pair up)
+    drop: frozenset[Stat] = frozenset()
+
+    def needs(self) -> frozenset[Stat]:
+        """What this task's collection pass gathers."""
+        return self.stage.needs() - self.drop
 
 
 @dataclass
@@ -46,15 +53,24 @@ class BlockJob:
     device: Any
     _forward: Callable[[int, torch.Tensor], torch.Tensor]
     _collect: Callable[[frozenset[Stat], dict[str, nn.Module]], dict[str, GroupStats]]
+    _all_reduce: Callable[..., None] | None = None
+    ranks: int = 1
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
+        """Reduce ``tensor`` in place over the ranks of a data-parallel run (``sum``, ``min`` or ``max``); nothing
+        to do in a single process. ``inputs`` are this rank's batches only: a block stage sums what it computes
+        from them through here (and declares ``data_parallel = True``)."""
+        if self._all_reduce is not None:
+            self._all_reduce(tensor, op)
 
     def forward(self, batch: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """The block's output (on CPU) for batch ``batch`` of its calibration inputs, or for ``hidden`` instead."""
         return self._forward(batch, self.inputs[batch] if hidden is None else hidden)
 
     def collect(self, needs: frozenset[Stat], modules: dict[str, nn.Module]) -> dict[str, GroupStats]:
-        """Statistics ``needs`` of each module's input (relative names) over all calibration batches, as the block
-        is now. ``Stat.FP_TARGET`` (the same modules' inputs in the uncompressed model, paired token by token) is
-        available when the stage's ``needs()`` includes it."""
+        """Statistics ``needs`` of each module's input (relative names) over all calibration batches (of every
+        rank), as the block is now. ``Stat.FP_TARGET`` (the same modules' inputs in the uncompressed model, paired
+        token by token) is available when the stage's ``needs()`` includes it (single-process runs only)."""
         return self._collect(needs, modules)
 
 

@@ -118,7 +118,7 @@ def pass_sources(tasks: list, reuse: bool) -> list[str | None]:
     sources: list[str | None] = []
     shared = None  # (groups, statistics) of the last collection pass, while it holds for the next task
     for task in tasks:
-        needs = task.stage.needs()
+        needs = task.needs()
         key = [list(g) for g in task.groups]
         if task.block or not needs:
             sources.append(None)

@@ -3,14 +3,26 @@
 ``HessianAccumulator`` gives ``Stat.HESSIAN``, a ``CrossAccumulator`` with a reference ``HessianAccumulator`` give
 ``Stat.FP_TARGET``, ``ChannelAccumulator`` gives ``Stat.CHANNELS``. ``GroupStats`` bundles what one collection
 pass gathered for one linear group (the layers of a group share their input).
+
+Sums do not depend on how the calibration batches are split among ranks: each ``add_batch`` computes its batch's
+product (or column sums) in float32, a computation that is the same whichever process runs that batch, and adds
+it into a float64 total. Float64 sums of a few float32 terms are exact, or at worst off by far less than a float32
+rounding step, so the float32 statistic read at the end is the same for any order of batches and any number of
+ranks (``reduce`` sums the totals of a data-parallel group, in float64).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+
+class Reducer(Protocol):
+    """What ``reduce`` needs of a data-parallel group (``engine.distributed.Group``)."""
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None: ...
 
 
 def _flat_rows(x: torch.Tensor, width: int, device, mask: torch.Tensor | None) -> torch.Tensor:
@@ -24,29 +36,41 @@ def _flat_rows(x: torch.Tensor, width: int, device, mask: torch.Tensor | None) -
     return rows
 
 
-def _advance(acc, total: torch.Tensor, x: torch.Tensor, tokens: int) -> float:
-    """The running average's step: rescale ``total`` for the samples of ``x`` (the batch dimension of a 3-D input,
-    else one), count them on ``acc`` and return the factor ``2 / nsamples`` the new products take."""
-    batch = x.shape[0] if x.ndim == 3 else 1
-    total.mul_(acc.nsamples / (acc.nsamples + batch))
-    acc.nsamples += batch
-    acc.tokens += tokens
-    return 2.0 / acc.nsamples
+def _samples(x: torch.Tensor) -> int:
+    """The samples one ``add_batch`` counts: the batch dimension of a 3-D input, else one."""
+    return x.shape[0] if x.ndim == 3 else 1
+
+
+def _reduce_counts(group: Reducer, acc) -> None:
+    counts = torch.tensor([acc.nsamples, acc.tokens], dtype=torch.int64)
+    group.all_reduce(counts)
+    acc.nsamples, acc.tokens = (int(v) for v in counts)
+
+
+class _Finalised(RuntimeError):
+    pass
+
+
+def _check_open(total: torch.Tensor | None, what: str) -> None:
+    if total is None:
+        raise _Finalised(f"{what} was read already: its float64 total is released, so no batch can be added")
 
 
 class HessianAccumulator:
-    """Accumulates ``H = (2 / nsamples) * sum_t x_t x_t^T`` over calibration inputs of one linear layer, in fp32.
+    """Accumulates ``H = (2 / nsamples) * sum_t x_t x_t^T`` over calibration inputs of one linear layer.
 
-    The scaling is the running average of the GPTQ reference (samples = sequences, not tokens); it does not change
-    the solution, only keeps the numbers of a long calibration bounded. ``hessian`` is ``[in, in]``. Only the
-    upper triangle is accumulated (in bands of rows, about 2/3 of the work of a full product); reading
-    ``hessian`` mirrors it into the lower triangle, so the result is exactly symmetric.
+    The scaling is the GPTQ reference's average over samples (sequences, not tokens); it does not change the
+    solution, only keeps the numbers of a long calibration bounded. ``hessian`` is ``[in, in]`` float32. Only the
+    upper triangle is accumulated (in bands of rows, about 2/3 of the work of a full product); reading ``hessian``
+    mirrors it into the lower triangle, so the result is exactly symmetric. Each batch's product is computed in
+    float32 and added into a float64 total (see the module docstring); the first read of ``hessian`` makes the
+    float32 matrix and releases the total.
     """
 
     def __init__(self, in_features: int, device: torch.device | str | None = None):
         self.in_features = in_features
-        self._h = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-        self._mirrored = True
+        self._total: torch.Tensor | None = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self._h: torch.Tensor | None = None
         self.nsamples = 0
         self.tokens = 0
         # bands of about a quarter of the width, multiples of 64 columns (whole-matrix product below 256)
@@ -54,11 +78,20 @@ class HessianAccumulator:
         self._band = in_features if in_features < 256 else -(-band // 64) * 64
 
     @property
+    def device(self) -> torch.device:
+        return (self._total if self._total is not None else self._h).device
+
+    @property
     def hessian(self) -> torch.Tensor:
-        if not self._mirrored:
-            lower = torch.ones(self.in_features, self.in_features, dtype=torch.bool, device=self._h.device).tril_(-1)
-            self._h[lower] = self._h.t()[lower]
-            self._mirrored = True
+        if self._h is None:
+            total = self._total
+            if self._band < self.in_features:
+                lower = torch.ones(self.in_features, self.in_features, dtype=torch.bool,
+                                   device=total.device).tril_(-1)
+                total[lower] = total.t()[lower]
+            scale = 2.0 / self.nsamples if self.nsamples else 0.0
+            self._h = total.mul_(scale).to(torch.float32)
+            self._total = None
         return self._h
 
     def add_batch(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -67,70 +100,123 @@ class HessianAccumulator:
         For ``nn.Linear`` and gpt2 ``Conv1D`` the input is what the forward pre-hook sees. ``mask`` (``[batch, seq]``
         or ``[tokens]``, bool) drops padding tokens.
         """
-        rows = _flat_rows(x, self.in_features, self._h.device, mask)
-        rows = rows * math.sqrt(_advance(self, self._h, x, rows.shape[0]))
+        _check_open(self._total, "this Hessian")
+        rows = _flat_rows(x, self.in_features, self._total.device, mask)
+        self.nsamples += _samples(x)
+        self.tokens += rows.shape[0]
         if self._band >= self.in_features:
-            self._h.addmm_(rows.t(), rows)
+            self._total += rows.t() @ rows
             return
         for start in range(0, self.in_features, self._band):
             end = min(start + self._band, self.in_features)
-            self._h[start:end, start:].addmm_(rows[:, start:end].t(), rows[:, start:])
-        self._mirrored = False
+            self._total[start:end, start:] += rows[:, start:end].t() @ rows[:, start:]
+
+    def reduce(self, group: Reducer) -> None:
+        """Sum the totals and counts of every rank of ``group`` (before the first read)."""
+        _check_open(self._total, "this Hessian")
+        group.all_reduce(self._total)
+        _reduce_counts(group, self)
 
 
 class CrossAccumulator:
-    """Accumulates ``C = (2 / nsamples) * sum_t x_t x~_t^T`` (``[in, in]``, fp32) over paired inputs of one layer.
+    """Accumulates ``C = (2 / nsamples) * sum_t x_t x~_t^T`` (``[in, in]``, float32) over paired inputs of one layer.
 
     ``x`` are the layer's inputs in the uncompressed model, ``x~`` its inputs in the partly compressed model on the
-    same calibration tokens, paired token by token (same shapes, same order). The scaling is the running average of
+    same calibration tokens, paired token by token (same shapes, same order). The scaling is the average of
     ``HessianAccumulator``, so ``C`` and a Hessian accumulated over the same batches have the same scale.
     ``identical`` stays True while every pair was bitwise equal (then ``C`` equals ``X~^T X~`` up to rounding, and
-    the asymmetric target is the layer's own weight: see ``fp_target_weight``).
+    the asymmetric target is the layer's own weight: see ``fp_target_weight``). Summed in float64 like the Hessian.
     """
 
     def __init__(self, in_features: int, device: torch.device | str | None = None):
         self.in_features = in_features
-        self.cross = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._total: torch.Tensor | None = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self._cross: torch.Tensor | None = None
         self.nsamples = 0
         self.tokens = 0
         self.identical = True
 
+    @property
+    def cross(self) -> torch.Tensor:
+        if self._cross is None:
+            scale = 2.0 / self.nsamples if self.nsamples else 0.0
+            self._cross = self._total.mul_(scale).to(torch.float32)
+            self._total = None
+        return self._cross
+
     def add_batch(self, x: torch.Tensor, x_tilde: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add paired inputs ``x`` (uncompressed model) and ``x_tilde`` (compressed): ``[batch, seq, in]`` or
         ``[tokens, in]``, as ``HessianAccumulator.add_batch``; ``mask`` drops the same (padding) tokens of both."""
+        _check_open(self._total, "this cross term")
         if x.shape != x_tilde.shape:
             raise ValueError(f"paired inputs differ in shape: {tuple(x.shape)} vs {tuple(x_tilde.shape)}")
         self.identical = self.identical and bool(torch.equal(x, x_tilde))
-        rows = _flat_rows(x, self.in_features, self.cross.device, mask)
-        rows_t = _flat_rows(x_tilde, self.in_features, self.cross.device, mask)
-        self.cross.addmm_(rows.t(), rows_t, alpha=_advance(self, self.cross, x, rows.shape[0]))
+        rows = _flat_rows(x, self.in_features, self._total.device, mask)
+        rows_t = _flat_rows(x_tilde, self.in_features, self._total.device, mask)
+        self.nsamples += _samples(x)
+        self.tokens += rows.shape[0]
+        self._total += rows.t() @ rows_t
+
+    def reduce(self, group: Reducer) -> None:
+        """Sum the totals and counts of every rank of ``group``; ``identical`` only if it holds on every rank."""
+        _check_open(self._total, "this cross term")
+        group.all_reduce(self._total)
+        _reduce_counts(group, self)
+        flag = torch.tensor([int(self.identical)], dtype=torch.int64)
+        group.all_reduce(flag, op="min")
+        self.identical = bool(flag.item())
 
 
 class ChannelAccumulator:
     """Per input channel of one linear layer: running ``sum x`` (``sum``), ``sum x^2`` (``sq_sum``), ``sum |x|``
-    (``abs_sum``), ``min`` and ``max`` over all calibration tokens, in fp32, and the token count. Means are these
-    sums over ``tokens``; ``sq_sum`` is ``||X_j||^2``, the column norm Wanda and OWL score with; the variance of a
-    channel is ``sq_sum / tokens - (sum / tokens)^2``."""
+    (``abs_sum``), ``min`` and ``max`` over all calibration tokens (float32 results; the sums are kept in float64
+    like the Hessian's), and the token count. Means are these sums over ``tokens``; ``sq_sum`` is ``||X_j||^2``, the
+    column norm Wanda and OWL score with; the variance of a channel is ``sq_sum / tokens - (sum / tokens)^2``."""
 
     def __init__(self, in_features: int, device: torch.device | str | None = None):
         self.in_features = in_features
-        self.sum = torch.zeros(in_features, dtype=torch.float32, device=device)
-        self.sq_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
-        self.abs_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self._sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self._sq = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self._abs = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.min = torch.full((in_features,), float("inf"), dtype=torch.float32, device=device)
         self.max = torch.full((in_features,), float("-inf"), dtype=torch.float32, device=device)
         self.tokens = 0
+
+    @property
+    def sum(self) -> torch.Tensor:
+        return self._sum.to(torch.float32)
+
+    @property
+    def sq_sum(self) -> torch.Tensor:
+        return self._sq.to(torch.float32)
+
+    @property
+    def abs_sum(self) -> torch.Tensor:
+        return self._abs.to(torch.float32)
 
     def add_batch(self, x: torch.Tensor) -> None:
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[1] != self.in_features:
             raise ValueError(f"input width {rows.shape[1]} != {self.in_features}")
-        self.sum += rows.float().sum(dim=0)
-        self.sq_sum += rows.float().square().sum(dim=0)
-        self.abs_sum += rows.float().abs().sum(dim=0)
-        self.min = torch.minimum(self.min, rows.float().amin(dim=0))
-        self.max = torch.maximum(self.max, rows.float().amax(dim=0))
+        rows = rows.to(device=self._sq.device, dtype=torch.float32)
+        self._sum += rows.sum(dim=0)
+        self._sq += rows.square().sum(dim=0)
+        self._abs += rows.abs().sum(dim=0)
+        if rows.shape[0]:
+            self.min = torch.minimum(self.min, rows.amin(dim=0))
+            self.max = torch.maximum(self.max, rows.amax(dim=0))
         self.tokens += rows.shape[0]
+
+    def reduce(self, group: Reducer) -> None:
+        """Sums, minima, maxima and the token count over every rank of ``group``."""
+        group.all_reduce(self._sum)
+        group.all_reduce(self._sq)
+        group.all_reduce(self._abs)
+        group.all_reduce(self.min, op="min")
+        group.all_reduce(self.max, op="max")
+        counts = torch.tensor([self.tokens], dtype=torch.int64)
+        group.all_reduce(counts)
+        self.tokens = int(counts.item())
 
 
 @dataclass
@@ -166,3 +252,10 @@ class GroupStats:
             if source is not None:
                 return source.tokens
         return None
+
+    def reduce(self, group: Reducer) -> None:
+        """Every statistic summed (or min/max-ed) over the ranks of a data-parallel ``group``."""
+        for source in (self.hessian_accumulator, self.channels,
+                       *((self.fp_target.cross, self.fp_target.reference) if self.fp_target else ())):
+            if source is not None:
+                source.reduce(group)

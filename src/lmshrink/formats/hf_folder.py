@@ -65,19 +65,26 @@ def resolve_meta(shard: dict[str, torch.Tensor], source_tensors) -> dict[str, to
 
 
 def write_weights(folder: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                   max_shard_size: int, source_tensors=None) -> None:
+                   max_shard_size: int, source_tensors=None, rename=None) -> None:
+    """Write ``tensors`` (meta placeholders read from ``source_tensors`` shard by shard) into one file or shards of
+    at most ``max_shard_size`` bytes with an index; ``rename`` gives each tensor's stored name."""
     from safetensors.torch import save_file
 
+    rename = rename or (lambda name: name)
     shards = split_shards(tensors, max_shard_size)
     metadata = {"format": "pt", **metadata}
+
+    def stored(shard):
+        return {rename(key): value for key, value in resolve_meta(shard, source_tensors).items()}
+
     if len(shards) == 1:
-        save_file(resolve_meta(shards[0], source_tensors), str(folder / SAFE_WEIGHTS), metadata=metadata)
+        save_file(stored(shards[0]), str(folder / SAFE_WEIGHTS), metadata=metadata)
         return
     weight_map = {}
     for number, shard in enumerate(shards, start=1):
         filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        save_file(resolve_meta(shard, source_tensors), str(folder / filename), metadata=metadata)  # one shard read at a time
-        weight_map.update({key: filename for key in shard})
+        save_file(stored(shard), str(folder / filename), metadata=metadata)  # one shard read at a time
+        weight_map.update({rename(key): filename for key in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

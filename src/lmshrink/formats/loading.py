@@ -22,10 +22,12 @@ from lmshrink.formats.lowrank import install_lowrank, is_lowrank_folder, load_lo
 from lmshrink.formats.runtime_scheme import apply_runtime, read_runtime, summary
 from lmshrink.formats.sparse_bitmask import fill_bitmask_weights, is_bitmask_folder, load_bitmask_model
 from lmshrink.models import loader
+from lmshrink.models.adapters import get_adapter
 from lmshrink.models.loader import (
     LoadedModel,
     ModelInfo,
     SafetensorsWeights,
+    checkpoint_weights,
     count_parameters,
     fill_meta_tensors,
     has_structure,
@@ -60,6 +62,11 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
         return _load_packed_source(source, parse_dtype(dtype), device, trust_remote_code)
     kind, where = resolve(source)
     lowrank = kind == "hf-folder" and is_lowrank_folder(where)
+    if lowrank and _moe_folder(where):
+        raise LmshrinkError(f"{source} stores low-rank layers of a mixture-of-experts model, which lmshrink cannot "
+                            "load yet (transformers reads fused experts, the factors are stored per expert)",
+                            fix="compress mixture-of-experts models without low-rank stages (svd, basis-sharing, "
+                                "gptq-factors, lowrank-correction)")
     if lowrank and lazy_blocks:
         raise LmshrinkError(f"{source} stores low-rank factors, which streamed loading (lazy blocks) cannot read",
                             fix="load it without lazy_blocks / --offload disk")
@@ -83,6 +90,8 @@ def load_model(source: str, *, dtype: str | torch.dtype = "float32", device: str
                                 "lmshrink cannot load together yet",
                                 fix="run the structural stage and the others in separate runs, keeping widths uniform")
         build = load_structured_model
+    if kind == "hf-folder" and build is None and _compressed_experts(where):
+        build = load_decoded  # transformers reads fused experts; lmshrink wrote one packed linear per expert
     if scheme and build is None and is_compressed_tensors_folder(where):
         # lmshrink decodes the weights itself, so that only its own quantizers act on the activations
         build = _decoded_builder
@@ -229,14 +238,16 @@ def load_packed(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust
                             "quantization_config)", fix="runtime='packed' needs a folder written by lmshrink compress; "
                                                         "load other models with runtime='dense'")
     model, tokenizer = meta_model(folder, dtype, trust_remote_code, drop_quantization=True)
-    weights = SafetensorsWeights(folder)
-    quantized = quantized_weight_keys(folder)
+    weights = checkpoint_weights(folder, model)
+    model_name = get_adapter(model).model_name
+    quantized = {model_name(key) for key in quantized_weight_keys(folder)}
     fill_meta_tensors(model, weights, skip=quantized.__contains__)
     if is_bitmask_folder(folder):  # pruned, unquantized layers stored as bitmask + values: decoded, kept dense
         fill_bitmask_weights(model, folder)
     kinds = {}
     # one layer at a time: only one layer's unpacked codes exist besides the packed model
-    for name, result in iter_quantized_results(folder, decode=decode):
+    for stored_name, result in iter_quantized_results(folder, decode=decode):
+        name = model_name(stored_name)
         if decode:
             linear = model.get_submodule(name)
             replace_tensor(model, linear.weight, result.weight.to(dtype))
@@ -258,3 +269,39 @@ def load_packed(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust
         raise LmshrinkError(f"{folder} lacks tensors the model needs: {missing[:5]}",
                             fix="the checkpoint is incomplete or its tensor names differ from the model's")
     return model.eval(), tokenizer, kinds
+
+
+def _moe_folder(folder: Path) -> bool:
+    """A folder of a mixture-of-experts family."""
+    from lmshrink.formats.hf_folder import read_config
+    from lmshrink.models.adapters import SUPPORTED_MODEL_TYPES
+
+    config = read_config(Path(folder)) or {}
+    model_type = config.get("model_type")
+    return model_type in SUPPORTED_MODEL_TYPES and get_adapter(model_type).spec.moe is not None
+
+
+def _compressed_experts(folder: Path) -> bool:
+    """A compressed-tensors folder of a mixture-of-experts family (its experts stored one linear each)."""
+    return is_compressed_tensors_folder(folder) and _moe_folder(folder)
+
+
+def load_decoded(folder: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                 **_kwargs) -> torch.nn.Module:
+    """The model of a compressed-tensors folder written by lmshrink with every quantized layer decoded to dense
+    weights (exactly its codes times its scales), built without transformers' checkpoint conversion."""
+    folder = Path(folder)
+    model, _ = meta_model(folder, dtype, trust_remote_code, drop_quantization=True)
+    weights = checkpoint_weights(folder, model)
+    model_name = get_adapter(model).model_name
+    quantized = {key[: -len("_packed")] for key in weights.keys() if key.endswith(".weight_packed")}
+    fill_meta_tensors(model, weights, skip=quantized.__contains__)
+    state = model.state_dict(keep_vars=True)
+    for name, result in iter_quantized_results(folder):
+        old = state[f"{model_name(name)}.weight"]
+        loader.replace_tensor(model, old, result.weight.to(old.dtype))
+    missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
+    if missing:
+        raise LmshrinkError(f"{folder} lacks tensors the model needs: {missing[:5]}",
+                            fix="the checkpoint is incomplete or its tensor names differ from the model's")
+    return model

@@ -48,7 +48,7 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
                    ignore: list[str] | tuple[str, ...] = (), extra_files: dict[str, Any] | None = None,
                    overwrite: bool = False, input_dir: str | os.PathLike | None = None,
                    max_shard_size: int = 4 * 1024**3, transformers_compatible: bool = True,
-                   source_tensors=None, sparse_format: str = "dense") -> Path:
+                   source_tensors=None, sparse_format: str = "dense", rename=None) -> Path:
     """Write ``model`` with the layers in ``results`` packed, as an HF folder in compressed-tensors ``pack-quantized``.
 
     results: full module names (``model.named_modules()``) -> QuantResult; the packed tensors come from the results
@@ -75,6 +75,9 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
     bitmask + kept values, about half the bytes at 50% sparsity, read back exactly by lmshrink's ``load_model`` and
     ``load_sparse_results`` but not by plain transformers; see ``formats.sparse_bitmask``). Layers pruned and
     quantized are stored ``pack-quantized`` either way.
+
+    rename: ``module name -> stored name`` for a family whose checkpoints name tensors differently from the module
+    tree (the adapter's ``checkpoint_name``): applied to the tensors and to the names in the configs and metadata.
     """
     check_sparse_format(sparse_format)
     modules = dict(model.named_modules())
@@ -83,16 +86,20 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
         raise ValueError(f"results name modules the model does not have: {missing[:5]}")
     state = dense_state_dict(model, allow_meta=source_tensors is not None)
     kept_names = set(state)
+    # results read from disk layer by layer (a streamed run's ``StoredResults``): the stored tensors of each layer are
+    # made again when its shard is written, so memory holds one layer's, not the model's
+    lazy = not isinstance(results, dict)
 
     replaced: dict[str, dict[str, torch.Tensor]] = {}
     dense_conv1d: list[str] = []
-    linear_layers: dict[str, tuple[int, QuantResult]] = {}
+    linear_layers: dict[str, tuple[int, Any]] = {}
     sparse: dict[str, tuple[str, float]] = {}  # pruned layers: name -> (pattern, zeros)
     bitmask: dict[str, dict[str, Any]] = {}  # pruned layers stored as bitmask + values: name -> record
     # low-rank layers: the factors (formats.lowrank), beside a corrected layer's base stored as its kind
     factors, lowrank_records = factor_tensors(results, modules)
     merged: list[str] = []
-    for name, result in results.items():
+    for name in results:
+        result = results[name]
         module = modules[name]
         if f"{name}.weight" not in kept_names:
             raise LmshrinkError(f"layer {name} shares its weight with another tensor (tied), so it cannot be packed",
@@ -107,39 +114,38 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
         if isinstance(result, CorrectedResult):
             result = result.base
         if isinstance(result, PruneResult):  # pruned, not quantized: dense weights with zeros, or bitmask + values
-            weight, kept = result.dense(), ~result.mask
-            conv1d = is_conv1d(module)
-            if conv1d:
-                weight, kept = weight.t(), kept.t()
-            weight = weight.to(module.weight.dtype).contiguous()
             if sparse_format == "bitmask":
-                replaced[name] = encode(weight, kept)
                 bitmask[name] = {"pattern": result.pattern, "target_sparsity": result.target_sparsity,
-                                 "conv1d": conv1d}
-            else:
-                replaced[name] = {"weight": weight}
+                                 "conv1d": is_conv1d(module)}
             sparse[name] = (result.pattern, float(result.mask.sum()))
+            tensors = _layer_tensors(name, module, result, sparse_format, None)
+            replaced[name] = _placeholders(tensors) if lazy else tensors
             continue
         if (result.info or {}).get("pattern"):  # pruned and quantized (joint SparseGPT, or prune then GPTQ)
             sparse[name] = (result.info["pattern"], result.info["sparsity"] * result.codes.numel())
         if is_conv1d(module):
             # Conv1D stores [in, out]; the loader only packs nn.Linear, so keep the exact dequantized weight
-            replaced[name] = {"weight": result.dense().t().to(module.weight.dtype).contiguous()}
+            tensors = _layer_tensors(name, module, result, sparse_format, None)
+            replaced[name] = _placeholders(tensors) if lazy else tensors
             dense_conv1d.append(name)
             continue
         if not isinstance(module, nn.Linear):
             raise ValueError(f"layer {name} is a {type(module).__name__}, not a Linear")
         check_result(name, result, module.out_features, module.in_features)
-        linear_layers[name] = (module.in_features, result)
+        linear_layers[name] = (module.in_features, result if not lazy else _Grid(result))
 
     groups: dict[StoredScheme, list[str]] = {}
     specs: dict[str, dict[str, Any]] = {}
-    for name, stored_group in stored_group_sizes(linear_layers).items():
-        result = linear_layers[name][1]
+    stored_groups = stored_group_sizes(linear_layers)
+    for name, stored_group in stored_groups.items():
+        result = results[name] if lazy else linear_layers[name][1]
+        if isinstance(result, CorrectedResult):  # read again from disk: the correction's base is what is packed
+            result = result.base
         scheme, tensors = pack_layer(name, modules[name], result, stored_group)
         groups.setdefault(scheme, []).append(name)
-        replaced[name] = tensors
+        replaced[name] = _placeholders(tensors) if lazy else tensors
         specs[name] = asdict(result.spec)
+        del result, tensors
     # a folder with outlier columns is refused by transformers anyway (its config group's format names them)
     outliers = any(scheme.outliers for scheme in groups)
     if outliers:
@@ -186,13 +192,20 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
         quant_config = quant_config or {"version": ct_version(), "quant_method": QUANT_METHOD}
         quant_config["sparsity_config"] = sparsity_config
 
+    if rename is not None:
+        quant_config = _renamed(quant_config, rename)
+        specs = {rename(name): spec for name, spec in specs.items()}
+        bitmask = {rename(name): record for name, record in bitmask.items()}
     with atomic_directory(out_dir, overwrite=overwrite, protected=protected_folders(model, input_dir)) as staging:
         metadata = {SPECS_KEY: json.dumps(specs, sort_keys=True)}
         if bitmask:
             metadata[LAYERS_KEY] = json.dumps(bitmask, sort_keys=True)
         if lowrank_records:
             metadata[LOWRANK_KEY] = json.dumps(lowrank_records, sort_keys=True)
-        write_weights(staging, tensors, metadata, max_shard_size, source_tensors)
+        if lazy:
+            made = {f"{name}.{sub}" for name, parts in replaced.items() for sub in parts}
+            source_tensors = _LayerSource(results, modules, sparse_format, stored_groups, made, source_tensors)
+        write_weights(staging, tensors, metadata, max_shard_size, source_tensors, rename)
         (staging / "config.json").write_text(config_json(model, quant_config, config_structure(model)))
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and model.can_generate():
@@ -209,3 +222,66 @@ def save_quantized(model: nn.Module, tokenizer, results: dict[str, QuantResult],
             data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
             (staging / filename).write_bytes(data)
     return Path(out_dir).expanduser().resolve()
+
+
+class _Grid:
+    """What ``stored_group_sizes`` reads of a quantized result (grid, solver record, group index), without its
+    codes."""
+
+    def __init__(self, result):
+        self.spec, self.info, self.g_idx = result.spec, result.info, result.g_idx
+
+
+def _placeholders(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: torch.empty(t.shape, dtype=t.dtype, device="meta") for key, t in tensors.items()}
+
+
+def _layer_tensors(name: str, module: nn.Module, result, sparse_format: str, stored_group: int | None
+                   ) -> dict[str, torch.Tensor]:
+    """The tensors stored for one layer's result (keys relative to the module; a correction's base's, its factors
+    are stored apart)."""
+    if isinstance(result, CorrectedResult):
+        result = result.base
+    if isinstance(result, PruneResult):
+        weight, kept = result.dense(), ~result.mask
+        if is_conv1d(module):
+            weight, kept = weight.t(), kept.t()
+        weight = weight.to(module.weight.dtype).contiguous()
+        return encode(weight, kept) if sparse_format == "bitmask" else {"weight": weight}
+    if is_conv1d(module):
+        return {"weight": result.dense().t().to(module.weight.dtype).contiguous()}
+    return pack_layer(name, module, result, stored_group)[1]
+
+
+class _LayerSource:
+    """``source_tensors`` for a shard of a lazily read model: a replaced layer's tensors are made again from its
+    result (one layer kept at a time: a shard lists a layer's tensors together), other tensors come from
+    ``source`` (the input model's files)."""
+
+    def __init__(self, results, modules, sparse_format, stored_groups, made, source):
+        self.results, self.modules, self.sparse_format = results, modules, sparse_format
+        self.stored_groups, self.made, self.source = stored_groups, made, source  # made: the layers' tensor names
+        self._name, self._tensors = None, {}
+
+    def __call__(self, key: str) -> torch.Tensor:
+        if key not in self.made:  # a tensor of the input model (a packed layer's bias among them)
+            return self.source(key)
+        name, _, sub = key.rpartition(".")
+        if name != self._name:
+            self._name, self._tensors = None, {}
+            self._tensors = _layer_tensors(name, self.modules[name], self.results[name], self.sparse_format,
+                                           self.stored_groups.get(name))
+            self._name = name
+        return self._tensors[sub]
+
+
+def _renamed(config: dict | None, rename) -> dict | None:
+    """The quantization config with the module names of its ``targets`` and ``ignore`` lists stored-named."""
+    if config is None:
+        return None
+    out = json.loads(json.dumps(config))
+    for section in [out, out.get("sparsity_config") or {}, *(out.get("config_groups") or {}).values()]:
+        for key in ("targets", "ignore"):
+            if isinstance(section.get(key), list):
+                section[key] = [rename(name) for name in section[key]]
+    return out

@@ -118,7 +118,11 @@ def storage_summary(model: torch.nn.Module, results: dict, sparse_format: str) -
     check_sparse_format(sparse_format)
     modules = dict(model.named_modules())
     layers = dense = stored = 0
-    for name, result in results.items():
+    kind = getattr(results, "kind", None)  # results read from disk tell their kind without being read
+    for name in results:
+        if kind is not None and kind(name) != PruneResult.kind:
+            continue
+        result = results[name]
         if not isinstance(result, PruneResult):
             continue
         module = modules[name]

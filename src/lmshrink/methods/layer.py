@@ -24,7 +24,9 @@ def solve_layer(stage, job, solve: Callable[[torch.Tensor, torch.Tensor | None],
     ``||W X - Q X~||^2 / ||W X||^2``; the sweep's own error on its target is kept as ``rel_output_error_local``.
     """
     hessian = job.stats.hessian
-    drift = job.stats.fp_target if Stat.FP_TARGET in stage.needs() else None
+    wanted = Stat.FP_TARGET in stage.needs()
+    # None although asked for: the engine has no paired inputs for this layer (a routed expert), so a plain solve
+    drift = job.stats.fp_target if wanted else None
     source = job.uncompressed if drift is not None and job.uncompressed is not None else job.module
     weight = linear_weight(source).detach().float().clone()
     original = None
@@ -37,6 +39,8 @@ def solve_layer(stage, job, solve: Callable[[torch.Tensor, torch.Tensor | None],
             weight, drift_info = fp_target_weight(weight, drift.cross.cross.to(hessian.device), hessian,
                                                   damp_percent=stage.damp_percent)
     result = solve(weight, hessian)
+    if wanted and drift is None:
+        result.info = {**(result.info or {}), "fp_target": "not applied: no paired inputs (routed expert)"}
     if drift is not None:
         reference, cross = drift.reference.hessian.to(hessian.device), drift.cross.cross.to(hessian.device)
         drift_only, after = asymmetric_output_error(original, result.weight, reference, cross, hessian)

@@ -157,6 +157,16 @@ _GPT2_LINKS = (
 
 
 @dataclass(frozen=True)
+class MoeSpec:
+    """Where a mixture-of-experts family keeps its experts (paths relative to a block; see ``models.moe``)."""
+
+    experts: str  # the experts module, e.g. "mlp.experts"
+    projections: tuple[str, str, str]  # the gate, up and down linears of one expert, as checkpoints name them
+    shared: str | None = None  # an expert every token goes through (Qwen2-MoE), an MLP with gate, up and down
+    kept: tuple[str, ...] = ()  # linears left as they are: routers and gates (not quantized)
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """Where one family keeps its parts. Paths under the decoder are relative to it; ``head`` is from the root."""
 
@@ -172,15 +182,20 @@ class FamilySpec:
     head: str = "lm_head"
     scale_links: tuple[tuple[ScaleLink, ...], ...] = ()  # per layout: where an input scale can be folded
     norm_offset: float = 0.0  # the norms compute x_hat * (offset + weight): gemma stores weight - 1
+    moe: MoeSpec | None = None
+    # (model name part, checkpoint name part): tensors the checkpoints name differently than the module tree
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
 
 
 def _llama_like(family: str, *model_types: str, decoder_paths: tuple[str, ...] = ("model",),
                 layouts: tuple[Layout, ...] = (_SPLIT_ATTN_GATED_MLP,),
-                scale_links: tuple[tuple[ScaleLink, ...], ...] = (_SPLIT_LINKS,), norm_offset: float = 0.0
-                ) -> FamilySpec:
+                scale_links: tuple[tuple[ScaleLink, ...], ...] = (_SPLIT_LINKS,), **extra) -> FamilySpec:
     return FamilySpec(family=family, model_types=model_types or (family,), decoder_paths=decoder_paths,
                       blocks="layers", layouts=layouts, embeddings=("embed_tokens",), scale_links=scale_links,
-                      norm_offset=norm_offset)
+                      **extra)
+
+
+_QWEN_EXPERTS = ("gate_proj", "up_proj", "down_proj")
 
 
 _SPECS: tuple[FamilySpec, ...] = (
@@ -196,6 +211,13 @@ _SPECS: tuple[FamilySpec, ...] = (
                 scale_links=(_SANDWICH_LINKS,), norm_offset=1.0),
     _llama_like("phi3", layouts=(_FUSED_ATTN_GATED_MLP, _SPLIT_ATTN_GATED_MLP),
                 scale_links=(_FUSED_LINKS, _SPLIT_LINKS)),
+    # mixture of experts: the experts become linears (models.moe); the routers are not linears and stay as they are
+    _llama_like("mixtral", moe=MoeSpec(experts="mlp.experts", projections=("w1", "w3", "w2")),
+                checkpoint_renames=((".mlp.", ".block_sparse_moe."),)),
+    # Qwen2-MoE: dense MLP blocks (mlp_only_layers) keep the plain layout
+    _llama_like("qwen2_moe", moe=MoeSpec(experts="mlp.experts", projections=_QWEN_EXPERTS, shared="mlp.shared_expert",
+                                         kept=("mlp.shared_expert_gate",))),
+    _llama_like("qwen3_moe", moe=MoeSpec(experts="mlp.experts", projections=_QWEN_EXPERTS)),
     FamilySpec(family="opt", model_types=("opt",), decoder_paths=("model.decoder",), blocks="layers",
                layouts=(_OPT,), embeddings=("embed_tokens", "embed_positions"),
                optional_embeddings=("project_in", "project_out"), final_norm="final_layer_norm", rotary=None,
@@ -274,18 +296,21 @@ class ModelAdapter:
         Picks the first layout of the family whose names all exist as linears and cover every linear in the block
         exactly once; otherwise raises ``UnsupportedArchitectureError`` naming the missing and uncovered layers.
         """
-        return [list(group) for group in self.spec.layouts[self._layout_index(block)]]
+        return [list(group) for group in self._layout(block)[1]]
 
-    def _layout_index(self, block: nn.Module) -> int:
-        layers = [name for name, module in block.named_modules() if name and _is_layer(module)]
+    def _layout(self, block: nn.Module) -> tuple[int | None, Layout]:
+        """The block's layout and its index in the family's ``layouts`` (None: the mixture-of-experts layout)."""
+        kept = set(self.spec.moe.kept) if self.spec.moe else set()
+        layers = [name for name, module in block.named_modules() if name and _is_layer(module) and name not in kept]
         present = [name for name in layers if not any(name.startswith(outer + ".") for outer in layers)]
         problems = []
-        for index, layout in enumerate(self.spec.layouts):
+        moe = self._moe_layout(block)
+        for index, layout in ([(None, moe)] if moe else []) + list(enumerate(self.spec.layouts)):
             names = [n for group in layout for n in group]
             missing = [n for n in names if not _is_layer(_find(block, n))]
             uncovered = [n for n in present if n not in names]
             if not missing and not uncovered:
-                return index
+                return index, layout
             problems.append(f"missing {missing}, not in layout {uncovered}")
         raise UnsupportedArchitectureError(
             f"a {type(block).__name__} block (model_type {self.model_type!r}) does not match the "
@@ -296,7 +321,13 @@ class ModelAdapter:
     def scale_links(self, block: nn.Module) -> list["FoldableLink"]:
         """The block's producer -> consumers links (``ScaleLink``) in execution order, each with the rows of the
         producer that feed the consumers and, where an input scale cannot be folded exactly, why not."""
-        links = self.spec.scale_links[self._layout_index(block)] if self.spec.scale_links else ()
+        index, layout = self._layout(block)
+        if index is None:  # mixture of experts: only links whose consumers are all in the block (the attention's)
+            names = {n for group in layout for n in group}
+            links = tuple(link for link in (self.spec.scale_links[0] if self.spec.scale_links else ())
+                          if all(c in names for c in link.consumers))
+        else:
+            links = self.spec.scale_links[index] if self.spec.scale_links else ()
         config = _block_config(block)
         return [_resolve(block, link, config) for link in links]
 
@@ -329,6 +360,78 @@ class ModelAdapter:
                 weight.copy_((weight.float() * scale[None, :]).to(weight.dtype))
                 changed.append(f"{name}.weight")
         return changed
+
+    # -- mixtures of experts -------------------------------------------------------------------------------------
+    def _experts(self, block: nn.Module):
+        """The block's ``LinearExperts`` module, or None (no MoE family, a dense block, or not linearized)."""
+        from lmshrink.models.moe import LinearExperts
+
+        if self.spec.moe is None:
+            return None
+        module = _find(block, self.spec.moe.experts)
+        return module if isinstance(module, LinearExperts) else None
+
+    def _moe_layout(self, block: nn.Module) -> Layout | None:
+        """Attention, then the shared expert (it runs first), then every expert's gate and up, then every down."""
+        experts = self._experts(block)
+        if experts is None:
+            return None
+        moe = self.spec.moe
+        gate, up, down = moe.projections
+        layout = list(_SPLIT_ATTN_GATED_MLP[:2])
+        if moe.shared and _find(block, moe.shared) is not None:
+            layout += [(f"{moe.shared}.gate_proj", f"{moe.shared}.up_proj"), (f"{moe.shared}.down_proj",)]
+        layout += [(f"{moe.experts}.{e}.{gate}", f"{moe.experts}.{e}.{up}") for e in range(len(experts))]
+        layout += [(f"{moe.experts}.{e}.{down}",) for e in range(len(experts))]
+        return tuple(layout)
+
+    def linearize(self, model: nn.Module) -> int:
+        """Turn fused expert tensors into one linear per expert and projection (``models.moe``); the number of
+        blocks changed (0 for families without experts, or when already done)."""
+        if self.spec.moe is None:
+            return 0
+        from lmshrink.models.moe import linearize_experts
+
+        return linearize_experts(model, self.blocks(model), self.spec.moe.experts, self.spec.moe.projections)
+
+    def expert_groups(self, block: nn.Module) -> dict[str, int]:
+        """First linear of each routed expert's group (relative name) -> the expert's index; empty without experts.
+        (A shared expert sees every token and is not listed.)"""
+        experts = self._experts(block)
+        if experts is None:
+            return {}
+        gate, _, down = self.spec.moe.projections
+        return {f"{self.spec.moe.experts}.{e}.{p}": e for e in range(len(experts)) for p in (gate, down)}
+
+    def experts_module(self, block: nn.Module):
+        """The block's ``LinearExperts`` (None without experts)."""
+        return self._experts(block)
+
+    def independent_steps(self, block: nn.Module) -> list[int]:
+        """A step number for each linear group: consecutive groups of one step read inputs that do not depend on
+        each other's weights (every expert's gate and up; every expert's down), so one pass can collect them all."""
+        groups = self.linear_groups(block)
+        experts = self.expert_groups(block)
+        gate = self.spec.moe.projections[0] if self.spec.moe else None
+        kinds = [("gate" if g[0].endswith("." + gate) else "down") if g[0] in experts else None for g in groups]
+        steps: list[int] = []
+        for index, kind in enumerate(kinds):
+            same = index > 0 and kind is not None and kind == kinds[index - 1]
+            steps.append(steps[-1] if same else (steps[-1] + 1 if steps else 0))
+        return steps
+
+    # -- checkpoint names -----------------------------------------------------------------------------------------
+    def checkpoint_name(self, name: str) -> str:
+        """A tensor's name in the family's checkpoints (e.g. Mixtral's ``block_sparse_moe`` for ``mlp``)."""
+        for model_part, stored_part in self.spec.checkpoint_renames:
+            name = name.replace(model_part, stored_part)
+        return name
+
+    def model_name(self, stored: str) -> str:
+        """The module-tree name of a checkpoint tensor (``checkpoint_name`` undone)."""
+        for model_part, stored_part in self.spec.checkpoint_renames:
+            stored = stored.replace(stored_part, model_part)
+        return stored
 
     def linears(self, block: nn.Module) -> list[tuple[str, nn.Module]]:
         """``(name, module)`` of the block's linears, flattened in execution order."""
@@ -378,7 +481,7 @@ class ModelAdapter:
         hidden_size, tied_head."""
         blocks = self.blocks(model)
         groups = self.linear_groups(blocks[0])
-        return {
+        described = {
             "model_type": self.model_type,
             "family": self.family,
             "block_path": self.block_path(model),
@@ -388,6 +491,13 @@ class ModelAdapter:
             "hidden_size": _hidden_size(model),
             "tied_head": self.head_is_tied(model),
         }
+        experts = [len(e) for e in map(self._experts, blocks) if e is not None]
+        if self.spec.moe is not None:
+            config = _text_config(getattr(model, "config", None))
+            described["experts"] = {"moe_blocks": len(experts), "experts_per_block": max(experts, default=0),
+                                    "experts_per_token": getattr(config, "num_experts_per_tok", None),
+                                    "kept": list(self.spec.moe.kept)}
+        return described
 
 
 @dataclass(frozen=True)

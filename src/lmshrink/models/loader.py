@@ -184,6 +184,7 @@ def _load_hf(path_or_id: str, dtype: torch.dtype, device: str, trust_remote_code
         raise _unsupported(path_or_id, exc) from exc
     except SafetensorError as exc:  # truncated or not safetensors
         raise _corrupt_weights(path_or_id, exc) from exc
+    _linearize(model)
     return model.to(device).eval(), tokenizer
 
 
@@ -276,6 +277,7 @@ class SafetensorsWeights:
         from safetensors import safe_open
 
         self.folder = Path(folder)
+        self._stored: dict[str, str] = {}  # module-tree name -> name in the files, where they differ
         index = self.folder / _SAFE_INDEX
         single = self.folder / _SAFE_WEIGHTS
         if index.is_file():
@@ -307,6 +309,18 @@ class SafetensorsWeights:
         except SafetensorError as exc:  # truncated or not safetensors
             raise _corrupt_weights(path, exc) from exc
 
+    def use_names(self, model_name: Callable[[str], str]) -> "SafetensorsWeights":
+        """Address the tensors by the model's module-tree names, ``model_name(stored name)`` (a family whose
+        checkpoints name some tensors differently, e.g. Mixtral's ``block_sparse_moe``)."""
+        files, stored = {}, {}
+        for key, path in self._files.items():
+            name = model_name(self._stored.get(key, key))
+            files[name] = path
+            stored[name] = self._stored.get(key, key)
+        self._files = files
+        self._stored = {name: key for name, key in stored.items() if name != key}
+        return self
+
     def __contains__(self, name: str) -> bool:
         return name in self._files
 
@@ -324,7 +338,7 @@ class SafetensorsWeights:
                                        "--offload")
         # opened per read: a kept-open file stays memory-mapped and its read pages would count as resident memory
         with safe_open(str(path), framework="pt") as handle:
-            return handle.get_tensor(name)
+            return handle.get_tensor(self._stored.get(name, name))
 
     def edge_rows(self, name: str) -> torch.Tensor:
         """The first and last rows of tensor ``name`` (a 0-d or 1-d tensor whole), read without the rest."""
@@ -333,10 +347,10 @@ class SafetensorsWeights:
         if name not in self._files:
             self.get(name)  # raises the error naming the tensor
         with safe_open(str(self._files[name]), framework="pt") as handle:
-            part = handle.get_slice(name)
+            part = handle.get_slice(self._stored.get(name, name))
             shape = part.get_shape()
             if len(shape) < 2 or shape[0] <= 2:
-                return handle.get_tensor(name)
+                return handle.get_tensor(self._stored.get(name, name))
             return torch.cat([part[0:1], part[shape[0] - 1:shape[0]]])
 
 
@@ -366,6 +380,7 @@ def meta_model(folder: Path, dtype: torch.dtype, trust_remote_code: bool, drop_q
         delattr(config, STRUCTURE_KEY)
     with MetaParameters():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    _linearize(model)  # fused experts as linears first: a recorded structure names the module tree's linears
     if structure:
         apply_config_structure(model, structure)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
@@ -387,12 +402,31 @@ def _load_structured(path: str, dtype: torch.dtype, trust_remote_code: bool = Fa
     the recorded structure, and filled from the safetensors files (plain transformers refuses such a folder)."""
     folder = Path(path)
     model, _ = meta_model(folder, dtype, trust_remote_code)
-    fill_meta_tensors(model, SafetensorsWeights(folder), skip=lambda name: False)
+    fill_meta_tensors(model, checkpoint_weights(folder, model), skip=lambda name: False)
     missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
     if missing:
         raise ModelSourceError(f"{folder} lacks tensors its recorded structure needs: {missing[:5]}",
                                fix="the folder is incomplete; write it again")
     return model.eval()
+
+
+def _linearize(model: torch.nn.Module) -> None:
+    """Experts of a mixture-of-experts family as one linear per expert and projection (``models.moe``)."""
+    try:
+        adapter = get_adapter(model)
+    except UnsupportedArchitectureError:
+        return
+    adapter.linearize(model)
+
+
+def checkpoint_weights(folder: Path, model: torch.nn.Module) -> SafetensorsWeights:
+    """The safetensors tensors of ``folder``, addressed by ``model``'s module-tree names."""
+    weights = SafetensorsWeights(folder)
+    try:
+        adapter = get_adapter(model)
+    except UnsupportedArchitectureError:
+        return weights
+    return weights.use_names(adapter.model_name) if adapter.spec.checkpoint_renames else weights
 
 
 def fill_meta_tensors(model: torch.nn.Module, weights: SafetensorsWeights, skip: Callable[[str], bool]) -> None:
@@ -411,11 +445,12 @@ def fill_meta_tensors(model: torch.nn.Module, weights: SafetensorsWeights, skip:
 def _load_lazy(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
     """The model with every tensor outside the decoder blocks loaded from ``folder`` and the blocks on meta."""
     _check_architecture(folder, trust_remote_code)
-    weights = SafetensorsWeights(folder)
+    SafetensorsWeights(folder)  # all shards there and readable, before the model is built
     try:
         model, tokenizer = meta_model(folder, dtype, trust_remote_code)
     except (OSError, ValueError) as exc:
         raise _unsupported(str(folder), exc) from exc
+    weights = checkpoint_weights(folder, model)
     blocks = get_adapter(model).block_path(model) + "."
     fill_meta_tensors(model, weights, skip=lambda name: name.startswith(blocks))
     missing = [n for n, t in model.state_dict(keep_vars=True).items()

@@ -497,6 +497,7 @@ def config_structure(model: nn.Module) -> dict[str, Any]:
         delattr(config, STRUCTURE_KEY)
     with MetaParameters():
         built = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    adapter.linearize(built)  # fused experts as the loaders build them (one linear per expert): no structure
     path = adapter.block_path(model)
     ours, theirs = adapter.blocks(model), adapter.blocks(built)
     if len(ours) != len(theirs):

@@ -18,7 +18,8 @@ from lmshrink.core.process import environment, peak_rss_bytes
 from lmshrink.core.version import __version__
 from lmshrink.data.sources import load_text
 from lmshrink.data.windows import calibration_windows, check_seqlen
-from lmshrink.engine.checkpoint import Checkpoint, weights_digest
+from lmshrink.engine.checkpoint import Checkpoint, StoredResults, weights_digest
+from lmshrink.engine.distributed import Group, RankLost, rank_device
 from lmshrink.engine.loop import Engine
 from lmshrink.engine.offload import BlockStreamer
 from lmshrink.formats.loading import as_loaded, load_model
@@ -36,6 +37,10 @@ from lmshrink.pipeline.recipe import Recipe, load_recipe, scale_dtype_for_model
 ADAPTER_FOLDER = "adapter"  # where the adapters of a final phase stage with merge: false are written
 
 DEFAULT_CALIBRATION = "enwiki-sample"
+DEFAULT_SHARD_BYTES = 4 * 1024**3
+# a shard is held in memory while it is written: streamed runs write smaller ones, so writing stays within the
+# memory of compressing
+STREAMED_SHARD_BYTES = 1024**3
 
 PEAK_RSS_MEASURED = ("peak resident memory of this process from its start to the end of the compression: model "
                      "loading, calibration, every block and, with an output, writing the checkpoint (in a longer "
@@ -130,7 +135,8 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
              seqlen: int = 512, seed: int = 0, data_dir: str | Path | None = None, device: str = "cpu",
              resume: bool | None = None, overwrite: bool = False, progress: bool = True, tokenizer=None,
              dtype: str = "float32", on_block_done=None, offload: str = "none",
-             sparse_format: str = "dense", restart: bool = False) -> dict[str, Any]:
+             sparse_format: str = "dense", restart: bool = False, distributed: bool | None = None,
+             expert_min_tokens: int | None = None) -> dict[str, Any]:
     """Compress ``model`` in place with ``recipe``; with ``output``, save the checkpoint there.
 
     ``offload="disk"`` streams the decoder blocks: only the tensors outside the blocks are loaded, each block is read
@@ -139,6 +145,10 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
     source string or a model loaded with ``load_model(..., lazy_blocks=True)``; the model's blocks end on the meta
     device (not compressed in place) and the results' ``weight`` is empty (``dequantize`` the codes to get it).
     Results and output files are identical to ``offload="none"``.
+
+    With an output, a streamed run keeps the finished blocks' results in its work folder, not in memory; the
+    record's ``results`` then reads each one from disk when asked for (from a hidden folder beside the output,
+    removed when the mapping is).
 
     ``sparse_format``: how pruned layers that are not quantized are saved: ``"dense"`` (zeros stored, plain
     transformers loads it) or ``"bitmask"`` (bitmask + kept values, read back by lmshrink; see
@@ -150,9 +160,47 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
     starts over. Progress of a different run (other model, recipe, calibration or options) is refused unless
     ``restart``.
 
+    ``expert_min_tokens`` (mixture-of-experts models): a routed expert that receives fewer calibration tokens than
+    this is calibrated on every token instead (a pass that routes all tokens through it, for its statistics only),
+    and the record says so; None (default): a tenth of the mean its block's experts receive. An expert that
+    receives none always is. The record's ``experts`` lists each block's tokens per expert and fallbacks.
+
+    ``distributed``: data-parallel calibration over the ranks of the initialised ``torch.distributed`` process
+    group (``engine.distributed``): call ``compress`` with the same arguments on every rank; each rank runs its
+    share of the calibration windows, the statistics are summed over the ranks, and rank 0 writes the checkpoint
+    and the output. The result is the single-process one. None (default): when a group of several ranks is
+    initialised; False: never. ``device="cuda"`` means each rank's local GPU.
+
     Returns the record written to ``lmshrink.json``: recipe, calibration protocol, per-layer errors and times,
-    peak memory, bytes on disk, library versions, and ``results`` (name -> QuantResult, not serialized).
+    peak memory, bytes on disk, library versions, and ``results`` (name -> QuantResult, not serialized; on rank 0
+    only in a data-parallel run, empty on the other ranks).
     """
+    group = Group() if distributed is False else Group.current()
+    try:
+        return _compress(group, model, recipe, output=output, calibration=calibration,
+                         calibration_split=calibration_split, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                         data_dir=data_dir, device=device, resume=resume, overwrite=overwrite,
+                         progress=progress and group.is_root, tokenizer=tokenizer, dtype=dtype,
+                         on_block_done=on_block_done, offload=offload, sparse_format=sparse_format,
+                         restart=restart, expert_min_tokens=expert_min_tokens)
+    except RankLost as lost:
+        partial = Path(output).expanduser().resolve() if output is not None else None
+        saved = (f"; the blocks finished before it are saved in {partial.with_name(partial.name + '.partial')}"
+                 if partial is not None else "")
+        raise LmshrinkError(
+            f"the data-parallel run stopped: {lost}: another of the {lost.world} ranks ended (it crashed, was "
+            f"killed, or stopped with an error of its own){saved}",
+            fix=("read the failed rank's own error (torchrun names the rank), then start the same command with "
+                 "--resume to go on from the saved blocks") if partial is not None else
+                "read the failed rank's own error (torchrun names the rank), then run again") from lost
+
+
+def _compress(group: Group, model, recipe, *, output, calibration, calibration_split, nsamples, seqlen, seed,
+              data_dir, device, resume, overwrite, progress, tokenizer, dtype, on_block_done, offload,
+              sparse_format, restart, expert_min_tokens) -> dict[str, Any]:
+    if expert_min_tokens is not None and expert_min_tokens < 1:
+        raise LmshrinkError(f"expert_min_tokens {expert_min_tokens} must be at least 1 (an expert that receives no "
+                            "token is always calibrated on every token)", fix="pass 1 or more, or leave it unset")
     recipe = load_recipe(recipe)
     check_sparse_format(sparse_format)  # before the compression runs
     check_calibration_numbers(nsamples, seqlen, seed)
@@ -176,6 +224,7 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
         raise LmshrinkError("this model was loaded with lazy blocks (their weights are on disk, not in memory)",
                             fix="compress it with offload='disk' (CLI: --offload disk)")
     adapter = get_adapter(model.model)
+    adapter.linearize(model.model)  # mixture-of-experts: one linear per expert and projection (models.moe)
     linears = list(iter_linears(model.model))
     layers = [(name, linear_dims(module)[1]) for name, module in linears]
     # what can be saved: float16 scales are not exact in a bfloat16 checkpoint (in memory they stay as they were)
@@ -195,28 +244,36 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
     if output is not None:
         out_dir, partial_dir = _check_output(Path(output), model)
     windows = calibration_windows(model.tokenizer, source, nsamples, seqlen, seed, model.info.max_context)
-    checkpoint, saved_state = None, None
+    checkpoint, saved_state = None, False
+    # the ranks of a data-parallel run must run the same thing: their fingerprints must agree
+    key = fingerprint(recipe.to_dict(), windows.protocol, model.info.to_dict(), windows.input_ids, device,
+                      weights_digest(model.model, model.weights), {"lmshrink": __version__},
+                      *([{"expert_min_tokens": expert_min_tokens}] if expert_min_tokens is not None else []))
+    group.check_same(key, "model, recipe, calibration or options")
     if out_dir is not None:
-        key = fingerprint(recipe.to_dict(), windows.protocol, model.info.to_dict(), windows.input_ids, device,
-                          weights_digest(model.model, model.weights), {"lmshrink": __version__})
         checkpoint = Checkpoint(partial_dir, key)
-        saved_state = None if restart else checkpoint.load()  # refuses progress of another run
         blocks = len(adapter.blocks(model.model))
-        if saved_state is not None:
-            done = int(saved_state["finished_blocks"])
-            if resume is False:
-                raise LmshrinkError(f"{checkpoint.folder} holds this run's progress ({done} of {blocks} blocks done)",
-                                    fix="continue it (CLI: --resume, or leave both flags out), or discard it "
-                                        "(CLI: --restart)")
-            where = (f"resuming at block {done + 1} of {blocks}" if done < blocks else
-                     f"all {blocks} blocks are done; resuming after them")
-            print(f"lmshrink: {where} ({checkpoint.folder} holds this run's progress; --restart discards it)",
-                  file=sys.stderr)
-        elif resume:
-            print(f"lmshrink: nothing to resume in {checkpoint.folder}; starting from block 1",
-                  file=sys.stderr)
-        _check_replace(out_dir, overwrite or saved_state is not None)
-    resume = saved_state is not None
+
+        def check_progress() -> bool:
+            saved = None if restart else checkpoint.load()  # refuses progress of another run
+            if saved is not None:
+                done = int(saved["finished_blocks"])
+                if resume is False:
+                    raise LmshrinkError(f"{checkpoint.folder} holds this run's progress ({done} of {blocks} blocks "
+                                        "done)", fix="continue it (CLI: --resume, or leave both flags out), or "
+                                                     "discard it (CLI: --restart)")
+                where = (f"resuming at block {done + 1} of {blocks}" if done < blocks else
+                         f"all {blocks} blocks are done; resuming after them")
+                print(f"lmshrink: {where} ({checkpoint.folder} holds this run's progress; --restart discards it)",
+                      file=sys.stderr)
+            elif resume:
+                print(f"lmshrink: nothing to resume in {checkpoint.folder}; starting from block 1",
+                      file=sys.stderr)
+            _check_replace(out_dir, overwrite or saved is not None)
+            return saved is not None
+
+        saved_state = group.root(check_progress)  # rank 0 reads and writes the work folder
+    resume = saved_state
     streamer = BlockStreamer(model.model, model.weights, adapter.block_path(model.model)) if streamed else None
     # phase stages (e.g. recover) split the recipe: the engine runs the stages before the first one, then the phase
     # stages and the engine stages after them run on the whole model (pipeline.phases)
@@ -224,10 +281,16 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
     if phases and streamed:
         raise LmshrinkError(f"{phases[0][0].method} stages work on the whole model, which offload='disk' never holds "
                             "in memory", fix=f"compress without --offload disk, or drop the {phases[0][0].method} stages")
+    if phases and group.active:
+        raise LmshrinkError(f"{phases[0][0].method} stages train on the whole model in one process; data-parallel "
+                            "calibration does not cover them yet",
+                            fix=f"run this recipe in a single process (without torchrun), or drop the "
+                                f"{phases[0][0].method} stages")
     teacher = snapshot_teacher(model.model) if any(s.needs_teacher for s, _ in phases) else None
     blocks_before = _block_parameters(model.model)
-    engine = Engine(model.model, adapter, engine_recipe, windows.input_ids, device=device, checkpoint=checkpoint,
-                    resume=resume, progress=progress, on_block_done=on_block_done, streamer=streamer)
+    engine = Engine(model.model, adapter, engine_recipe, windows.input_ids, device=rank_device(device, group),
+                    checkpoint=checkpoint, resume=resume, progress=progress, on_block_done=on_block_done,
+                    streamer=streamer, group=group, expert_min_tokens=expert_min_tokens)
     result = engine.run()
     phase_records, adapter_files = [], {}
     phases_started = time.perf_counter()
@@ -256,7 +319,8 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
                     "peak_rss_bytes": result.peak_rss_bytes, "peak_rss_measured": PEAK_RSS_MEASURED,
                     "engine_peak_rss_bytes": result.peak_rss_bytes,
                     "resumed_from_block": result.resumed_from_block, "device": device, "offload": offload,
-                    "recover_seconds": time.perf_counter() - phases_started if phases else None},
+                    "recover_seconds": time.perf_counter() - phases_started if phases else None,
+                    **_ranks_summary(group, result)},
         "warnings": notes,
         "notes": layout_notes,
         "environment": environment(),
@@ -277,36 +341,66 @@ def compress(model: LoadedModel | str | torch.nn.Module, recipe: str | Recipe | 
     lowrank = lowrank_storage(model.model, result.results, block_linears)
     if lowrank is not None:
         record["summary"]["lowrank_storage"] = lowrank
+    if result.experts:
+        record["experts"] = {"min_tokens": expert_min_tokens if expert_min_tokens is not None else
+                             "a tenth of the mean tokens per expert of the block (at least 1)",
+                             "fallback": "all-tokens: every calibration token routed through the expert, for its "
+                                         "statistics only", "blocks": result.experts}
     if result.block_options:
         record["block_options"] = {f"stage {n + 1}": {str(b): options for (m, b), options in sorted(
             result.block_options.items()) if m == n} for n in sorted({m for m, _ in result.block_options})}
     if out_dir is not None:
-        quantized = set(result.results)
-        ignore = sorted({name for name, _ in iter_linears(model.model) if name not in quantized} | {"lm_head"})
-        storage = storage_summary(model.model, result.results, sparse_format)
+        def write() -> dict[str, Any] | None:
+            quantized = set(result.results)
+            ignore = sorted({name for name, _ in iter_linears(model.model) if name not in quantized} | {"lm_head"})
+            storage = storage_summary(model.model, result.results, sparse_format)
+            if storage is not None:
+                record["summary"]["sparse_storage"] = storage
+            shapes = {layer["name"]: (layer["out_features"], layer["in_features"]) for layer in result.layers}
+
+            def final_record(folder: Path) -> str:
+                # written after the weights: their bytes on disk, and the peak memory with the writing included
+                record["summary"]["storage"] = stored_size(folder, shapes)
+                record["summary"]["peak_rss_bytes"] = peak_rss_bytes()
+                return json.dumps(record, indent=1, default=str)
+
+            save_quantized(model.model, model.tokenizer, result.results, out_dir, ignore=ignore,
+                           input_dir=model.info.path, extra_files={"lmshrink.json": final_record},
+                           overwrite=overwrite or saved_state,
+                           source_tensors=(_streamed_source(model.weights, result.tensors, streamer.source_name)
+                                           if streamed else None),
+                           sparse_format=sparse_format,
+                           max_shard_size=STREAMED_SHARD_BYTES if streamed else DEFAULT_SHARD_BYTES,
+                           rename=adapter.checkpoint_name if adapter.spec.checkpoint_renames else None)
+            if adapter_files:  # a final recover stage with merge: false: the adapters in PEFT format beside the model
+                with atomic_directory(out_dir / ADAPTER_FOLDER, overwrite=True) as staging:
+                    for filename, content in adapter_files.items():
+                        (staging / filename).write_bytes(content)
+            if isinstance(result.results, StoredResults):  # results on disk: out of the work folder, for the caller
+                result.results.relocate(out_dir.parent)
+            checkpoint.remove()
+            return storage
+
+        storage = group.root(write)  # only rank 0 writes; the others wait for it
         if storage is not None:
             record["summary"]["sparse_storage"] = storage
-        shapes = {layer["name"]: (layer["out_features"], layer["in_features"]) for layer in result.layers}
-
-        def final_record(folder: Path) -> str:
-            # written after the weights: their bytes on disk, and the peak memory with the writing included
-            record["summary"]["storage"] = stored_size(folder, shapes)
-            record["summary"]["peak_rss_bytes"] = peak_rss_bytes()
-            return json.dumps(record, indent=1, default=str)
-
-        save_quantized(model.model, model.tokenizer, result.results, out_dir, ignore=ignore, input_dir=model.info.path,
-                       extra_files={"lmshrink.json": final_record},
-                       overwrite=overwrite or saved_state is not None,
-                       source_tensors=(_streamed_source(model.weights, result.tensors, streamer.source_name)
-                                       if streamed else None),
-                       sparse_format=sparse_format)
-        if adapter_files:  # a final recover stage with merge: false: the adapters in PEFT format beside the model
-            with atomic_directory(out_dir / ADAPTER_FOLDER, overwrite=True) as staging:
-                for filename, content in adapter_files.items():
-                    (staging / filename).write_bytes(content)
-        checkpoint.remove()
         record["output"] = str(out_dir)
     else:
         record["summary"]["peak_rss_bytes"] = peak_rss_bytes()
     record["results"] = result.results
     return record
+
+
+def _ranks_summary(group: Group, result) -> dict[str, Any]:
+    """The data-parallel group in the record: ranks, and each rank's peak RSS and CPU time (a single process: one)."""
+    names = ("forwards", "solves", "block_stages", "exchange", "checkpoint")
+    peaks = torch.zeros(group.world, dtype=torch.int64)
+    seconds = torch.zeros(group.world, 1 + len(names), dtype=torch.float64)
+    peaks[group.rank] = result.peak_rss_bytes
+    seconds[group.rank] = torch.tensor([result.cpu_seconds, *(result.parts.get(n, 0.0) for n in names)],
+                                       dtype=torch.float64)
+    group.all_reduce(peaks)
+    group.all_reduce(seconds)
+    return {"ranks": group.world, "backend": group.backend, "peak_rss_bytes_per_rank": peaks.tolist(),
+            "cpu_seconds_per_rank": seconds[:, 0].tolist(),
+            "seconds_by_part_per_rank": [{n: round(float(v), 3) for n, v in zip(names, row[1:])} for row in seconds]}

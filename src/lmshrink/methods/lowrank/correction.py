@@ -69,7 +69,8 @@ def solve_correction(stage, job) -> CorrectedResult:
     drift = job.stats.fp_target
     compressed = base.dense().float()
     target, info = weight, {}
-    if stage.fp_target and not drift.identical:
+    # drift is None: a routed expert, whose inputs do not pair up (the engine records it); the local objective then
+    if stage.fp_target and drift is not None and not drift.identical:
         target, info = fp_target_weight(weight, drift.cross.cross.to(hessian.device), hessian,
                                         damp_percent=stage.damp_percent)
     lower, whitening_info = cholesky_whitening(hessian)
@@ -82,7 +83,7 @@ def solve_correction(stage, job) -> CorrectedResult:
                                               storage_dtype=stage.storage_dtype)
 
     def error(solved: torch.Tensor) -> float:
-        if stage.fp_target:
+        if stage.fp_target and drift is not None:
             return asymmetric_output_error(weight, solved, drift.reference.hessian, drift.cross.cross, hessian)[1]
         return output_error(weight, solved, hessian)
 

@@ -49,17 +49,19 @@ def solve_svd(stage, job) -> LowRankResult:
     hessian = job.stats.hessian
     weighting, info = _weighting(stage, hessian, job.stats.channels)
     target = weight
-    if stage.fp_target and not drift.identical:
+    # drift is None although asked for: a routed expert, whose inputs do not pair up (the engine records it)
+    if stage.fp_target and drift is not None and not drift.identical:
         target, target_info = fp_target_weight(weight, drift.cross.cross.to(hessian.device), hessian,
                                                damp_percent=stage.damp_percent)
         info.update(target_info)
     truncation = truncated_svd(target, rank, weighting)
     left = truncation.left
     if stage.update:
-        cross = None if drift.identical else drift.cross.cross
+        cross = None if drift is None or drift.identical else drift.cross.cross
         before = left @ truncation.right
-        info["rel_output_error_before_update"] = asymmetric_output_error(
-            weight, before, drift.reference.hessian, drift.cross.cross, hessian)[1]
+        if drift is not None:
+            info["rel_output_error_before_update"] = asymmetric_output_error(
+                weight, before, drift.reference.hessian, drift.cross.cross, hessian)[1]
         left = refit_left(weight, truncation.right, hessian, cross)
     result = LowRankResult.from_factors(left, truncation.right, merge=stage.merge,
                                         storage_dtype=dtype_name(linear_weight(job.module)))

@@ -115,6 +115,9 @@ class DepthStage(StageBase):
     model's outputs when each block is skipped (greedy); the config's layer count and per-layer lists follow."""
 
     scope = Scope.MODEL
+    # block removal changes the model's structure and scores blocks on the hidden states of one process: supported
+    # in a single process only
+    data_parallel = False
     summary = "structured depth pruning: whole decoder blocks removed (ShortGPT influence or greedy KL)"
     leading_options = ("ratio", "blocks", "score")
     method: Literal["prune-depth"] = "prune-depth"
