@@ -89,7 +89,7 @@ def main() -> None:
             continue
         print("| " + " | ".join(_cells(entry, row)) + " |")
     if unmeasured:
-        print(f"\nNot yet measured on P1: {', '.join(unmeasured)} (commands: `bench/preset_table.py --sources`).")
+        print(f"\nNot yet measured on P1: {', '.join(unmeasured)} (`bench/preset_table.py --sources`).")
 
 
 if __name__ == "__main__":
