@@ -165,3 +165,12 @@ def dense_row(parser: argparse.ArgumentParser, args, evaluate: list[str], fields
     dense = run_json(CLI + ["evaluate", args.model] + evaluate)
     return ({"recipe": "dense fp32", "wikitext2": dense["perplexity"][0]["ppl"], "enwiki": dense["perplexity"][1]["ppl"],
              "kl": 0.0, **fields(dense)}, dense["environment"])
+
+
+def compress_and_evaluate(args, recipe: str, work: Path, evaluate: list[str]) -> tuple[Path, dict, dict]:
+    """Compress ``recipe`` (a preset name or a YAML file) into a folder of ``work`` named after it, then evaluate the
+    saved folder against the base model with ``evaluate``: (the folder, the compress record, the evaluation)."""
+    out = work / Path(recipe).stem.replace(":", "-").replace("+", "-")
+    record = run_json(CLI + ["compress", args.model, "--recipe", recipe, "-o", str(out)] + compress_options(args))
+    result = run_json(CLI + ["evaluate", str(out), "--kl-base", args.model] + evaluate)
+    return out, record, result

@@ -22,16 +22,14 @@ import tempfile
 from pathlib import Path
 
 from p1 import (
-    CLI,
     add_p1_arguments,
     add_reuse_dense_argument,
-    compress_options,
+    compress_and_evaluate,
     dense_row,
     evaluate_options,
     keep_row,
     print_saved_table,
     protocol_line,
-    run_json,
     stamp,
 )
 
@@ -105,10 +103,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         for recipe in args.recipes.split(","):
-            out = work / Path(recipe).stem.replace(":", "-").replace("+", "-")
-            record = run_json(CLI + ["compress", args.model, "--recipe", recipe, "-o", str(out)]
-                              + compress_options(args))
-            result = run_json(CLI + ["evaluate", str(out), "--kl-base", args.model] + evaluate + task_options)
+            _, record, result = compress_and_evaluate(args, recipe, work, evaluate + task_options)
             environment = environment or result["environment"]
             structure = record.get("structure") or {}
             rows.append({"recipe": recipe, "stages": _describe(record), "params": result["size"]["parameters"],
