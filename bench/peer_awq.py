@@ -29,11 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 from p1 import (
@@ -48,6 +44,7 @@ from p1 import (
     run_json,
     stamp,
 )
+from peer import DEFAULT_PEER_PYTHON, draw_windows, mark_dequantize, peer_ready, run_together
 from quantize import _print_table
 
 from lmshrink.formats.compressed_tensors import packed_storage
@@ -92,61 +89,18 @@ print("PEER-RESULT " + json.dumps({"seconds": seconds, "llmcompressor": llmcompr
 '''
 
 
-def _peer_ready(python: str) -> str | None:
-    """None when ``python`` runs and imports llmcompressor, else why not."""
-    if not Path(python).is_file():
-        return f"{python} does not exist"
-    probe = subprocess.run([python, "-c", "import llmcompressor; print(llmcompressor.__version__)"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"llmcompressor does not import there: {probe.stderr.strip().splitlines()[-1:]}"
-    return None
-
-
-def _windows(args, path: Path) -> str:
-    """Draw the P1 calibration windows as `lmshrink compress` does, save their ids; returns the model folder."""
-    from safetensors.torch import save_file
-
-    from lmshrink import load_model
-    from lmshrink.data.sources import load_text
-    from lmshrink.data.windows import calibration_windows
-
-    loaded = load_model(args.model, progress=False)
-    source = load_text(args.calib, "train", args.data_dir)
-    windows = calibration_windows(loaded.tokenizer, source, args.nsamples, args.seqlen, args.seed,
-                                  loaded.info.max_context)
-    save_file({"input_ids": windows.input_ids.contiguous()}, str(path))
-    return loaded.info.path
-
-
-def _run_peer(python: str, argv: list[str]) -> tuple[dict, float, int]:
-    """The peer's PEER-RESULT record, its process wall seconds and peak RSS bytes (wait4)."""
-    started = time.perf_counter()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([python, "-c", PEER, *argv], stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - started
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"the peer failed:\n{stderr[-4000:]}")
-    line = next(line for line in stdout.splitlines()[::-1] if line.startswith("PEER-RESULT "))
-    return json.loads(line[len("PEER-RESULT "):]), wall, usage.ru_maxrss * 1024
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_p1_arguments(parser, "4", "bits of the peer's grids, comma-separated (W4A16_ASYM's arguments otherwise)")
     add_reuse_dense_argument(parser)
     parser.add_argument("--group-size", type=int, default=128,
                         help="columns per group of the peer's grid (its observers need a divisor of every width)")
-    parser.add_argument("--peer-python", default="/work/scratch/peers/llmc/bin/python",
+    parser.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON,
                         help="the python of a virtual environment with llmcompressor installed")
     args = parser.parse_args()
     if print_saved_table(args, _print_table):
         return
-    why = _peer_ready(args.peer_python)
+    why = peer_ready(args.peer_python)
     if why is not None:
         print(f"peer_awq: skipped, no llm-compressor to run: {why}")
         return
@@ -157,16 +111,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        model_dir = _windows(args, work / "calibration_ids.safetensors")
+        model_dir = draw_windows(args, work / "calibration_ids.safetensors")
         for bits in (int(b) for b in args.recipes.split(",")):
             out = work / f"llmcompressor-awq-w{bits}g{args.group_size}"
-            peer, wall, rss = _run_peer(args.peer_python, [model_dir, str(work / "calibration_ids.safetensors"),
-                                                           str(out), str(bits), str(args.group_size),
-                                                           str(args.nsamples), str(args.seqlen)])
-            # as lmshrink's own asymmetric checkpoints: transformers decodes packed zero points only on this route
-            config = json.loads((out / "config.json").read_text())
-            config["quantization_config"]["dequantize"] = True
-            (out / "config.json").write_text(json.dumps(config, indent=2))
+            ran = run_together([([args.peer_python, "-c", PEER, model_dir, str(work / "calibration_ids.safetensors"),
+                                  str(out), str(bits), str(args.group_size), str(args.nsamples), str(args.seqlen)],
+                                 {})])[0].check()
+            peer, wall, rss = ran.tagged("PEER-RESULT "), ran.wall, ran.peak_rss_bytes
+            mark_dequantize(out)
             result = run_json(CLI + ["evaluate", str(out), "--kl-base", args.model] + evaluate_options(args))
             weights = packed_storage(out)
             rows.append({"recipe": f"llm-compressor {peer['llmcompressor']} AWQ w{bits}g{args.group_size} asym",

@@ -256,3 +256,40 @@ def test_free_heap_is_released_after_every_pass_and_every_block(monkeypatch):
     process._malloc_trim.cache_clear()
     monkeypatch.undo()
     process.release_free_heap()  # the real one: callable on this platform (None where there is no malloc_trim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_hidden_streams_are_written_batch_by_batch_as_a_plain_safetensors_file(tmp_path, dtype):
+    """The checkpoint writes each stream of hidden states from its batches' own memory (no concatenated copy); the
+    file is a plain safetensors file: safetensors reads both streams back as the concatenated batches."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from lmshrink.engine.checkpoint import _atomic_safetensors_batches
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = [torch.randn(n, 5, 7, generator=gen).to(dtype) for n in (2, 2, 1)]
+    reference = [torch.randn(n, 5, 7, generator=gen).to(dtype) for n in (2, 2, 1)]
+    path = tmp_path / "hidden.safetensors"
+    _atomic_safetensors_batches(path, {"hidden": hidden, "reference_hidden": reference})
+    loaded = load_file(str(path))
+    assert torch.equal(loaded["hidden"], torch.cat(hidden)) and loaded["hidden"].dtype == dtype
+    assert torch.equal(loaded["reference_hidden"], torch.cat(reference))
+    with safe_open(str(path), "pt") as handle:
+        assert sorted(handle.keys()) == ["hidden", "reference_hidden"]
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(ValueError, match="share a float dtype"):
+        _atomic_safetensors_batches(path, {"hidden": [hidden[0], hidden[1].float().double()]})
+
+
+def test_engine_times_statistics_apart_from_forwards():
+    """The record's seconds by part split the collection passes: the hooks' statistics under "statistics", the rest
+    of the forwards under "forwards"; a recipe without statistics spends nothing on them."""
+    model = tiny_llama(num_hidden_layers=2)
+    parts = Engine(model, get_adapter(model), parse_recipe([{"method": "gptq", "bits": 4, "group_size": 32}]),
+                   _calib(), progress=False, batch_size=2).run().parts
+    assert parts["statistics"] > 0 and parts["forwards"] > 0 and parts["solves"] > 0
+    model = tiny_llama(num_hidden_layers=2)
+    parts = Engine(model, get_adapter(model), parse_recipe([{"method": "magnitude", "sparsity": 0.5}]),
+                   _calib(), progress=False, batch_size=2).run().parts
+    assert parts.get("statistics", 0.0) == 0.0

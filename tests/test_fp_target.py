@@ -10,7 +10,7 @@ from helpers import assert_same_run, tiny_llama
 from lmshrink.core.grids import GridSpec
 from lmshrink.engine.checkpoint import Checkpoint
 from lmshrink.engine.loop import Engine
-from lmshrink.engine.statistics import CrossAccumulator, HessianAccumulator
+from lmshrink.engine.statistics import CrossAccumulator, DriftStats, HessianAccumulator
 from lmshrink.methods.prune.sparsegpt import sparsegpt_prune
 from lmshrink.methods.quant.gptq import gptq_quantize
 from lmshrink.methods.solver import asymmetric_output_error, fp_target_weight
@@ -29,13 +29,22 @@ def _drifted_layer(out=48, inp=96, samples=800, noise=0.3, seed=0):
 
 
 def _stats(x, x_tilde, batches=4):
-    """H = X^T X, C = X^T X~, H~ = X~^T X~ through the engine's accumulators (same running-average scale)."""
+    """H = X^T X, C = X^T X~ (both in the DriftStats the engine hands a solve), H~ = X~^T X~ through the engine's
+    accumulators (same running-average scale)."""
     h, h_t, c = HessianAccumulator(x.shape[1]), HessianAccumulator(x.shape[1]), CrossAccumulator(x.shape[1])
     for xs, ts in zip(x.chunk(batches), x_tilde.chunk(batches)):
         h.add_batch(xs)
         h_t.add_batch(ts)
         c.add_batch(xs, ts)
-    return h.hessian, c, h_t.hessian
+    return h.hessian, DriftStats(c, h), h_t.hessian
+
+
+def _target(weight, drift, h_t, **kw):
+    return fp_target_weight(weight, drift.correction(weight, h_t), h_t, **kw)
+
+
+def _error(weight, q, drift, h_t):
+    return asymmetric_output_error(weight, q, h_t, drift.weighted_cross(weight), drift.output_norm(weight))
 
 
 def _asym_error(weight, q, x, x_tilde):
@@ -44,7 +53,8 @@ def _asym_error(weight, q, x, x_tilde):
 
 def test_cross_accumulator_orientation_and_scale():
     weight, x, x_tilde = _drifted_layer(inp=32, samples=120)
-    _, cross, _ = _stats(x, x_tilde, batches=3)
+    _, drift, _ = _stats(x, x_tilde, batches=3)
+    cross = drift.cross
     assert cross.nsamples == 3 and cross.tokens == 120 and not cross.identical
     # C[i, j] = sum_t x_t[i] x~_t[j], scaled as HessianAccumulator (2 / nsamples)
     torch.testing.assert_close(cross.cross, 2.0 / 3 * x.t() @ x_tilde, rtol=1e-5, atol=1e-5)
@@ -58,9 +68,9 @@ def test_target_is_the_damped_least_squares_solution():
     min ||X W^T - X~ Q^T||^2 + l ||W - Q||^2 (stacked rows), and the decomposition
     f(Q) = f(W*) + tr((Q - W*)(H~ + l I)(Q - W*)^T) holds for any Q (the reduction to a GPTQ sweep on W*)."""
     weight, x, x_tilde = _drifted_layer(out=16, inp=40, samples=300, seed=1)
-    h, cross, h_t = _stats(x, x_tilde)
+    h, drift, h_t = _stats(x, x_tilde)
     damp_percent = 0.05
-    target, info = fp_target_weight(weight, cross.cross, h_t, damp_percent=damp_percent)
+    target, info = _target(weight, drift, h_t, damp_percent=damp_percent)
     assert info["fp_target_damp_retries"] == 0
     # the accumulators hold (2 / n) X^T X with n = 4 batches: put the statistics on the scale of raw rows
     scale = 2.0 / 4
@@ -79,7 +89,7 @@ def test_target_is_the_damped_least_squares_solution():
     quad = float((((q - t) @ (xtd.t() @ xtd + lam * torch.eye(40, dtype=torch.float64))) * (q - t)).sum())
     assert f(q) == pytest.approx(f(t) + quad, rel=1e-6)
     # the error formula from H, C, H~ matches the one measured on the rows
-    drift_only, with_q = asymmetric_output_error(weight, q.float(), h, cross.cross, h_t)
+    drift_only, with_q = _error(weight, q.float(), drift, h_t)
     assert with_q == pytest.approx(_asym_error(weight, q.float(), x, x_tilde), rel=1e-3)
     assert drift_only == pytest.approx(_asym_error(weight, weight, x, x_tilde), rel=1e-3)
 
@@ -87,10 +97,10 @@ def test_target_is_the_damped_least_squares_solution():
 @pytest.mark.parametrize("bits,act_order", [(4, True), (3, True), (3, False)])
 def test_fp_target_lowers_the_asymmetric_error(bits, act_order):
     weight, x, x_tilde = _drifted_layer(seed=bits)
-    h, cross, h_t = _stats(x, x_tilde)
+    h, drift, h_t = _stats(x, x_tilde)
     spec = GridSpec(bits=bits, group_size=32)
     plain = gptq_quantize(weight, h_t, spec, act_order=act_order)
-    target, _ = fp_target_weight(weight, cross.cross, h_t)
+    target, _ = _target(weight, drift, h_t)
     asym = gptq_quantize(target, h_t, spec, act_order=act_order)
     plain_err = _asym_error(weight, plain.weight, x, x_tilde)
     asym_err = _asym_error(weight, asym.weight, x, x_tilde)
@@ -98,14 +108,14 @@ def test_fp_target_lowers_the_asymmetric_error(bits, act_order):
     # the drift alone (30% noise) dominates plain GPTQ's error; the target removes most of what is removable
     assert asym_err < 0.8 * plain_err
     assert asym_err < drift_only  # even below the unquantized layer on drifted inputs
-    assert asymmetric_output_error(weight, asym.weight, h, cross.cross, h_t)[1] == pytest.approx(asym_err, rel=1e-3)
+    assert _error(weight, asym.weight, drift, h_t)[1] == pytest.approx(asym_err, rel=1e-3)
 
 
 def test_fp_target_lowers_the_asymmetric_error_for_sparsegpt():
     weight, x, x_tilde = _drifted_layer(seed=7)
-    _, cross, h_t = _stats(x, x_tilde)
+    _, drift, h_t = _stats(x, x_tilde)
     plain = sparsegpt_prune(weight, h_t, 0.5, "unstructured")
-    target, _ = fp_target_weight(weight, cross.cross, h_t)
+    target, _ = _target(weight, drift, h_t)
     asym = sparsegpt_prune(target, h_t, 0.5, "unstructured")
     assert asym.sparsity == pytest.approx(0.5, abs=0.01)
     assert _asym_error(weight, asym.weight, x, x_tilde) < 0.8 * _asym_error(weight, plain.weight, x, x_tilde)
@@ -117,12 +127,67 @@ def test_identical_inputs_reproduce_plain_gptq_exactly():
     weight, x, _ = _drifted_layer(seed=3)
     h = HessianAccumulator(x.shape[1])
     h.add_batch(x)
-    target, _ = fp_target_weight(weight, h.hessian.clone(), h.hessian)
+    same = CrossAccumulator(x.shape[1])
+    same.add_batch(x, x.clone())
+    target, _ = _target(weight, DriftStats(same, h), h.hessian)
     assert torch.equal(target, weight)
     spec = GridSpec(bits=3, group_size=32)
     plain = gptq_quantize(weight, h.hessian, spec)
     asym = gptq_quantize(target, h.hessian, spec)
     assert torch.equal(plain.codes, asym.codes) and torch.equal(plain.weight, asym.weight)
+
+
+def test_per_layer_terms_equal_the_matrix_forms():
+    """ProjectedCross, accumulated from the uncompressed layer's outputs y = W x + b, gives the same W C, ||W X||^2 and
+    correction W (C - H~) as the group's cross term and reference Hessian, and the same identical flag."""
+    from lmshrink.engine.statistics import ProjectedCross
+
+    weight, x, x_tilde = _drifted_layer(out=24, inp=64, samples=400, seed=2)
+    h, drift, h_t = _stats(x, x_tilde)
+    bias = torch.randn(24)
+    projected = ProjectedCross(24, 64)
+    for xs, ts in zip(x.chunk(4), x_tilde.chunk(4)):
+        projected.add_batch(xs @ weight.t() + bias - bias, xs, ts)
+    per_layer = DriftStats(projected={"layer": projected})
+    assert projected.nsamples == 4 and projected.tokens == 400 and not per_layer.identical
+    torch.testing.assert_close(per_layer.weighted_cross(weight), drift.weighted_cross(weight), rtol=1e-4, atol=1e-5)
+    assert per_layer.output_norm(weight) == pytest.approx(drift.output_norm(weight), rel=1e-5)
+    torch.testing.assert_close(per_layer.correction(weight, h_t), drift.correction(weight, h_t), rtol=1e-3, atol=1e-4)
+    assert _error(weight, weight * 0.9, per_layer, h_t) == pytest.approx(_error(weight, weight * 0.9, drift, h_t),
+                                                                        rel=1e-4)
+    same = ProjectedCross(24, 64)
+    same.add_batch(x @ weight.t(), x, x.clone())
+    assert DriftStats(projected={"layer": same}).identical
+    with pytest.raises(ValueError, match="one layer's view"):
+        DriftStats(projected={"a": same, "b": projected}).weighted_cross(weight)
+
+
+def test_engine_takes_the_down_projection_per_layer_with_nearly_the_same_result(monkeypatch):
+    """In the pass that runs the block copy to its end (the down projection's), an fp_target layer stage gets that
+    layer's terms from the copy's outputs (cheaper than the two matrices); the solve lands where the matrix form's
+    does, up to float rounding."""
+    import lmshrink.engine.loop as loop
+
+    chosen = []
+
+    def spy(original, groups):
+        found = loop_projectable(original, groups)
+        chosen.append(sorted(found))
+        return found
+
+    loop_projectable = loop.projectable
+    base = tiny_llama(num_hidden_layers=2)
+    monkeypatch.setattr(loop, "projectable", spy)
+    per_layer = _run(copy.deepcopy(base), _gptq(bits=4, fp_target=True))
+    assert chosen == [["mlp.down_proj"]] * 2
+    monkeypatch.setattr(loop, "projectable", lambda original, groups: {})
+    matrices = _run(copy.deepcopy(base), _gptq(bits=4, fp_target=True))
+    for name, result in matrices.results.items():
+        other = per_layer.results[name]
+        if "down_proj" not in name and "layers.1" not in name:  # before any projected layer: the same solve
+            assert torch.equal(result.codes, other.codes), name
+        assert (result.codes != other.codes).float().mean() < 0.01, name
+        assert other.rel_output_error == pytest.approx(result.rel_output_error, rel=0.02, abs=1e-6), name
 
 
 # -- recipe ---------------------------------------------------------------------------------------------------------
@@ -264,17 +329,13 @@ def test_a_later_stage_aims_at_the_uncompressed_layer_not_at_the_earlier_stage()
     from torch import nn
 
     from lmshrink.engine.jobs import LayerJob
-    from lmshrink.engine.statistics import DriftStats
 
     def _solve(stage, module, hessian, drift, uncompressed=None):
         stats = SimpleNamespace(hessian=hessian, fp_target=drift, tokens=None, channels=None)
         return stage.solve(LayerJob(name="layer", module=module, uncompressed=uncompressed, stats=stats, state={}))
 
     weight, x, x_tilde = _drifted_layer(out=24, inp=64, samples=400, seed=3)
-    h, cross, h_tilde = _stats(x, x_tilde)
-    reference = HessianAccumulator(64)
-    reference.add_batch(x)
-    drift = DriftStats(cross, reference)
+    _, drift, h_tilde = _stats(x, x_tilde)
     stage = parse_recipe(_gptq(bits=3, group_size=32, fp_target=True)).stages[0]
 
     def layer(w):

@@ -106,6 +106,13 @@ class StageBase(BaseModel):
         return frozenset()
 
     @property
+    def fp_target_projected(self) -> bool:
+        """The stage reads ``Stat.FP_TARGET`` only through each layer's own uncompressed weight W (``W C`` and
+        ``||W X||^2``), so the engine may hand it those per layer instead of the group's matrices
+        (``DriftStats.projected``) where that is cheaper."""
+        return False
+
+    @property
     def sequential(self) -> bool:
         """Layer scope: re-collect statistics after each group of layers is solved (true-sequential), instead of
         once for all the block's groups."""
@@ -165,7 +172,9 @@ class LayerStats(Protocol):
 
     hessian: "torch.Tensor | None"  # Stat.HESSIAN
     tokens: int | None
-    fp_target: Any  # Stat.FP_TARGET: an object with ``cross``, ``reference`` (Hessian-like) and ``identical``
+    # Stat.FP_TARGET: an object with ``identical``, ``correction``, ``weighted_cross``, ``output_norm`` (per layer), and
+    # ``cross``, ``reference`` (Hessian-like) unless the engine gave it per layer (``fp_target_projected``)
+    fp_target: Any
     channels: Any  # Stat.CHANNELS: an object with ``sum``, ``sq_sum``, ``abs_sum``, ``min``, ``max``, ``tokens``
 
 

@@ -62,6 +62,41 @@ def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     os.replace(tmp, path)
 
 
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def _atomic_safetensors_batches(path: Path, streams: dict[str, list[torch.Tensor]]) -> None:
+    """Write each stream (a list of batches, concatenated along dim 0) as one tensor of a safetensors file, batch by
+    batch from the batches' own memory: ``save_file`` would need the streams concatenated and then copied to bytes,
+    two transient copies of the calibration's hidden states at every block. The file is a plain safetensors file
+    (8-byte little-endian header size, JSON header padded to 8 bytes, the tensors' bytes in header order)."""
+    header, offset = {}, 0
+    for name, batches in streams.items():
+        if not batches:
+            raise ValueError(f"stream {name!r} has no batches")
+        first = batches[0]
+        if first.dtype not in _DTYPES or any(b.dtype != first.dtype or b.shape[1:] != first.shape[1:] for b in batches):
+            raise ValueError(f"stream {name!r}: batches must share a float dtype and their shape after dim 0")
+        size = sum(b.numel() for b in batches) * first.element_size()
+        header[name] = {"dtype": _DTYPES[first.dtype], "shape": [sum(b.shape[0] for b in batches), *first.shape[1:]],
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for batches in streams.values():
+            for batch in batches:
+                batch = batch.detach().to("cpu").contiguous()
+                handle.write(memoryview(batch.view(torch.uint8).reshape(-1).numpy()))
+        handle.flush()
+        os.fsync(handle.fileno())  # on disk before the rename, as state.json is
+    with_umask_permissions(tmp)
+    os.replace(tmp, path)
+
+
 def _hidden_name(finished_blocks: int) -> str:
     return f"hidden_{finished_blocks:04d}.safetensors"
 
@@ -118,10 +153,10 @@ class Checkpoint:
         if structure:
             metadata["structure"] = json.dumps(structure)
         _atomic_safetensors(self.folder / f"block_{index:04d}.safetensors", stored, metadata)
-        streams = {"hidden": torch.cat(hidden)}
+        streams = {"hidden": hidden}
         if reference_hidden is not None:
-            streams["reference_hidden"] = torch.cat(reference_hidden)
-        _atomic_safetensors(self.folder / _hidden_name(index + 1), streams)
+            streams["reference_hidden"] = reference_hidden
+        _atomic_safetensors_batches(self.folder / _hidden_name(index + 1), streams)
         atomic_write_text(self.folder / _STATE,
                           json.dumps({**state, "fingerprint": self.key, "finished_blocks": index + 1}, indent=1))
         self.finished_blocks = index + 1

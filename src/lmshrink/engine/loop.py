@@ -32,7 +32,7 @@ from lmshrink.engine.checkpoint import Checkpoint, StoredResults
 from lmshrink.engine.distributed import Group
 from lmshrink.engine.jobs import BlockJob, LayerJob, ModelJob, Task
 from lmshrink.engine.offload import BlockStreamer
-from lmshrink.engine.passes import collect, pass_sources, to_device
+from lmshrink.engine.passes import collect, pass_sources, projectable, to_device
 from lmshrink.engine.replay import PassMemo
 from lmshrink.engine.statistics import GroupStats
 from lmshrink.models.adapters import ModelAdapter, linear_dims, linear_weight, set_linear_weight
@@ -63,7 +63,7 @@ class EngineResult:
     # on every token instead (``Engine._expert_fallback``)
     experts: dict[str, dict[str, Any]] = field(default_factory=dict)
     # wall seconds of this process by part: "forwards" (the calibration windows through blocks: capture, collection
-    # passes, final forwards), "solves" (layer solves on this rank), "block_stages", "exchange" (waiting for and
+    # passes, final forwards), "statistics" (accumulating statistics in the collection passes' hooks), "solves" (layer solves on this rank), "block_stages", "exchange" (waiting for and
     # moving data between ranks), "checkpoint" (writing progress)
     parts: dict[str, float] = field(default_factory=dict)
 
@@ -175,6 +175,14 @@ class Engine:
         finally:
             self.parts[part] = self.parts.get(part, 0.0) + time.perf_counter() - started
 
+    def _collect(self, *args, **kwargs) -> dict[str, GroupStats]:
+        """``collect``, its time counted under "forwards" less the statistics' own under "statistics"."""
+        before = self.parts.get("statistics", 0.0)
+        with self._timed("forwards"):
+            stats = collect(*args, clock=self.parts, **kwargs)
+        self.parts["forwards"] -= self.parts.get("statistics", 0.0) - before
+        return stats
+
     # -- blocks on and off the compute device ---------------------------------------------------------------------
     def _transform(self, index: int, block: nn.Module, stages) -> None:
         for stage in stages:
@@ -216,9 +224,8 @@ class Engine:
             kwargs = to_device(captured.kwargs[index], self.device)
             modules = {n: m for n, m in self.adapter.linears(block) if select(f"{prefix}.{index}.{n}")}
             outputs: list[torch.Tensor] = []
-            with self._timed("forwards"):
-                stats = collect(block, modules, needs, hidden, args, kwargs, self.device, stop_at=None,
-                                outputs=outputs)
+            stats = self._collect(block, modules, needs, hidden, args, kwargs, self.device, stop_at=None,
+                                  outputs=outputs)
             self._reduce(stats)
             if streams:
                 observations.append(observe(index, block, stats, hidden, outputs))
@@ -352,9 +359,9 @@ class Engine:
             return notes
         if memo is not None:
             memo.begin_pass({group_of[n] for n in starved})
-        with self.adapter.experts_module(block).routing_all({experts[n] for n in starved}), self._timed("forwards"):
-            fallback = collect(block, {n: block.get_submodule(n) for n in starved}, task.needs(), hidden, args,
-                               kwargs, self.device, stop_at=starved[-1], memo=memo)
+        with self.adapter.experts_module(block).routing_all({experts[n] for n in starved}):
+            fallback = self._collect(block, {n: block.get_submodule(n) for n in starved}, task.needs(), hidden,
+                                     args, kwargs, self.device, stop_at=starved[-1], memo=memo)
         if memo is not None:
             memo.end_pass()
         self._reduce(fallback)
@@ -608,10 +615,13 @@ class Engine:
                         stats = shared_stats
                     elif sources[number] == "collect":
                         reference = (original, reference_hidden, reference_memo) if Stat.FP_TARGET in needs else None
-                        with self._timed("forwards"):
-                            stats = collect(block, firsts, needs, hidden, args, kwargs, self.device,
-                                            stop_at=task.groups[-1][0], memo=memo, reference=reference,
-                                            finish_reference=finishing)
+                        # the pass runs the copy through the task's layers: a stage that reads fp_target only
+                        # through each layer's own weight takes it per layer where that is cheaper
+                        projected = (projectable(original, task.groups) if finishing and reference is not None
+                                     and stage.fp_target_projected else None)
+                        stats = self._collect(block, firsts, needs, hidden, args, kwargs, self.device,
+                                              stop_at=task.groups[-1][0], memo=memo, reference=reference,
+                                              finish_reference=finishing, projected=projected)
                         self._reduce(stats)
                         shared_stats = stats
                     _for_memos((memo, reference_memo), "end_pass")
@@ -630,7 +640,7 @@ class Engine:
                             t0 = time.perf_counter()
                             job = LayerJob(name=f"{prefix}.{index}.{name}", module=block.get_submodule(name),
                                            uncompressed=original.get_submodule(name) if original is not None else None,
-                                           stats=group_stats, state=handover.setdefault(name, {}))
+                                           stats=group_stats.for_layer(name), state=handover.setdefault(name, {}))
                             solved[name] = (stage.solve(job), time.perf_counter() - t0)
                             self.parts["solves"] = self.parts.get("solves", 0.0) + solved[name][1]
                     for group in task.groups:

@@ -3,6 +3,7 @@ for (``core.stage.Stat``), and decide which passes can be shared."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection
 
 import torch
@@ -11,7 +12,14 @@ from torch import nn
 from lmshrink.core.stage import Stat
 from lmshrink.engine.capture import StopForward, run_block
 from lmshrink.engine.replay import PassMemo
-from lmshrink.engine.statistics import ChannelAccumulator, CrossAccumulator, DriftStats, GroupStats, HessianAccumulator
+from lmshrink.engine.statistics import (
+    ChannelAccumulator,
+    CrossAccumulator,
+    DriftStats,
+    GroupStats,
+    HessianAccumulator,
+    ProjectedCross,
+)
 from lmshrink.models.adapters import linear_dims
 from lmshrink.runtime.activations import weight_input
 
@@ -27,19 +35,43 @@ def to_device(value, device):
     return value
 
 
-def _group_stats(module: nn.Module, needs: Collection[Stat], device) -> GroupStats:
+def _group_stats(module: nn.Module, needs: Collection[Stat], device, members: dict[str, nn.Module] | None = None
+                 ) -> GroupStats:
     width = linear_dims(module)[1]
+    drift = None
+    if Stat.FP_TARGET in needs:
+        if members:  # per layer, from the uncompressed layers' outputs
+            drift = DriftStats(projected={n: ProjectedCross(linear_dims(m)[0], width, device=device)
+                                          for n, m in members.items()})
+        else:
+            drift = DriftStats(CrossAccumulator(width, device=device), HessianAccumulator(width, device=device))
     return GroupStats(
         hessian_accumulator=HessianAccumulator(width, device=device) if Stat.HESSIAN in needs else None,
-        fp_target=(DriftStats(CrossAccumulator(width, device=device), HessianAccumulator(width, device=device))
-                   if Stat.FP_TARGET in needs else None),
-        channels=ChannelAccumulator(width, device=device) if Stat.CHANNELS in needs else None)
+        fp_target=drift, channels=ChannelAccumulator(width, device=device) if Stat.CHANNELS in needs else None)
+
+
+def projectable(original: nn.Module, groups: list[list[str]]) -> dict[str, list[str]]:
+    """The groups (first name -> members) whose ``Stat.FP_TARGET`` is cheaper per layer (``ProjectedCross``) than as
+    the group's two matrices, when the pass runs the uncompressed copy ``original`` through them anyway: plain
+    ``nn.Linear`` members (output = weight x input + bias) whose outputs together are narrower than 13/8 of the
+    input (``out * in`` per token against ``in * in`` for the cross term and about ``5/8 in * in`` for the
+    reference Hessian)."""
+    chosen = {}
+    for group in groups:
+        modules = [original.get_submodule(n) for n in group]
+        plain = all(type(m) is nn.Linear and getattr(m, "input_transform", None) is None
+                    and getattr(m, "input_spec", None) is None for m in modules)
+        if plain and 8 * sum(m.out_features for m in modules) < 13 * modules[0].in_features:
+            chosen[group[0]] = list(group)
+    return chosen
 
 
 def collect(block: nn.Module, modules: dict[str, nn.Module], needs: Collection[Stat], hidden: list[torch.Tensor],
             args: tuple, kwargs: dict, device, stop_at: str | None, memo: PassMemo | None = None,
             reference: tuple[nn.Module, list[torch.Tensor], PassMemo | None] | None = None,
-            finish_reference: bool = False, outputs: list[torch.Tensor] | None = None) -> dict[str, GroupStats]:
+            finish_reference: bool = False, outputs: list[torch.Tensor] | None = None,
+            clock: dict[str, float] | None = None, projected: dict[str, list[str]] | None = None
+            ) -> dict[str, GroupStats]:
     """Run the windows through ``block`` and gather ``needs`` for each named module's input.
 
     ``stop_at``: the module after whose input the pass can stop (the rest of the block is not needed).
@@ -50,12 +82,21 @@ def collect(block: nn.Module, modules: dict[str, nn.Module], needs: Collection[S
     ``finish_reference``: the copy runs to its end instead of stopping, and each batch's block output replaces its
     input in the reference stream's list (this pass is the last use of those inputs).
     ``outputs``: a list that receives each batch's block output on CPU (the pass must not stop early).
+    ``clock``: gets the wall seconds spent accumulating statistics added under ``"statistics"``.
+    ``projected``: groups (first name -> members, ``projectable``) whose ``Stat.FP_TARGET`` is accumulated per layer
+    from the copy's outputs of those layers (needs ``finish_reference``: the copy runs through them).
     """
     if Stat.FP_TARGET in needs and reference is None:
         raise ValueError("Stat.FP_TARGET needs the reference block and its hidden states")
-    stats = {name: _group_stats(module, needs, device) for name, module in modules.items()}
+    projected = projected or {}
+    if projected and not finish_reference:
+        raise ValueError("per-layer fp_target terms need the copy's outputs of the layers: finish_reference")
+    stats = {name: _group_stats(module, needs, device,
+                                {n: reference[0].get_submodule(n) for n in projected.get(name, [])})
+             for name, module in modules.items()}
     handles = []
     reference_inputs: dict[str, torch.Tensor] = {}
+    reference_outputs: dict[str, torch.Tensor] = {}  # projected layers' outputs in the copy (bias removed)
     drift = Stat.FP_TARGET in needs
     if drift:
         original, reference_hidden, reference_memo = reference
@@ -67,8 +108,14 @@ def collect(block: nn.Module, modules: dict[str, nn.Module], needs: Collection[S
                 if _name == stop_at and not finish_reference:
                     raise StopForward
             handles.append(original.get_submodule(name).register_forward_pre_hook(keep))
+        for member in (m for members in projected.values() for m in members):
+            def keep_output(_module, _args, output, _member=member):
+                y = output.detach()
+                reference_outputs[_member] = y if _module.bias is None else y - _module.bias
+            handles.append(original.get_submodule(member).register_forward_hook(keep_output))
     for name, module in modules.items():
         def hook(_module, args, _name=name):
+            started = time.perf_counter()
             x = weight_input(_module, args[0].detach())  # what the weight multiplies (its online transform applied)
             group = stats[_name]
             if group.hessian_accumulator is not None:
@@ -77,8 +124,14 @@ def collect(block: nn.Module, modules: dict[str, nn.Module], needs: Collection[S
                 group.channels.add_batch(x)
             if drift:
                 x_fp = reference_inputs.pop(_name)  # the same tokens in the uncompressed model
-                group.fp_target.cross.add_batch(x_fp, x)
-                group.fp_target.reference.add_batch(x_fp)
+                if group.fp_target.projected:
+                    for member, accumulator in group.fp_target.projected.items():
+                        accumulator.add_batch(reference_outputs.pop(member), x_fp, x)
+                else:
+                    group.fp_target.cross.add_batch(x_fp, x)
+                    group.fp_target.reference.add_batch(x_fp)
+            if clock is not None:
+                clock["statistics"] = clock.get("statistics", 0.0) + time.perf_counter() - started
             if _name == stop_at:
                 raise StopForward
         handles.append(module.register_forward_pre_hook(hook))
@@ -87,6 +140,7 @@ def collect(block: nn.Module, modules: dict[str, nn.Module], needs: Collection[S
             for batch, h in enumerate(hidden):
                 if drift:
                     reference_inputs.clear()
+                    reference_outputs.clear()
                     if reference_memo is not None:
                         reference_memo.set_batch(batch)
                     try:

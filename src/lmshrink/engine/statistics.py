@@ -1,7 +1,7 @@
 """Statistics of the linear layers' calibration inputs that the engine collects for stages (``core.stage.Stat``).
 
 ``HessianAccumulator`` gives ``Stat.HESSIAN``, a ``CrossAccumulator`` with a reference ``HessianAccumulator`` give
-``Stat.FP_TARGET``, ``ChannelAccumulator`` gives ``Stat.CHANNELS``. ``GroupStats`` bundles what one collection
+``Stat.FP_TARGET`` (or per layer a ``ProjectedCross``), ``ChannelAccumulator`` gives ``Stat.CHANNELS``. ``GroupStats`` bundles what one collection
 pass gathered for one linear group (the layers of a group share their input).
 
 Sums do not depend on how the calibration batches are split among ranks: each ``add_batch`` computes its batch's
@@ -13,7 +13,8 @@ ranks (``reduce`` sums the totals of a data-parallel group, in float64).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -219,19 +220,122 @@ class ChannelAccumulator:
         self.tokens = int(counts.item())
 
 
+class ProjectedCross:
+    """One layer's share of ``Stat.FP_TARGET`` when the uncompressed layer's outputs are at hand: ``W C`` =
+    ``(2 / nsamples) * sum_t y_t x~_t^T`` (``[out, in]``) and ``||W X||^2`` = ``(2 / nsamples) * sum_t ||y_t||^2``,
+    with ``y_t = W x_t`` the uncompressed layer's output (bias removed) on the uncompressed input, paired token by
+    token with the compressed model's input ``x~_t``.
+
+    A layer solve reads the cross term and the reference Hessian only through these two products with its own
+    uncompressed weight W, so it can take them instead: ``out * in`` multiply-adds per token, against ``in * in``
+    for the cross term and about ``5/8 * in * in`` for the reference Hessian (a down projection: 576 x 1536 against
+    2.6 x 1536 x 1536). Summed in float64 like the Hessian; ``identical`` as ``CrossAccumulator``'s.
+    """
+
+    def __init__(self, out_features: int, in_features: int, device: torch.device | str | None = None):
+        self.out_features, self.in_features = out_features, in_features
+        self._total = torch.zeros(out_features, in_features, dtype=torch.float64, device=device)
+        self._norm = torch.zeros((), dtype=torch.float64, device=device)
+        self.nsamples = 0
+        self.tokens = 0
+        self.identical = True
+
+    def add_batch(self, y: torch.Tensor, x: torch.Tensor, x_tilde: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> None:
+        """Add the uncompressed layer's outputs ``y`` (``[..., out]``, bias removed) with the inputs they came from
+        ``x`` (only compared with ``x_tilde``) and the compressed model's inputs ``x_tilde`` (``[..., in]``)."""
+        if x.shape != x_tilde.shape:
+            raise ValueError(f"paired inputs differ in shape: {tuple(x.shape)} vs {tuple(x_tilde.shape)}")
+        self.identical = self.identical and bool(torch.equal(x, x_tilde))
+        outputs = _flat_rows(y, self.out_features, self._total.device, mask)
+        rows = _flat_rows(x_tilde, self.in_features, self._total.device, mask)
+        self.nsamples += _samples(x_tilde)
+        self.tokens += rows.shape[0]
+        self._total += outputs.t() @ rows
+        self._norm += outputs.square().sum()  # a float32 batch sum, added into float64 as the products are
+
+    def _scale(self) -> float:
+        return 2.0 / self.nsamples if self.nsamples else 0.0
+
+    @property
+    def weighted_cross(self) -> torch.Tensor:
+        """``W C`` in float64."""
+        return self._total * self._scale()
+
+    @property
+    def output_norm(self) -> float:
+        return float(self._norm) * self._scale()
+
+    def reduce(self, group: Reducer) -> None:
+        group.all_reduce(self._total)
+        group.all_reduce(self._norm)
+        _reduce_counts(group, self)
+        flag = torch.tensor([int(self.identical)], dtype=torch.int64)
+        group.all_reduce(flag, op="min")
+        self.identical = bool(flag.item())
+
+
 @dataclass
 class DriftStats:
     """``Stat.FP_TARGET`` for one linear group: ``cross`` C = ``X^T X~`` and ``reference`` H = ``X^T X`` (X: the
-    group's inputs in the uncompressed model, X~: in the model being compressed, paired token by token)."""
+    group's inputs in the uncompressed model, X~: in the model being compressed, paired token by token); or, when
+    the engine had the uncompressed layers' outputs at hand and the stage reads no more than their products with
+    each layer's own weight (``StageBase.fp_target_projected``), ``projected``: per layer (relative name) its
+    ``ProjectedCross`` instead of the two matrices. A layer solve reads either form through ``correction``,
+    ``weighted_cross`` and ``output_norm`` of its own layer's view (``for_layer``)."""
 
-    cross: CrossAccumulator
-    reference: HessianAccumulator
+    cross: CrossAccumulator | None = None
+    reference: HessianAccumulator | None = None
+    projected: dict[str, ProjectedCross] = field(default_factory=dict)
 
     @property
     def identical(self) -> bool:
         """Every pair of inputs was bitwise equal (e.g. block 0's first group): the uncompressed target is the
         layer's own weight."""
-        return self.cross.identical
+        if self.cross is not None:
+            return self.cross.identical
+        return all(p.identical for p in self.projected.values())
+
+    def for_layer(self, name: str) -> DriftStats:
+        """The view one layer's solve reads: its own projected terms, or the group's matrices."""
+        if not self.projected:
+            return self
+        return DriftStats(projected={name: self.projected[name]})
+
+    def _own(self) -> ProjectedCross | None:
+        if not self.projected:
+            return None
+        if len(self.projected) != 1:
+            raise ValueError("a group's projected fp_target terms: read one layer's view (for_layer)")
+        return next(iter(self.projected.values()))
+
+    def correction(self, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+        """``W (C - H~)`` in float64 (``[out, in]``, on ``hessian``'s device): what asymmetric calibration adds to
+        the layer's target (``methods.solver.fp_target_weight``); exactly 0 when the inputs did not drift."""
+        w = weight.to(device=hessian.device, dtype=torch.float64)
+        own = self._own()
+        if own is not None:
+            return own.weighted_cross.to(hessian.device) - w @ hessian.to(torch.float64)
+        return w @ (self.cross.cross.to(hessian.device, torch.float64) - hessian.to(torch.float64))
+
+    def weighted_cross(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W C`` in float32 (``[out, in]``, on ``weight``'s device)."""
+        own = self._own()
+        w = weight.float()
+        if own is not None:
+            return own.weighted_cross.to(w.device, torch.float32)
+        return w @ self.cross.cross.to(w.device, torch.float32)
+
+    def output_norm(self, weight: torch.Tensor) -> float:
+        """``||W X||^2`` = ``tr(W H W^T)``: the uncompressed layer's output energy on the uncompressed inputs."""
+        own = self._own()
+        if own is not None:
+            return own.output_norm
+        w = weight.float()
+        return float(((w @ self.reference.hessian.to(w.device, torch.float32)) * w).sum(dtype=torch.float64))
+
+    def accumulators(self) -> list:
+        return [a for a in (self.cross, self.reference) if a is not None] + list(self.projected.values())
 
 
 @dataclass
@@ -253,9 +357,16 @@ class GroupStats:
                 return source.tokens
         return None
 
+    def for_layer(self, name: str) -> GroupStats:
+        """What the solve of layer ``name`` (relative to its block) reads: the group's statistics, with the
+        fp_target terms of that layer alone when they are per layer (``DriftStats.projected``)."""
+        if self.fp_target is None or not self.fp_target.projected:
+            return self
+        return dataclasses.replace(self, fp_target=self.fp_target.for_layer(name))
+
     def reduce(self, group: Reducer) -> None:
         """Every statistic summed (or min/max-ed) over the ranks of a data-parallel ``group``."""
         for source in (self.hessian_accumulator, self.channels,
-                       *((self.fp_target.cross, self.fp_target.reference) if self.fp_target else ())):
+                       *(self.fp_target.accumulators() if self.fp_target else ())):
             if source is not None:
                 source.reduce(group)

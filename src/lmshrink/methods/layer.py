@@ -36,14 +36,14 @@ def solve_layer(stage, job, solve: Callable[[torch.Tensor, torch.Tensor | None],
         if drift.identical:  # X~ == X on every token (e.g. block 0's first group): W* = W, skip the solve
             drift_info = {"fp_target_identical_inputs": True}
         else:
-            weight, drift_info = fp_target_weight(weight, drift.cross.cross.to(hessian.device), hessian,
+            weight, drift_info = fp_target_weight(weight, drift.correction(weight, hessian), hessian,
                                                   damp_percent=stage.damp_percent)
     result = solve(weight, hessian)
     if wanted and drift is None:
         result.info = {**(result.info or {}), "fp_target": "not applied: no paired inputs (routed expert)"}
     if drift is not None:
-        reference, cross = drift.reference.hessian.to(hessian.device), drift.cross.cross.to(hessian.device)
-        drift_only, after = asymmetric_output_error(original, result.weight, reference, cross, hessian)
+        drift_only, after = asymmetric_output_error(original, result.weight, hessian, drift.weighted_cross(original),
+                                                    drift.output_norm(original))
         result.info = {**(result.info or {}), **drift_info, "fp_target": True,
                        "rel_output_error_local": result.rel_output_error,
                        "rel_output_error_drift_only": drift_only, "rel_output_error": after}

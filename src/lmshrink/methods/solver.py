@@ -24,12 +24,13 @@ class SolverError(LmshrinkError):
     """The layer's Hessian could not be factorised even with raised damping."""
 
 
-def fp_target_weight(weight: torch.Tensor, cross: torch.Tensor, hessian: torch.Tensor, damp_percent: float = 0.01,
-                     max_retries: int = 5) -> tuple[torch.Tensor, dict]:
+def fp_target_weight(weight: torch.Tensor, correction: torch.Tensor, hessian: torch.Tensor,
+                     damp_percent: float = 0.01, max_retries: int = 5) -> tuple[torch.Tensor, dict]:
     """The least-squares target of asymmetric calibration: ``W* = W (C + l I)(H~ + l I)^-1``, in float64.
 
-    ``weight`` W: ``[out, in]``; ``cross`` C = ``X^T X~``; ``hessian`` H~ = ``X~^T X~`` (rows of X, X~ = tokens, the
-    accumulators' convention and scale). ``l`` is the GPTQ damping (``damp_percent`` of the mean diagonal of H~, dead
+    ``weight`` W: ``[out, in]``; ``correction``: ``W (C - H~)`` (``[out, in]``, float64: ``DriftStats.correction``)
+    with C = ``X^T X~``; ``hessian`` H~ = ``X~^T X~`` (rows of X, X~ = tokens, the accumulators' convention and
+    scale). ``l`` is the GPTQ damping (``damp_percent`` of the mean diagonal of H~, dead
     inputs counted as 1, as ``solve_columns`` does). W* minimises ``||W X^T - Q X~^T||^2 + l ||W - Q||^2`` over
     unconstrained Q, and for any Q that objective equals its value at W* plus ``tr((Q - W*)(H~ + l I)(Q - W*)^T)``,
     the damped objective the GPTQ/SparseGPT sweep minimises on W* with Hessian H~: the sweep on W* minimises the
@@ -42,7 +43,7 @@ def fp_target_weight(weight: torch.Tensor, cross: torch.Tensor, hessian: torch.T
     mean_diag = float(diag.mean())
     w = weight.to(device=h.device, dtype=torch.float64)
     # W* = W + W (C - H~)(H~ + l I)^-1 : the correction is exactly 0 when C == H~
-    rhs = (w @ (cross.to(torch.float64) - hessian.to(torch.float64))).t()
+    rhs = correction.to(device=h.device, dtype=torch.float64).t()
     for retry in range(max_retries + 1):
         damp = damp_percent * mean_diag
         lower, info = torch.linalg.cholesky_ex(h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
@@ -57,19 +58,20 @@ def fp_target_weight(weight: torch.Tensor, cross: torch.Tensor, hessian: torch.T
         "(asymmetric calibration target)", fix="use more calibration samples, or a larger damp_percent")
 
 
-def asymmetric_output_error(weight: torch.Tensor, solved: torch.Tensor, reference_hessian: torch.Tensor,
-                            cross: torch.Tensor, hessian: torch.Tensor) -> tuple[float, float]:
-    """``||W X^T - Q X~^T||^2 / ||W X^T||^2`` from H = ``X^T X``, C = ``X^T X~``, H~ = ``X~^T X~``.
+def asymmetric_output_error(weight: torch.Tensor, solved: torch.Tensor, hessian: torch.Tensor,
+                            weighted_cross: torch.Tensor, output_norm: float) -> tuple[float, float]:
+    """``||W X^T - Q X~^T||^2 / ||W X^T||^2`` from H~ = ``X~^T X~``, ``W C`` = ``W X^T X~`` and ``||W X^T||^2``.
 
     The relative error of the compressed layer (``solved`` Q) on the compressed model's inputs against the
-    uncompressed layer on the uncompressed model's inputs. Returns ``(drift only, with Q)``: the first is the same
-    error with Q = W (what the input drift alone costs). Products in fp32 (as ``output_error``), sums in fp64.
+    uncompressed layer on the uncompressed model's inputs (``weighted_cross`` and ``output_norm``: the
+    ``DriftStats`` terms of W). Returns ``(drift only, with Q)``: the first is the same error with Q = W (what the
+    input drift alone costs). Products in fp32 (as ``output_error``), sums in fp64.
     """
     w = weight.float()
     q = solved.to(device=w.device, dtype=torch.float32)
-    wc = w @ cross.to(w.device, torch.float32)
+    wc = weighted_cross.to(w.device, torch.float32)
     h_t = hessian.to(w.device, torch.float32)
-    den = float(((w @ reference_hessian.to(w.device, torch.float32)) * w).sum(dtype=torch.float64))
+    den = output_norm
 
     def relative(other: torch.Tensor, other_h: torch.Tensor) -> float:
         num = den - 2.0 * float((wc * other).sum(dtype=torch.float64)) + float(

@@ -34,6 +34,11 @@ class LayerSolveStage(StageBase):
         return frozenset({Stat.HESSIAN})
 
     @property
+    def fp_target_projected(self) -> bool:
+        # solve_layer reads the drift only through the layer's own weight (correction, weighted_cross, output_norm)
+        return True
+
+    @property
     def sequential(self) -> bool:
         # the stage's true_sequential option, where it has one; stages without it collect once per block
         return bool(getattr(self, "true_sequential", False))

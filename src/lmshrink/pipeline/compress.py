@@ -393,7 +393,7 @@ def _compress(group: Group, model, recipe, *, output, calibration, calibration_s
 
 def _ranks_summary(group: Group, result) -> dict[str, Any]:
     """The data-parallel group in the record: ranks, and each rank's peak RSS and CPU time (a single process: one)."""
-    names = ("forwards", "solves", "block_stages", "exchange", "checkpoint")
+    names = ("forwards", "statistics", "solves", "block_stages", "exchange", "checkpoint")
     peaks = torch.zeros(group.world, dtype=torch.int64)
     seconds = torch.zeros(group.world, 1 + len(names), dtype=torch.float64)
     peaks[group.rank] = result.peak_rss_bytes

@@ -71,7 +71,7 @@ def solve_correction(stage, job) -> CorrectedResult:
     target, info = weight, {}
     # drift is None: a routed expert, whose inputs do not pair up (the engine records it); the local objective then
     if stage.fp_target and drift is not None and not drift.identical:
-        target, info = fp_target_weight(weight, drift.cross.cross.to(hessian.device), hessian,
+        target, info = fp_target_weight(weight, drift.correction(weight, hessian), hessian,
                                         damp_percent=stage.damp_percent)
     lower, whitening_info = cholesky_whitening(hessian)
     truncation = truncated_svd(target - compressed, rank, lower)
@@ -84,7 +84,8 @@ def solve_correction(stage, job) -> CorrectedResult:
 
     def error(solved: torch.Tensor) -> float:
         if stage.fp_target and drift is not None:
-            return asymmetric_output_error(weight, solved, drift.reference.hessian, drift.cross.cross, hessian)[1]
+            return asymmetric_output_error(weight, solved, hessian, drift.weighted_cross(weight),
+                                           drift.output_norm(weight))[1]
         return output_error(weight, solved, hessian)
 
     result.rel_output_error = error(result.weight)

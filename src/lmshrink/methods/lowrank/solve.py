@@ -51,7 +51,7 @@ def solve_svd(stage, job) -> LowRankResult:
     target = weight
     # drift is None although asked for: a routed expert, whose inputs do not pair up (the engine records it)
     if stage.fp_target and drift is not None and not drift.identical:
-        target, target_info = fp_target_weight(weight, drift.cross.cross.to(hessian.device), hessian,
+        target, target_info = fp_target_weight(weight, drift.correction(weight, hessian), hessian,
                                                damp_percent=stage.damp_percent)
         info.update(target_info)
     truncation = truncated_svd(target, rank, weighting)
@@ -61,7 +61,7 @@ def solve_svd(stage, job) -> LowRankResult:
         before = left @ truncation.right
         if drift is not None:
             info["rel_output_error_before_update"] = asymmetric_output_error(
-                weight, before, drift.reference.hessian, drift.cross.cross, hessian)[1]
+                weight, before, hessian, drift.weighted_cross(weight), drift.output_norm(weight))[1]
         left = refit_left(weight, truncation.right, hessian, cross)
     result = LowRankResult.from_factors(left, truncation.right, merge=stage.merge,
                                         storage_dtype=dtype_name(linear_weight(job.module)))
@@ -69,8 +69,8 @@ def solve_svd(stage, job) -> LowRankResult:
                          rel_weight_error=relative_weight_error(weight, result.weight), merged=stage.merge)
     if drift is not None:
         info["rel_output_error_local"] = output_error(weight, result.weight, hessian)
-        drift_only, after = asymmetric_output_error(weight, result.weight, drift.reference.hessian,
-                                                    drift.cross.cross, hessian)
+        drift_only, after = asymmetric_output_error(weight, result.weight, hessian, drift.weighted_cross(weight),
+                                                    drift.output_norm(weight))
         info.update(rel_output_error_drift_only=drift_only, fp_target=stage.fp_target, update=stage.update)
         result.rel_output_error = after
     elif hessian is not None:
