@@ -199,11 +199,11 @@ def main() -> None:
                 row["vs_peer"] = row["seconds"] / peer_row["seconds"]
                 row["rss_vs_peer"] = row["peak_rss_gib"] / peer_row["peak_rss_gib"]
                 outputs.setdefault(peer_row["run"], peer_out)
-                rows += [row, peer_row]
-                keep_row(args, rows, peer_row["run"])
-            else:
-                rows.append(row)
+            rows.append(row)
             keep_row(args, rows, row["run"])
+            if why is None:
+                rows.append(peer_row)
+                keep_row(args, rows, peer_row["run"])
         floor = None
         if not args.no_floor:
             ran = run_together([([sys.executable, "-c", FLOOR, args.model, str(ids), "8"],
