@@ -7,9 +7,9 @@ Runs `lmshrink.compress` in this process (P1 calibration: C4 excerpt, 64 x 512 t
 folder) while a thread samples the process's resident memory every 20 ms, each sample labelled with the phase the
 run is in: "load" (before the engine), the engine's timed parts ("forwards": windows through blocks, with the
 statistics their hooks accumulate; "block_stages"; "checkpoint"), "engine other" (the rest of the engine: the layer
-solves, and the work between parts), and "write" (after the engine: the checkpoint written, the record made). Prints the engine's seconds by part (the record's
-``seconds_by_part_per_rank``) and the peak RSS of each phase. --cprofile also writes cProfile's 40 functions with the
-most own time.
+solves, and the work between parts), and "write" (after the engine: the checkpoint written, the record made).
+Prints the engine's seconds by part (the record's ``seconds_by_part_per_rank``) and the peak RSS of each phase.
+--cprofile also writes cProfile's 40 functions with the most own time.
 """
 
 from __future__ import annotations

@@ -54,7 +54,14 @@ from p1 import (
     run_json,
     stamp,
 )
-from peer import DEFAULT_PEER_PYTHON, draw_windows, mark_dequantize, peer_ready, run_together, threads_env
+from peer import (
+    add_peer_arguments,
+    draw_windows,
+    mark_dequantize,
+    peer_ready,
+    run_together,
+    threads_env,
+)
 
 # runs in the peer's environment: argv = model folder, ids file, output folder, nsamples, seqlen, group size
 PEER = r'''
@@ -155,10 +162,7 @@ def main() -> None:
     parser.add_argument("--scaling", action="store_true", help="also the first recipe alone with 1, then 2 threads")
     parser.add_argument("--no-floor", action="store_true", help="skip the two dense forward passes")
     parser.add_argument("--no-eval", action="store_true", help="times and memory only")
-    parser.add_argument("--peer-group-size", type=int, default=64,
-                        help="columns per group of the peer's grid (its observers need a divisor of every width)")
-    parser.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON,
-                        help="the python of a virtual environment with llmcompressor installed")
+    add_peer_arguments(parser, "--peer-group-size", 64)
     args = parser.parse_args()
     if print_saved_table(args, _print_table):
         return

@@ -21,6 +21,14 @@ from pathlib import Path
 DEFAULT_PEER_PYTHON = "/work/scratch/peers/llmc/bin/python"
 
 
+def add_peer_arguments(parser, group_option: str, group_default: int) -> None:
+    """The peer's options: its python, and the group size of its grid under ``group_option``."""
+    parser.add_argument(group_option, type=int, default=group_default,
+                        help="columns per group of the peer's grid (its observers need a divisor of every width)")
+    parser.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON,
+                        help="the python of a virtual environment with llmcompressor installed")
+
+
 def peer_ready(python: str) -> str | None:
     """None when ``python`` runs and imports llmcompressor, else why not."""
     if not Path(python).is_file():

@@ -44,7 +44,7 @@ from p1 import (
     run_json,
     stamp,
 )
-from peer import DEFAULT_PEER_PYTHON, draw_windows, mark_dequantize, peer_ready, run_together
+from peer import add_peer_arguments, draw_windows, mark_dequantize, peer_ready, run_together
 from quantize import _print_table
 
 from lmshrink.formats.compressed_tensors import packed_storage
@@ -93,10 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_p1_arguments(parser, "4", "bits of the peer's grids, comma-separated (W4A16_ASYM's arguments otherwise)")
     add_reuse_dense_argument(parser)
-    parser.add_argument("--group-size", type=int, default=128,
-                        help="columns per group of the peer's grid (its observers need a divisor of every width)")
-    parser.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON,
-                        help="the python of a virtual environment with llmcompressor installed")
+    add_peer_arguments(parser, "--group-size", 128)
     args = parser.parse_args()
     if print_saved_table(args, _print_table):
         return

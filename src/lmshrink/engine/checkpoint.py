@@ -53,13 +53,18 @@ def weights_digest(model: torch.nn.Module, weights=None, samples: int = 4096) ->
     return digest.hexdigest()
 
 
-def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as handle:  # on disk before the rename, as state.json is
+def _publish(tmp: Path, path: Path) -> None:
+    """Put the finished file ``tmp`` in place as ``path``: on disk before the rename, as state.json is."""
+    with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     with_umask_permissions(tmp)
     os.replace(tmp, path)
+
+
+def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    _publish(tmp, path)
 
 
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
@@ -91,10 +96,7 @@ def _atomic_safetensors_batches(path: Path, streams: dict[str, list[torch.Tensor
             for batch in batches:
                 batch = batch.detach().to("cpu").contiguous()
                 handle.write(memoryview(batch.view(torch.uint8).reshape(-1).numpy()))
-        handle.flush()
-        os.fsync(handle.fileno())  # on disk before the rename, as state.json is
-    with_umask_permissions(tmp)
-    os.replace(tmp, path)
+    _publish(tmp, path)
 
 
 def _hidden_name(finished_blocks: int) -> str:

@@ -63,8 +63,9 @@ class EngineResult:
     # on every token instead (``Engine._expert_fallback``)
     experts: dict[str, dict[str, Any]] = field(default_factory=dict)
     # wall seconds of this process by part: "forwards" (the calibration windows through blocks: capture, collection
-    # passes, final forwards), "statistics" (accumulating statistics in the collection passes' hooks), "solves" (layer solves on this rank), "block_stages", "exchange" (waiting for and
-    # moving data between ranks), "checkpoint" (writing progress)
+    # passes, final forwards), "statistics" (accumulating statistics in the collection passes' hooks), "solves"
+    # (layer solves on this rank), "block_stages", "exchange" (waiting for and moving data between ranks),
+    # "checkpoint" (writing progress)
     parts: dict[str, float] = field(default_factory=dict)
 
 

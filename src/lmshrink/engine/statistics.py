@@ -1,8 +1,9 @@
 """Statistics of the linear layers' calibration inputs that the engine collects for stages (``core.stage.Stat``).
 
 ``HessianAccumulator`` gives ``Stat.HESSIAN``, a ``CrossAccumulator`` with a reference ``HessianAccumulator`` give
-``Stat.FP_TARGET`` (or per layer a ``ProjectedCross``), ``ChannelAccumulator`` gives ``Stat.CHANNELS``. ``GroupStats`` bundles what one collection
-pass gathered for one linear group (the layers of a group share their input).
+``Stat.FP_TARGET`` (or per layer a ``ProjectedCross``), ``ChannelAccumulator`` gives ``Stat.CHANNELS``.
+``GroupStats`` bundles what one collection pass gathered for one linear group (the layers of a group share their
+input).
 
 Sums do not depend on how the calibration batches are split among ranks: each ``add_batch`` computes its batch's
 product (or column sums) in float32, a computation that is the same whichever process runs that batch, and adds
@@ -46,6 +47,20 @@ def _reduce_counts(group: Reducer, acc) -> None:
     counts = torch.tensor([acc.nsamples, acc.tokens], dtype=torch.int64)
     group.all_reduce(counts)
     acc.nsamples, acc.tokens = (int(v) for v in counts)
+
+
+def _pair(acc, x: torch.Tensor, x_tilde: torch.Tensor) -> None:
+    """Check that paired inputs line up and keep ``acc.identical`` while every pair is bitwise equal."""
+    if x.shape != x_tilde.shape:
+        raise ValueError(f"paired inputs differ in shape: {tuple(x.shape)} vs {tuple(x_tilde.shape)}")
+    acc.identical = acc.identical and bool(torch.equal(x, x_tilde))
+
+
+def _reduce_identical(group: Reducer, acc) -> None:
+    """``acc.identical`` only if it holds on every rank of ``group``."""
+    flag = torch.tensor([int(acc.identical)], dtype=torch.int64)
+    group.all_reduce(flag, op="min")
+    acc.identical = bool(flag.item())
 
 
 class _Finalised(RuntimeError):
@@ -149,9 +164,7 @@ class CrossAccumulator:
         """Add paired inputs ``x`` (uncompressed model) and ``x_tilde`` (compressed): ``[batch, seq, in]`` or
         ``[tokens, in]``, as ``HessianAccumulator.add_batch``; ``mask`` drops the same (padding) tokens of both."""
         _check_open(self._total, "this cross term")
-        if x.shape != x_tilde.shape:
-            raise ValueError(f"paired inputs differ in shape: {tuple(x.shape)} vs {tuple(x_tilde.shape)}")
-        self.identical = self.identical and bool(torch.equal(x, x_tilde))
+        _pair(self, x, x_tilde)
         rows = _flat_rows(x, self.in_features, self._total.device, mask)
         rows_t = _flat_rows(x_tilde, self.in_features, self._total.device, mask)
         self.nsamples += _samples(x)
@@ -163,9 +176,7 @@ class CrossAccumulator:
         _check_open(self._total, "this cross term")
         group.all_reduce(self._total)
         _reduce_counts(group, self)
-        flag = torch.tensor([int(self.identical)], dtype=torch.int64)
-        group.all_reduce(flag, op="min")
-        self.identical = bool(flag.item())
+        _reduce_identical(group, self)
 
 
 class ChannelAccumulator:
@@ -244,9 +255,7 @@ class ProjectedCross:
                   mask: torch.Tensor | None = None) -> None:
         """Add the uncompressed layer's outputs ``y`` (``[..., out]``, bias removed) with the inputs they came from
         ``x`` (only compared with ``x_tilde``) and the compressed model's inputs ``x_tilde`` (``[..., in]``)."""
-        if x.shape != x_tilde.shape:
-            raise ValueError(f"paired inputs differ in shape: {tuple(x.shape)} vs {tuple(x_tilde.shape)}")
-        self.identical = self.identical and bool(torch.equal(x, x_tilde))
+        _pair(self, x, x_tilde)
         outputs = _flat_rows(y, self.out_features, self._total.device, mask)
         rows = _flat_rows(x_tilde, self.in_features, self._total.device, mask)
         self.nsamples += _samples(x_tilde)
@@ -270,9 +279,7 @@ class ProjectedCross:
         group.all_reduce(self._total)
         group.all_reduce(self._norm)
         _reduce_counts(group, self)
-        flag = torch.tensor([int(self.identical)], dtype=torch.int64)
-        group.all_reduce(flag, op="min")
-        self.identical = bool(flag.item())
+        _reduce_identical(group, self)
 
 
 @dataclass
