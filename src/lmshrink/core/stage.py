@@ -109,7 +109,9 @@ class StageBase(BaseModel):
     def fp_target_projected(self) -> bool:
         """The stage reads ``Stat.FP_TARGET`` only through each layer's own uncompressed weight W (``W C`` and
         ``||W X||^2``), so the engine may hand it those per layer instead of the group's matrices
-        (``DriftStats.projected``) where that is cheaper."""
+        (``DriftStats.projected``) where that is cheaper; and it reads ``||W X||^2`` only for its record, so the
+        engine may give that after the solve: ``output_norm`` is then None, the solve leaves
+        ``PENDING_OUTPUT_NORM`` in its record, and the engine calls ``complete_output_error`` later in the block."""
         return False
 
     @property
@@ -162,9 +164,18 @@ class StageBase(BaseModel):
         """The fields of ``result`` that go into the layer's line of the run record (besides the engine's own)."""
         return {}
 
+    def complete_output_error(self, info: dict[str, Any], output_norm: float) -> None:
+        """Layer scope, with ``fp_target_projected``: complete ``info`` (a record line, or a result's info) that
+        holds ``PENDING_OUTPUT_NORM`` from a solve made before the layer's ``||W X||^2`` was known."""
+        raise NotImplementedError(f"stage {self.method!r} leaves no output error to complete")
+
     # -- block scope ---------------------------------------------------------------------------------------------
     def solve_block(self, job: "BlockJob") -> "BlockOutcome":
         raise NotImplementedError(f"stage {self.method!r} has scope {self.scope.value} but no block solve")
+
+
+# a layer record's key while its asymmetric error waits for the layer's ||W X||^2 (``fp_target_projected``)
+PENDING_OUTPUT_NORM = "fp_target_error_terms"
 
 
 class LayerStats(Protocol):

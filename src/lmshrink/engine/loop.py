@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -26,15 +27,15 @@ from torch import nn
 from lmshrink.core.errors import LmshrinkError
 from lmshrink.core.process import cpu_seconds, peak_rss_bytes, release_free_heap
 from lmshrink.core.results import RESULT_KINDS
-from lmshrink.core.stage import LAST_RESULT, Scope, StageBase, Stat
+from lmshrink.core.stage import LAST_RESULT, PENDING_OUTPUT_NORM, Scope, StageBase, Stat
 from lmshrink.engine.capture import capture_block_inputs, run_block
 from lmshrink.engine.checkpoint import Checkpoint, StoredResults
 from lmshrink.engine.distributed import Group
 from lmshrink.engine.jobs import BlockJob, LayerJob, ModelJob, Task
 from lmshrink.engine.offload import BlockStreamer
-from lmshrink.engine.passes import collect, pass_sources, projectable, to_device
+from lmshrink.engine.passes import collect, pass_sources, plain_linears, projectable, to_device
 from lmshrink.engine.replay import PassMemo
-from lmshrink.engine.statistics import GroupStats
+from lmshrink.engine.statistics import GroupStats, OutputNorm
 from lmshrink.models.adapters import ModelAdapter, linear_dims, linear_weight, set_linear_weight
 from lmshrink.models.structure import apply_structure, drop_blocks, signature, structure_diff
 
@@ -563,6 +564,10 @@ class Engine:
             reference_memo = (PassMemo(original, all_groups, self._verified)
                               if memo is not None and original is not None else None)
             handover: dict[str, dict[str, Any]] = {}  # what a stage leaves for a later one, per layer
+            # output norms of the copy's layers (relative name), summed in the first pass that runs each, and the
+            # record lines waiting for them (stages that take ||W X||^2 after the solve: fp_target_projected)
+            norms: dict[str, OutputNorm] = {}
+            pending: list[tuple[StageBase, dict, Any]] = []
             with contextlib.ExitStack() as memos:
                 for m in (memo, reference_memo):
                     if m is not None:
@@ -620,10 +625,21 @@ class Engine:
                         # through each layer's own weight takes it per layer where that is cheaper
                         projected = (projectable(original, task.groups) if finishing and reference is not None
                                      and stage.fp_target_projected else None)
+                        # every stage reading this pass's fp_target (the tasks that share it too) must take
+                        # ||W X||^2 after its solve for the pass to sum output norms instead of X^T X
+                        shares = itertools.takewhile(lambda pair: pair[1] == "shared",
+                                                     zip(tasks[number + 1:], sources[number + 1:]))
+                        readers = [stage] + [t.stage for t, _ in shares if Stat.FP_TARGET in t.needs()]
+                        late = (self._late_norms(original, task.groups, projected or {}, norms)
+                                if reference is not None and all(r.fp_target_projected for r in readers) else None)
+                        watch = {n: v for n, v in norms.items() if not v.ready} if reference is not None else None
                         stats = self._collect(block, firsts, needs, hidden, args, kwargs, self.device,
                                               stop_at=task.groups[-1][0], memo=memo, reference=reference,
-                                              finish_reference=finishing, projected=projected)
+                                              finish_reference=finishing, projected=projected, late=late,
+                                              watch=watch)
                         self._reduce(stats)
+                        if watch:
+                            self._seal(watch, len(hidden))
                         shared_stats = stats
                     _for_memos((memo, reference_memo), "end_pass")
                     expert_notes: dict[str, dict[str, Any]] = {}
@@ -655,11 +671,14 @@ class Engine:
                                 notes["fp_target"] = "not applied: a routed expert's inputs do not pair up"
                             self._keep(stage, block, index, name, result, block_results, layers, group_stats.tokens,
                                        seconds, notes)
+                            if PENDING_OUTPUT_NORM in layers[-1]:
+                                pending.append((stage, layers[-1], block_results[layers[-1]["name"]]))
                             # on every rank: a later stage may build on it (a correction)
                             handover.setdefault(name, {})[LAST_RESULT] = result
                     del stats, solved
                     release_free_heap()  # the pass's inputs and statistics are freed: the next pass starts lower
                 del shared_stats
+                self._complete_errors(pending, norms, f"{prefix}.{index}.")
                 if forward_blocks:
                     _for_memos((memo, reference_memo), "begin_pass", None)
                     with torch.no_grad(), self._timed("forwards"):
@@ -732,6 +751,51 @@ class Engine:
                             block_records=block_records, structures=structures, block_sources=self._sources,
                             ranks=self.group.world, experts=self._experts_record,
                             parts={k: round(v, 3) for k, v in sorted(self.parts.items())})
+
+    def _late_norms(self, original: nn.Module, groups: list[list[str]], projected: dict[str, list[str]],
+                    norms: dict[str, OutputNorm]) -> dict[str, dict[str, OutputNorm]]:
+        """The groups of a pass whose fp_target reference Hessian can be the members' output norms (plain linears
+        not taken per layer): first name -> member -> its norm in ``norms`` (added there if new)."""
+        late = {}
+        for group in groups:
+            if group[0] in projected or not plain_linears(original, group):
+                continue
+            late[group[0]] = {n: norms.setdefault(n, OutputNorm(linear_dims(original.get_submodule(n))[0],
+                                                                device=self.device)) for n in group}
+        return late
+
+    def _seal(self, watch: dict[str, OutputNorm], batches: int) -> None:
+        """After a pass: keep the output norms it summed over every calibration batch (on every rank), summed over
+        the ranks; reset the others for a later pass."""
+        names = sorted(watch)
+        flags = torch.tensor([watch[n].covers(batches) for n in names], dtype=torch.int64).reshape(len(names), 2)
+        full, seen = flags[:, 0].contiguous(), flags[:, 1].contiguous()
+        self.group.all_reduce(full, op="min")
+        self.group.all_reduce(seen, op="max")
+        for name, whole, ran in zip(names, full.tolist(), seen.tolist()):
+            if whole and ran:
+                watch[name].reduce(self.group)
+                watch[name].ready = True
+            else:
+                watch[name].reset()
+
+    @staticmethod
+    def _complete_errors(pending: list[tuple[StageBase, dict, Any]], norms: dict[str, OutputNorm],
+                         prefix: str) -> None:
+        """The asymmetric errors of layers solved before the copy ran through them, now that it has (their record
+        lines and results)."""
+        for stage, line, result in pending:
+            norm = norms.get(line["name"].removeprefix(prefix))
+            if norm is None or not norm.ready:  # no pass ran the copy through the layer on every batch
+                line.pop(PENDING_OUTPUT_NORM)
+                line["rel_output_error"] = None
+                line["fp_target_output_error"] = "not measured: the copy never ran through the layer after its solve"
+                continue
+            stage.complete_output_error(line, norm.value)
+            info = getattr(result, "info", None)
+            if info and PENDING_OUTPUT_NORM in info:
+                stage.complete_output_error(info, norm.value)
+                result.rel_output_error = info["rel_output_error"]
 
     def _keep(self, stage: StageBase, block: nn.Module, index: int, name: str, result, block_results: dict,
               layers: list[dict], tokens: int | None, seconds: float, extra: dict) -> None:

@@ -18,6 +18,7 @@ from lmshrink.engine.statistics import (
     DriftStats,
     GroupStats,
     HessianAccumulator,
+    OutputNorm,
     ProjectedCross,
 )
 from lmshrink.models.adapters import linear_dims
@@ -35,14 +36,16 @@ def to_device(value, device):
     return value
 
 
-def _group_stats(module: nn.Module, needs: Collection[Stat], device, members: dict[str, nn.Module] | None = None
-                 ) -> GroupStats:
+def _group_stats(module: nn.Module, needs: Collection[Stat], device, members: dict[str, nn.Module] | None = None,
+                 norms: dict[str, OutputNorm] | None = None) -> GroupStats:
     width = linear_dims(module)[1]
     drift = None
     if Stat.FP_TARGET in needs:
         if members:  # per layer, from the uncompressed layers' outputs
             drift = DriftStats(projected={n: ProjectedCross(linear_dims(m)[0], width, device=device)
                                           for n, m in members.items()})
+        elif norms:  # the reference Hessian only as each member's output norm, summed when the copy runs it
+            drift = DriftStats(CrossAccumulator(width, device=device), norms=dict(norms))
         else:
             drift = DriftStats(CrossAccumulator(width, device=device), HessianAccumulator(width, device=device))
     return GroupStats(
@@ -50,18 +53,24 @@ def _group_stats(module: nn.Module, needs: Collection[Stat], device, members: di
         fp_target=drift, channels=ChannelAccumulator(width, device=device) if Stat.CHANNELS in needs else None)
 
 
+def plain_linears(original: nn.Module, group: list[str]) -> bool:
+    """Whether every member of ``group`` in the uncompressed copy ``original`` is a plain ``nn.Linear`` (output =
+    weight x input + bias, no input transform or quantizer): its outputs then give ``W X`` exactly."""
+    return all(type(m) is nn.Linear and getattr(m, "input_transform", None) is None
+               and getattr(m, "input_spec", None) is None for m in (original.get_submodule(n) for n in group))
+
+
 def projectable(original: nn.Module, groups: list[list[str]]) -> dict[str, list[str]]:
     """The groups (first name -> members) whose ``Stat.FP_TARGET`` is cheaper per layer (``ProjectedCross``) than as
     the group's two matrices, when the pass runs the uncompressed copy ``original`` through them anyway: plain
-    ``nn.Linear`` members (output = weight x input + bias) whose outputs together are narrower than 13/8 of the
-    input (``out * in`` per token against ``in * in`` for the cross term and about ``5/8 in * in`` for the
-    reference Hessian)."""
+    linears whose outputs together are narrower than 13/8 of the input (``out * in`` per token against ``in * in``
+    for the cross term and about ``5/8 in * in`` for the reference Hessian)."""
     chosen = {}
     for group in groups:
-        modules = [original.get_submodule(n) for n in group]
-        plain = all(type(m) is nn.Linear and getattr(m, "input_transform", None) is None
-                    and getattr(m, "input_spec", None) is None for m in modules)
-        if plain and 8 * sum(m.out_features for m in modules) < 13 * modules[0].in_features:
+        if not plain_linears(original, group):
+            continue
+        outputs = sum(original.get_submodule(n).out_features for n in group)
+        if 8 * outputs < 13 * original.get_submodule(group[0]).in_features:
             chosen[group[0]] = list(group)
     return chosen
 
@@ -70,7 +79,8 @@ def collect(block: nn.Module, modules: dict[str, nn.Module], needs: Collection[S
             args: tuple, kwargs: dict, device, stop_at: str | None, memo: PassMemo | None = None,
             reference: tuple[nn.Module, list[torch.Tensor], PassMemo | None] | None = None,
             finish_reference: bool = False, outputs: list[torch.Tensor] | None = None,
-            clock: dict[str, float] | None = None, projected: dict[str, list[str]] | None = None
+            clock: dict[str, float] | None = None, projected: dict[str, list[str]] | None = None,
+            late: dict[str, dict[str, OutputNorm]] | None = None, watch: dict[str, OutputNorm] | None = None
             ) -> dict[str, GroupStats]:
     """Run the windows through ``block`` and gather ``needs`` for each named module's input.
 
@@ -85,14 +95,19 @@ def collect(block: nn.Module, modules: dict[str, nn.Module], needs: Collection[S
     ``clock``: gets the wall seconds spent accumulating statistics added under ``"statistics"``.
     ``projected``: groups (first name -> members, ``projectable``) whose ``Stat.FP_TARGET`` is accumulated per layer
     from the copy's outputs of those layers (needs ``finish_reference``: the copy runs through them).
+    ``late``: groups (first name -> member -> ``OutputNorm``) whose ``Stat.FP_TARGET`` keeps the cross term but
+    takes the reference Hessian as those output norms. ``watch``: output norms (layer name -> norm) this pass adds
+    the copy's outputs of those layers to, wherever the copy runs through them (the engine keeps or resets each
+    after the pass).
     """
     if Stat.FP_TARGET in needs and reference is None:
         raise ValueError("Stat.FP_TARGET needs the reference block and its hidden states")
     projected = projected or {}
     if projected and not finish_reference:
         raise ValueError("per-layer fp_target terms need the copy's outputs of the layers: finish_reference")
+    late = late or {}
     stats = {name: _group_stats(module, needs, device,
-                                {n: reference[0].get_submodule(n) for n in projected.get(name, [])})
+                                {n: reference[0].get_submodule(n) for n in projected.get(name, [])}, late.get(name))
              for name, module in modules.items()}
     handles = []
     reference_inputs: dict[str, torch.Tensor] = {}
@@ -113,6 +128,14 @@ def collect(block: nn.Module, modules: dict[str, nn.Module], needs: Collection[S
                 y = output.detach()
                 reference_outputs[_member] = y if _module.bias is None else y - _module.bias
             handles.append(original.get_submodule(member).register_forward_hook(keep_output))
+        for member, norm in (watch or {}).items():
+            def add_output(_module, _args, output, _norm=norm):
+                started = time.perf_counter()
+                y = output.detach()
+                _norm.add_batch(y if _module.bias is None else y - _module.bias)
+                if clock is not None:
+                    clock["statistics"] = clock.get("statistics", 0.0) + time.perf_counter() - started
+            handles.append(original.get_submodule(member).register_forward_hook(add_output))
     for name, module in modules.items():
         def hook(_module, args, _name=name):
             started = time.perf_counter()
@@ -129,7 +152,8 @@ def collect(block: nn.Module, modules: dict[str, nn.Module], needs: Collection[S
                         accumulator.add_batch(reference_outputs.pop(member), x_fp, x)
                 else:
                     group.fp_target.cross.add_batch(x_fp, x)
-                    group.fp_target.reference.add_batch(x_fp)
+                    if group.fp_target.reference is not None:
+                        group.fp_target.reference.add_batch(x_fp)
             if clock is not None:
                 clock["statistics"] = clock.get("statistics", 0.0) + time.perf_counter() - started
             if _name == stop_at:

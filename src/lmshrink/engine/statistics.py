@@ -1,7 +1,8 @@
 """Statistics of the linear layers' calibration inputs that the engine collects for stages (``core.stage.Stat``).
 
 ``HessianAccumulator`` gives ``Stat.HESSIAN``, a ``CrossAccumulator`` with a reference ``HessianAccumulator`` give
-``Stat.FP_TARGET`` (or per layer a ``ProjectedCross``), ``ChannelAccumulator`` gives ``Stat.CHANNELS``.
+``Stat.FP_TARGET`` (or per layer a ``ProjectedCross``, or the reference as an ``OutputNorm`` per layer),
+``ChannelAccumulator`` gives ``Stat.CHANNELS``.
 ``GroupStats`` bundles what one collection pass gathered for one linear group (the layers of a group share their
 input).
 
@@ -282,6 +283,53 @@ class ProjectedCross:
         _reduce_identical(group, self)
 
 
+class OutputNorm:
+    """``||W X||^2`` = ``(2 / nsamples) * sum_t ||y_t||^2`` of one uncompressed layer on the uncompressed inputs,
+    summed from its outputs ``y_t`` (bias removed) in the block copy: the only use a layer stage that records its
+    asymmetric error has for the reference Hessian ``X^T X`` (``StageBase.fp_target_projected``), at ``out``
+    instead of about ``5/8 * in * in`` multiply-adds per token. The copy may run through the layer in a later pass
+    than the layer's own (the last fp_target pass runs it to the block's end), so the engine completes such layers'
+    records then. The engine keeps one pass's sum, the first that ran the layer on every batch, and sets ``ready``.
+    """
+
+    def __init__(self, out_features: int, device: torch.device | str | None = None):
+        self.out_features = out_features
+        self._norm = torch.zeros((), dtype=torch.float64, device=device)
+        self.nsamples = 0
+        self.batches = 0
+        self.ready = False
+
+    def add_batch(self, y: torch.Tensor) -> None:
+        """Add the layer's outputs ``y`` on one calibration batch (``[batch, seq, out]`` or ``[tokens, out]``, bias
+        removed)."""
+        if self.ready:
+            raise _Finalised("this output norm is sealed: a second pass through the layer would count it twice")
+        rows = _flat_rows(y, self.out_features, self._norm.device, None)
+        self.nsamples += _samples(y)
+        self.batches += 1
+        self._norm += rows.square().sum()  # a float32 batch sum, added into float64 as the Hessian's products are
+
+    def covers(self, batches: int) -> tuple[bool, bool]:
+        """Whether this pass added each of this rank's ``batches`` calibration batches once, and whether it added
+        any."""
+        return self.batches == batches, self.batches > 0
+
+    def reset(self) -> None:
+        """Forget a pass that ran the layer on only some batches (or none): a later pass sums it again."""
+        self._norm.zero_()
+        self.nsamples = self.batches = 0
+
+    @property
+    def value(self) -> float:
+        return float(self._norm) * (2.0 / self.nsamples if self.nsamples else 0.0)
+
+    def reduce(self, group: Reducer) -> None:
+        group.all_reduce(self._norm)
+        counts = torch.tensor([self.nsamples], dtype=torch.int64)
+        group.all_reduce(counts)
+        self.nsamples = int(counts.item())
+
+
 @dataclass
 class DriftStats:
     """``Stat.FP_TARGET`` for one linear group: ``cross`` C = ``X^T X~`` and ``reference`` H = ``X^T X`` (X: the
@@ -289,11 +337,14 @@ class DriftStats:
     the engine had the uncompressed layers' outputs at hand and the stage reads no more than their products with
     each layer's own weight (``StageBase.fp_target_projected``), ``projected``: per layer (relative name) its
     ``ProjectedCross`` instead of the two matrices. A layer solve reads either form through ``correction``,
-    ``weighted_cross`` and ``output_norm`` of its own layer's view (``for_layer``)."""
+    ``weighted_cross`` and ``output_norm`` of its own layer's view (``for_layer``). Without ``reference`` (a stage
+    that uses ``||W X||^2`` only for its record, ``StageBase.fp_target_projected``), ``norms`` holds each member's
+    ``OutputNorm``, filled when the copy runs through the layer; ``output_norm`` is None until then."""
 
     cross: CrossAccumulator | None = None
     reference: HessianAccumulator | None = None
     projected: dict[str, ProjectedCross] = field(default_factory=dict)
+    norms: dict[str, OutputNorm] = field(default_factory=dict)
 
     @property
     def identical(self) -> bool:
@@ -305,9 +356,11 @@ class DriftStats:
 
     def for_layer(self, name: str) -> DriftStats:
         """The view one layer's solve reads: its own projected terms, or the group's matrices."""
-        if not self.projected:
-            return self
-        return DriftStats(projected={name: self.projected[name]})
+        if self.projected:
+            return DriftStats(projected={name: self.projected[name]})
+        if self.norms:
+            return DriftStats(self.cross, self.reference, norms={name: self.norms[name]})
+        return self
 
     def _own(self) -> ProjectedCross | None:
         if not self.projected:
@@ -333,15 +386,22 @@ class DriftStats:
             return own.weighted_cross.to(w.device, torch.float32)
         return w @ self.cross.cross.to(w.device, torch.float32)
 
-    def output_norm(self, weight: torch.Tensor) -> float:
-        """``||W X||^2`` = ``tr(W H W^T)``: the uncompressed layer's output energy on the uncompressed inputs."""
+    def output_norm(self, weight: torch.Tensor) -> float | None:
+        """``||W X||^2`` = ``tr(W H W^T)``: the uncompressed layer's output energy on the uncompressed inputs; None
+        while it is to come from a later pass (no ``reference``, the layer's ``OutputNorm`` not yet filled)."""
         own = self._own()
         if own is not None:
             return own.output_norm
+        if self.reference is None:
+            if len(self.norms) > 1:
+                raise ValueError("a group's output norms: read one layer's view (for_layer)")
+            norm = next(iter(self.norms.values()), None)
+            return norm.value if norm is not None and norm.ready else None
         w = weight.float()
         return float(((w @ self.reference.hessian.to(w.device, torch.float32)) * w).sum(dtype=torch.float64))
 
     def accumulators(self) -> list:
+        # norms are not summed here: the engine reduces them once, after the pass that fills them
         return [a for a in (self.cross, self.reference) if a is not None] + list(self.projected.values())
 
 
@@ -367,7 +427,7 @@ class GroupStats:
     def for_layer(self, name: str) -> GroupStats:
         """What the solve of layer ``name`` (relative to its block) reads: the group's statistics, with the
         fp_target terms of that layer alone when they are per layer (``DriftStats.projected``)."""
-        if self.fp_target is None or not self.fp_target.projected:
+        if self.fp_target is None or not (self.fp_target.projected or self.fp_target.norms):
             return self
         return dataclasses.replace(self, fp_target=self.fp_target.for_layer(name))
 

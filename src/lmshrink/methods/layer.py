@@ -7,8 +7,8 @@ from typing import Callable
 
 import torch
 
-from lmshrink.core.stage import Stat
-from lmshrink.methods.solver import asymmetric_output_error, fp_target_weight
+from lmshrink.core.stage import PENDING_OUTPUT_NORM, Stat
+from lmshrink.methods.solver import asymmetric_error_terms, fp_target_weight, relative_asymmetric_error
 from lmshrink.models.adapters import linear_weight
 
 
@@ -42,10 +42,23 @@ def solve_layer(stage, job, solve: Callable[[torch.Tensor, torch.Tensor | None],
     if wanted and drift is None:
         result.info = {**(result.info or {}), "fp_target": "not applied: no paired inputs (routed expert)"}
     if drift is not None:
-        drift_only, after = asymmetric_output_error(original, result.weight, hessian, drift.weighted_cross(original),
-                                                    drift.output_norm(original))
+        terms = asymmetric_error_terms(original, result.weight, hessian, drift.weighted_cross(original))
+        norm = drift.output_norm(original)
         result.info = {**(result.info or {}), **drift_info, "fp_target": True,
-                       "rel_output_error_local": result.rel_output_error,
-                       "rel_output_error_drift_only": drift_only, "rel_output_error": after}
-        result.rel_output_error = after
+                       "rel_output_error_local": result.rel_output_error}
+        if norm is None:  # ||W X||^2 comes from a later pass of the block: the engine completes the error then
+            result.info[PENDING_OUTPUT_NORM] = list(terms)
+            result.rel_output_error = None
+        else:
+            complete_output_error(result.info, terms, norm)
+            result.rel_output_error = result.info["rel_output_error"]
     return result
+
+
+def complete_output_error(info: dict, terms, output_norm: float) -> None:
+    """Write the relative asymmetric errors (drift only, and with the solved weight) into ``info`` (a result's info
+    or its record line) from ``asymmetric_error_terms`` and the layer's ``||W X||^2``; drops the pending terms."""
+    info.pop(PENDING_OUTPUT_NORM, None)
+    drift_only, after = (relative_asymmetric_error(t, output_norm) for t in terms)
+    info["rel_output_error_drift_only"] = drift_only
+    info["rel_output_error"] = after

@@ -58,6 +58,30 @@ def fp_target_weight(weight: torch.Tensor, correction: torch.Tensor, hessian: to
         "(asymmetric calibration target)", fix="use more calibration samples, or a larger damp_percent")
 
 
+def asymmetric_error_terms(weight: torch.Tensor, solved: torch.Tensor, hessian: torch.Tensor,
+                           weighted_cross: torch.Tensor) -> tuple[float, float]:
+    """``||W X^T - Q X~^T||^2 - ||W X^T||^2`` = ``tr(Q H~ Q^T) - 2 <W C, Q>`` for Q = W (what the input drift
+    alone costs) and Q = ``solved``: the asymmetric error less its first term, from H~ = ``X~^T X~`` and
+    ``W C`` = ``W X^T X~``. Products in fp32 (as ``output_error``), sums in fp64."""
+    w = weight.float()
+    q = solved.to(device=w.device, dtype=torch.float32)
+    wc = weighted_cross.to(w.device, torch.float32)
+    h_t = hessian.to(w.device, torch.float32)
+
+    def term(other: torch.Tensor) -> float:
+        return -2.0 * float((wc * other).sum(dtype=torch.float64)) + float(
+            ((other @ h_t) * other).sum(dtype=torch.float64))
+
+    return term(w), term(q)
+
+
+def relative_asymmetric_error(term: float, output_norm: float) -> float:
+    """The relative asymmetric error ``||W X^T - Q X~^T||^2 / ||W X^T||^2`` from ``asymmetric_error_terms``' term
+    and ``||W X^T||^2`` (clipped at 0: the difference of two rounded sums can dip below it)."""
+    num = max(output_norm + term, 0.0)
+    return num / output_norm if output_norm > 0 else num
+
+
 def asymmetric_output_error(weight: torch.Tensor, solved: torch.Tensor, hessian: torch.Tensor,
                             weighted_cross: torch.Tensor, output_norm: float) -> tuple[float, float]:
     """``||W X^T - Q X~^T||^2 / ||W X^T||^2`` from H~ = ``X~^T X~``, ``W C`` = ``W X^T X~`` and ``||W X^T||^2``.
@@ -65,21 +89,10 @@ def asymmetric_output_error(weight: torch.Tensor, solved: torch.Tensor, hessian:
     The relative error of the compressed layer (``solved`` Q) on the compressed model's inputs against the
     uncompressed layer on the uncompressed model's inputs (``weighted_cross`` and ``output_norm``: the
     ``DriftStats`` terms of W). Returns ``(drift only, with Q)``: the first is the same error with Q = W (what the
-    input drift alone costs). Products in fp32 (as ``output_error``), sums in fp64.
+    input drift alone costs).
     """
-    w = weight.float()
-    q = solved.to(device=w.device, dtype=torch.float32)
-    wc = weighted_cross.to(w.device, torch.float32)
-    h_t = hessian.to(w.device, torch.float32)
-    den = output_norm
-
-    def relative(other: torch.Tensor, other_h: torch.Tensor) -> float:
-        num = den - 2.0 * float((wc * other).sum(dtype=torch.float64)) + float(
-            (other_h * other).sum(dtype=torch.float64))
-        num = max(num, 0.0)
-        return num / den if den > 0 else num
-
-    return relative(w, w @ h_t), relative(q, q @ h_t)
+    drift_only, after = asymmetric_error_terms(weight, solved, hessian, weighted_cross)
+    return relative_asymmetric_error(drift_only, output_norm), relative_asymmetric_error(after, output_norm)
 
 
 class Sweep:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmshrink.core.stage import StageBase, Stat
+from lmshrink.core.stage import PENDING_OUTPUT_NORM, StageBase, Stat
 
 FP_TARGET_DESCRIPTION = (
     "asymmetric calibration: solve each layer to reproduce the uncompressed model's output on the uncompressed "
@@ -18,7 +18,7 @@ FP_TARGET_DESCRIPTION = (
 RECORD_KEYS = ("damp_percent", "damp", "damp_retries", "dead_columns", "loss", "sparsity", "target_sparsity",
                "pattern", "refit_rows", "refit_iterations", "refit_rows_kept", "rel_output_error_before_refit",
                "rel_output_error_local", "rel_output_error_drift_only", "fp_target_damp_retries", "cd_passes",
-               "cd_changed_codes", "rel_output_error_before_cd")
+               "cd_changed_codes", "rel_output_error_before_cd", PENDING_OUTPUT_NORM)
 
 LOCAL_OBJECTIVE = "||(W - Q) X~||^2 / ||W X~||^2"
 FP_TARGET_OBJECTIVE = "||W X - Q X~||^2 / ||W X||^2 (fp_target)"
@@ -48,3 +48,8 @@ class LayerSolveStage(StageBase):
 
     def record(self, result: Any) -> dict[str, Any]:
         return {k: v for k, v in (result.info or {}).items() if k in RECORD_KEYS}
+
+    def complete_output_error(self, info: dict[str, Any], output_norm: float) -> None:
+        from lmshrink.methods.layer import complete_output_error
+
+        complete_output_error(info, info[PENDING_OUTPUT_NORM], output_norm)
