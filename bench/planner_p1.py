@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -69,6 +70,22 @@ def _table(args) -> None:
               f"{m['ppl.enwiki-sample']:.3f} | {m['kl']:.4f} | {m.get('compress_seconds') or float('nan'):.0f} | {beats} |")
 
 
+def _block(layer: str) -> str:
+    return next((part for part in layer.split(".") if part.isdigit()), "")
+
+
+def _type_calibrated(rows: list[dict]) -> list[float]:
+    """Each row's proxy times a factor of its layer type: the geometric mean of KL / proxy over the measured layers
+    of that type in other blocks (leave one block out, so a layer's own KL never sets its factor)."""
+    out = []
+    for r in rows:
+        kind = r["layer"].rsplit(".", 1)[-1]
+        train = [t for t in rows if t["layer"].endswith(kind) and _block(t["layer"]) != _block(r["layer"])]
+        factor = math.exp(sum(math.log(t["kl"] / t["proxy"]) for t in train) / len(train)) if train else 1.0
+        out.append(r["proxy"] * factor)
+    return out
+
+
 def _spearman(args) -> None:
     with Store(args.sensitivity) as store:
         studies = store.studies()
@@ -76,16 +93,18 @@ def _spearman(args) -> None:
         rows = [r for r in store.sensitivity(study) if r["kl"] is not None and r["proxy"]]
     print(f"study {study}: proxy (output error the option adds) against the measured KL with only that layer "
           "changed")
-    print("| option | layers | Spearman | layer types |")
-    print("|---|---|---|---|")
+    print("(type-calibrated: the proxy times a per-layer-type factor fitted on the other blocks' measured layers)")
+    print("| option | layers | Spearman | Spearman, type-calibrated | layer types |")
+    print("|---|---|---|---|---|")
     for option in sorted({r["option"] for r in rows}):
         sel = [r for r in rows if r["option"] == option]
         rho = spearman([r["proxy"] for r in sel], [r["kl"] for r in sel])
-        print(f"| {option} | {len(sel)} | {rho:.3f} | all |")
+        calibrated = spearman(_type_calibrated(sel), [r["kl"] for r in sel])
+        print(f"| {option} | {len(sel)} | {rho:.3f} | {calibrated:.3f} | all |")
         for kind in sorted({r["layer"].rsplit(".", 1)[-1] for r in sel}):
             part = [r for r in sel if r["layer"].endswith(kind)]
             rho = spearman([r["proxy"] for r in part], [r["kl"] for r in part])
-            print(f"| {option} | {len(part)} | {'n/a' if rho is None else f'{rho:.3f}'} | {kind} |")
+            print(f"| {option} | {len(part)} | {'n/a' if rho is None else f'{rho:.3f}'} | | {kind} |")
     if args.rows:
         for r in sorted(rows, key=lambda r: (r["option"], -r["kl"])):
             print(f"{r['option']} {r['layer']} proxy {r['proxy']:.5g} kl {r['kl']:.5g}")
