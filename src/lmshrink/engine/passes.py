@@ -53,6 +53,12 @@ def _group_stats(module: nn.Module, needs: Collection[Stat], device, members: di
         fp_target=drift, channels=ChannelAccumulator(width, device=device) if Stat.CHANNELS in needs else None)
 
 
+def _weight_output(module: nn.Linear, output: torch.Tensor) -> torch.Tensor:
+    """A plain linear's output without its bias: the weight times the input (``plain_linears``)."""
+    y = output.detach()
+    return y if module.bias is None else y - module.bias
+
+
 def plain_linears(original: nn.Module, group: list[str]) -> bool:
     """Whether every member of ``group`` in the uncompressed copy ``original`` is a plain ``nn.Linear`` (output =
     weight x input + bias, no input transform or quantizer): its outputs then give ``W X`` exactly."""
@@ -125,14 +131,12 @@ def collect(block: nn.Module, modules: dict[str, nn.Module], needs: Collection[S
             handles.append(original.get_submodule(name).register_forward_pre_hook(keep))
         for member in (m for members in projected.values() for m in members):
             def keep_output(_module, _args, output, _member=member):
-                y = output.detach()
-                reference_outputs[_member] = y if _module.bias is None else y - _module.bias
+                reference_outputs[_member] = _weight_output(_module, output)
             handles.append(original.get_submodule(member).register_forward_hook(keep_output))
         for member, norm in (watch or {}).items():
             def add_output(_module, _args, output, _norm=norm):
                 started = time.perf_counter()
-                y = output.detach()
-                _norm.add_batch(y if _module.bias is None else y - _module.bias)
+                _norm.add_batch(_weight_output(_module, output))
                 if clock is not None:
                     clock["statistics"] = clock.get("statistics", 0.0) + time.perf_counter() - started
             handles.append(original.get_submodule(member).register_forward_hook(add_output))

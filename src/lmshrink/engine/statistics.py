@@ -296,6 +296,7 @@ class OutputNorm:
         self.out_features = out_features
         self._norm = torch.zeros((), dtype=torch.float64, device=device)
         self.nsamples = 0
+        self.tokens = 0
         self.batches = 0
         self.ready = False
 
@@ -306,6 +307,7 @@ class OutputNorm:
             raise _Finalised("this output norm is sealed: a second pass through the layer would count it twice")
         rows = _flat_rows(y, self.out_features, self._norm.device, None)
         self.nsamples += _samples(y)
+        self.tokens += rows.shape[0]
         self.batches += 1
         self._norm += rows.square().sum()  # a float32 batch sum, added into float64 as the Hessian's products are
 
@@ -317,7 +319,7 @@ class OutputNorm:
     def reset(self) -> None:
         """Forget a pass that ran the layer on only some batches (or none): a later pass sums it again."""
         self._norm.zero_()
-        self.nsamples = self.batches = 0
+        self.nsamples = self.tokens = self.batches = 0
 
     @property
     def value(self) -> float:
@@ -325,9 +327,7 @@ class OutputNorm:
 
     def reduce(self, group: Reducer) -> None:
         group.all_reduce(self._norm)
-        counts = torch.tensor([self.nsamples], dtype=torch.int64)
-        group.all_reduce(counts)
-        self.nsamples = int(counts.item())
+        _reduce_counts(group, self)
 
 
 @dataclass
