@@ -734,6 +734,7 @@ def _cmd_compress(args) -> int:
     joined = init_from_environment(args.device)
     if joined:
         signal.signal(signal.SIGTERM, _stopped_by_launcher(args.output))
+    finished = False
     try:
         rank = int(os.environ.get("RANK", "0")) if joined else 0
         quiet = args.quiet or rank != 0
@@ -749,10 +750,14 @@ def _cmd_compress(args) -> int:
                           resume=True if args.resume else None, restart=args.restart,
                           overwrite=args.overwrite, progress=not quiet, offload=args.offload,
                           sparse_format=args.sparse_format, expert_min_tokens=args.expert_min_tokens)
+        finished = True
     finally:
         if joined:
             import torch.distributed as dist
 
+            # every rank meets here before the group goes, so none tears down gloo while a peer still talks to it
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
     record.pop("results")
     if rank != 0:
