@@ -213,6 +213,10 @@ class BlockJob(Protocol):
     state: dict[str, dict[str, Any]]  # hand-over per layer (relative name)
     device: Any
     ranks: int  # data-parallel ranks of the run (1 in a single process)
+    # the block's copy from before any stage changed it, which fp_target stages aim at (None without one): a block
+    # stage whose change keeps the block's function (a folded scale) applies it there too, so they aim at the
+    # layers as it left them
+    uncompressed: "nn.Module | None"
 
     def forward(self, batch: int, hidden: "torch.Tensor | None" = None) -> "torch.Tensor": ...
 

@@ -55,6 +55,7 @@ class BlockJob:
     _collect: Callable[[frozenset[Stat], dict[str, nn.Module]], dict[str, GroupStats]]
     _all_reduce: Callable[..., None] | None = None
     ranks: int = 1
+    uncompressed: nn.Module | None = None
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
         """Reduce ``tensor`` in place over the ranks of a data-parallel run (``sum``, ``min`` or ``max``); nothing

@@ -590,7 +590,7 @@ class Engine:
                                      if Stat.FP_TARGET in stage.needs() else None)
                         with self._timed("block_stages"):
                             outcome = self._run_block_stage(task, index, block, hidden, args, kwargs, handover,
-                                                            memo, reference)
+                                                            memo, reference, original)
                         _for_memos((memo, reference_memo), "end_pass")
                         changed.update(outcome.changed)
                         if outcome.record:
@@ -818,7 +818,7 @@ class Engine:
                        "rel_output_error": extra.get("rel_output_error"), **extra})
 
     def _run_block_stage(self, task: Task, index: int, block: nn.Module, hidden: list[torch.Tensor], args, kwargs,
-                         handover: dict, memo: PassMemo | None, reference=None):
+                         handover: dict, memo: PassMemo | None, reference=None, original: nn.Module | None = None):
         def forward(batch: int, h: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 return _final_forward(block, batch, h, args, kwargs, self.device, memo)
@@ -836,7 +836,7 @@ class Engine:
         job = BlockJob(index=index, prefix=f"{self.adapter.block_path(self.model)}.{index}", block=block,
                        groups=task.groups, adapter=self.adapter, inputs=hidden, state=handover, device=self.device,
                        _forward=forward, _collect=collect_block, _all_reduce=self.group.all_reduce,
-                       ranks=self.group.world)
+                       ranks=self.group.world, uncompressed=original)
         return task.stage.solve_block(job)
 
     def _changed_tensors(self, block: nn.Module, index: int, changed: set[str], block_results: dict

@@ -185,7 +185,8 @@ def awq_block(stage, job):
     every selected group), then for each producer -> consumers link of the block (``ModelAdapter.scale_links``) whose
     consumers the stage selects: the scale search and the fold; then, with ``stage.clip``, the clipping search on
     every selected layer the stage's ``clip_ignore`` leaves. Links that cannot absorb a scale are skipped, and the
-    block's record says why."""
+    block's record says why. Each fold is applied to the block's uncompressed copy too (``job.uncompressed``), so
+    later ``fp_target`` stages aim at the folded layers; the clipping is not (it changes the function)."""
     from lmshrink.core.stage import BlockOutcome, Stat, match
     from lmshrink.models.adapters import linear_weight, set_linear_weight
 
@@ -213,6 +214,8 @@ def awq_block(stage, job):
         scale, info = search_scale(weights, group_stats.hessian, channels.abs_sum / max(channels.tokens, 1), spec,
                                    grid=stage.alpha_grid, duo_scaling=stage.duo_scaling)
         changed.extend(adapter.fold_input_scale(block, link, scale.to(weights[0].device)))
+        if job.uncompressed is not None:  # fp_target stages after this one aim at the folded layers
+            adapter.fold_input_scale(job.uncompressed, link, scale.to(weights[0].device))
         scales[first_of[consumers[0]]] = scale
         groups.append({**entry, **info})
     clipped: dict[str, dict] = {}
