@@ -330,16 +330,19 @@ def test_the_sweep_takes_an_explicit_column_order_and_refuses_a_wrong_one():
         solve_columns(weight, hessian, GridRule(spec), order=torch.zeros(32, dtype=torch.long))
 
 
-def test_fp_target_after_awq_aims_at_the_folded_layers(tiny_dir, calib_file):
-    """A fold scales the producer linear's rows (up -> down): GPTQ with fp_target after awq aims at that folded
-    layer, so at 8 bits the result is the awq-only block rounded finely, not the unscaled layer."""
-    awq = {"method": "awq", "bits": 8, "group_size": 32, "clip": False}
+@pytest.mark.parametrize("first", [{"method": "awq", "bits": 8, "group_size": 32, "clip": False},
+                                   {"method": "smoothquant", "alpha": 0.5, "pairs": ["up-down"]}],
+                         ids=["awq", "smoothquant"])
+def test_fp_target_after_a_fold_aims_at_the_folded_layers(tiny_dir, calib_file, first):
+    """A fold scales the producer linear's rows (up -> down): GPTQ with fp_target after awq (or smoothquant) aims at
+    that folded layer, so at 8 bits the result is the folded block rounded finely, not the unscaled layer."""
     only = load_model(str(tiny_dir), progress=False)
-    record = compress(only, [awq], calibration=f"file:{calib_file}", nsamples=4, seqlen=32, progress=False)
-    link = next(g for g in record["block_stages"][0]["groups"] if g["producer"] == "mlp.up_proj")
-    assert link["alpha"] > 0  # else the fold changes nothing and the test says nothing
+    record = compress(only, [first], calibration=f"file:{calib_file}", nsamples=4, seqlen=32, progress=False)
+    if first["method"] == "awq":
+        link = next(g for g in record["block_stages"][0]["groups"] if g["producer"] == "mlp.up_proj")
+        assert link["alpha"] > 0  # else the fold changes nothing and the test says nothing
     both = load_model(str(tiny_dir), progress=False)
-    compress(both, [awq, {"method": "gptq", "bits": 8, "group_size": 32, "fp_target": True}],
+    compress(both, [first, {"method": "gptq", "bits": 8, "group_size": 32, "fp_target": True}],
              calibration=f"file:{calib_file}", nsamples=4, seqlen=32, progress=False)
     original = load_model(str(tiny_dir), progress=False)
 

@@ -89,7 +89,8 @@ def _proxy_error(x: torch.Tensor, x_amax: torch.Tensor, weight: torch.Tensor, s:
 
 
 def smooth_block(stage, job) -> BlockOutcome:
-    """Search and fold the smoothing scales of every pair ``stage.pairs`` names in ``job.block``."""
+    """Search and fold the smoothing scales of every pair ``stage.pairs`` names in ``job.block`` (and in its
+    uncompressed copy, ``job.uncompressed``, so later ``fp_target`` stages aim at the folded layers)."""
     block = job.block
     pairs = [p for p in PAIRS if p in stage.pairs]
     consumers = {PAIRS[p][1][0]: p for p in pairs}
@@ -133,6 +134,8 @@ def smooth_block(stage, job) -> BlockOutcome:
         if best_s is None:
             continue
         changed += _fold(block, producer_name, consumer_names, best_s, attention)
+        if job.uncompressed is not None:  # fp_target stages after this one aim at the folded layers
+            _fold(job.uncompressed, producer_name, consumer_names, best_s, attention)
     job_info = {"alpha": chosen}
     return BlockOutcome(changed=changed, record=job_info)
 

@@ -213,9 +213,10 @@ def awq_block(stage, job):
         weights = [linear_weight(block.get_submodule(name)) for name in consumers]
         scale, info = search_scale(weights, group_stats.hessian, channels.abs_sum / max(channels.tokens, 1), spec,
                                    grid=stage.alpha_grid, duo_scaling=stage.duo_scaling)
-        changed.extend(adapter.fold_input_scale(block, link, scale.to(weights[0].device)))
+        on_weights = scale.to(weights[0].device)
+        changed.extend(adapter.fold_input_scale(block, link, on_weights))
         if job.uncompressed is not None:  # fp_target stages after this one aim at the folded layers
-            adapter.fold_input_scale(job.uncompressed, link, scale.to(weights[0].device))
+            adapter.fold_input_scale(job.uncompressed, link, on_weights)
         scales[first_of[consumers[0]]] = scale
         groups.append({**entry, **info})
     clipped: dict[str, dict] = {}
